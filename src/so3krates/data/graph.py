@@ -1,0 +1,120 @@
+"""The batched graph that the model consumes, built from ASE ``Atoms`` and concatenated over structures.
+
+Many structures of different sizes go through one forward pass as one disconnected graph: atoms are
+concatenated, edge indices are offset, and ``batch`` says which structure each atom belongs to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ase import Atoms
+from torch import Tensor
+
+from so3krates.data.neighbors import neighbor_list
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A batch of ``n_graphs`` structures with their neighbour lists.
+
+    Attributes:
+        positions: (n_atoms, 3) float, Å — Cartesian coordinates.
+        atomic_numbers: (n_atoms,) int64 — nuclear charges Z.
+        idx_i: (n_edges,) int64 — centre atom of each edge (receives the message).
+        idx_j: (n_edges,) int64 — neighbour atom of each edge (sends the message).
+        shifts: (n_edges, 3) float — integer image offsets, ``vec_ij = R_j − R_i + shifts @ cell``.
+        cell: (n_graphs, 3, 3) float, Å — lattice vectors as rows; zeros for molecules.
+        pbc: (n_graphs, 3) bool — periodicity along each lattice vector.
+        batch: (n_atoms,) int64 — structure index of each atom, sorted ascending.
+    """
+
+    positions: Tensor
+    atomic_numbers: Tensor
+    idx_i: Tensor
+    idx_j: Tensor
+    shifts: Tensor
+    cell: Tensor
+    pbc: Tensor
+    batch: Tensor
+
+    @property
+    def n_atoms(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def n_edges(self) -> int:
+        return self.idx_i.shape[0]
+
+    @property
+    def n_graphs(self) -> int:
+        return self.cell.shape[0]
+
+    def edge_vectors(self) -> Tensor:
+        """(n_edges, 3) float, Å — ``vec_ij = R[idx_j] − R[idx_i] + shifts_ij @ cell`` (SPEC §1)."""
+        # Always add the image term (zero shifts for molecules): no data-dependent branch, and the
+        # derivative with respect to the cell that the stress needs is always there.
+        cell_per_edge = self.cell[self.batch[self.idx_i]]  # (n_edges, 3, 3)
+        offsets = torch.einsum("ek,ekc->ec", self.shifts, cell_per_edge)
+        return self.positions[self.idx_j] - self.positions[self.idx_i] + offsets
+
+    def replace(self, **changes: Tensor) -> Graph:
+        """A copy with some fields replaced (e.g. strained positions and cell)."""
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Graph:
+        """Moves all tensors to ``device`` and casts the floating-point ones to ``dtype``."""
+        changes = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            target_dtype = dtype if value.is_floating_point() else None
+            changes[field.name] = value.to(device=device, dtype=target_dtype)
+        return Graph(**changes)
+
+
+def atoms_to_graph(atoms: Atoms, cutoff: float, dtype: torch.dtype | None = None) -> Graph:
+    """Builds the one-structure graph of ``atoms`` with a full neighbour list within ``cutoff`` Å.
+
+    Args:
+        atoms: an ASE structure; its ``pbc`` and ``cell`` decide about periodic images.
+        cutoff: float, Å — the model's cutoff radius.
+        dtype: floating-point dtype of positions, cell and shifts (default: torch's default dtype).
+    """
+    dtype = dtype or torch.get_default_dtype()
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    positions = atoms.get_positions()
+    edges = neighbor_list(positions, cell, pbc, cutoff)
+    n_atoms = len(atoms)
+    return Graph(
+        positions=torch.tensor(positions, dtype=dtype),
+        atomic_numbers=torch.tensor(atoms.numbers, dtype=torch.long),
+        idx_i=torch.from_numpy(edges.idx_i),
+        idx_j=torch.from_numpy(edges.idx_j),
+        shifts=torch.tensor(edges.shifts, dtype=dtype),
+        cell=torch.tensor(cell if pbc.any() else np.zeros((3, 3)), dtype=dtype).unsqueeze(0),
+        pbc=torch.tensor(pbc).unsqueeze(0),
+        batch=torch.zeros(n_atoms, dtype=torch.long),
+    )
+
+
+def collate(graphs: Sequence[Graph]) -> Graph:
+    """Concatenates graphs into one batch, offsetting edge indices and structure indices."""
+    if not graphs:
+        raise ValueError("collate() needs at least one graph")
+    atom_offsets = np.cumsum([0] + [g.n_atoms for g in graphs[:-1]])
+    graph_offsets = np.cumsum([0] + [g.n_graphs for g in graphs[:-1]])
+    return Graph(
+        positions=torch.cat([g.positions for g in graphs]),
+        atomic_numbers=torch.cat([g.atomic_numbers for g in graphs]),
+        idx_i=torch.cat([g.idx_i + int(o) for g, o in zip(graphs, atom_offsets, strict=True)]),
+        idx_j=torch.cat([g.idx_j + int(o) for g, o in zip(graphs, atom_offsets, strict=True)]),
+        shifts=torch.cat([g.shifts for g in graphs]),
+        cell=torch.cat([g.cell for g in graphs]),
+        pbc=torch.cat([g.pbc for g in graphs]),
+        batch=torch.cat([g.batch + int(o) for g, o in zip(graphs, graph_offsets, strict=True)]),
+    )

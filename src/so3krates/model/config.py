@@ -1,0 +1,96 @@
+"""Validated model hyper-parameters and the named presets.
+
+A config is data: it serialises to JSON/YAML, rejects unknown keys and inconsistent values with a message
+that names the field, and is stored inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ModelConfig(BaseModel):
+    """Hyper-parameters of the SO3krates model (SPEC §2). Defaults are the ``paper`` preset."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_features: int = Field(132, ge=4, description="F, width of the invariant features")
+    n_heads: int = Field(4, ge=1, description="H, heads of the invariant attention")
+    degrees: tuple[int, ...] = Field((1, 2, 3), description="degrees l of the Euclidean variables (no l = 0)")
+    n_layers: int = Field(3, ge=1, description="T, number of transformer layers (no weight sharing)")
+    cutoff: float = Field(5.0, gt=0.0, description="r_c in Å")
+    cutoff_fn: Literal["cosine", "polynomial", "exponential"] = "cosine"
+    radial_basis: Literal["physnet", "bernstein", "gaussian", "bessel"] = "physnet"
+    n_rbf: int = Field(32, ge=1, description="K, number of radial basis functions")
+    n_readout_features: int = Field(66, ge=1, description="F_r, hidden width of the energy readout")
+    ev_init: Literal["zeros", "neighbors"] = Field(
+        "zeros", description="x_i at input: zeros (reference code) or (1/N̄) Σ_j φ(d_ij) Y_ij (Eq. 11)"
+    )
+    use_qk_activation: bool = Field(False, description="SiLU on queries and keys")
+    use_layer_norm: bool = Field(False, description="LayerNorm on h before attention and before exchange")
+    use_residual_mlp: bool = Field(False, description="residual MLPs before and after the exchange block")
+    message_normalization: Literal["sqrt_head_dim", "avg_num_neighbors"] = Field(
+        "sqrt_head_dim", description="divide attention coefficients by √(head width) or by N̄"
+    )
+    avg_num_neighbors: float = Field(
+        1.0, gt=0.0, description="N̄, mean neighbour count of the training set (set by data statistics)"
+    )
+
+    @field_validator("degrees")
+    @classmethod
+    def _check_degrees(cls, degrees: tuple[int, ...]) -> tuple[int, ...]:
+        if not degrees:
+            raise ValueError("at least one degree is needed, e.g. [1, 2, 3]")
+        if any(l < 1 or l > 8 for l in degrees):
+            raise ValueError(
+                f"degrees must lie in 1..8 (l = 0 is carried by the invariant features), got {degrees}"
+            )
+        if list(degrees) != sorted(set(degrees)):
+            raise ValueError(f"degrees must be strictly increasing, got {degrees}")
+        return degrees
+
+    @model_validator(mode="after")
+    def _check_divisibility(self) -> ModelConfig:
+        f = self.n_features
+        for divisor, what in (
+            (self.n_heads, "n_heads"),
+            (len(self.degrees), "the number of degrees"),
+            (4, "4"),
+        ):
+            if f % divisor:
+                raise ValueError(f"n_features = {f} must be divisible by {what} ({divisor})")
+        return self
+
+    @property
+    def n_degrees(self) -> int:
+        """D, number of degrees."""
+        return len(self.degrees)
+
+    @property
+    def n_sph(self) -> int:
+        """Number of spherical-harmonic components, Σ_l (2l + 1)."""
+        return sum(2 * l + 1 for l in self.degrees)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Frank et al., Nat. Commun. 2024: F = 132, H = 4, degrees 1–3, T = 3, r_c = 5 Å, 32 PhysNet functions.
+    "paper": {},
+    # Small and fast, for tests and quick experiments; exercises the same code paths.
+    "tiny": {
+        "n_features": 24,
+        "n_heads": 2,
+        "n_layers": 2,
+        "n_rbf": 8,
+        "n_readout_features": 12,
+        "cutoff": 4.0,
+    },
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset with some fields overridden, e.g. ``preset("paper", cutoff=4.5)``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

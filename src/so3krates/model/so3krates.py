@@ -1,0 +1,108 @@
+"""The SO3krates model: Graph → per-atom energies (Frank et al., Nat. Commun. 15, 6539, 2024).
+
+Data path: atomic numbers → embedding h (Eq. 10); edge geometry → radial basis, cutoff and spherical
+harmonics, once per call; Euclidean variables x (zeros or Eq. 11); T transformer layers update (h, x)
+(Eqs. 15–25); readout h → E_i with per-element scale and shift. Forces and stress are derivatives of the
+energy and live in :mod:`so3krates.model.derivatives`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from so3krates.data.graph import Graph
+from so3krates.model.config import ModelConfig
+from so3krates.nn.cutoff import CUTOFF_FUNCTIONS
+from so3krates.nn.embedding import AtomEmbedding
+from so3krates.nn.radial import RADIAL_BASES
+from so3krates.nn.readout import EnergyReadout
+from so3krates.nn.scatter import scatter_sum
+from so3krates.nn.spherical import DegreeContraction, SphericalHarmonics
+from so3krates.nn.transformer import EdgeFeatures, TransformerLayer
+
+
+class So3krates(nn.Module):
+    """SO3krates energy model. ``model(graph)`` returns atomic energies, (n_atoms,) float, eV.
+
+    Args:
+        config: validated hyper-parameters (see :func:`so3krates.model.config.preset`).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.cutoff = config.cutoff
+        f = config.n_features
+        self.embedding = AtomEmbedding(f)
+        self.radial_basis = RADIAL_BASES[config.radial_basis](config.n_rbf, config.cutoff)
+        self.cutoff_fn = CUTOFF_FUNCTIONS[config.cutoff_fn](config.cutoff)
+        self.spherical_harmonics = SphericalHarmonics(config.degrees)
+        self.contraction = DegreeContraction(config.degrees)
+        if config.message_normalization == "sqrt_head_dim":  # Eqs. (21–22)
+            invariant_norm = math.sqrt(f / config.n_heads)
+            euclidean_norm = math.sqrt(f / config.n_degrees)
+        else:
+            invariant_norm = euclidean_norm = config.avg_num_neighbors
+        self.layers = nn.ModuleList(
+            TransformerLayer(
+                n_features=f,
+                n_heads=config.n_heads,
+                n_rbf=config.n_rbf,
+                contraction=self.contraction,
+                invariant_norm=invariant_norm,
+                euclidean_norm=euclidean_norm,
+                use_qk_activation=config.use_qk_activation,
+                use_layer_norm=config.use_layer_norm,
+                use_residual_mlp=config.use_residual_mlp,
+            )
+            for _ in range(config.n_layers)
+        )
+        self.readout = EnergyReadout(f, config.n_readout_features)
+
+    def edge_features(self, graph: Graph) -> EdgeFeatures:
+        """Radial basis, cutoff and spherical harmonics of every edge, shared by all layers."""
+        vectors = graph.edge_vectors()
+        squared = (vectors * vectors).sum(-1)
+        nonzero = squared > 0
+        # Double-where: sqrt and division only see safe values, so d = 0 (coincident atoms) has r̂ = 0 and
+        # finite gradients instead of NaN.
+        safe = torch.sqrt(torch.where(nonzero, squared, torch.ones_like(squared)))
+        distances = torch.where(nonzero, safe, torch.zeros_like(safe))
+        unit = torch.where(nonzero[:, None], vectors / safe[:, None], torch.zeros_like(vectors))
+        return EdgeFeatures(
+            rbf=self.radial_basis(distances),
+            cutoff=self.cutoff_fn(distances),
+            sph=self.spherical_harmonics(unit),
+            idx_i=graph.idx_i,
+            idx_j=graph.idx_j,
+        )
+
+    def initial_euclidean(self, edges: EdgeFeatures, n_atoms: int) -> Tensor:
+        """x_i at input: zeros, or x_i = (1/N̄) Σ_j φ(d_ij) Y_ij (Eq. 11). Returns (n_atoms, n_sph)."""
+        if self.config.ev_init == "zeros":
+            return edges.sph.new_zeros((n_atoms, self.contraction.n_sph))
+        weighted = edges.cutoff[:, None] * edges.sph
+        return scatter_sum(weighted, edges.idx_i, n_atoms) / self.config.avg_num_neighbors
+
+    def forward(self, graph: Graph) -> Tensor:
+        """graph: a batch of structures → (n_atoms,) float, eV — atomic energies E_i."""
+        edges = self.edge_features(graph)
+        h = self.embedding(graph.atomic_numbers)
+        x = self.initial_euclidean(edges, graph.n_atoms)
+        for layer in self.layers:
+            h, x = layer(h, x, edges)
+        return self.readout(h, graph.atomic_numbers)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters per top-level submodule, plus ``"total"``."""
+    counts: dict[str, int] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            top = name.split(".")[0] if not name.startswith("layers.") else ".".join(name.split(".")[:3])
+            counts[top] = counts.get(top, 0) + parameter.numel()
+    counts["total"] = sum(counts.values())
+    return counts

@@ -1,0 +1,26 @@
+"""Filter networks that turn edge geometry into per-feature attention weights (Eq. 20)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class FilterNet(nn.Module):
+    """w_ij = MLP_r(K_ij) + MLP_s(s_ij) ∈ R^F (Eq. 20).
+
+    MLP_r = Linear(K, F) → SiLU → Linear(F, F) acts on the radial basis; MLP_s = Linear(D, F/4) → SiLU →
+    Linear(F/4, F) acts on the spherical invariants s_ij = c(x_j − x_i) of the neighbourhood.
+    """
+
+    def __init__(self, n_rbf: int, n_degrees: int, n_features: int) -> None:
+        super().__init__()
+        self.radial = nn.Sequential(
+            nn.Linear(n_rbf, n_features), nn.SiLU(), nn.Linear(n_features, n_features)
+        )
+        self.spherical = nn.Sequential(
+            nn.Linear(n_degrees, n_features // 4), nn.SiLU(), nn.Linear(n_features // 4, n_features)
+        )
+
+    def forward(self, rbf: Tensor, sph_invariants: Tensor) -> Tensor:
+        """rbf: (n_edges, n_rbf), sph_invariants: (n_edges, n_degrees) → (n_edges, n_features)."""
+        return self.radial(rbf) + self.spherical(sph_invariants)

@@ -1,0 +1,120 @@
+"""Real spherical harmonics and the per-degree contraction of Euclidean variables.
+
+Written by hand (instead of taking e3nn) because the model needs only a handful of degrees evaluated on
+edge vectors, and the closed recursion below is short, exact, and has no singularities: it evaluates the
+*solid* harmonics r^l Y_lm(r̂), homogeneous polynomials in (x, y, z), so a zero vector (coincident atoms)
+maps to zero for every l ≥ 1 with finite gradients, and stays exactly equivariant.
+
+Basis: real, orthonormal on the unit sphere (∫ Y_lm² dΩ = 1), ordered m = −l..l within each degree, no
+Condon–Shortley phase. Any orthonormal real basis per degree gives the same model outputs (SPEC §1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def _normalisation(l: int, m: int) -> float:
+    """K_lm = √((2l+1)/(4π) · (l−m)!/(l+m)!), times √2 for m ≠ 0 (real harmonics)."""
+    k = math.sqrt((2 * l + 1) / (4 * math.pi) * math.factorial(l - m) / math.factorial(l + m))
+    return k * (math.sqrt(2.0) if m > 0 else 1.0)
+
+
+def _double_factorial(n: int) -> int:
+    return math.prod(range(n, 0, -2)) if n > 0 else 1
+
+
+def solid_harmonics(vectors: Tensor, l_max: int) -> list[Tensor]:
+    """r^l Y_lm(r̂) for l = 0..l_max of vectors of any length.
+
+    Associated Legendre recursion in homogeneous form, (l−m) Q_l^m = (2l−1) z Q_{l−1}^m − (l+m−1) r² Q_{l−2}^m
+    with Q_m^m = (2m−1)!!, times Re/Im (x + i y)^m for the azimuthal part.
+
+    Args:
+        vectors: (..., 3) float — Cartesian vectors (unit vectors give the spherical harmonics).
+        l_max: highest degree.
+
+    Returns:
+        A list over l of (..., 2l+1) tensors, m = −l..l.
+    """
+    x, y, z = vectors.unbind(-1)
+    r2 = x * x + y * y + z * z
+    # cos_m[m] = Re (x+iy)^m, sin_m[m] = Im (x+iy)^m, both homogeneous of degree m.
+    cos_m, sin_m = [torch.ones_like(x)], [torch.zeros_like(x)]
+    for _ in range(l_max):
+        c, s = cos_m[-1], sin_m[-1]
+        cos_m.append(x * c - y * s)
+        sin_m.append(x * s + y * c)
+    # legendre[l][m] = Q_l^m(z, r²), homogeneous of degree l − m.
+    legendre: list[list[Tensor]] = [[] for _ in range(l_max + 1)]
+    for m in range(l_max + 1):
+        for l in range(m, l_max + 1):
+            if l == m:
+                q = torch.full_like(x, float(_double_factorial(2 * m - 1)))
+            elif l == m + 1:
+                q = (2 * m + 1) * z * legendre[m][m]
+            else:
+                q = ((2 * l - 1) * z * legendre[l - 1][m] - (l + m - 1) * r2 * legendre[l - 2][m]) / (l - m)
+            legendre[l].append(q)
+    out = []
+    for l in range(l_max + 1):
+        components = []
+        for m in range(-l, l + 1):
+            value = _normalisation(l, abs(m)) * legendre[l][abs(m)]
+            if m > 0:
+                value = value * cos_m[m]
+            elif m < 0:
+                value = value * sin_m[-m]
+            components.append(value)
+        out.append(torch.stack(components, dim=-1))
+    return out
+
+
+class SphericalHarmonics(nn.Module):
+    """Y_ij = ⊕_l Y_l(r̂_ij) ∈ R^{n_sph} for the degrees in ``degrees`` (SPEC §2)."""
+
+    def __init__(self, degrees: Sequence[int]) -> None:
+        super().__init__()
+        self.degrees = tuple(degrees)
+        self.l_max = max(self.degrees)
+
+    def forward(self, unit_vectors: Tensor) -> Tensor:
+        """unit_vectors: (n_edges, 3) float (unit, or zero for d = 0) → (n_edges, n_sph) float."""
+        harmonics = solid_harmonics(unit_vectors, self.l_max)
+        return torch.cat([harmonics[l] for l in self.degrees], dim=-1)
+
+
+class DegreeContraction(nn.Module):
+    """c_l(x) = Σ_m x_lm² / √(2l+1): one invariant per degree (the l = 0 part of x ⊗ x, SPEC §1).
+
+    Also expands per-degree scalars back to the n_sph components (``expand``), e.g. to scale each degree of
+    a Euclidean variable (Eq. 25) or to weight spherical harmonics per degree.
+    """
+
+    def __init__(self, degrees: Sequence[int]) -> None:
+        super().__init__()
+        degrees = tuple(degrees)
+        n_sph = sum(2 * l + 1 for l in degrees)
+        degree_index = torch.cat(
+            [torch.full((2 * l + 1,), k, dtype=torch.long) for k, l in enumerate(degrees)]
+        )
+        weights = torch.zeros(n_sph, len(degrees))
+        weights[torch.arange(n_sph), degree_index] = torch.tensor(
+            [1.0 / math.sqrt(2 * degrees[k] + 1) for k in degree_index.tolist()]
+        )
+        self.register_buffer("degree_index", degree_index, persistent=False)  # (n_sph,) int64
+        self.register_buffer("weights", weights, persistent=False)  # (n_sph, n_degrees)
+        self.n_sph = n_sph
+        self.n_degrees = len(degrees)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., n_sph) → (..., n_degrees) invariants."""
+        return (x * x) @ self.weights
+
+    def expand(self, per_degree: Tensor) -> Tensor:
+        """per_degree: (..., n_degrees) → (..., n_sph), each value repeated over its 2l+1 components."""
+        return per_degree.index_select(-1, self.degree_index)

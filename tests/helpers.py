@@ -1,0 +1,106 @@
+"""Structures, model variants and evaluation helpers shared by the test modules.
+
+The model test suite (``test_model_physics.py``) runs every variant in ``VARIANTS`` in float32 and float64;
+a new model option or architecture joins the suite by adding one entry here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.build import molecule
+
+from so3krates import ForceField, So3krates, atoms_to_graph, collate, preset
+from so3krates.model.config import ModelConfig
+
+#: name → config. Together they exercise every option of ModelConfig at least once.
+VARIANTS: dict[str, ModelConfig] = {
+    "tiny": preset("tiny"),
+    "tiny-neighbors-bernstein-polynomial": preset(
+        "tiny", ev_init="neighbors", radial_basis="bernstein", cutoff_fn="polynomial", avg_num_neighbors=6.0
+    ),
+    "tiny-gaussian-exponential-qk-norm-mlp": preset(
+        "tiny",
+        radial_basis="gaussian",
+        cutoff_fn="exponential",
+        use_qk_activation=True,
+        use_layer_norm=True,
+        use_residual_mlp=True,
+        message_normalization="avg_num_neighbors",
+        avg_num_neighbors=4.0,
+    ),
+    "tiny-bessel-l4": preset("tiny", radial_basis="bessel", degrees=(1, 2, 3, 4), n_features=48, n_heads=4),
+    "paper": preset("paper"),
+}
+
+#: Relative tolerance of exact symmetries per dtype (issue 2: < 1e-10 in float64, < 1e-5 in float32).
+SYMMETRY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def make_force_field(config: ModelConfig, dtype: torch.dtype, seed: int = 0) -> ForceField:
+    """A randomly initialised model with non-trivial per-element shift and scale, in eval mode."""
+    torch.manual_seed(seed)
+    model = So3krates(config)
+    with torch.no_grad():
+        model.readout.energy_shift.uniform_(-2.0, 2.0)
+        model.readout.energy_scale.uniform_(0.5, 2.0)
+    return ForceField(model).to(dtype).eval()
+
+
+def evaluate(
+    force_field: ForceField, structures: list[Atoms], dtype: torch.dtype, stress: bool = False
+) -> dict[str, np.ndarray]:
+    """Energies, forces (and stress) of a batch of ASE structures, as float64 numpy arrays."""
+    graph = collate([atoms_to_graph(a, force_field.cutoff, dtype=dtype) for a in structures])
+    out = force_field(graph, compute_forces=True, compute_stress=stress)
+    return {k: v.detach().double().numpy() for k, v in out.items()}
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random proper rotation matrix (3, 3)."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def ethanol(seed: int = 0) -> Atoms:
+    """Ethanol, rattled so that it has no symmetry."""
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def water() -> Atoms:
+    atoms = molecule("H2O")
+    atoms.rattle(0.02, seed=1)
+    return atoms
+
+
+def acetamide() -> Atoms:
+    atoms = molecule("CH3CONH2")
+    atoms.rattle(0.05, seed=2)
+    return atoms
+
+
+def triclinic_cell(seed: int = 0) -> Atoms:
+    """A small periodic triclinic cell (9 atoms, C/H/O) whose shortest lattice vector is below 2 r_c.
+
+    So every atom sees several images of its neighbours and of itself.
+    """
+    rng = np.random.default_rng(seed)
+    cell = np.array([[4.6, 0.0, 0.0], [0.9, 4.9, 0.0], [0.6, -0.7, 5.3]])
+    fractional = rng.uniform(size=(9, 3))
+    atoms = Atoms("C2OH6", scaled_positions=fractional, cell=cell, pbc=True)
+    # Push apart atoms that came too close so the structure is chemically sane-ish (no d < 0.9 Å).
+    for _ in range(200):
+        d = atoms.get_all_distances(mic=True)
+        np.fill_diagonal(d, 10.0)
+        i, j = np.unravel_index(np.argmin(d), d.shape)
+        if d[i, j] > 0.9:
+            break
+        atoms.positions[j] += rng.normal(scale=0.5, size=3)
+    atoms.wrap()
+    return atoms

@@ -1,5 +1,8 @@
 """Radial basis functions K(d) ∈ R^{n_rbf}, the distance input of the filter networks (Eq. 20).
 
+Constants are built in float64 and cast to the input's dtype, so a float64 model is exact to float64
+round-off even when it was constructed under a float32 default dtype.
+
 They are not multiplied by the cutoff here: the cutoff multiplies every attention coefficient instead.
 All are finite with finite gradients at d = 0.
 """
@@ -24,13 +27,15 @@ class PhysNetBasis(nn.Module):
     def __init__(self, n_rbf: int, cutoff: float) -> None:
         super().__init__()
         start = math.exp(-cutoff)
-        self.register_buffer("centers", torch.linspace(start, 1.0, n_rbf), persistent=False)
+        self.register_buffer(
+            "centers", torch.linspace(start, 1.0, n_rbf, dtype=torch.float64), persistent=False
+        )
         self.beta = ((2.0 / n_rbf) * (1.0 - start)) ** -2
 
     def forward(self, distances: Tensor) -> Tensor:
         """distances: (n_edges,) float, Å → (n_edges, n_rbf) float."""
         x = torch.exp(-distances)[:, None]
-        return torch.exp(-self.beta * (x - self.centers) ** 2)
+        return torch.exp(-self.beta * (x - self.centers.to(x.dtype)) ** 2)
 
 
 class BernsteinBasis(nn.Module):
@@ -44,9 +49,9 @@ class BernsteinBasis(nn.Module):
         del cutoff  # the basis decays exponentially; the cutoff function bounds it
         k = torch.arange(n_rbf, dtype=torch.float64)
         n = n_rbf - 1
-        log_binomial = torch.lgamma(torch.tensor(n + 1.0)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
-        self.register_buffer("log_binomial", log_binomial.float(), persistent=False)
-        self.register_buffer("k", k.float(), persistent=False)
+        log_binomial = math.lgamma(n + 1.0) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+        self.register_buffer("log_binomial", log_binomial, persistent=False)
+        self.register_buffer("k", k, persistent=False)
         self.gamma = float(gamma)
         self.n = n
 
@@ -58,9 +63,10 @@ class BernsteinBasis(nn.Module):
         # on positive bases and put the exact limit (1 for k = n, else 0) at d = 0.
         positive = one_minus_x > 0
         safe = torch.where(positive, one_minus_x, torch.ones_like(one_minus_x))
-        limit = (self.k == self.n).to(x.dtype)
-        tail = torch.where(positive, safe ** (self.n - self.k), limit)
-        return torch.exp(self.log_binomial) * x**self.k * tail
+        k, log_binomial = self.k.to(x.dtype), self.log_binomial.to(x.dtype)
+        limit = (k == self.n).to(x.dtype)
+        tail = torch.where(positive, safe ** (self.n - k), limit)
+        return torch.exp(log_binomial) * x**k * tail
 
 
 class GaussianBasis(nn.Module):
@@ -68,12 +74,15 @@ class GaussianBasis(nn.Module):
 
     def __init__(self, n_rbf: int, cutoff: float) -> None:
         super().__init__()
-        self.register_buffer("centers", torch.linspace(0.0, cutoff, n_rbf), persistent=False)
+        self.register_buffer(
+            "centers", torch.linspace(0.0, cutoff, n_rbf, dtype=torch.float64), persistent=False
+        )
         self.width = cutoff / max(n_rbf - 1, 1)
 
     def forward(self, distances: Tensor) -> Tensor:
         """distances: (n_edges,) float, Å → (n_edges, n_rbf) float."""
-        return torch.exp(-0.5 * ((distances[:, None] - self.centers) / self.width) ** 2)
+        centers = self.centers.to(distances.dtype)
+        return torch.exp(-0.5 * ((distances[:, None] - centers) / self.width) ** 2)
 
 
 class BesselBasis(nn.Module):
@@ -84,7 +93,7 @@ class BesselBasis(nn.Module):
 
     def __init__(self, n_rbf: int, cutoff: float) -> None:
         super().__init__()
-        k = torch.arange(1, n_rbf + 1, dtype=torch.float32)
+        k = torch.arange(1, n_rbf + 1, dtype=torch.float64)
         self.register_buffer("frequencies", k * math.pi / cutoff, persistent=False)
         self.prefactor = math.sqrt(2.0 / cutoff)
 
@@ -93,7 +102,8 @@ class BesselBasis(nn.Module):
         d = distances[:, None]
         positive = d > 0
         safe = torch.where(positive, d, torch.ones_like(d))
-        value = torch.where(positive, torch.sin(self.frequencies * safe) / safe, self.frequencies)
+        frequencies = self.frequencies.to(d.dtype)
+        value = torch.where(positive, torch.sin(frequencies * safe) / safe, frequencies)
         return self.prefactor * value
 
 

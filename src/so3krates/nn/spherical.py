@@ -102,9 +102,9 @@ class DegreeContraction(nn.Module):
         degree_index = torch.cat(
             [torch.full((2 * l + 1,), k, dtype=torch.long) for k, l in enumerate(degrees)]
         )
-        weights = torch.zeros(n_sph, len(degrees))
+        weights = torch.zeros(n_sph, len(degrees), dtype=torch.float64)
         weights[torch.arange(n_sph), degree_index] = torch.tensor(
-            [1.0 / math.sqrt(2 * degrees[k] + 1) for k in degree_index.tolist()]
+            [1.0 / math.sqrt(2 * degrees[k] + 1) for k in degree_index.tolist()], dtype=torch.float64
         )
         self.register_buffer("degree_index", degree_index, persistent=False)  # (n_sph,) int64
         self.register_buffer("weights", weights, persistent=False)  # (n_sph, n_degrees)
@@ -113,7 +113,7 @@ class DegreeContraction(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., n_sph) → (..., n_degrees) invariants."""
-        return (x * x) @ self.weights
+        return (x * x) @ self.weights.to(x.dtype)
 
     def expand(self, per_degree: Tensor) -> Tensor:
         """per_degree: (..., n_degrees) → (..., n_sph), each value repeated over its 2l+1 components."""

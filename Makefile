@@ -22,8 +22,8 @@ install: $(STAMP)
 # The whole suite, slow tests included; this is what CI runs.
 # pytest exits with 5 when it collected nothing: say so, and fail.
 test: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$status
 
@@ -32,8 +32,8 @@ test-fast: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The main job on small examples the project generates: builds ethanol, benzene and a periodic water box
 # with ASE and evaluates the paper-sized model on them. (Training arrives with the next milestone.)

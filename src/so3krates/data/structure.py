@@ -1,0 +1,57 @@
+"""One labelled structure in internal units: the unit of exchange between readers, datasets and writers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms
+
+
+@dataclass
+class Structure:
+    """A structure with optional reference labels, in Å, eV, eV/Å and eV/Å³.
+
+    Attributes:
+        positions: (n_atoms, 3) float64, Å — Cartesian coordinates.
+        atomic_numbers: (n_atoms,) int64 — nuclear charges Z ≥ 1.
+        cell: (3, 3) float64, Å — lattice vectors as rows (zeros for molecules).
+        pbc: (3,) bool — periodicity along each lattice vector.
+        energy: float, eV — total energy; NaN when the frame has no energy label.
+        forces: (n_atoms, 3) float64, eV/Å, or None — NaN entries are masked in the loss.
+        stress: (3, 3) float64, eV/Å³, or None — ASE sign convention (positive = tensile).
+    """
+
+    positions: np.ndarray
+    atomic_numbers: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    energy: float = float("nan")
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.atomic_numbers)
+
+    def to_atoms(self) -> Atoms:
+        """An ASE ``Atoms`` with the same geometry (labels are not attached)."""
+        return Atoms(numbers=self.atomic_numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+
+    @classmethod
+    def from_atoms(
+        cls,
+        atoms: Atoms,
+        energy: float = float("nan"),
+        forces: np.ndarray | None = None,
+        stress: np.ndarray | None = None,
+    ) -> Structure:
+        return cls(
+            positions=np.asarray(atoms.positions, dtype=np.float64),
+            atomic_numbers=np.asarray(atoms.numbers, dtype=np.int64),
+            cell=np.asarray(atoms.cell.array, dtype=np.float64),
+            pbc=np.asarray(atoms.pbc, dtype=bool),
+            energy=float(energy),
+            forces=None if forces is None else np.asarray(forces, dtype=np.float64),
+            stress=None if stress is None else np.asarray(stress, dtype=np.float64),
+        )

@@ -48,11 +48,12 @@ def make_force_field(config: ModelConfig, dtype: torch.dtype, seed: int = 0) -> 
     return ForceField(model).to(dtype).eval()
 
 
-def evaluate(
-    force_field: ForceField, structures: list[Atoms], dtype: torch.dtype, stress: bool = False
-) -> dict[str, np.ndarray]:
-    """Energies, forces (and stress) of a batch of ASE structures, as float64 numpy arrays."""
-    graph = collate([atoms_to_graph(a, force_field.cutoff, dtype=dtype) for a in structures])
+def evaluate(force_field: ForceField, structures: list[Atoms], stress: bool = False) -> dict[str, np.ndarray]:
+    """Energies, forces (and stress) of a batch of ASE structures, as float64 numpy arrays.
+
+    Graphs are float64 (the default of ``atoms_to_graph``) whatever the network's dtype, as in production.
+    """
+    graph = collate([atoms_to_graph(a, force_field.cutoff) for a in structures])
     out = force_field(graph, compute_forces=True, compute_stress=stress)
     return {k: v.detach().double().numpy() for k, v in out.items()}
 

@@ -61,12 +61,12 @@ def assert_close(actual, expected, rtol, what):
 def test_rotation_translation_invariance_and_force_equivariance(force_field, dtype, make_structure):
     rng = np.random.default_rng(42)
     atoms = make_structure()
-    reference = evaluate(force_field, [atoms], dtype, stress=atoms.pbc.any())
+    reference = evaluate(force_field, [atoms], stress=atoms.pbc.any())
     rotation = random_rotation(rng)
     moved = atoms.copy()
     moved.positions = atoms.positions @ rotation.T + rng.normal(size=3) * 3.0
     moved.cell = atoms.cell.array @ rotation.T
-    result = evaluate(force_field, [moved], dtype, stress=atoms.pbc.any())
+    result = evaluate(force_field, [moved], stress=atoms.pbc.any())
     rtol = SYMMETRY_RTOL[dtype]
     assert_close(result["energy"], reference["energy"], rtol, "energy after rotation + translation")
     assert_close(result["forces"], reference["forces"] @ rotation.T, rtol, "forces after rotation")
@@ -79,10 +79,10 @@ def test_rotation_translation_invariance_and_force_equivariance(force_field, dty
 def test_reflection_invariance(force_field, dtype):
     """Energies depend on x only through per-degree squared norms, so E is O(3)-invariant (no chirality)."""
     atoms = ethanol()
-    reference = evaluate(force_field, [atoms], dtype)
+    reference = evaluate(force_field, [atoms])
     mirrored = atoms.copy()
     mirrored.positions[:, 0] *= -1.0
-    result = evaluate(force_field, [mirrored], dtype)
+    result = evaluate(force_field, [mirrored])
     rtol = SYMMETRY_RTOL[dtype]
     assert_close(result["energy"], reference["energy"], rtol, "energy after reflection")
     assert_close(result["forces"], reference["forces"] * [-1.0, 1.0, 1.0], rtol, "forces after reflection")
@@ -91,8 +91,8 @@ def test_reflection_invariance(force_field, dtype):
 def test_permutation_invariance(force_field, dtype):
     atoms = acetamide()
     permutation = np.random.default_rng(3).permutation(len(atoms))
-    reference = evaluate(force_field, [atoms], dtype)
-    result = evaluate(force_field, [atoms[permutation]], dtype)
+    reference = evaluate(force_field, [atoms])
+    result = evaluate(force_field, [atoms[permutation]])
     rtol = SYMMETRY_RTOL[dtype]
     assert_close(result["energy"], reference["energy"], rtol, "energy after permutation")
     assert_close(result["forces"], reference["forces"][permutation], rtol, "forces after permutation")
@@ -102,13 +102,13 @@ def test_permutation_invariance(force_field, dtype):
 
 
 def _energy(force_field, atoms):
-    return evaluate(force_field, [atoms], torch.float64)["energy"][0]
+    return evaluate(force_field, [atoms])["energy"][0]
 
 
 @pytest.mark.parametrize("make_structure", [ethanol, triclinic_cell], ids=["molecule", "periodic"])
 def test_forces_equal_finite_differences(force_field64, make_structure):
     atoms = make_structure()
-    forces = evaluate(force_field64, [atoms], torch.float64)["forces"]
+    forces = evaluate(force_field64, [atoms])["forces"]
     step = 1e-5
     numerical = np.zeros_like(forces)
     for a in range(len(atoms)):
@@ -122,7 +122,7 @@ def test_forces_equal_finite_differences(force_field64, make_structure):
 
 def test_stress_equals_finite_strain_derivative(force_field64):
     atoms = triclinic_cell()
-    out = evaluate(force_field64, [atoms], torch.float64, stress=True)
+    out = evaluate(force_field64, [atoms], stress=True)
     volume = atoms.get_volume()
     step = 1e-5
     numerical = np.zeros((3, 3))
@@ -158,7 +158,7 @@ def test_smooth_as_a_neighbour_crosses_the_cutoff(force_field64):
     cutoff = force_field64.cutoff
 
     def at(oh_distance):
-        return evaluate(force_field64, [_three_atoms(np.sqrt(oh_distance**2 - 0.3**2))], torch.float64)
+        return evaluate(force_field64, [_three_atoms(np.sqrt(oh_distance**2 - 0.3**2))])
 
     jump_energy, jump_forces = {}, {}
     for delta in (1e-3, 1e-6):
@@ -175,8 +175,8 @@ def test_no_interaction_beyond_the_cutoff(force_field64):
     """A dimer just outside r_c has exactly the energy of its two isolated atoms."""
     cutoff = force_field64.cutoff
     dimer = Atoms("CO", positions=[[0.0, 0.0, 0.0], [cutoff + 1e-9, 0.0, 0.0]])
-    together = evaluate(force_field64, [dimer], torch.float64)
-    apart = evaluate(force_field64, [Atoms("C"), Atoms("O")], torch.float64)
+    together = evaluate(force_field64, [dimer])
+    apart = evaluate(force_field64, [Atoms("C"), Atoms("O")])
     assert together["energy"][0] == pytest.approx(apart["energy"].sum(), rel=1e-14)
     np.testing.assert_array_equal(together["forces"], 0.0)
 
@@ -187,8 +187,8 @@ def test_no_interaction_beyond_the_cutoff(force_field64):
 def test_size_extensive(force_field, dtype):
     a, b = ethanol(), water()
     b.positions += [20.0, 0.0, 0.0]
-    together = evaluate(force_field, [a + b], dtype)
-    separate = evaluate(force_field, [a, b], dtype)
+    together = evaluate(force_field, [a + b])
+    separate = evaluate(force_field, [a, b])
     rtol = SYMMETRY_RTOL[dtype]
     assert_close(together["energy"][0], separate["energy"].sum(), rtol, "energy of two far-apart molecules")
     assert_close(together["forces"], separate["forces"], rtol, "forces of two far-apart molecules")
@@ -196,8 +196,8 @@ def test_size_extensive(force_field, dtype):
 
 def test_batch_equals_one_by_one(force_field, dtype):
     structures = [ethanol(), Atoms("Cu"), water(), triclinic_cell(), acetamide()]
-    batch = evaluate(force_field, structures, dtype, stress=True)
-    singles = [evaluate(force_field, [s], dtype, stress=True) for s in structures]
+    batch = evaluate(force_field, structures, stress=True)
+    singles = [evaluate(force_field, [s], stress=True) for s in structures]
     rtol = SYMMETRY_RTOL[dtype]
     for key in ("energy", "stress"):
         assert_close(batch[key], np.concatenate([s[key] for s in singles]), rtol, f"batched {key}")
@@ -209,8 +209,8 @@ def test_wrapped_and_unwrapped_cell_agree(force_field, dtype):
     unwrapped = atoms.copy()
     shifts = np.random.default_rng(5).integers(-2, 3, size=(len(atoms), 3))
     unwrapped.positions += shifts @ atoms.cell.array
-    reference = evaluate(force_field, [atoms], dtype, stress=True)
-    result = evaluate(force_field, [unwrapped], dtype, stress=True)
+    reference = evaluate(force_field, [atoms], stress=True)
+    result = evaluate(force_field, [unwrapped], stress=True)
     rtol = SYMMETRY_RTOL[dtype] * 10  # |R| grows by up to 2 cells; the float32 round-off grows with it
     for key in ("energy", "forces", "stress"):
         assert_close(result[key], reference[key], rtol, f"{key} of the unwrapped cell")
@@ -219,8 +219,8 @@ def test_wrapped_and_unwrapped_cell_agree(force_field, dtype):
 def test_supercell_is_extensive(force_field, dtype):
     atoms = triclinic_cell()
     supercell = atoms.repeat((2, 1, 2))
-    reference = evaluate(force_field, [atoms], dtype, stress=True)
-    result = evaluate(force_field, [supercell], dtype, stress=True)
+    reference = evaluate(force_field, [atoms], stress=True)
+    result = evaluate(force_field, [supercell], stress=True)
     rtol = SYMMETRY_RTOL[dtype] * 10
     assert_close(result["energy"], 4 * reference["energy"], rtol, "supercell energy")
     assert_close(result["forces"], np.tile(reference["forces"], (4, 1)), rtol, "supercell forces")
@@ -248,7 +248,21 @@ def test_coincident_atoms_give_finite_values_and_gradients(force_field, dtype):
 
 def test_float32_and_float64_agree(variant):
     structures = [ethanol(), triclinic_cell()]
-    single = evaluate(make_force_field(VARIANTS[variant], torch.float32), structures, torch.float32)
-    double = evaluate(make_force_field(VARIANTS[variant], torch.float64), structures, torch.float64)
+    single = evaluate(make_force_field(VARIANTS[variant], torch.float32), structures)
+    double = evaluate(make_force_field(VARIANTS[variant], torch.float64), structures)
     assert_close(single["energy"], double["energy"], 1e-5, "float32 vs float64 energy")
     assert_close(single["forces"], double["forces"], 1e-4, "float32 vs float64 forces")
+
+
+def test_float32_graph_and_network(variant):
+    """An all-float32 path (graph too) works; the float64 geometry default only adds precision."""
+    from so3krates import atoms_to_graph, collate
+
+    force_field = make_force_field(VARIANTS[variant], torch.float32)
+    structures = [ethanol(), triclinic_cell()]
+    graph = collate([atoms_to_graph(a, force_field.cutoff, dtype=torch.float32) for a in structures])
+    out = force_field(graph, compute_stress=True)
+    assert out["forces"].dtype == torch.float32 and out["energy"].dtype == torch.float64
+    reference = evaluate(make_force_field(VARIANTS[variant], torch.float64), structures, stress=True)
+    assert_close(out["energy"].detach().numpy(), reference["energy"], 1e-5, "float32-graph energy")
+    assert_close(out["forces"].detach().numpy(), reference["forces"], 1e-4, "float32-graph forces")

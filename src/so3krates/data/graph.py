@@ -82,9 +82,10 @@ def atoms_to_graph(atoms: Atoms, cutoff: float, dtype: torch.dtype | None = None
     Args:
         atoms: an ASE structure; its ``pbc`` and ``cell`` decide about periodic images.
         cutoff: float, Å — the model's cutoff radius.
-        dtype: floating-point dtype of positions, cell and shifts (default: torch's default dtype).
+        dtype: floating-point dtype of positions, cell and shifts. Default float64, also for float32
+            models: the model computes edge vectors in this dtype before casting to its own.
     """
-    dtype = dtype or torch.get_default_dtype()
+    dtype = dtype or torch.float64
     pbc = np.asarray(atoms.pbc, dtype=bool)
     cell = np.asarray(atoms.cell.array, dtype=np.float64)
     positions = atoms.get_positions()

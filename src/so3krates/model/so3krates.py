@@ -72,6 +72,10 @@ class So3krates(nn.Module):
         safe = torch.sqrt(torch.where(nonzero, squared, torch.ones_like(squared)))
         distances = torch.where(nonzero, safe, torch.zeros_like(safe))
         unit = torch.where(nonzero[:, None], vectors / safe[:, None], torch.zeros_like(vectors))
+        # Geometry is computed in the graph's dtype and only then cast to the network's: with float64
+        # positions, a float32 network avoids the cancellation in R_j − R_i + shift @ cell.
+        dtype = self.embedding.table.weight.dtype
+        distances, unit = distances.to(dtype), unit.to(dtype)
         return EdgeFeatures(
             rbf=self.radial_basis(distances),
             cutoff=self.cutoff_fn(distances),
@@ -88,7 +92,10 @@ class So3krates(nn.Module):
         return scatter_sum(weighted, edges.idx_i, n_atoms) / self.config.avg_num_neighbors
 
     def forward(self, graph: Graph) -> Tensor:
-        """graph: a batch of structures → (n_atoms,) float, eV — atomic energies E_i."""
+        """graph: a batch of structures (any float dtype; float64 recommended) → (n_atoms,) float64, eV.
+
+        Returns the atomic energies E_i; they are float64 whatever the network's dtype (see EnergyReadout).
+        """
         edges = self.edge_features(graph)
         h = self.embedding(graph.atomic_numbers)
         x = self.initial_euclidean(edges, graph.n_atoms)

@@ -9,6 +9,7 @@ The public surface is re-exported here; everything else is an implementation det
 
 __version__ = "0.1.0"
 
+from so3krates.calculators.ase import So3kratesCalculator
 from so3krates.data.graph import Graph, atoms_to_graph, collate
 from so3krates.model.config import ModelConfig, preset
 from so3krates.model.derivatives import ForceField
@@ -19,6 +20,7 @@ __all__ = [
     "Graph",
     "ModelConfig",
     "So3krates",
+    "So3kratesCalculator",
     "__version__",
     "atoms_to_graph",
     "collate",

@@ -11,3 +11,16 @@ class DataError(So3kratesError):
 
 class ConfigError(So3kratesError):
     """A configuration is invalid; the message names the key."""
+
+
+def format_validation_error(error, source: str) -> str:
+    """All problems of a pydantic ValidationError on one line, each naming its dotted key.
+
+    Example: ``config.yaml: key 'training.batch_size': Input should be greater than or equal to 1``.
+    """
+    problems = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        location = ".".join(str(part) for part in item["loc"])
+        problems.append(f"key {location!r}: {message}" if location else message)
+    return f"{source}: " + "; ".join(problems)

@@ -1,6 +1,6 @@
 """``so3krates <command>``: argv → validated config → library call. No model logic lives here.
 
-Commands arrive with the pipeline stages (prepare, train, evaluate, md, ...); today: ``info``.
+Commands follow the pipeline stages: ``info`` (a model preset), ``train``, ``evaluate``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from so3krates import __version__
+from so3krates.errors import So3kratesError, format_validation_error
 
 
 class UsageError(Exception):
@@ -33,16 +34,6 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         except yaml.YAMLError as error:
             raise UsageError(f"--set {key}: cannot parse value {value!r}: {error}") from None
     return overrides
-
-
-def format_validation_error(error: ValidationError, what: str) -> str:
-    """All problems on one line, each naming its key: ``model config: key 'n_heads': ...``."""
-    problems = []
-    for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
-        location = ".".join(str(part) for part in item["loc"])
-        problems.append(f"{what}: key {location!r}: {message}" if location else f"{what}: {message}")
-    return "; ".join(problems)
 
 
 def _command_info(args: argparse.Namespace) -> int:
@@ -84,6 +75,43 @@ def _command_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_train(args: argparse.Namespace) -> int:
+    from so3krates.train.config import load_train_config
+    from so3krates.train.trainer import train
+
+    config = load_train_config(args.config, parse_overrides(args.set))
+    train(config, resume=args.resume)
+    return 0
+
+
+def _command_evaluate(args: argparse.Namespace) -> int:
+    from so3krates.evaluate import evaluate_file
+
+    torch_threads(args.threads)
+    evaluate_file(
+        args.model,
+        args.data,
+        out_dir=args.out_dir,
+        json_path=args.json,
+        energy_key=args.energy_key,
+        forces_key=args.forces_key,
+        stress_key=args.stress_key,
+        energy_unit=args.energy_unit,
+        length_unit=args.length_unit,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    return 0
+
+
+def torch_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="so3krates",
@@ -99,6 +127,36 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     info.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     info.set_defaults(run=_command_info)
+
+    train = commands.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", help="YAML file with data, model, loss and training sections")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. training.max_epochs=10",
+    )
+    train.add_argument("--resume", action="store_true", help="continue the run in run_dir from last.pt")
+    train.set_defaults(run=_command_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="metrics, predictions and parity plots of a trained model"
+    )
+    evaluate.add_argument("--model", required=True, help="checkpoint, e.g. RUN/best.pt")
+    evaluate.add_argument("--data", required=True, help="reference data (extxyz, npz, ASE db, ...)")
+    evaluate.add_argument("--json", help="also write the metrics to this JSON file")
+    evaluate.add_argument("--out-dir", help="folder for predictions.extxyz, parity.png, metrics.json")
+    evaluate.add_argument("--energy-key")
+    evaluate.add_argument("--forces-key")
+    evaluate.add_argument("--stress-key")
+    evaluate.add_argument("--energy-unit", default="eV")
+    evaluate.add_argument("--length-unit", default="Å")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    evaluate.add_argument("--threads", type=int, help="torch threads")
+    evaluate.set_defaults(run=_command_evaluate)
     return parser
 
 
@@ -110,9 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.run(args)
-    except UsageError as error:
+    except (UsageError, So3kratesError) as error:
         print(f"so3krates {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"so3krates {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Simulator interfaces for trained models."""

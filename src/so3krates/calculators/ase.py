@@ -1,0 +1,153 @@
+"""ASE calculator for trained SO3krates models (energy, forces, stress, atomic energies).
+
+The neighbour list is built with a skin and reused while no atom has moved more than half the skin and the
+cell, periodicity and elements are unchanged. Reuse is exact, not an approximation: edges between r_c and
+r_c + skin carry φ(d) = 0 and φ'(d) = 0, so they add nothing to energies or forces.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+from ase.data import chemical_symbols
+
+from so3krates import keys
+from so3krates.data.graph import Graph
+from so3krates.data.neighbors import neighbor_list
+from so3krates.errors import So3kratesError
+from so3krates.model.checkpoint import load_model
+from so3krates.model.derivatives import ForceField
+from so3krates.model.so3krates import So3krates
+
+
+class UnsupportedStructureError(So3kratesError, ValueError):
+    """The structure is outside what the model can answer for (unknown element, atoms too close)."""
+
+
+class So3kratesCalculator(Calculator):
+    """ASE calculator of a SO3krates checkpoint or model.
+
+    Args:
+        model: path to a checkpoint (``RUN/best.pt``) or a ``So3krates`` instance.
+        device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
+        dtype: ``"float64"`` (default, for MD and finite differences) or ``"float32"``.
+        skin: Å — neighbour-list skin; the list is rebuilt when an atom moved more than skin / 2.
+        min_distance: Å — refuse structures with two atoms closer than this (an extrapolated number there
+            would be meaningless); 0 turns the check off.
+        species: atomic numbers the model may be asked about; default: those it was trained on.
+    """
+
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress", "energies"]
+
+    def __init__(
+        self,
+        model: str | os.PathLike | So3krates,
+        device: str = "cpu",
+        dtype: str = "float64",
+        skin: float = 0.5,
+        min_distance: float = 0.1,
+        species: list[int] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        torch_dtype = getattr(torch, dtype)
+        if isinstance(model, So3krates):
+            self.model = model.to(device=device, dtype=torch_dtype).eval()
+            trained_species = None
+        else:
+            self.model, metadata = load_model(Path(model), device=device, dtype=torch_dtype)
+            trained_species = metadata.get("species")
+        self.species = set(species if species is not None else (trained_species or range(1, 119)))
+        self.force_field = ForceField(self.model)
+        self.device = torch.device(device)
+        self.cutoff = float(self.model.cutoff)
+        self.skin = float(skin)
+        self.min_distance = float(min_distance)
+        self.n_neighbor_list_builds = 0
+        self._reference: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _check_species(self, atoms: Atoms) -> None:
+        unknown = sorted(set(atoms.numbers.tolist()) - self.species)
+        if unknown:
+            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unknown)
+            known = ", ".join(chemical_symbols[z] for z in sorted(self.species))
+            raise UnsupportedStructureError(
+                f"element {names} was not in the training data (model knows {known})"
+            )
+
+    def _edges_for(self, atoms: Atoms) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        positions, cell = atoms.positions, np.asarray(atoms.cell.array)
+        pbc, numbers = np.asarray(atoms.pbc), atoms.numbers
+        if self._reference is not None:
+            ref_positions, ref_cell, ref_pbc, ref_numbers = self._reference
+            if (
+                len(ref_positions) == len(positions)
+                and np.array_equal(ref_numbers, numbers)
+                and np.array_equal(ref_pbc, pbc)
+                and np.array_equal(ref_cell, cell)
+                and np.max(np.linalg.norm(positions - ref_positions, axis=1), initial=0.0) < 0.5 * self.skin
+            ):
+                return self._edges
+        edges = neighbor_list(positions, cell, pbc, self.cutoff + self.skin)
+        self._edges = (
+            torch.from_numpy(edges.idx_i).to(self.device),
+            torch.from_numpy(edges.idx_j).to(self.device),
+            torch.as_tensor(edges.shifts, dtype=torch.float64, device=self.device),
+        )
+        self._reference = (positions.copy(), cell.copy(), pbc.copy(), numbers.copy())
+        self.n_neighbor_list_builds += 1
+        return self._edges
+
+    def graph(self, atoms: Atoms) -> Graph:
+        """The model input for ``atoms`` (float64 geometry), reusing the neighbour list when possible."""
+        idx_i, idx_j, shifts = self._edges_for(atoms)
+        pbc = np.asarray(atoms.pbc)
+        cell = np.asarray(atoms.cell.array) if pbc.any() else np.zeros((3, 3))
+        return Graph(
+            positions=torch.as_tensor(atoms.positions, dtype=torch.float64, device=self.device),
+            atomic_numbers=torch.as_tensor(atoms.numbers, dtype=torch.long, device=self.device),
+            idx_i=idx_i,
+            idx_j=idx_j,
+            shifts=shifts,
+            cell=torch.as_tensor(cell, dtype=torch.float64, device=self.device).unsqueeze(0),
+            pbc=torch.as_tensor(pbc, device=self.device).unsqueeze(0),
+            batch=torch.zeros(len(atoms), dtype=torch.long, device=self.device),
+        )
+
+    def _check_distances(self, graph: Graph) -> None:
+        if self.min_distance <= 0 or graph.n_edges == 0:
+            return
+        distances = graph.edge_vectors().norm(dim=-1)
+        closest = int(torch.argmin(distances))
+        if float(distances[closest]) < self.min_distance:
+            i, j = int(graph.idx_i[closest]), int(graph.idx_j[closest])
+            raise UnsupportedStructureError(
+                f"atoms {i} and {j} are {float(distances[closest]):.3f} Å apart, closer than min_distance = "
+                f"{self.min_distance} Å"
+            )
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        self._check_species(atoms)
+        graph = self.graph(atoms)
+        self._check_distances(graph)
+        compute_stress = "stress" in properties and bool(atoms.pbc.any())
+        out = self.force_field(graph, compute_forces=True, compute_stress=compute_stress)
+        energy = float(out[keys.ENERGY].detach()[0])
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": out[keys.FORCES].detach().cpu().double().numpy(),
+            "energies": out[keys.ATOMIC_ENERGIES].detach().cpu().double().numpy(),
+        }
+        if compute_stress:
+            stress = out[keys.STRESS].detach().cpu().double().numpy()[0]
+            self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]  # Voigt: xx yy zz yz xz xy

@@ -1,0 +1,166 @@
+"""The training configuration: one YAML file with ``data``, ``model`` and ``training`` sections.
+
+Unknown keys and wrong types are refused with one line naming the key (``training.learning_rate``);
+``--set section.key=value`` overrides any entry; the resolved config is saved in the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from so3krates.errors import ConfigError, format_validation_error
+from so3krates.model.config import PRESETS, ModelConfig
+from so3krates.units import ENERGY_UNITS, LENGTH_UNITS
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """Where the data is, how to read it, and how to split it."""
+
+    train_file: Path = Field(description="training data: extxyz/ASE-readable, npz (sGDML, rMD17), ASE .db")
+    valid_file: Path | None = Field(None, description="validation data; default: split from train_file")
+    test_file: Path | None = Field(None, description="test data; default: the rest of train_file")
+    energy_key: str | None = Field(None, description="energy key; default: the format's usual key")
+    forces_key: str | None = Field(None, description="forces key; default: the format's usual key")
+    stress_key: str | None = Field(None, description="stress key; default: 'stress' where present")
+    energy_unit: str = Field("eV", description=f"one of {sorted(ENERGY_UNITS)}")
+    length_unit: str = Field("Å", description=f"one of {sorted(LENGTH_UNITS)}")
+    n_train: int | None = Field(None, ge=1, description="training structures taken from train_file")
+    n_valid: int | None = Field(None, ge=1, description="validation structures taken from train_file")
+    n_test: int | None = Field(None, ge=0, description="test structures from train_file (default: rest)")
+    valid_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="used when n_valid is not given")
+    split_seed: int = 0
+    split_file: Path | None = Field(None, description="npz with train/valid/test indices into train_file")
+    isolated_atom_energies: dict[int, float] | None = Field(
+        None, description="E0 per atomic number in energy_unit; default: least squares on element counts"
+    )
+
+    @field_validator("energy_unit")
+    @classmethod
+    def _known_energy_unit(cls, unit: str) -> str:
+        if unit not in ENERGY_UNITS:
+            raise ValueError(f"unknown energy unit {unit!r}; choose one of {sorted(ENERGY_UNITS)}")
+        return unit
+
+    @field_validator("length_unit")
+    @classmethod
+    def _known_length_unit(cls, unit: str) -> str:
+        if unit not in LENGTH_UNITS:
+            raise ValueError(f"unknown length unit {unit!r}; choose one of {sorted(LENGTH_UNITS)}")
+        return unit
+
+
+class LossConfig(_Section):
+    """λ_E · L(E) + λ_F · L(F) + λ_S · L(σ); defaults are those of the reference code (SPEC §2)."""
+
+    energy_weight: float = Field(0.01, ge=0.0)
+    forces_weight: float = Field(0.99, ge=0.0)
+    stress_weight: float = Field(0.0, ge=0.0)
+    energy_per_atom: bool = Field(True, description="compare E / n_atoms instead of E")
+    kind: Literal["mse", "huber"] = "mse"
+    huber_delta: float = Field(0.01, gt=0.0, description="eV (per atom), eV/Å or eV/Å³")
+
+
+class TrainingConfig(_Section):
+    """Optimiser, schedule, averaging, stopping and bookkeeping."""
+
+    optimizer: Literal["adam", "adamw"] = "adam"
+    amsgrad: bool = False
+    learning_rate: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(5, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+    max_epochs: int = Field(1000, ge=1)
+    max_time: float | None = Field(None, gt=0.0, description="wall-clock budget in seconds")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
+    scheduler: Literal["exponential", "plateau", "none"] = "exponential"
+    decay_rate: float = Field(0.1, gt=0.0, le=1.0, description="exponential: factor per decay_steps")
+    decay_steps: int = Field(100_000, ge=1, description="exponential: steps for one decay_rate factor")
+    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    plateau_patience: int = Field(10, ge=1, description="validations without improvement")
+    min_learning_rate: float = Field(1e-6, ge=0.0)
+    ema_decay: float | None = Field(0.99, ge=0.0, lt=1.0, description="EMA of weights; null turns it off")
+    grad_clip: float | None = Field(10.0, gt=0.0, description="max gradient norm; null turns it off")
+    early_stopping_patience: int | None = Field(None, ge=1, description="validations without improvement")
+    valid_every: int = Field(1, ge=1, description="validate every N epochs")
+    seed: int = 0
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1, description="torch threads; default: torch's choice")
+    progress: bool = Field(True, description="show a progress bar per epoch")
+
+
+class TrainConfig(_Section):
+    """The whole run: data, model (a preset plus overrides), loss, training, and the run directory."""
+
+    run_dir: Path = Path("runs/so3krates")
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_model_preset(cls, values: Any) -> Any:
+        """``model: {preset: paper, cutoff: 4.5}`` → the preset's fields with the overrides applied."""
+        if isinstance(values, dict) and isinstance(values.get("model"), dict):
+            section = dict(values["model"])
+            name = section.pop("preset", "paper")
+            if name not in PRESETS:
+                raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            values = {**values, "model": {**PRESETS[name], **section}}
+        return values
+
+
+def _set_nested(values: dict[str, Any], dotted_key: str, value: Any) -> None:
+    keys = dotted_key.split(".")
+    node = values
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted_key}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Reads a YAML config (or none, if everything comes from ``overrides``) and validates it.
+
+    Relative paths (data files, run_dir) are relative to the working directory, as on the command line.
+
+    Args:
+        path: YAML file with ``data``, ``model``, ``loss``, ``training`` and ``run_dir``.
+        overrides: ``{"training.learning_rate": 1e-4, ...}`` applied on top.
+    """
+    values: dict[str, Any] = {}
+    source = str(path) if path is not None else "--set"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            first = str(error).replace("\n", " ")
+            raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping with data/model/loss/training sections")
+    for key, value in (overrides or {}).items():
+        _set_nested(values, key, value)
+    try:
+        config = TrainConfig.model_validate(values)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None
+    return config
+
+
+def dump_config(config: TrainConfig) -> str:
+    """The resolved config as YAML (every default written out)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,418 @@
+"""The training loop: data → model with dataset statistics → optimiser steps → validation → checkpoints.
+
+Exact resumption: the batch order of epoch e is a permutation seeded by (seed, e), and ``last.pt`` holds the
+model, EMA, optimiser and schedule state plus the position inside the epoch, so a resumed run on CPU
+produces the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from so3krates.data.dataset import GraphDataset, batches, collate_batch
+from so3krates.errors import ConfigError
+from so3krates.files import atomic_path
+from so3krates.model.checkpoint import load_checkpoint, save_checkpoint
+from so3krates.model.derivatives import ForceField
+from so3krates.model.inference import predict_batches
+from so3krates.model.so3krates import So3krates, count_parameters
+from so3krates.train.config import LossConfig, TrainConfig, dump_config
+from so3krates.train.data import Splits, load_splits, training_statistics
+from so3krates.train.history import History
+from so3krates.train.loss import compute_loss
+from so3krates.train.metrics import ErrorAccumulator, format_table
+from so3krates.train.schedule import LearningRateSchedule
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in ``last.pt``."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps done
+    step_in_epoch: int = 0  # batches of the current epoch already done
+    best_valid_loss: float = math.inf
+    stale_validations: int = 0  # for early stopping
+    elapsed: float = 0.0  # seconds of training, all processes together, at the last save
+
+
+def _device_batch(graph, labels, device):
+    return graph.to(device=device), {k: v.to(device) for k, v in labels.items()}
+
+
+def evaluate_dataset(
+    force_field: ForceField,
+    dataset: GraphDataset,
+    batch_size: int,
+    device: str,
+    loss_config: LossConfig | None = None,
+    compute_stress: bool = False,
+) -> tuple[dict[str, float], float]:
+    """Metrics (meV, meV/Å) of ``force_field`` on ``dataset`` and its mean loss (NaN without a config)."""
+    accumulator = ErrorAccumulator()
+    loss_sum, count = 0.0, 0
+    for indices, predictions, labels in predict_batches(
+        force_field, dataset, batch_size, device, compute_stress
+    ):
+        accumulator.update(predictions, labels)
+        if loss_config is not None:
+            loss, _ = compute_loss(predictions, labels, loss_config)
+            loss_sum += float(loss) * len(indices)
+            count += len(indices)
+    return accumulator.results(), (loss_sum / count if count else math.nan)
+
+
+class RunLock:
+    """``RUN/.lock`` holds the PID of the training that owns the run directory; a second one refuses."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise ConfigError(
+                        f"{self.path.parent}: another training (PID {pid}) is using this run directory"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale lock of a killed run
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+            return self
+        raise ConfigError(f"{self.path}: cannot take the run-directory lock")
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Trainer:
+    """Builds everything a run needs from a TrainConfig and runs it; ``run()`` returns the final metrics."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, log=print) -> None:
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.resume = resume
+        self.log = log
+        self.device = config.training.device
+        self.dtype = getattr(torch, config.training.dtype)
+        self._stop_reason: str | None = None
+
+    # --- set-up ------------------------------------------------------------------------------------------
+
+    def _check_run_dir(self) -> None:
+        last = self.run_dir / "last.pt"
+        if self.resume and not last.is_file():
+            raise ConfigError(f"{self.run_dir}: nothing to resume (no last.pt)")
+        if not self.resume and last.is_file():
+            raise ConfigError(
+                f"{self.run_dir}: holds a training already; continue it with --resume or pick another run_dir"
+            )
+
+    def _build(self) -> None:
+        c = self.config
+        if c.training.threads:
+            torch.set_num_threads(c.training.threads)
+        torch.manual_seed(c.training.seed)
+        self.splits: Splits = load_splits(c.data, self.run_dir, log=self.log)
+        stats = training_statistics(c.data, self.splits.train, c.model.cutoff)
+        self.statistics = stats
+        model_config = c.model
+        if "avg_num_neighbors" not in c.model.model_fields_set:
+            model_config = model_config.model_copy(update={"avg_num_neighbors": stats.avg_num_neighbors})
+        self.model_config = model_config
+        self.model = So3krates(model_config)
+        self.model.readout.set_statistics(stats.energy_shifts, stats.force_rms)
+        self.model.to(device=self.device, dtype=self.dtype)
+        self.species = list(stats.elements)
+        self.force_field = ForceField(self.model)
+        t = c.training
+        optimizer_class = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer_class(
+            self.model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, amsgrad=t.amsgrad
+        )
+        self.schedule = LearningRateSchedule(self.optimizer, t)
+        self.ema = None
+        if t.ema_decay is not None:
+            # Buffers (radial constants, per-element statistics) are fixed before this copy: no averaging.
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
+        self.datasets = {
+            name: GraphDataset(structures, model_config.cutoff) for name, structures in self.splits.items()
+        }
+        self.compute_stress = c.loss.stress_weight > 0
+        self.progress = Progress()
+        self._started = time.perf_counter()
+        n_parameters = count_parameters(self.model)["total"]
+        self.log(
+            f"model: {n_parameters:,d} parameters, cutoff {model_config.cutoff} Å, "
+            f"N̄ = {model_config.avg_num_neighbors:.2f}, force RMS {stats.force_rms:.4f} eV/Å, "
+            f"{t.dtype} on {self.device}"
+        )
+
+    def _evaluation_model(self) -> So3krates:
+        return self.ema.module if self.ema is not None else self.model
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+
+    def _save_last(self) -> None:
+        p = self.progress
+        save_checkpoint(
+            self.run_dir / "last.pt",
+            self.model,
+            self.species,
+            optimizer=self.optimizer.state_dict(),
+            schedule=self.schedule.state_dict(),
+            ema=self.ema.state_dict() if self.ema is not None else None,
+            progress={**asdict(p), "elapsed": self._elapsed()},
+            rng=torch.get_rng_state(),
+            statistics=self.statistics.model_dump(mode="json"),
+        )
+
+    def _save_best(self) -> None:
+        save_checkpoint(
+            self.run_dir / "best.pt",
+            self._evaluation_model(),
+            self.species,
+            statistics=self.statistics.model_dump(mode="json"),
+            epoch=self.progress.epoch,
+            valid_loss=self.progress.best_valid_loss,
+        )
+
+    def _restore(self) -> None:
+        payload = load_checkpoint(self.run_dir / "last.pt")
+        self.model.load_state_dict(payload["state_dict"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.schedule.load_state_dict(payload["schedule"])
+        if self.ema is not None and payload.get("ema") is not None:
+            self.ema.load_state_dict(payload["ema"])
+        for key, value in payload["progress"].items():
+            setattr(self.progress, key, value)
+        torch.set_rng_state(payload["rng"])
+        self._started = time.perf_counter()
+        p = self.progress
+        self.log(f"resumed from {self.run_dir / 'last.pt'}: epoch {p.epoch}, step {p.step}")
+
+    # --- the loop ----------------------------------------------------------------------------------------
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.config.training.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.datasets["train"]), generator=generator).tolist()
+
+    def _elapsed(self) -> float:
+        """Seconds of training so far, this process and the ones it resumed from."""
+        return self.progress.elapsed + time.perf_counter() - self._started
+
+    def _out_of_time(self) -> bool:
+        budget = self.config.training.max_time
+        return budget is not None and self._elapsed() >= budget
+
+    def _train_step(self, indices: list[int]) -> tuple[float, dict[str, float]]:
+        t = self.config.training
+        dataset = self.datasets["train"]
+        graph, labels = _device_batch(*collate_batch([dataset[i] for i in indices]), self.device)
+        self.model.train()
+        self.schedule.before_step(self.progress.step)
+        predictions = self.force_field(
+            graph, compute_forces=True, compute_stress=self.compute_stress, create_graph=True
+        )
+        loss, parts = compute_loss(predictions, labels, self.config.loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.progress.step += 1
+        self.progress.step_in_epoch += 1
+        return float(loss.detach()), parts
+
+    def _validate(self, train_loss: float) -> bool:
+        """Validates the EMA model, logs, writes checkpoints; returns True when training should stop."""
+        t = self.config.training
+        p = self.progress
+        model = self._evaluation_model().eval()
+        metrics, valid_loss = evaluate_dataset(
+            ForceField(model),
+            self.datasets["valid"],
+            t.eval_batch_size,
+            self.device,
+            self.config.loss,
+            self.compute_stress,
+        )
+        self.schedule.after_validation(valid_loss)
+        improved = valid_loss < p.best_valid_loss
+        if improved:
+            p.best_valid_loss, p.stale_validations = valid_loss, 0
+        else:
+            p.stale_validations += 1
+        elapsed = self._elapsed()
+        row = {
+            "epoch": p.epoch,
+            "step": p.step,
+            "time_s": round(elapsed, 3),
+            "lr": self.schedule.learning_rate(max(p.step - 1, 0)),
+            "train_loss": train_loss,
+            "valid_loss": valid_loss,
+            **{f"valid_{k}": v for k, v in metrics.items() if k != "n_structures"},
+        }
+        self.history.append(row)
+        if improved:
+            self._save_best()
+        self._save_last()
+        mark = "*" if improved else " "
+        self.log(
+            f"epoch {p.epoch:>4d} step {p.step:>7d} {elapsed:>7.0f}s lr {row['lr']:.2e} "
+            f"loss {train_loss:.3e} "
+            f"valid E {metrics.get('energy_mae_meV', math.nan):7.2f} meV F "
+            f"{metrics.get('forces_mae_meV_per_A', math.nan):7.2f} meV/Å {mark}"
+        )
+        if t.early_stopping_patience is not None and p.stale_validations >= t.early_stopping_patience:
+            self._stop_reason = f"early stopping: no improvement in {p.stale_validations} validations"
+            return True
+        return False
+
+    def _install_signal_handlers(self) -> dict:
+        previous = {}
+
+        def request_stop(signum, frame):
+            self._stop_reason = f"stopped by signal {signal.Signals(signum).name}"
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not in the main thread
+                pass
+        return previous
+
+    def _train(self) -> None:
+        t = self.config.training
+        p = self.progress
+        previous_handlers = self._install_signal_handlers()
+        try:
+            while p.epoch < t.max_epochs and self._stop_reason is None:
+                order = self._epoch_order(p.epoch)
+                epoch_batches = batches(self.datasets["train"], t.batch_size, order)
+                losses = []
+                bar = None
+                if t.progress:
+                    from tqdm import tqdm
+
+                    bar = tqdm(
+                        total=len(epoch_batches),
+                        initial=p.step_in_epoch,
+                        desc=f"epoch {p.epoch + 1}",
+                        leave=False,
+                        dynamic_ncols=True,
+                        disable=None,  # None: off when not a terminal
+                    )
+                for indices in epoch_batches[p.step_in_epoch :]:
+                    loss, _ = self._train_step(indices)
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite training loss at step {p.step}; lower training.learning_rate "
+                            "or check the data for outliers"
+                        )
+                    losses.append(loss)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.3e}")
+                    if self._out_of_time():
+                        self._stop_reason = f"time budget of {t.max_time} s reached"
+                    if self._stop_reason is not None:
+                        break
+                if bar is not None:
+                    bar.close()
+                if self._stop_reason is not None and p.step_in_epoch < len(epoch_batches):
+                    self._save_last()  # mid-epoch: resumable at this exact step
+                    break
+                p.epoch += 1
+                p.step_in_epoch = 0
+                if p.epoch % t.valid_every == 0 or p.epoch == t.max_epochs or self._stop_reason is not None:
+                    if self._validate(float(np.mean(losses)) if losses else math.nan):
+                        break
+                else:
+                    self._save_last()
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+        self.log(self._stop_reason or f"finished {p.epoch} epochs")
+
+    def _final_table(self) -> dict[str, dict[str, float]]:
+        best = self.run_dir / "best.pt"
+        model = self._evaluation_model()
+        if best.is_file():
+            payload = load_checkpoint(best)
+            model = So3krates(self.model_config)
+            model.load_state_dict(payload["state_dict"])
+            model.to(device=self.device, dtype=self.dtype)
+        force_field = ForceField(model.eval())
+        rows = {}
+        for name, dataset in self.datasets.items():
+            if len(dataset):
+                rows[name], _ = evaluate_dataset(
+                    force_field,
+                    dataset,
+                    self.config.training.eval_batch_size,
+                    self.device,
+                    compute_stress=self.compute_stress,
+                )
+        return rows
+
+    def run(self) -> dict[str, dict[str, float]]:
+        self._check_run_dir()
+        with RunLock(self.run_dir):
+            self._build()
+            with atomic_path(self.run_dir / "config.yaml") as tmp:
+                tmp.write_text(dump_config(self.config.model_copy(update={"model": self.model_config})))
+            self.history = History(self.run_dir)
+            if self.resume:
+                self._restore()
+                self.history.truncate(self.progress.epoch)
+            try:
+                self._train()
+            finally:
+                self.history.close()
+            self.history.plot()
+            rows = self._final_table()
+            with atomic_path(self.run_dir / "results.json") as tmp:
+                tmp.write_text(json.dumps(rows, indent=2))
+            self.log(
+                "\nbest model ("
+                + ("EMA weights" if self.ema is not None else "weights")
+                + f"), {self.run_dir / 'best.pt'}:"
+            )
+            self.log(format_table(rows))
+            return rows
+
+
+def train(config: TrainConfig, resume: bool = False, log=print) -> dict[str, dict[str, float]]:
+    """Runs a training described by ``config``; returns the final MAE/RMSE per split (meV, meV/Å)."""
+    return Trainer(config, resume=resume, log=log).run()

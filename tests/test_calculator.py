@@ -1,0 +1,96 @@
+"""The ASE calculator: same numbers as the model, neighbour-list reuse, stress, refusals, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.calculators.calculator import PropertyNotImplementedError
+
+from helpers import ethanol, make_force_field, triclinic_cell
+from so3krates import So3kratesCalculator, atoms_to_graph, preset
+from so3krates.calculators.ase import UnsupportedStructureError
+from so3krates.model.checkpoint import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_force_field(preset("tiny"), torch.float64).model
+
+
+def test_matches_the_force_field(model):
+    atoms = triclinic_cell()
+    calculator = So3kratesCalculator(model, species=[1, 6, 8])
+    atoms.calc = calculator
+    reference = make_force_field(preset("tiny"), torch.float64)(
+        atoms_to_graph(atoms, 4.0), compute_stress=True
+    )
+    assert atoms.get_potential_energy() == pytest.approx(float(reference["energy"].detach()[0]), rel=1e-12)
+    np.testing.assert_allclose(atoms.get_forces(), reference["forces"].detach().numpy(), atol=1e-12)
+    stress = reference["stress"].detach().numpy()[0]
+    np.testing.assert_allclose(atoms.get_stress(voigt=False), stress, atol=1e-12)
+    assert atoms.get_potential_energies().sum() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
+
+
+def test_forces_are_the_numerical_gradient(model):
+    from ase.calculators.fd import calculate_numerical_forces
+
+    atoms = ethanol()
+    atoms.calc = So3kratesCalculator(model)
+    numerical = calculate_numerical_forces(atoms, eps=1e-5)
+    np.testing.assert_allclose(atoms.get_forces(), numerical, rtol=1e-6, atol=1e-8)
+
+
+def test_neighbor_list_is_reused_within_the_skin_and_results_are_unchanged(model):
+    atoms = triclinic_cell()
+    calculator = So3kratesCalculator(model, skin=0.6)
+    fresh = So3kratesCalculator(model, skin=0.0)
+    atoms.calc = calculator
+    atoms.get_forces()
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        atoms.positions += rng.normal(scale=0.04, size=atoms.positions.shape)  # < skin/2 in total
+        forces = atoms.get_forces()
+        copy = atoms.copy()
+        copy.calc = fresh
+        np.testing.assert_allclose(forces, copy.get_forces(), atol=1e-12)
+        assert atoms.get_potential_energy() == pytest.approx(copy.get_potential_energy(), rel=1e-13)
+    assert calculator.n_neighbor_list_builds == 1
+    atoms.positions[0] += 0.5  # beyond skin / 2: rebuild
+    atoms.get_forces()
+    assert calculator.n_neighbor_list_builds == 2
+
+
+def test_unknown_elements_and_close_atoms_are_refused(model):
+    calculator = So3kratesCalculator(model, species=[1, 6, 8], min_distance=0.5)
+    atoms = ethanol()
+    atoms.numbers[0] = 17
+    atoms.calc = calculator
+    with pytest.raises(UnsupportedStructureError, match=r"element Cl \(Z=17\) was not in the training data"):
+        atoms.get_potential_energy()
+    close = Atoms("CO", positions=[[0, 0, 0], [0.3, 0, 0]])
+    close.calc = calculator
+    with pytest.raises(UnsupportedStructureError, match=r"0\.300 Å apart, closer than min_distance = 0\.5"):
+        close.get_potential_energy()
+
+
+def test_no_stress_for_molecules(model):
+    atoms = ethanol()
+    atoms.calc = So3kratesCalculator(model)
+    with pytest.raises(PropertyNotImplementedError):
+        atoms.get_stress()
+
+
+def test_loads_a_checkpoint_with_its_species_in_float32_and_float64(model, tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, species=[1, 6, 8])
+    atoms = ethanol()
+    energies = {}
+    for dtype in ("float64", "float32"):
+        atoms.calc = So3kratesCalculator(path, dtype=dtype)
+        energies[dtype] = atoms.get_potential_energy()
+        assert atoms.calc.species == {1, 6, 8}
+    reference = make_force_field(preset("tiny"), torch.float64)(atoms_to_graph(atoms, 4.0))["energy"].detach()
+    assert energies["float64"] == pytest.approx(float(reference[0]), rel=1e-12)
+    assert energies["float32"] == pytest.approx(energies["float64"], abs=1e-4)

@@ -1,0 +1,209 @@
+"""Training end to end on the shipped example data: outputs, learning, exact resumption, run-dir safety."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from so3krates.cli.main import main
+from so3krates.errors import ConfigError
+from so3krates.model.checkpoint import load_checkpoint
+from so3krates.train.config import load_train_config
+from so3krates.train.trainer import Trainer, train
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "ethanol_gfn2xtb_500K.extxyz"
+
+
+def _config(run_dir: Path, **overrides):
+    values = {
+        "run_dir": str(run_dir),
+        "data.train_file": str(EXAMPLE),
+        "data.n_train": 40,
+        "data.n_valid": 10,
+        "data.n_test": 10,
+        "model.preset": "tiny",
+        "training.max_epochs": 3,
+        "training.batch_size": 4,
+        "training.progress": False,
+        "training.learning_rate": 3e-3,
+    }
+    values.update(overrides)
+    return load_train_config(None, values)
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def test_training_writes_a_complete_run_directory(tmp_path):
+    rows = train(_config(tmp_path / "run"), log=_quiet)
+    run = tmp_path / "run"
+    for name in (
+        "best.pt",
+        "last.pt",
+        "metrics.csv",
+        "config.yaml",
+        "split.npz",
+        "learning_curve.png",
+        "results.json",
+    ):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    assert not (run / ".lock").exists()
+    assert set(rows) == {"train", "valid", "test"}
+    assert rows["test"]["n_structures"] == 10
+    with open(run / "metrics.csv") as handle:
+        history = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    payload = load_checkpoint(run / "best.pt")
+    assert payload["metadata"]["species"] == [1, 6, 8]
+    assert payload["metadata"]["cutoff"] == 4.0
+    # The resolved config records the model actually trained, N̄ from the data included.
+    resolved = load_train_config(run / "config.yaml")
+    assert resolved.model.avg_num_neighbors == pytest.approx(payload["model_config"]["avg_num_neighbors"])
+    assert resolved.model.avg_num_neighbors > 1.0
+
+
+def test_training_reduces_the_force_error(tmp_path):
+    rows = train(
+        _config(tmp_path / "run", **{"training.max_epochs": 12, "training.ema_decay": None}), log=_quiet
+    )
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        history = list(csv.DictReader(handle))
+    first, best = float(history[0]["valid_forces_mae_meV_per_A"]), rows["valid"]["forces_mae_meV_per_A"]
+    assert best < 0.8 * first, (first, best)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+def test_resume_after_epochs_gives_the_same_weights(tmp_path):
+    train(_config(tmp_path / "straight", **{"training.max_epochs": 4}), log=_quiet)
+    train(_config(tmp_path / "split", **{"training.max_epochs": 2}), log=_quiet)
+    train(_config(tmp_path / "split", **{"training.max_epochs": 4}), resume=True, log=_quiet)
+    for name in ("last.pt", "best.pt"):
+        a, b = _weights(tmp_path / "straight" / name), _weights(tmp_path / "split" / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}: {key}")
+
+
+def test_resume_mid_epoch_gives_the_same_weights(tmp_path, monkeypatch):
+    train(_config(tmp_path / "straight"), log=_quiet)
+    steps = {"n": 0}
+
+    def stop_after_seven_steps(self):
+        steps["n"] += 1
+        return steps["n"] >= 7  # 10 batches per epoch: stops inside epoch 1
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_out_of_time", stop_after_seven_steps)
+        train(_config(tmp_path / "split"), log=_quiet)
+    progress = load_checkpoint(tmp_path / "split" / "last.pt")["progress"]
+    assert (progress["epoch"], progress["step_in_epoch"]) == (0, 7)
+    train(_config(tmp_path / "split"), resume=True, log=_quiet)
+    a, b = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "split" / "last.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_second_training_in_the_same_run_dir_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(_config(run, **{"training.max_epochs": 1}), log=_quiet)
+    with pytest.raises(ConfigError, match="holds a training already"):
+        train(_config(run), log=_quiet)
+    (run / ".lock").write_text(str(os.getpid()))  # a live training owns it
+    with pytest.raises(ConfigError, match=f"another training \\(PID {os.getpid()}\\)"):
+        train(_config(run), resume=True, log=_quiet)
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("999999999")  # no such process
+    train(_config(run, **{"training.max_epochs": 1}), log=_quiet)
+    assert (run / "best.pt").is_file()
+
+
+def test_nan_labels_are_masked(tmp_path):
+    from ase.io import read, write
+
+    frames = read(EXAMPLE, index=":60")
+    for atoms in frames[::3]:
+        atoms.calc.results["energy"] = float("nan")
+    data = tmp_path / "holes.extxyz"
+    write(data, frames)
+    with pytest.warns(UserWarning, match="masked"):
+        rows = train(_config(tmp_path / "run", **{"data.train_file": str(data)}), log=_quiet)
+    assert np.isfinite(rows["train"]["energy_mae_meV"]) and np.isfinite(rows["train"]["forces_mae_meV_per_A"])
+
+
+def test_cli_train_and_evaluate(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path / 'run'}\n"
+        f"data: {{train_file: {EXAMPLE}, n_train: 20, n_valid: 5, n_test: 5}}\n"
+        "model: {preset: tiny}\n"
+        "training: {max_epochs: 1, progress: false}\n"
+    )
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "best model" in out and "test" in out and "F MAE" in out
+    json_path = tmp_path / "metrics.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "run" / "best.pt"),
+                "--data",
+                str(EXAMPLE),
+                "--json",
+                str(json_path),
+                "--out-dir",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
+    import json
+
+    metrics = json.loads(json_path.read_text())
+    for key in ("energy_mae_meV", "energy_rmse_meV", "forces_mae_meV_per_A", "forces_rmse_meV_per_A"):
+        assert metrics[key] > 0
+    assert metrics["n_structures"] == 1000
+    for name in ("predictions.extxyz", "parity.png", "metrics.json"):
+        assert (tmp_path / "eval" / name).is_file()
+
+
+@pytest.mark.parametrize(
+    "argument, expected",
+    [
+        ("training.learning_rat=1", "key 'training.learning_rat': Extra inputs are not permitted"),
+        ("training.batch_size=0", "key 'training.batch_size': Input should be greater than or equal to 1"),
+        ("model.preset=huge", "unknown preset 'huge'"),
+        ("data.energy_unit=kJ", "unknown energy unit 'kJ'"),
+    ],
+)
+def test_bad_training_config_gives_one_line(tmp_path, capsys, argument, expected):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{train_file: {EXAMPLE}}}\n")
+    assert main(["train", str(config), "--set", argument]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_and_bad_yaml(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not valid YAML" in err[0]

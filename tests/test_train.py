@@ -106,6 +106,7 @@ def test_resume_mid_epoch_gives_the_same_weights(tmp_path, monkeypatch):
         train(_config(tmp_path / "split"), log=_quiet)
     progress = load_checkpoint(tmp_path / "split" / "last.pt")["progress"]
     assert (progress["epoch"], progress["step_in_epoch"]) == (0, 7)
+    assert (tmp_path / "split" / "best.pt").is_file(), "a stop inside the first epoch still validates"
     train(_config(tmp_path / "split"), resume=True, log=_quiet)
     a, b = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "split" / "last.pt")
     for key in a:

@@ -24,3 +24,7 @@ def format_validation_error(error, source: str) -> str:
         location = ".".join(str(part) for part in item["loc"])
         problems.append(f"key {location!r}: {message}" if location else message)
     return f"{source}: " + "; ".join(problems)
+
+
+class TrainingError(So3kratesError):
+    """Training cannot go on (e.g. a non-finite loss); the message says what to change."""

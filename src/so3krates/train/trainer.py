@@ -20,7 +20,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from so3krates.data.dataset import GraphDataset, batches, collate_batch
-from so3krates.errors import ConfigError
+from so3krates.errors import ConfigError, TrainingError
 from so3krates.files import atomic_path
 from so3krates.model.checkpoint import load_checkpoint, save_checkpoint
 from so3krates.model.derivatives import ForceField
@@ -254,8 +254,11 @@ class Trainer:
         self.progress.step_in_epoch += 1
         return float(loss.detach()), parts
 
-    def _validate(self, train_loss: float) -> bool:
-        """Validates the EMA model, logs, writes checkpoints; returns True when training should stop."""
+    def _validate(self, train_loss: float, final: bool = False) -> bool:
+        """Validates the EMA model, logs, writes checkpoints; returns True when training should stop.
+
+        ``final``: a last validation after a mid-epoch stop; it leaves the schedule and early stopping alone.
+        """
         t = self.config.training
         p = self.progress
         model = self._evaluation_model().eval()
@@ -267,12 +270,12 @@ class Trainer:
             self.config.loss,
             self.compute_stress,
         )
-        self.schedule.after_validation(valid_loss)
         improved = valid_loss < p.best_valid_loss
+        if not final:
+            self.schedule.after_validation(valid_loss)
+            p.stale_validations = 0 if improved else p.stale_validations + 1
         if improved:
-            p.best_valid_loss, p.stale_validations = valid_loss, 0
-        else:
-            p.stale_validations += 1
+            p.best_valid_loss = valid_loss
         elapsed = self._elapsed()
         row = {
             "epoch": p.epoch,
@@ -336,7 +339,7 @@ class Trainer:
                 for indices in epoch_batches[p.step_in_epoch :]:
                     loss, _ = self._train_step(indices)
                     if not math.isfinite(loss):
-                        raise FloatingPointError(
+                        raise TrainingError(
                             f"non-finite training loss at step {p.step}; lower training.learning_rate "
                             "or check the data for outliers"
                         )
@@ -352,6 +355,9 @@ class Trainer:
                     bar.close()
                 if self._stop_reason is not None and p.step_in_epoch < len(epoch_batches):
                     self._save_last()  # mid-epoch: resumable at this exact step
+                    # The run ends here: validate what was trained since the last validation, so that
+                    # a budget shorter than an epoch still yields a best.pt. The schedule is not touched.
+                    self._validate(float(np.mean(losses)) if losses else math.nan, final=True)
                     break
                 p.epoch += 1
                 p.step_in_epoch = 0

@@ -208,3 +208,22 @@ def test_missing_config_and_bad_yaml(tmp_path, capsys):
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not valid YAML" in err[0]
+
+
+def test_training_streams_from_a_prepared_hdf5_file(tmp_path, capsys):
+    """`so3krates prepare` → .h5 → training gives the same run as from the extxyz file it came from."""
+    h5 = tmp_path / "ethanol.h5"
+    assert main(["prepare", "--data", str(EXAMPLE), "--out", str(h5), "--cutoff", "5.0"]) == 0
+    assert "1000 structures" in capsys.readouterr().out
+    from_h5 = train(
+        _config(tmp_path / "h5", **{"data.train_file": str(h5), "training.max_epochs": 2}), log=_quiet
+    )
+    from_xyz = train(_config(tmp_path / "xyz", **{"training.max_epochs": 2}), log=_quiet)
+    for split in ("train", "valid", "test"):
+        for key in ("energy_mae_meV", "forces_mae_meV_per_A"):
+            assert from_h5[split][key] == pytest.approx(from_xyz[split][key], rel=1e-6), (split, key)
+    with pytest.raises(ConfigError, match="apply to `so3krates prepare`"):
+        train(
+            _config(tmp_path / "bad", **{"data.train_file": str(h5), "data.energy_unit": "kcal/mol"}),
+            log=_quiet,
+        )

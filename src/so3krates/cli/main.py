@@ -1,6 +1,6 @@
 """``so3krates <command>``: argv → validated config → library call. No model logic lives here.
 
-Commands follow the pipeline stages: ``info`` (a model preset), ``train``, ``evaluate``.
+Commands follow the pipeline stages: ``info`` (a model preset), ``prepare``, ``train``, ``evaluate``.
 """
 
 from __future__ import annotations
@@ -75,6 +75,29 @@ def _command_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_prepare(args: argparse.Namespace) -> int:
+    import itertools
+
+    from so3krates.data.hdf5 import write_hdf5
+    from so3krates.data.io import read_structures
+
+    def structures():
+        for path in args.data:  # one input file in memory at a time
+            print(f"reading {path}")
+            yield from read_structures(
+                path,
+                energy_key=args.energy_key,
+                forces_key=args.forces_key,
+                stress_key=args.stress_key,
+                energy_unit=args.energy_unit,
+                length_unit=args.length_unit,
+            )
+
+    count = write_hdf5(args.out, itertools.chain(structures()), args.cutoff)
+    print(f"wrote {args.out}: {count} structures with neighbour lists within {args.cutoff} Å")
+    return 0
+
+
 def _command_train(args: argparse.Namespace) -> int:
     from so3krates.train.config import load_train_config
     from so3krates.train.trainer import train
@@ -127,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     info.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     info.set_defaults(run=_command_info)
+
+    prepare = commands.add_parser("prepare", help="convert data files to one streamed HDF5 file for training")
+    prepare.add_argument("--data", nargs="+", required=True, help="input files (extxyz, npz, ASE db, ...)")
+    prepare.add_argument("--out", required=True, help="output .h5 file")
+    prepare.add_argument("--cutoff", type=float, required=True, help="neighbour-list cutoff, Å (≥ model's)")
+    prepare.add_argument("--energy-key")
+    prepare.add_argument("--forces-key")
+    prepare.add_argument("--stress-key")
+    prepare.add_argument("--energy-unit", default="eV")
+    prepare.add_argument("--length-unit", default="Å")
+    prepare.set_defaults(run=_command_prepare)
 
     train = commands.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", help="YAML file with data, model, loss and training sections")

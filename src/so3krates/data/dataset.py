@@ -59,7 +59,9 @@ def collate_batch(items: Sequence[tuple[Graph, Labels]]) -> tuple[Graph, Labels]
     return collate(graphs), {key: torch.cat([item[key] for item in labels]) for key in labels[0]}
 
 
-def batches(dataset: GraphDataset, batch_size: int, order: Sequence[int] | None = None) -> list[list[int]]:
+def batches(
+    dataset: torch.utils.data.Dataset, batch_size: int, order: Sequence[int] | None = None
+) -> list[list[int]]:
     """Splits ``order`` (default: dataset order) into lists of at most ``batch_size`` indices."""
     order = list(range(len(dataset))) if order is None else list(order)
     return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]

@@ -7,13 +7,13 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from so3krates.data.dataset import GraphDataset, Labels, batches, collate_batch
+from so3krates.data.dataset import Labels, batches, collate_batch
 from so3krates.model.derivatives import ForceField
 
 
 def predict_batches(
     force_field: ForceField,
-    dataset: GraphDataset,
+    dataset: torch.utils.data.Dataset,
     batch_size: int,
     device: str | torch.device = "cpu",
     compute_stress: bool = False,

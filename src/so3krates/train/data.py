@@ -1,10 +1,18 @@
-"""From a DataConfig to train/valid/test structures, the saved split, and the training-set statistics."""
+"""From a DataConfig to train/valid/test datasets, the saved split, and the training-set statistics.
+
+Files readable by ``read_structures`` are held in memory (``GraphDataset``); HDF5 files prepared with
+``so3krates prepare`` are streamed structure by structure (``HDF5Dataset``), for data larger than memory.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch.utils.data import Dataset
+
+from so3krates.data.dataset import GraphDataset
+from so3krates.data.hdf5 import HDF5Dataset, hdf5_statistics, open_hdf5
 from so3krates.data.io import read_structures
 from so3krates.data.split import load_split, save_split, split_indices
 from so3krates.data.statistics import DatasetStatistics, compute_statistics
@@ -13,15 +21,19 @@ from so3krates.errors import ConfigError
 from so3krates.train.config import DataConfig
 from so3krates.units import ENERGY_UNITS
 
+HDF5_SUFFIXES = (".h5", ".hdf5")
+
+
+def is_hdf5(path: Path) -> bool:
+    return Path(path).suffix.lower() in HDF5_SUFFIXES
+
 
 @dataclass
-class Splits:
-    train: list[Structure]
-    valid: list[Structure]
-    test: list[Structure]
+class PreparedData:
+    """The three datasets (GraphDataset or HDF5Dataset) and the statistics of the training split."""
 
-    def items(self) -> list[tuple[str, list[Structure]]]:
-        return [("train", self.train), ("valid", self.valid), ("test", self.test)]
+    datasets: dict[str, Dataset]
+    statistics: DatasetStatistics
 
 
 def _read(config: DataConfig, path: Path) -> list[Structure]:
@@ -35,61 +47,93 @@ def _read(config: DataConfig, path: Path) -> list[Structure]:
     )
 
 
-def load_splits(config: DataConfig, run_dir: Path, log=print) -> Splits:
-    """Reads the data files and splits ``train_file``; the indices go to ``RUN/split.npz``.
+def _whole_file(config: DataConfig, path: Path, cutoff: float) -> Dataset:
+    return HDF5Dataset(path, cutoff=cutoff) if is_hdf5(path) else GraphDataset(_read(config, path), cutoff)
 
-    ``valid_file`` / ``test_file``, when given, are used whole; otherwise validation and test structures
-    are drawn from ``train_file`` by a seeded permutation (or the given ``split_file``).
-    """
-    pool = _read(config, config.train_file)
-    split_path = Path(run_dir) / "split.npz"
+
+def _split(config: DataConfig, n_structures: int, split_path: Path) -> dict:
     if config.split_file is not None:
-        split = load_split(config.split_file, len(pool))
-    elif split_path.is_file():  # a resumed run keeps its split
-        split = load_split(split_path, len(pool))
-    else:
-        n_valid = config.n_valid
-        if config.valid_file is not None:
-            n_valid = 0
-        elif n_valid is None:
-            n_valid = max(1, round(config.valid_fraction * len(pool)))
-        n_test = config.n_test if config.test_file is None else 0
-        n_train = config.n_train
-        if n_train is None:  # everything that is neither validation nor test is for training
-            n_test = n_test or 0
-            n_train = len(pool) - n_valid - n_test
-            if n_train < 1:
-                raise ConfigError(
-                    f"{config.train_file}: {len(pool)} structures leave none for training after "
-                    f"{n_valid} validation and {n_test} test structures"
-                )
-        split = split_indices(
-            len(pool), n_train=n_train, n_valid=n_valid, n_test=n_test, seed=config.split_seed
-        )
-    save_split(split_path, split)
-    splits = Splits(
-        train=[pool[i] for i in split["train"]],
-        valid=[pool[i] for i in split["valid"]],
-        test=[pool[i] for i in split["test"]],
+        return load_split(config.split_file, n_structures)
+    if split_path.is_file():  # a resumed run keeps its split
+        return load_split(split_path, n_structures)
+    n_valid = 0 if config.valid_file is not None else config.n_valid
+    if n_valid is None:
+        n_valid = max(1, round(config.valid_fraction * n_structures))
+    n_test = 0 if config.test_file is not None else config.n_test
+    n_train = config.n_train
+    if n_train is None:  # everything that is neither validation nor test is for training
+        n_test = n_test or 0
+        n_train = n_structures - n_valid - n_test
+        if n_train < 1:
+            raise ConfigError(
+                f"{config.train_file}: {n_structures} structures leave none for training after "
+                f"{n_valid} validation and {n_test} test structures"
+            )
+    return split_indices(
+        n_structures, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=config.split_seed
     )
+
+
+def _isolated_energies(config: DataConfig) -> dict[int, float] | None:
+    if config.isolated_atom_energies is None:
+        return None
+    factor = ENERGY_UNITS[config.energy_unit]
+    return {int(z): e * factor for z, e in config.isolated_atom_energies.items()}
+
+
+def prepare_data(config: DataConfig, run_dir: Path, cutoff: float, log=print) -> PreparedData:
+    """Reads (or opens) the data, splits ``train_file`` (indices to ``RUN/split.npz``), computes statistics.
+
+    ``valid_file`` / ``test_file``, when given, are used whole; otherwise validation and test structures are
+    drawn from ``train_file`` by a seeded permutation (or the given ``split_file``).
+    """
+    split_path = Path(run_dir) / "split.npz"
+    isolated = _isolated_energies(config)
+    if is_hdf5(config.train_file):
+        reader_options = {
+            key: getattr(config, key)
+            for key in ("energy_key", "forces_key", "stress_key")
+            if getattr(config, key) is not None
+        }
+        reader_options.update(
+            {
+                k: getattr(config, k)
+                for k in ("energy_unit", "length_unit")
+                if getattr(config, k) not in ("eV", "Å")
+            }
+        )
+        if reader_options:
+            raise ConfigError(
+                f"{config.train_file}: an HDF5 file is already in eV and Å with its labels chosen; "
+                f"{', '.join('data.' + k for k in reader_options)} apply to `so3krates prepare`, not here"
+            )
+        with open_hdf5(config.train_file) as file:
+            n_structures = int(file.attrs["n_structures"])
+        split = _split(config, n_structures, split_path)
+        datasets = {
+            name: HDF5Dataset(config.train_file, split[name], cutoff) for name in ("train", "valid", "test")
+        }
+        statistics = hdf5_statistics(
+            config.train_file, split["train"], cutoff, isolated_atom_energies=isolated
+        )
+    else:
+        pool = _read(config, config.train_file)
+        split = _split(config, len(pool), split_path)
+        datasets = {
+            name: GraphDataset([pool[i] for i in split[name]], cutoff) for name in ("train", "valid", "test")
+        }
+        statistics = compute_statistics(datasets["train"].structures, cutoff, isolated_atom_energies=isolated)
+    save_split(split_path, split)
     if config.valid_file is not None:
-        splits.valid = _read(config, config.valid_file)
+        datasets["valid"] = _whole_file(config, config.valid_file, cutoff)
     if config.test_file is not None:
-        splits.test = _read(config, config.test_file)
-    if not splits.train:
+        datasets["test"] = _whole_file(config, config.test_file, cutoff)
+    if len(datasets["train"]) == 0:
         raise ConfigError(f"{config.train_file}: no training structures left after the split")
-    if not splits.valid:
+    if len(datasets["valid"]) == 0:
         raise ConfigError(
             f"{config.train_file}: no validation structures; set data.n_valid or data.valid_file"
         )
-    log(f"data: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test structures")
-    return splits
-
-
-def training_statistics(config: DataConfig, train: list[Structure], cutoff: float) -> DatasetStatistics:
-    """E0s (least squares or the given isolated-atom energies, converted to eV), force RMS and N̄."""
-    isolated = None
-    if config.isolated_atom_energies is not None:
-        factor = ENERGY_UNITS[config.energy_unit]
-        isolated = {int(z): e * factor for z, e in config.isolated_atom_energies.items()}
-    return compute_statistics(train, cutoff, isolated_atom_energies=isolated)
+    sizes = ", ".join(f"{len(d)} {name}" for name, d in datasets.items())
+    log(f"data: {sizes} structures" + (" (streamed from HDF5)" if is_hdf5(config.train_file) else ""))
+    return PreparedData(datasets=datasets, statistics=statistics)

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import Dataset
 
-from so3krates.data.dataset import GraphDataset, batches, collate_batch
+from so3krates.data.dataset import batches, collate_batch
 from so3krates.errors import ConfigError, TrainingError
 from so3krates.files import atomic_path
 from so3krates.model.checkpoint import load_checkpoint, save_checkpoint
@@ -27,7 +28,7 @@ from so3krates.model.derivatives import ForceField
 from so3krates.model.inference import predict_batches
 from so3krates.model.so3krates import So3krates, count_parameters
 from so3krates.train.config import LossConfig, TrainConfig, dump_config
-from so3krates.train.data import Splits, load_splits, training_statistics
+from so3krates.train.data import prepare_data
 from so3krates.train.history import History
 from so3krates.train.loss import compute_loss
 from so3krates.train.metrics import ErrorAccumulator, format_table
@@ -52,7 +53,7 @@ def _device_batch(graph, labels, device):
 
 def evaluate_dataset(
     force_field: ForceField,
-    dataset: GraphDataset,
+    dataset: Dataset,
     batch_size: int,
     device: str,
     loss_config: LossConfig | None = None,
@@ -141,9 +142,9 @@ class Trainer:
         if c.training.threads:
             torch.set_num_threads(c.training.threads)
         torch.manual_seed(c.training.seed)
-        self.splits: Splits = load_splits(c.data, self.run_dir, log=self.log)
-        stats = training_statistics(c.data, self.splits.train, c.model.cutoff)
-        self.statistics = stats
+        prepared = prepare_data(c.data, self.run_dir, c.model.cutoff, log=self.log)
+        self.datasets = prepared.datasets
+        stats = self.statistics = prepared.statistics
         model_config = c.model
         if "avg_num_neighbors" not in c.model.model_fields_set:
             model_config = model_config.model_copy(update={"avg_num_neighbors": stats.avg_num_neighbors})
@@ -163,9 +164,6 @@ class Trainer:
         if t.ema_decay is not None:
             # Buffers (radial constants, per-element statistics) are fixed before this copy: no averaging.
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
-        self.datasets = {
-            name: GraphDataset(structures, model_config.cutoff) for name, structures in self.splits.items()
-        }
         self.compute_stress = c.loss.stress_weight > 0
         self.progress = Progress()
         self._started = time.perf_counter()

@@ -227,3 +227,83 @@ def test_training_streams_from_a_prepared_hdf5_file(tmp_path, capsys):
             _config(tmp_path / "bad", **{"data.train_file": str(h5), "data.energy_unit": "kcal/mol"}),
             log=_quiet,
         )
+
+
+def _copper_with_stress(path: Path, n: int = 24) -> None:
+    """Rattled, strained fcc copper cells labelled with ASE's EMT: energy, forces and stress."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+        atoms.set_cell(atoms.cell.array @ (np.eye(3) + rng.normal(scale=0.02, size=(3, 3))), scale_atoms=True)
+        atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        atoms.calc = EMT()
+        results = {k: atoms.calc.get_property(k, atoms) for k in ("energy", "forces", "stress")}
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        frames.append(atoms)
+    write(path, frames)
+
+
+def test_training_on_stress(tmp_path):
+    data = tmp_path / "cu.extxyz"
+    _copper_with_stress(data)
+    overrides = {
+        "data.train_file": str(data),
+        "data.n_train": 16,
+        "data.n_valid": 4,
+        "data.n_test": 4,
+        "loss.stress_weight": 1.0,
+        "training.max_epochs": 2,
+    }
+    rows = train(_config(tmp_path / "run", **overrides), log=_quiet)
+    assert rows["test"]["stress_mae_meV_per_A3"] > 0
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        assert "valid_stress_mae_meV_per_A3" in next(csv.DictReader(handle))
+
+
+def test_early_stopping(tmp_path, monkeypatch):
+    import so3krates.train.trainer as trainer_module
+
+    real = trainer_module.evaluate_dataset
+
+    def flat_validation(force_field, dataset, *args, **kwargs):
+        metrics, loss = real(force_field, dataset, *args, **kwargs)
+        return metrics, 1.0 if kwargs.get("loss_config", args[2] if len(args) > 2 else None) else loss
+
+    monkeypatch.setattr(trainer_module, "evaluate_dataset", flat_validation)
+    messages = []
+    train(
+        _config(tmp_path / "run", **{"training.max_epochs": 50, "training.early_stopping_patience": 2}),
+        log=messages.append,
+    )
+    assert any(m.startswith("early stopping: no improvement in 2 validations") for m in messages), messages
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["progress"]["epoch"] == 3
+
+
+def test_evaluate_refuses_unseen_elements_before_writing(tmp_path, capsys):
+    from ase.io import read, write
+
+    train(_config(tmp_path / "run", **{"training.max_epochs": 1}), log=_quiet)
+    frames = read(EXAMPLE, index=":5")
+    frames[3].numbers[0] = 7  # nitrogen: never seen in training
+    data = tmp_path / "with_n.extxyz"
+    write(data, frames)
+    out_dir = tmp_path / "eval"
+    argv = [
+        "evaluate",
+        "--model",
+        str(tmp_path / "run" / "best.pt"),
+        "--data",
+        str(data),
+        "--out-dir",
+        str(out_dir),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "frame 3: key 'numbers': element N (Z=7) was not in the training data" in err[0]
+    assert not out_dir.exists()

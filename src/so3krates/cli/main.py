@@ -1,6 +1,7 @@
 """``so3krates <command>``: argv → validated config → library call. No model logic lives here.
 
-Commands follow the pipeline stages: ``info`` (a model preset), ``prepare``, ``train``, ``evaluate``.
+Commands follow the pipeline stages: ``info`` (a model preset), ``prepare``, ``train``, ``evaluate``,
+then simulation and analysis with a trained model: ``explore``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from so3krates import __version__
+from so3krates.cli import explore
 from so3krates.errors import So3kratesError, format_validation_error
 
 
@@ -191,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     evaluate.add_argument("--threads", type=int, help="torch threads")
     evaluate.set_defaults(run=_command_evaluate)
+
+    explore.register(commands)
     return parser
 
 

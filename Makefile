@@ -36,12 +36,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 # The main job on data the project ships: train the paper-sized model on GFN2-xTB ethanol for a few minutes,
-# then evaluate it on an independent test trajectory (metrics table, predictions, parity plot).
+# evaluate it on an independent test trajectory (metrics table, predictions, parity plot), then run 2 ps of
+# 500 K Langevin MD with it (thermo log and plot, stability monitor).
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/so3krates train examples/ethanol.yaml
 	$(BIN)/so3krates evaluate --model runs/demo/best.pt --data examples/data/ethanol_gfn2xtb_500K_test.extxyz \
 		--out-dir runs/demo/eval_test --threads 2
+	$(BIN)/so3krates md --model runs/demo/best.pt --structure examples/data/ethanol_gfn2xtb_500K_test.extxyz \
+		--frame 0 --ensemble langevin --temperature 500 --timestep 0.5 --time-ps 2 --out runs/demo/md \
+		--threads 1 --no-progress
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -123,6 +123,17 @@ def test_a_second_training_in_the_same_run_dir_is_refused(tmp_path):
         train(_config(run), resume=True, log=_quiet)
 
 
+def test_run_lock_leaves_a_lock_it_does_not_own(tmp_path):
+    from so3krates.train.trainer import RunLock
+
+    with RunLock(tmp_path) as lock:
+        lock.path.write_text("12345")  # the directory was cleared and another training took it over
+    assert lock.path.read_text() == "12345"
+    with pytest.raises(ConfigError, match="another training"):
+        lock.path.write_text(str(os.getpid()))
+        RunLock(tmp_path).__enter__()
+
+
 def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

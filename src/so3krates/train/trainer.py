@@ -101,7 +101,12 @@ class RunLock:
         raise ConfigError(f"{self.path}: cannot take the run-directory lock")
 
     def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
+        # Remove the lock only if it is still ours: the directory may have been cleared and taken over.
+        try:
+            if self.path.read_text().strip() == str(os.getpid()):
+                self.path.unlink()
+        except OSError:
+            pass
 
 
 def _alive(pid: int) -> bool:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -142,6 +143,18 @@ def run_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), OMP_WAIT_POLICY="PASSIVE")
     return env
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores; idle and iowait excluded)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_logged(command: list[str], log_path: Path, timeout: float) -> None:
@@ -317,12 +330,40 @@ def markdown_table(results: dict) -> str:
         )
     lines += ["", "Models:", ""]
     lines += [f"- **{name}**: {entry.get('description', '')}" for name, entry in results["models"].items()]
+    notes = [note for name, entry in results["models"].items() for note in entry_notes(name, entry)]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
     lines += [
         "",
         "Run dates: " + ", ".join(f"{n} {e.get('date', '?')}" for n, e in results["models"].items()),
         "",
     ]
     return "\n".join(lines)
+
+
+def entry_notes(name: str, entry: dict) -> list[str]:
+    """Facts about a result that the table alone hides (each derived from the entry itself)."""
+    notes = []
+    test = entry.get("test", {})
+    mae, rmse = test.get("energy_mae_meV"), test.get("energy_rmse_meV")
+    if mae and rmse and mae > 10.0 and rmse < 1.02 * mae:
+        notes.append(
+            f"- {name}: energy RMSE ≈ MAE ({rmse:.0f} vs {mae:.0f} meV): the energy error is an almost "
+            "constant offset that the energy term of the loss had not removed within the budget."
+        )
+    share = entry.get("other_jobs_cpu_share")
+    if share is not None and share > 0.05:
+        notes.append(
+            f"- {name}: other jobs used {100 * share:.0f} % of the machine's CPU time during this run "
+            f"({entry['other_jobs_cpu_seconds']:.0f} CPU s): less training per budget than when idle."
+        )
+    load = entry.get("load_average_1min", {})
+    if share is None and max(load.values(), default=0.0) > 2.5:
+        notes.append(
+            f"- {name}: 1-min load average {load['before']:.1f} before / {load['after']:.1f} after the run "
+            "(2 cores): other jobs shared the machine for part of the budget."
+        )
+    return notes
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -337,6 +378,7 @@ def write_atomically(path: Path, text: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setup", action="store_true", help="create/update the peer environments and exit")
+    parser.add_argument("--report", action="store_true", help="only rewrite the markdown table from the JSON")
     parser.add_argument(
         "--models", default=",".join(PEER_MODELS), help=f"comma list among {','.join(MODELS)}"
     )
@@ -357,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup:
         for env in dict.fromkeys(PEER_MODELS[m].env for m in args.models if m in PEER_MODELS):
             setup_env(env)
+        return 0
+
+    if args.report:
+        json_path = args.out_dir / f"accuracy_{args.molecule}.json"
+        results = json.loads(json_path.read_text())
+        write_atomically(json_path.with_suffix(".md"), markdown_table(results))
         return 0
 
     train_file, test_file = data_files(args.molecule)
@@ -400,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{started:%H:%M:%S}] {name}: training for {args.budget_minutes:g} min ...", flush=True)
         tick = time.perf_counter()
         load_before = os.getloadavg()
+        busy_before, ours_before = busy_cpu_seconds(), children_cpu_seconds()
         try:
             if name == "so3krates":
                 entry = run_ours(train_file, test_file, split_path, budget, run_dir)
@@ -411,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         entry["date"] = started.isoformat(timespec="seconds")
         entry["wall_seconds_total"] = time.perf_counter() - tick
+        # CPU time of everything else on the machine while this model ran (setup, training and test):
+        # other people's jobs that did not take the lock. Share = other CPU / (wall time x cores).
+        others = (busy_cpu_seconds() - busy_before) - (children_cpu_seconds() - ours_before)
+        entry["other_jobs_cpu_seconds"] = others
+        entry["other_jobs_cpu_share"] = others / (entry["wall_seconds_total"] * os.cpu_count())
         # 1-minute load averages around the run: well above 2 means another job shared the cores.
         entry["load_average_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
         test = entry["test"]

@@ -42,7 +42,7 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/so3krates train examples/ethanol.yaml
 	$(BIN)/so3krates evaluate --model runs/demo/best.pt --data examples/data/ethanol_gfn2xtb_500K_test.extxyz \
-		--out-dir runs/demo/eval_test --threads 2
+		--out-dir runs/demo/eval_test --threads 1
 	$(BIN)/so3krates md --model runs/demo/best.pt --structure examples/data/ethanol_gfn2xtb_500K_test.extxyz \
 		--frame 0 --ensemble langevin --temperature 500 --timestep 0.5 --time-ps 2 --out runs/demo/md \
 		--threads 1 --no-progress

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -143,18 +142,6 @@ def run_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), OMP_WAIT_POLICY="PASSIVE")
     return env
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all cores; idle and iowait excluded)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def run_logged(command: list[str], log_path: Path, timeout: float) -> None:
@@ -354,7 +341,7 @@ def entry_notes(name: str, entry: dict) -> list[str]:
     share = entry.get("other_jobs_cpu_share")
     if share is not None and share > 0.05:
         notes.append(
-            f"- {name}: other jobs used {100 * share:.0f} % of the machine's CPU time during this run "
+            f"- {name}: other jobs used {100 * share:.0f} % of the machine's CPU time during training "
             f"({entry['other_jobs_cpu_seconds']:.0f} CPU s): less training per budget than when idle."
         )
     load = entry.get("load_average_1min", {})
@@ -448,7 +435,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{started:%H:%M:%S}] {name}: training for {args.budget_minutes:g} min ...", flush=True)
         tick = time.perf_counter()
         load_before = os.getloadavg()
-        busy_before, ours_before = busy_cpu_seconds(), children_cpu_seconds()
         try:
             if name == "so3krates":
                 entry = run_ours(train_file, test_file, split_path, budget, run_dir)
@@ -459,12 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: FAILED: {error}", file=sys.stderr, flush=True)
             continue
         entry["date"] = started.isoformat(timespec="seconds")
-        entry["wall_seconds_total"] = time.perf_counter() - tick
-        # CPU time of everything else on the machine while this model ran (setup, training and test):
-        # other people's jobs that did not take the lock. Share = other CPU / (wall time x cores).
-        others = (busy_cpu_seconds() - busy_before) - (children_cpu_seconds() - ours_before)
-        entry["other_jobs_cpu_seconds"] = others
-        entry["other_jobs_cpu_share"] = others / (entry["wall_seconds_total"] * os.cpu_count())
+        entry["wall_seconds_total"] = time.perf_counter() - tick  # waiting for the lock included
         # 1-minute load averages around the run: well above 2 means another job shared the cores.
         entry["load_average_1min"] = {"before": load_before[0], "after": os.getloadavg()[0]}
         test = entry["test"]

@@ -211,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
             "budget_seconds": args.budget_seconds,
             "train_seconds": record.train_seconds,
             "train_cpu_seconds": record.train_cpu_seconds,
+            # Other processes' CPU time during the training loop, as a share of the machine (all cores):
+            # jobs outside the lock that slowed this run down.
+            "other_jobs_cpu_seconds": record.other_jobs_cpu_seconds,
+            "other_jobs_cpu_share": record.other_jobs_cpu_seconds / (record.train_seconds * os.cpu_count()),
             "setup_seconds": setup_seconds,
             "test_seconds": time.perf_counter() - test_start,
             "epochs": record.epochs,

@@ -74,7 +74,8 @@ class BudgetLog:
 
     budget_seconds: float
     train_seconds: float = 0.0
-    train_cpu_seconds: float = 0.0  # process CPU time over the loop: ≈ threads × train_seconds when alone
+    train_cpu_seconds: float = 0.0  # this process's CPU time over the loop
+    other_jobs_cpu_seconds: float = 0.0  # CPU time of every other process on the machine over the loop
     steps: int = 0
     steps_per_epoch: int = 0
     epochs_completed: int = 0
@@ -85,6 +86,14 @@ class BudgetLog:
     @property
     def epochs(self) -> float:
         return self.steps / self.steps_per_epoch if self.steps_per_epoch else 0.0
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot (all cores; idle and iowait excluded)."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def train_for_budget(
@@ -117,7 +126,7 @@ def train_for_budget(
     """
     record = BudgetLog(budget_seconds=budget_seconds, steps_per_epoch=steps_per_epoch)
     best_state = None
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start, busy_start = time.perf_counter(), time.process_time(), busy_cpu_seconds()
 
     def check(epoch_label: float) -> None:
         nonlocal best_state
@@ -160,6 +169,7 @@ def train_for_budget(
         end_epoch(record.history[-1]["valid_loss"])
     record.train_seconds = time.perf_counter() - start
     record.train_cpu_seconds = time.process_time() - cpu_start
+    record.other_jobs_cpu_seconds = busy_cpu_seconds() - busy_start - record.train_cpu_seconds
     return record, best_state
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
 from so3krates.calculators.ase import So3kratesCalculator, UnsupportedStructureError
 from so3krates.errors import ConfigError, DataError
+from so3krates.interrupt import stop_requests
 from so3krates.md import output
 from so3krates.md.config import NON_CONSERVING_ENSEMBLES, MDConfig
 from so3krates.md.integrators import (
@@ -290,45 +290,43 @@ class _Trajectory:
         failure = None
         wall_start = time.perf_counter()
         bar = self._progress_bar()
-        previous_handlers = self._install_signal_handlers()
-        try:
-            while self.dynamics.nsteps < self.total:
-                step = self.dynamics.nsteps + 1
-                try:
-                    self.dynamics.step()
-                except UnsupportedStructureError as error:
-                    failure = StabilityFailure(step, step * self.dt_ps, "model-refused", str(error))
-                    break
-                self.dynamics.nsteps = step
-                due = (
-                    step % config.stability.check_every == 0
-                    or step % config.restart_every == 0
-                    or step == self.total
-                    or self.stop_reason is not None
-                )
-                if due:
-                    failure = self._check(step)
-                    if failure is not None:
+        with stop_requests(self._request_stop):
+            try:
+                while self.dynamics.nsteps < self.total:
+                    step = self.dynamics.nsteps + 1
+                    try:
+                        self.dynamics.step()
+                    except UnsupportedStructureError as error:
+                        failure = StabilityFailure(step, step * self.dt_ps, "model-refused", str(error))
                         break
-                if step % config.thermo_every == 0:
-                    self._write_thermo(step, bar)
-                if step % config.trajectory_every == 0:
-                    self._write_frame(step)
-                if due:
-                    self.snapshot = self._take_snapshot(step)
-                    if step % config.restart_every == 0 or step == self.total or self.stop_reason:
-                        self._save_state()
+                    self.dynamics.nsteps = step
+                    due = (
+                        step % config.stability.check_every == 0
+                        or step % config.restart_every == 0
+                        or step == self.total
+                        or self.stop_reason is not None
+                    )
+                    if due:
+                        failure = self._check(step)
+                        if failure is not None:
+                            break
+                    if step % config.thermo_every == 0:
+                        self._write_thermo(step, bar)
+                    if step % config.trajectory_every == 0:
+                        self._write_frame(step)
+                    if due:
+                        self.snapshot = self._take_snapshot(step)
+                        if step % config.restart_every == 0 or step == self.total or self.stop_reason:
+                            self._save_state()
+                    if bar is not None:
+                        bar.update(1)
+                    if self.stop_reason is not None:
+                        break
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                if self.stop_reason is not None:
-                    break
-        finally:
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
-            if bar is not None:
-                bar.close()
-            self.thermo.close()
-            self.trajectory.close()
+                    bar.close()
+                self.thermo.close()
+                self.trajectory.close()
         wall = time.perf_counter() - wall_start
         return self._finish(failure, wall)
 
@@ -347,18 +345,8 @@ class _Trajectory:
             disable=None,  # None: off when not a terminal
         )
 
-    def _install_signal_handlers(self) -> dict:
-        previous = {}
-
-        def request_stop(signum, frame):
-            self.stop_reason = f"stopped by signal {signal.Signals(signum).name}"
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, request_stop)
-            except ValueError:  # not in the main thread
-                pass
-        return previous
+    def _request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
 
     def _check(self, step: int) -> StabilityFailure | None:
         energy = self.atoms.get_potential_energy()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch.utils.data import Dataset
 from so3krates.data.dataset import batches, collate_batch
 from so3krates.errors import ConfigError, TrainingError
 from so3krates.files import atomic_path
+from so3krates.interrupt import stop_requests
 from so3krates.model.checkpoint import load_checkpoint, save_checkpoint
 from so3krates.model.derivatives import ForceField
 from so3krates.model.inference import predict_batches
@@ -305,24 +305,13 @@ class Trainer:
             return True
         return False
 
-    def _install_signal_handlers(self) -> dict:
-        previous = {}
-
-        def request_stop(signum, frame):
-            self._stop_reason = f"stopped by signal {signal.Signals(signum).name}"
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, request_stop)
-            except ValueError:  # not in the main thread
-                pass
-        return previous
+    def _request_stop(self, reason: str) -> None:
+        self._stop_reason = reason
 
     def _train(self) -> None:
         t = self.config.training
         p = self.progress
-        previous_handlers = self._install_signal_handlers()
-        try:
+        with stop_requests(self._request_stop):
             while p.epoch < t.max_epochs and self._stop_reason is None:
                 order = self._epoch_order(p.epoch)
                 epoch_batches = batches(self.datasets["train"], t.batch_size, order)
@@ -369,9 +358,6 @@ class Trainer:
                         break
                 else:
                     self._save_last()
-        finally:
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
         self.log(self._stop_reason or f"finished {p.epoch} epochs")
 
     def _final_table(self) -> dict[str, dict[str, float]]:

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ase.data import chemical_symbols
 
 from so3krates.data.dataset import GraphDataset
 from so3krates.data.io import read_structures, write_extxyz
-from so3krates.data.structure import Structure
+from so3krates.data.structure import Structure, unknown_elements
 from so3krates.errors import DataError
 from so3krates.files import atomic_path
 from so3krates.model.checkpoint import load_model
@@ -23,16 +22,10 @@ from so3krates.train.metrics import ErrorAccumulator, format_table
 
 def check_species(structures: list[Structure], species: list[int], source: str) -> None:
     """Refuses the first structure with an element the model was not trained on, naming file and frame."""
-    known = set(species)
     for frame, structure in enumerate(structures):
-        unknown = sorted(set(structure.atomic_numbers.tolist()) - known)
-        if unknown:
-            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unknown)
-            trained = ", ".join(chemical_symbols[z] for z in sorted(known))
-            raise DataError(
-                f"{source}: frame {frame}: key 'numbers': element {names} was not in the training data "
-                f"(model knows {trained})"
-            )
+        reason = unknown_elements(structure.atomic_numbers, species)
+        if reason:
+            raise DataError(f"{source}: frame {frame}: key 'numbers': {reason}")
 
 
 def predict(

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
-from ase.data import chemical_symbols
 
 from so3krates import keys
 from so3krates.data.graph import Graph
 from so3krates.data.neighbors import neighbor_list
+from so3krates.data.structure import unknown_elements
 from so3krates.errors import So3kratesError
 from so3krates.model.checkpoint import load_model
 from so3krates.model.derivatives import ForceField
@@ -74,13 +74,9 @@ class So3kratesCalculator(Calculator):
         self._edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _check_species(self, atoms: Atoms) -> None:
-        unknown = sorted(set(atoms.numbers.tolist()) - self.species)
-        if unknown:
-            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unknown)
-            known = ", ".join(chemical_symbols[z] for z in sorted(self.species))
-            raise UnsupportedStructureError(
-                f"element {names} was not in the training data (model knows {known})"
-            )
+        reason = unknown_elements(atoms.numbers, self.species)
+        if reason:
+            raise UnsupportedStructureError(reason)
 
     def _edges_for(self, atoms: Atoms) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         positions, cell = atoms.positions, np.asarray(atoms.cell.array)

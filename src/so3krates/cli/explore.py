@@ -116,7 +116,6 @@ def read_start(path: str, frame: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ase.data import chemical_symbols
 
     from so3krates.errors import ConfigError, DataError
     from so3krates.explore import (
@@ -146,18 +145,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from so3krates.calculators.ase import So3kratesCalculator
+    from so3krates.data.structure import unknown_elements
 
     if args.threads:
         torch.set_num_threads(args.threads)
     calculator = So3kratesCalculator(args.model, device=args.device, dtype=args.dtype)
-    unknown = sorted(set(atoms.numbers.tolist()) - calculator.species)
-    if unknown:
-        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unknown)
-        known = ", ".join(chemical_symbols[z] for z in sorted(calculator.species))
-        raise DataError(
-            f"{args.structure}: key 'numbers': element {names} was not in the training data of "
-            f"{args.model} (model knows {known})"
-        )
+    reason = unknown_elements(atoms.numbers, calculator.species)
+    if reason:
+        raise DataError(f"{args.structure}: key 'numbers': {reason} ({args.model})")
 
     if args.fragment_distance is None:
         # Beyond the cutoff a fragment feels nothing of the rest: it can never come back.

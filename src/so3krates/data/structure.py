@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms
+from ase.data import chemical_symbols
 
 
 @dataclass
@@ -55,3 +57,17 @@ class Structure:
             forces=None if forces is None else np.asarray(forces, dtype=np.float64),
             stress=None if stress is None else np.asarray(stress, dtype=np.float64),
         )
+
+
+def unknown_elements(numbers: np.ndarray, species: Iterable[int]) -> str | None:
+    """``None`` if every atomic number is in ``species``, else the one-line reason, for error messages.
+
+    Example: ``"element Cl (Z=17) was not in the training data (model knows H, C, O)"``.
+    """
+    known = {int(z) for z in species}
+    unknown = sorted({int(z) for z in np.asarray(numbers).tolist()} - known)
+    if not unknown:
+        return None
+    names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unknown)
+    trained = ", ".join(chemical_symbols[z] for z in sorted(known))
+    return f"element {names} was not in the training data (model knows {trained})"

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms, units
-from ase.data import chemical_symbols
 from torch import nn
 
 from so3krates import keys
 from so3krates.data.graph import atoms_to_graph
+from so3krates.data.structure import unknown_elements
 from so3krates.errors import DataError
 from so3krates.files import atomic_path
 from so3krates.model.derivatives import ForceField
@@ -292,13 +292,9 @@ def check_species(atoms: Atoms, species: list[int] | None, source: str) -> None:
     """Refuses elements the model was not trained on with one line naming the file."""
     if species is None:
         return
-    unknown = sorted(set(atoms.numbers.tolist()) - set(species))
-    if unknown:
-        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unknown)
-        trained = ", ".join(chemical_symbols[z] for z in sorted(species))
-        raise DataError(
-            f"{source}: key 'numbers': element {names} was not in the training data (model knows {trained})"
-        )
+    reason = unknown_elements(atoms.numbers, species)
+    if reason:
+        raise DataError(f"{source}: key 'numbers': {reason}")
 
 
 def write_harmonic(result: HarmonicAnalysis, out_dir: str | os.PathLike) -> list[Path]:

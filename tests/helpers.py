@@ -31,6 +31,8 @@ VARIANTS: dict[str, ModelConfig] = {
         avg_num_neighbors=4.0,
     ),
     "tiny-bessel-l4": preset("tiny", radial_basis="bessel", degrees=(1, 2, 3, 4), n_features=48, n_heads=4),
+    # The ablation of the paper's stability experiment: no Euclidean variables at all.
+    "tiny-invariant": preset("tiny", degrees=()),
     "paper": preset("paper"),
 }
 

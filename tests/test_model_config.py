@@ -54,7 +54,6 @@ def test_unknown_keys_are_rejected():
         ({"n_features": 130}, "divisible by n_heads"),
         ({"n_features": 128, "n_heads": 4}, "divisible by the number of degrees"),
         ({"degrees": (2, 1)}, "strictly increasing"),
-        ({"degrees": ()}, "at least one degree"),
         ({"degrees": (0, 1, 2)}, "1..8"),
         ({"radial_basis": "chebyshev"}, "radial_basis"),
         ({"avg_num_neighbors": 0.0}, "greater than 0"),
@@ -92,3 +91,19 @@ def test_neighbor_initialisation_uses_the_average_neighbour_count():
         values.append(model.initial_euclidean(model.edge_features(graph), graph.n_atoms))
     torch.testing.assert_close(values[0], 2 * values[1])
     assert values[0].abs().max() > 0
+
+
+def test_invariant_only_model_has_no_euclidean_branch():
+    """degrees = () is the ablation of the paper's stability experiment: no Euclidean variables."""
+    from helpers import ethanol
+    from so3krates import ForceField, atoms_to_graph
+
+    full, invariant = So3krates(preset("tiny")), So3krates(preset("tiny", degrees=()))
+    assert all(
+        layer.euclidean_attention is None and layer.euclidean_filter is None for layer in invariant.layers
+    )
+    assert invariant.layers[0].invariant_filter.spherical is None
+    assert count_parameters(invariant)["total"] < count_parameters(full)["total"]
+    graph = atoms_to_graph(ethanol(), 4.0)
+    assert invariant.initial_euclidean(invariant.edge_features(graph), graph.n_atoms).shape == (9, 0)
+    assert torch.isfinite(ForceField(invariant)(graph)["forces"]).all()

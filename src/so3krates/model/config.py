@@ -18,7 +18,10 @@ class ModelConfig(BaseModel):
 
     n_features: int = Field(132, ge=4, description="F, width of the invariant features")
     n_heads: int = Field(4, ge=1, description="H, heads of the invariant attention")
-    degrees: tuple[int, ...] = Field((1, 2, 3), description="degrees l of the Euclidean variables (no l = 0)")
+    degrees: tuple[int, ...] = Field(
+        (1, 2, 3),
+        description="degrees l of the Euclidean variables (no l = 0); [] gives the invariant-only model",
+    )
     n_layers: int = Field(3, ge=1, description="T, number of transformer layers (no weight sharing)")
     cutoff: float = Field(5.0, gt=0.0, description="r_c in Å")
     cutoff_fn: Literal["cosine", "polynomial", "exponential"] = "cosine"
@@ -41,8 +44,6 @@ class ModelConfig(BaseModel):
     @field_validator("degrees")
     @classmethod
     def _check_degrees(cls, degrees: tuple[int, ...]) -> tuple[int, ...]:
-        if not degrees:
-            raise ValueError("at least one degree is needed, e.g. [1, 2, 3]")
         if any(l < 1 or l > 8 for l in degrees):
             raise ValueError(
                 f"degrees must lie in 1..8 (l = 0 is carried by the invariant features), got {degrees}"
@@ -59,7 +60,7 @@ class ModelConfig(BaseModel):
             (len(self.degrees), "the number of degrees"),
             (4, "4"),
         ):
-            if f % divisor:
+            if divisor and f % divisor:
                 raise ValueError(f"n_features = {f} must be divisible by {what} ({divisor})")
         return self
 

@@ -43,7 +43,7 @@ class So3krates(nn.Module):
         self.contraction = DegreeContraction(config.degrees)
         if config.message_normalization == "sqrt_head_dim":  # Eqs. (21–22)
             invariant_norm = math.sqrt(f / config.n_heads)
-            euclidean_norm = math.sqrt(f / config.n_degrees)
+            euclidean_norm = math.sqrt(f / max(config.n_degrees, 1))
         else:
             invariant_norm = euclidean_norm = config.avg_num_neighbors
         self.layers = nn.ModuleList(

@@ -17,10 +17,15 @@ class FilterNet(nn.Module):
         self.radial = nn.Sequential(
             nn.Linear(n_rbf, n_features), nn.SiLU(), nn.Linear(n_features, n_features)
         )
-        self.spherical = nn.Sequential(
-            nn.Linear(n_degrees, n_features // 4), nn.SiLU(), nn.Linear(n_features // 4, n_features)
-        )
+        # Without Euclidean variables (n_degrees = 0) there are no spherical invariants and no MLP_s.
+        self.spherical = None
+        if n_degrees:
+            self.spherical = nn.Sequential(
+                nn.Linear(n_degrees, n_features // 4), nn.SiLU(), nn.Linear(n_features // 4, n_features)
+            )
 
     def forward(self, rbf: Tensor, sph_invariants: Tensor) -> Tensor:
         """rbf: (n_edges, n_rbf), sph_invariants: (n_edges, n_degrees) → (n_edges, n_features)."""
+        if self.spherical is None:
+            return self.radial(rbf)
         return self.radial(rbf) + self.spherical(sph_invariants)

@@ -80,10 +80,12 @@ class SphericalHarmonics(nn.Module):
     def __init__(self, degrees: Sequence[int]) -> None:
         super().__init__()
         self.degrees = tuple(degrees)
-        self.l_max = max(self.degrees)
+        self.l_max = max(self.degrees, default=0)
 
     def forward(self, unit_vectors: Tensor) -> Tensor:
         """unit_vectors: (n_edges, 3) float (unit, or zero for d = 0) → (n_edges, n_sph) float."""
+        if not self.degrees:  # the invariant-only model
+            return unit_vectors.new_zeros((unit_vectors.shape[0], 0))
         harmonics = solid_harmonics(unit_vectors, self.l_max)
         return torch.cat([harmonics[l] for l in self.degrees], dim=-1)
 
@@ -101,6 +103,7 @@ class DegreeContraction(nn.Module):
         n_sph = sum(2 * l + 1 for l in degrees)
         degree_index = torch.cat(
             [torch.full((2 * l + 1,), k, dtype=torch.long) for k, l in enumerate(degrees)]
+            + [torch.zeros(0, dtype=torch.long)]  # no degrees at all (the invariant-only model) works too
         )
         weights = torch.zeros(n_sph, len(degrees), dtype=torch.float64)
         weights[torch.arange(n_sph), degree_index] = torch.tensor(

@@ -53,10 +53,13 @@ class TransformerLayer(nn.Module):
         n_degrees = contraction.n_degrees
         self.contraction = contraction
         self.invariant_filter = FilterNet(n_rbf, n_degrees, n_features)
-        self.euclidean_filter = FilterNet(n_rbf, n_degrees, n_features)
         self.invariant_attention = InvariantAttention(n_features, n_heads, invariant_norm, use_qk_activation)
-        self.euclidean_attention = EuclideanAttention(
-            n_features, n_degrees, euclidean_norm, use_qk_activation
+        # The invariant-only model (no degrees) has no Euclidean branch: the ablation of Frank et al.
+        self.euclidean_filter = FilterNet(n_rbf, n_degrees, n_features) if n_degrees else None
+        self.euclidean_attention = (
+            EuclideanAttention(n_features, n_degrees, euclidean_norm, use_qk_activation)
+            if n_degrees
+            else None
         )
         self.exchange = ExchangeBlock(n_features, contraction)
         self.norm_attention = nn.LayerNorm(n_features) if use_layer_norm else nn.Identity()
@@ -69,14 +72,21 @@ class TransformerLayer(nn.Module):
         idx_i, idx_j = edges.idx_i, edges.idx_j
         sph_invariants = self.contraction(x.index_select(0, idx_j) - x.index_select(0, idx_i))
         invariant_filters = self.invariant_filter(edges.rbf, sph_invariants)
-        euclidean_filters = self.euclidean_filter(edges.rbf, sph_invariants)
 
         h_normed = self.norm_attention(h)
         dh = self.invariant_attention(h_normed, invariant_filters, edges.cutoff, idx_i, idx_j)
-        dx = self.euclidean_attention(
-            h_normed, euclidean_filters, edges.cutoff, edges.sph, self.contraction.degree_index, idx_i, idx_j
-        )
-        h, x = h + dh, x + dx
+        if self.euclidean_attention is not None:
+            euclidean_filters = self.euclidean_filter(edges.rbf, sph_invariants)
+            x = x + self.euclidean_attention(
+                h_normed,
+                euclidean_filters,
+                edges.cutoff,
+                edges.sph,
+                self.contraction.degree_index,
+                idx_i,
+                idx_j,
+            )
+        h = h + dh
 
         h = self.mlp_before_exchange(h)
         dh, dx = self.exchange(self.norm_exchange(h), x)

@@ -208,22 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                 "e0s": "average: least squares over the training set (mace --E0s average)",
                 "stage_two": "off (Stage Two/SWA starts after a fixed epoch count, beyond this budget)",
             },
-            "budget_seconds": args.budget_seconds,
-            "train_seconds": record.train_seconds,
-            "train_cpu_seconds": record.train_cpu_seconds,
-            # Other processes' CPU time during the training loop, as a share of the machine (all cores):
-            # jobs outside the lock that slowed this run down.
-            "other_jobs_cpu_seconds": record.other_jobs_cpu_seconds,
-            "other_jobs_cpu_share": record.other_jobs_cpu_seconds / (record.train_seconds * os.cpu_count()),
-            "setup_seconds": setup_seconds,
-            "test_seconds": time.perf_counter() - test_start,
-            "epochs": record.epochs,
-            "epochs_completed": record.epochs_completed,
-            "steps": record.steps,
-            "best_epoch": record.best_epoch,
-            "best_valid_loss": record.best_valid_loss,
-            "history": record.history,
-            "test": errors,
+            **protocol.run_record(record, args.budget_seconds, setup_seconds, test_start, errors),
         },
     )
 

@@ -199,6 +199,30 @@ def test_errors(
     }
 
 
+def run_record(
+    record: BudgetLog, budget_seconds: float, setup_seconds: float, test_start: float, errors: dict
+) -> dict:
+    """The result fields every peer runner reports, from its budget log and test errors."""
+    return {
+        "budget_seconds": budget_seconds,
+        "train_seconds": record.train_seconds,
+        "train_cpu_seconds": record.train_cpu_seconds,
+        # Other processes' CPU time during the training loop, as a share of the machine (all cores):
+        # jobs outside the lock that slowed this run down.
+        "other_jobs_cpu_seconds": record.other_jobs_cpu_seconds,
+        "other_jobs_cpu_share": record.other_jobs_cpu_seconds / (record.train_seconds * os.cpu_count()),
+        "setup_seconds": setup_seconds,
+        "test_seconds": time.perf_counter() - test_start,
+        "epochs": record.epochs,
+        "epochs_completed": record.epochs_completed,
+        "steps": record.steps,
+        "best_epoch": record.best_epoch,
+        "best_valid_loss": record.best_valid_loss,
+        "history": record.history,
+        "test": errors,
+    }
+
+
 def write_result(path: str, result: dict) -> None:
     """Write the runner's result JSON (atomically: a crash never leaves half a file)."""
     import torch

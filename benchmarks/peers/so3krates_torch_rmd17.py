@@ -228,22 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                 "dtype": args.dtype,
                 "seed": args.seed,
             },
-            "budget_seconds": args.budget_seconds,
-            "train_seconds": record.train_seconds,
-            "train_cpu_seconds": record.train_cpu_seconds,
-            # Other processes' CPU time during the training loop, as a share of the machine (all cores):
-            # jobs outside the lock that slowed this run down.
-            "other_jobs_cpu_seconds": record.other_jobs_cpu_seconds,
-            "other_jobs_cpu_share": record.other_jobs_cpu_seconds / (record.train_seconds * os.cpu_count()),
-            "setup_seconds": setup_seconds,
-            "test_seconds": time.perf_counter() - test_start,
-            "epochs": record.epochs,
-            "epochs_completed": record.epochs_completed,
-            "steps": record.steps,
-            "best_epoch": record.best_epoch,
-            "best_valid_loss": record.best_valid_loss,
-            "history": record.history,
-            "test": errors,
+            **protocol.run_record(record, args.budget_seconds, setup_seconds, test_start, errors),
         },
     )
 

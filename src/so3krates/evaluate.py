@@ -13,7 +13,7 @@ from so3krates.data.dataset import GraphDataset
 from so3krates.data.io import read_structures, write_extxyz
 from so3krates.data.structure import Structure, unknown_elements
 from so3krates.errors import DataError
-from so3krates.files import atomic_path
+from so3krates.files import atomic_path, save_figure
 from so3krates.model.checkpoint import load_model
 from so3krates.model.derivatives import ForceField
 from so3krates.model.inference import predict_batches
@@ -87,9 +87,7 @@ def parity_plot(path: Path, structures: list[Structure], predictions: dict[str, 
         axis.set_xlabel(f"reference / {unit}")
         axis.set_ylabel(f"predicted / {unit}")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def evaluate_file(

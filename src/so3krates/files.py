@@ -33,3 +33,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_figure(figure, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Writes a matplotlib figure as PNG atomically and closes it (figures otherwise accumulate in memory)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
+    plt.close(figure)

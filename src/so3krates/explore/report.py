@@ -30,7 +30,7 @@ from ase.optimize import BFGS
 from so3krates.errors import DataError
 from so3krates.explore.compare import rmsd
 from so3krates.explore.hopping import read_minima
-from so3krates.files import atomic_path
+from so3krates.files import atomic_path, save_figure
 
 HISTORY_COLUMNS = ("step", "elapsed_s", "n_minima", "n_unique", "lowest_energy_eV")
 
@@ -59,11 +59,8 @@ def discovery_history(db_path: str | os.PathLike) -> list[dict[str, float]]:
 
 
 def _save_figure(figure, path: Path) -> None:
-    import matplotlib.pyplot as plt
 
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
 
 
 def plot_discovery(history: list[dict[str, float]], path: str | os.PathLike) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from so3krates.files import atomic_path
+from so3krates.files import atomic_path, save_figure
 
 #: thermo.csv columns: step, time (ps), potential, kinetic and conserved energy (eV), temperature (K).
 THERMO_COLUMNS = ("step", "time_ps", "E_pot_eV", "E_kin_eV", "T_K", "E_conserved_eV")
@@ -183,9 +183,7 @@ def plot_thermo(path: Path, thermo: dict[str, np.ndarray], n_atoms: int, target_
     axes[1].set_ylabel("T / K")
     axes[1].legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_survival(path: Path, time_ps: list[float], fraction: list[float], n_replicas: int) -> None:
@@ -197,6 +195,4 @@ def plot_survival(path: Path, time_ps: list[float], fraction: list[float], n_rep
     ax.set_xlabel("time / ps")
     ax.set_ylabel(f"fraction stable ({n_replicas} replicas)")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -26,7 +26,7 @@ from so3krates import keys
 from so3krates.data.graph import atoms_to_graph
 from so3krates.data.structure import unknown_elements
 from so3krates.errors import DataError
-from so3krates.files import atomic_path
+from so3krates.files import atomic_path, save_figure
 from so3krates.model.derivatives import ForceField
 
 #: sqrt(eV/Å²/amu) → cm⁻¹, the conversion of ``ase.vibrations.VibrationsData`` (ħω in eV, then / invcm).
@@ -361,9 +361,7 @@ def plot_sticks(path: str | os.PathLike, frequencies_cm1: np.ndarray) -> None:
     axis.set_title(f"harmonic frequencies ({len(frequencies_cm1)} vibrations)")
     axis.legend(loc="upper left", frameon=False, ncols=2)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def harmonic_file(

@@ -22,7 +22,7 @@ from ase import Atoms, units
 from ase.geometry import find_mic
 
 from so3krates.errors import ConfigError, DataError
-from so3krates.files import atomic_path
+from so3krates.files import atomic_path, save_figure
 
 #: 1/fs → cm⁻¹: ν̃ = f / c with c in cm/fs (≈ 33356.41).
 INVERSE_FS_TO_CM1 = 1e15 / (100.0 * units._c)
@@ -297,9 +297,7 @@ def plot_power_spectrum(
         or f"VACF power spectrum ({spectrum.window} window, Δν̃ = {spectrum.resolution_cm1:.2f} cm$^{{-1}}$)"
     )
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def power_spectrum_file(

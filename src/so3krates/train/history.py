@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from so3krates.files import atomic_path
+from so3krates.files import atomic_path, save_figure
 
 
 class History:
@@ -77,9 +77,7 @@ class History:
         axes[1].legend()
         fig.tight_layout()
         path = self.run_dir / "learning_curve.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, path, dpi=110)
         return path
 
     def close(self) -> None:

@@ -94,3 +94,15 @@ def test_loads_a_checkpoint_with_its_species_in_float32_and_float64(model, tmp_p
     reference = make_force_field(preset("tiny"), torch.float64)(atoms_to_graph(atoms, 4.0))["energy"].detach()
     assert energies["float64"] == pytest.approx(float(reference[0]), rel=1e-12)
     assert energies["float32"] == pytest.approx(energies["float64"], abs=1e-4)
+
+
+def test_atoms_that_approach_without_a_neighbor_list_rebuild_are_refused(model):
+    """The per-step distance check is skipped only while no pair can have come closer than min_distance."""
+    calculator = So3kratesCalculator(model, skin=1.0, min_distance=0.6)
+    atoms = Atoms("CO", positions=[[0, 0, 0], [1.0, 0, 0]])
+    atoms.calc = calculator
+    atoms.get_potential_energy()
+    atoms.positions[1, 0] = 0.55  # moved 0.45 Å < skin / 2: the neighbour list is reused
+    with pytest.raises(UnsupportedStructureError, match=r"0\.550 Å apart"):
+        atoms.get_potential_energy()
+    assert calculator.n_neighbor_list_builds == 1

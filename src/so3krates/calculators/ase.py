@@ -72,6 +72,8 @@ class So3kratesCalculator(Calculator):
         self.n_neighbor_list_builds = 0
         self._reference: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._closest_at_build = 0.0  # Å, shortest edge when the neighbour list was built
+        self._displacement = 0.0  # Å, largest displacement of an atom since then
 
     def _check_species(self, atoms: Atoms) -> None:
         reason = unknown_elements(atoms.numbers, self.species)
@@ -88,10 +90,15 @@ class So3kratesCalculator(Calculator):
                 and np.array_equal(ref_numbers, numbers)
                 and np.array_equal(ref_pbc, pbc)
                 and np.array_equal(ref_cell, cell)
-                and np.max(np.linalg.norm(positions - ref_positions, axis=1), initial=0.0) < 0.5 * self.skin
             ):
-                return self._edges
+                displacement = np.max(np.linalg.norm(positions - ref_positions, axis=1), initial=0.0)
+                if displacement < 0.5 * self.skin:
+                    self._displacement = float(displacement)
+                    return self._edges
         edges = neighbor_list(positions, cell, pbc, self.cutoff + self.skin)
+        vectors = positions[edges.idx_j] - positions[edges.idx_i] + edges.shifts @ cell
+        self._closest_at_build = float(np.min(np.linalg.norm(vectors, axis=1), initial=np.inf))
+        self._displacement = 0.0
         self._edges = (
             torch.from_numpy(edges.idx_i).to(self.device),
             torch.from_numpy(edges.idx_j).to(self.device),
@@ -119,6 +126,10 @@ class So3kratesCalculator(Calculator):
 
     def _check_distances(self, graph: Graph) -> None:
         if self.min_distance <= 0 or graph.n_edges == 0:
+            return
+        # No pair came closer than the closest pair at the last neighbour-list build minus twice the largest
+        # displacement since: in MD the exact check below is then skipped, which keeps it off the hot path.
+        if self._closest_at_build - 2.0 * self._displacement >= self.min_distance:
             return
         distances = graph.edge_vectors().norm(dim=-1)
         closest = int(torch.argmin(distances))

@@ -142,13 +142,11 @@ def run(args: argparse.Namespace) -> int:
     reference = reference_calculator(args.reference) if args.reference else None
     atoms = read_start(args.structure, args.frame)
 
-    import torch
-
     from so3krates.calculators.ase import So3kratesCalculator
+    from so3krates.cli import set_torch_threads
     from so3krates.data.structure import unknown_elements
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     calculator = So3kratesCalculator(args.model, device=args.device, dtype=args.dtype)
     reason = unknown_elements(atoms.numbers, calculator.species)
     if reason:

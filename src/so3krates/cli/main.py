@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from so3krates import __version__
-from so3krates.cli import explore, md, spectrum
+from so3krates.cli import explore, md, set_torch_threads, spectrum
 from so3krates.errors import So3kratesError, format_validation_error
 
 
@@ -112,7 +112,7 @@ def _command_train(args: argparse.Namespace) -> int:
 def _command_evaluate(args: argparse.Namespace) -> int:
     from so3krates.evaluate import evaluate_file
 
-    torch_threads(args.threads)
+    set_torch_threads(args.threads)
     evaluate_file(
         args.model,
         args.data,
@@ -128,13 +128,6 @@ def _command_evaluate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
     )
     return 0
-
-
-def torch_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def build_parser() -> argparse.ArgumentParser:

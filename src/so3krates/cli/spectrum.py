@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 
+from so3krates.cli import set_torch_threads
+
 
 def _run_harmonic(args: argparse.Namespace) -> int:
     from so3krates.spectrum.harmonic import harmonic_file
 
-    _set_threads(args.threads)
+    set_torch_threads(args.threads)
     harmonic_file(
         args.model,
         args.structure,
@@ -39,13 +41,6 @@ def _run_vacf(args: argparse.Namespace) -> int:
         max_wavenumber_cm1=args.max_wavenumber,
     )
     return 0
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def _index(text: str) -> int | str:

@@ -46,6 +46,15 @@ def test_spherical_harmonics_are_equivariant():
         np.testing.assert_allclose((wigner @ wigner.T).numpy(), np.eye(2 * l + 1), atol=1e-10)
 
 
+@pytest.mark.parametrize("degrees", [(1,), (2,), (1, 2, 3), (1, 2, 3, 4), (2, 5, 8)])
+def test_monomial_harmonics_equal_the_recursion(degrees):
+    """The module's one-product evaluation against the reference recursion, at any length of vector."""
+    vectors = torch.randn(100, 3, dtype=torch.float64) * 3.0
+    reference = solid_harmonics(vectors, max(degrees))
+    expected = torch.cat([reference[l] for l in degrees], dim=-1)
+    np.testing.assert_allclose(SphericalHarmonics(degrees)(vectors).numpy(), expected.numpy(), atol=1e-11)
+
+
 def test_degree_one_is_proportional_to_the_unit_vector():
     points = torch.nn.functional.normalize(torch.randn(10, 3, dtype=torch.float64), dim=-1)
     y1 = SphericalHarmonics([1])(points)

@@ -7,6 +7,7 @@ r_c + skin carry φ(d) = 0 and φ'(d) = 0, so they add nothing to energies or fo
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -41,6 +42,12 @@ class So3kratesCalculator(Calculator):
         min_distance: Å — refuse structures with two atoms closer than this (an extrapolated number there
             would be meaningless); 0 turns the check off.
         species: atomic numbers the model may be asked about; default: those it was trained on.
+        compile: evaluate through ``torch.compile`` (dynamic shapes, so a changing number of edges does not
+            recompile). The first call compiles for about a minute; afterwards an ethanol step is ~1.5×
+            faster on a CPU. Worth it for long MD runs, not for a few hundred calls.
+
+    A model passed as an instance is copied: the calculator freezes its parameters (forces need gradients
+    only with respect to positions) and must not change the caller's model.
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -53,18 +60,21 @@ class So3kratesCalculator(Calculator):
         skin: float = 0.5,
         min_distance: float = 0.1,
         species: list[int] | None = None,
+        compile: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         torch_dtype = getattr(torch, dtype)
         if isinstance(model, So3krates):
-            self.model = model.to(device=device, dtype=torch_dtype).eval()
+            self.model = (
+                copy.deepcopy(model).to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
+            )
             trained_species = None
         else:
             self.model, metadata = load_model(Path(model), device=device, dtype=torch_dtype)
             trained_species = metadata.get("species")
         self.species = set(species if species is not None else (trained_species or range(1, 119)))
-        self.force_field = ForceField(self.model)
+        self.force_field = ForceField(torch.compile(self.model, dynamic=True) if compile else self.model)
         self.device = torch.device(device)
         self.cutoff = float(self.model.cutoff)
         self.skin = float(skin)

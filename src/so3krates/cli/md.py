@@ -30,6 +30,7 @@ _OPTIONS = {
     "device": "device",
     "threads": "threads",
     "skin": "skin",
+    "compile": "compile",
     "replicas": "replicas",
 }
 _STABILITY_OPTIONS = {
@@ -85,6 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     md.add_argument("--device", help="torch device (cpu)")
     md.add_argument("--threads", type=int, help="torch threads")
     md.add_argument("--skin", type=float, metavar="Å", help="neighbour-list skin (0.5)")
+    md.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model: about a minute once, then ~1.5× faster steps (long runs)",
+    )
     md.add_argument("--no-progress", action="store_true", help="no progress bar")
     stability = md.add_argument_group("stability monitor (Fu et al. 2023, arXiv:2210.07237)")
     stability.add_argument("--no-stability", action="store_true", help="do not stop runs that broke apart")

@@ -78,6 +78,7 @@ class MDConfig(_Section):
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, description="torch threads; default: torch's choice")
     skin: float = Field(0.5, ge=0.0, description="Å — neighbour-list skin of the calculator")
+    compile: bool = Field(False, description="torch.compile the model: ~1 min once, then faster steps")
     replicas: int = Field(1, ge=1, description="independent runs with seeds seed … seed + replicas − 1")
     progress: bool = Field(True, description="progress bar with ns/day (only on a terminal)")
     stability: StabilityConfig = Field(default_factory=StabilityConfig)

@@ -80,7 +80,12 @@ def run_md(config: MDConfig, log: Callable[[str], None] = print, restart: bool =
 
     def new_calculator() -> So3kratesCalculator:
         return So3kratesCalculator(
-            model, device=config.device, dtype=config.dtype, skin=config.skin, species=species
+            model,
+            device=config.device,
+            dtype=config.dtype,
+            skin=config.skin,
+            species=species,
+            compile=config.compile,
         )
 
     _check_start(config, atoms, new_calculator())

@@ -88,7 +88,11 @@ def model_from_checkpoint(payload: dict[str, Any]) -> So3krates:
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
 ) -> tuple[So3krates, dict[str, Any]]:
-    """The model of a checkpoint file, in eval mode on ``device`` and ``dtype``, and its metadata."""
+    """The model of a checkpoint file for inference, and its metadata.
+
+    The model is in eval mode on ``device`` and ``dtype`` with its parameters frozen (``requires_grad``
+    off): forces still flow to the positions, and the fused layers keep their weights between calls.
+    """
     payload = load_checkpoint(path)
-    model = model_from_checkpoint(payload).to(device=device, dtype=dtype).eval()
+    model = model_from_checkpoint(payload).to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, payload["metadata"]

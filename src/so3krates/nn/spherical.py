@@ -74,20 +74,110 @@ def solid_harmonics(vectors: Tensor, l_max: int) -> list[Tensor]:
     return out
 
 
+Monomial = tuple[int, int, int]
+Polynomial = dict[Monomial, float]
+
+
+def _add(*terms: tuple[float, Polynomial]) -> Polynomial:
+    out: Polynomial = {}
+    for factor, polynomial in terms:
+        for monomial, coefficient in polynomial.items():
+            out[monomial] = out.get(monomial, 0.0) + factor * coefficient
+    return out
+
+
+def _multiply(p: Polynomial, q: Polynomial) -> Polynomial:
+    out: Polynomial = {}
+    for (a, b, c), u in p.items():
+        for (d, e, f), v in q.items():
+            key = (a + d, b + e, c + f)
+            out[key] = out.get(key, 0.0) + u * v
+    return out
+
+
+def harmonic_polynomials(l_max: int) -> list[list[Polynomial]]:
+    """The solid harmonics of :func:`solid_harmonics` as polynomials {(a, b, c): coefficient of x^a y^b z^c}.
+
+    Same recursion, carried out on coefficients instead of tensors: out[l][m + l] is r^l Y_lm.
+    """
+    x, y, z = {(1, 0, 0): 1.0}, {(0, 1, 0): 1.0}, {(0, 0, 1): 1.0}
+    r2 = {(2, 0, 0): 1.0, (0, 2, 0): 1.0, (0, 0, 2): 1.0}
+    cos_m, sin_m = [{(0, 0, 0): 1.0}], [{}]
+    for _ in range(l_max):
+        c, s = cos_m[-1], sin_m[-1]
+        cos_m.append(_add((1.0, _multiply(x, c)), (-1.0, _multiply(y, s))))
+        sin_m.append(_add((1.0, _multiply(x, s)), (1.0, _multiply(y, c))))
+    legendre: list[list[Polynomial]] = [[] for _ in range(l_max + 1)]
+    for m in range(l_max + 1):
+        for l in range(m, l_max + 1):
+            if l == m:
+                q = {(0, 0, 0): float(_double_factorial(2 * m - 1))}
+            elif l == m + 1:
+                q = _add((2 * m + 1.0, _multiply(z, legendre[m][m])))
+            else:
+                q = _add(
+                    ((2 * l - 1) / (l - m), _multiply(z, legendre[l - 1][m])),
+                    (-(l + m - 1) / (l - m), _multiply(r2, legendre[l - 2][m])),
+                )
+            legendre[l].append(q)
+    out = []
+    for l in range(l_max + 1):
+        row = []
+        for m in range(-l, l + 1):
+            azimuthal = cos_m[m] if m > 0 else sin_m[-m] if m < 0 else {(0, 0, 0): 1.0}
+            row.append(_add((_normalisation(l, abs(m)), _multiply(legendre[l][abs(m)], azimuthal))))
+        out.append(row)
+    return out
+
+
 class SphericalHarmonics(nn.Module):
-    """Y_ij = ⊕_l Y_l(r̂_ij) ∈ R^{n_sph} for the degrees in ``degrees`` (SPEC §2)."""
+    """Y_ij = ⊕_l Y_l(r̂_ij) ∈ R^{n_sph} for the degrees in ``degrees`` (SPEC §2).
+
+    Evaluated as one product: the monomials x^a y^b z^c of each needed degree (built degree by degree, one
+    outer product and one gather each) times a constant coefficient matrix from
+    :func:`harmonic_polynomials`. That is a handful of kernels instead of the recursion's ~60, which
+    matters when a 9-atom molecule's forward and backward passes are all dispatch; the recursion
+    (:func:`solid_harmonics`) stays the reference that a test compares against.
+    """
 
     def __init__(self, degrees: Sequence[int]) -> None:
         super().__init__()
         self.degrees = tuple(degrees)
         self.l_max = max(self.degrees, default=0)
+        polynomials = harmonic_polynomials(self.l_max)
+        # monomials[l]: exponents of the distinct monomials of degree l, in the order the gathers make them.
+        monomials: list[list[Monomial]] = [[(0, 0, 0)], [(1, 0, 0), (0, 1, 0), (0, 0, 1)]]
+        for l in range(2, self.l_max + 1):
+            products = [(a + d, b + e, c + f) for a, b, c in monomials[-1] for d, e, f in monomials[1]]
+            first = {}
+            for column, monomial in enumerate(products):
+                first.setdefault(monomial, column)
+            monomials.append(list(first))
+            self.register_buffer(f"gather_{l}", torch.tensor(list(first.values())), persistent=False)
+        used = [monomial for l in self.degrees for monomial in monomials[l]]
+        coefficients = torch.zeros(len(used), sum(2 * l + 1 for l in self.degrees), dtype=torch.float64)
+        row, column = 0, 0
+        for l in self.degrees:
+            for m_index, polynomial in enumerate(polynomials[l]):
+                for k, monomial in enumerate(monomials[l]):
+                    coefficients[row + k, column + m_index] = polynomial.get(monomial, 0.0)
+            row, column = row + len(monomials[l]), column + 2 * l + 1
+        self.register_buffer("coefficients", coefficients, persistent=False)  # (n_monomials, n_sph)
 
     def forward(self, unit_vectors: Tensor) -> Tensor:
         """unit_vectors: (n_edges, 3) float (unit, or zero for d = 0) → (n_edges, n_sph) float."""
         if not self.degrees:  # the invariant-only model
             return unit_vectors.new_zeros((unit_vectors.shape[0], 0))
-        harmonics = solid_harmonics(unit_vectors, self.l_max)
-        return torch.cat([harmonics[l] for l in self.degrees], dim=-1)
+        by_degree = [None, unit_vectors]
+        for l in range(2, self.l_max + 1):
+            outer = (by_degree[-1][:, :, None] * unit_vectors[:, None, :]).flatten(1)
+            by_degree.append(outer.index_select(1, getattr(self, f"gather_{l}")))
+        monomials = (
+            torch.cat([by_degree[l] for l in self.degrees], dim=1)
+            if len(self.degrees) > 1
+            else (by_degree[self.degrees[0]])
+        )
+        return monomials @ self.coefficients.to(unit_vectors.dtype)
 
 
 class DegreeContraction(nn.Module):

@@ -1,0 +1,78 @@
+"""Our side of `benchmarks/speed.py`: the SO3krates model of this package on one structure.
+
+Runs in the project environment, under the same protocol as the peers (`speed_protocol.py`):
+
+    python speed_so3krates.py --structure S.extxyz --threads 2 --dtype float32 --budget-seconds 20 \
+        --md-steps 50 --out result.json [--preset paper] [--compile] [--reference-path]
+
+Besides the times it counts the floating-point operations of one energy+forces call (matrix products
+only, forward and backward, with `torch.utils.flop_counter`) for the roofline figure.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import numpy as np
+import speed_protocol as protocol
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = protocol.common_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    parser.add_argument("--reference-path", action="store_true", help="per-equation modules, not fused")
+    args = parser.parse_args(argv)
+    protocol.limit_threads(args.threads)
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from so3krates import So3kratesCalculator, atoms_to_graph
+    from so3krates.model.config import preset
+    from so3krates.model.derivatives import ForceField
+    from so3krates.model.so3krates import So3krates
+
+    atoms = protocol.read_structure(args.structure)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = So3krates(preset(args.preset)).to(dtype).eval().requires_grad_(False)  # as load_model gives it
+    model.fused = not args.reference_path
+    force_field = ForceField(torch.compile(model, dynamic=True) if args.compile else model)
+    graph = atoms_to_graph(atoms, model.cutoff)  # float64 geometry, as in the calculator
+
+    def energy_and_forces() -> torch.Tensor:
+        return force_field(graph)["forces"]
+
+    first, times = protocol.time_calls(energy_and_forces, args.budget_seconds)
+    forces = energy_and_forces()
+    if forces.shape != (len(atoms), 3) or not torch.isfinite(forces).all():
+        raise RuntimeError(f"{args.structure}: bad forces {tuple(forces.shape)}")
+    with FlopCounterMode(display=False) as counter:
+        energy = float(force_field(graph)["energy"].detach()[0])
+    calculator = So3kratesCalculator(model, dtype=args.dtype, compile=args.compile)
+    md_times = protocol.time_md(atoms, calculator, args.md_steps)
+    variant = " compiled" if args.compile else " reference path" if args.reference_path else ""
+    protocol.write_result(
+        args.out,
+        {
+            "package": "so3krates",
+            "version": version("so3krates"),
+            "model": f"SO3krates preset {args.preset}{variant}",
+            "n_parameters": sum(p.numel() for p in model.parameters()),
+            "n_atoms": len(atoms),
+            "n_edges": graph.n_edges,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "first_call_s": first,
+            "ef_times_s": times,
+            "md_step_times_s": md_times,
+            "md_neighbor_list_builds": calculator.n_neighbor_list_builds,
+            "flops_per_ef": counter.get_total_flops(),
+            "energy": energy,
+            "median_ef_ms": float(np.median(times) * 1e3),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""Speed side by side: energy+forces time, MD steps per second and peak memory, ours next to the peers.
+
+    python benchmarks/speed.py --setup                  # peer environments in benchmarks/.envs/ (once)
+    python benchmarks/speed.py [--models so3krates,so3krates-torch,mace-small,mace-large] [--threads 2]
+                               [--dtype float32] [--systems ethanol,aspirin,...] [--budget-seconds 15]
+
+Systems (`build_systems`): ethanol (9 atoms), aspirin (21, rMD17), alanine dipeptide (22), 3BPA (27),
+periodic water boxes of about 100, 400, 1000 and 3000 atoms (molecules on a lattice at 1 g/cm³, random
+orientations, seed 0), and the 192-atom DeePMD water box of `../shared/data/periodic`. Molecules without
+their shared data file are skipped with a message.
+
+Every (model, system) pair is one process in that model's environment (`benchmarks/peers/speed_*.py`,
+protocol in `speed_protocol.py`), one after another under `flock /tmp/so3krates-cpu.lock`, with
+OMP_NUM_THREADS = --threads and OMP_WAIT_POLICY=PASSIVE. In the same run this script measures the
+machine's dense matrix-product throughput (2048² float32 and float64, same threads) for the roofline:
+our model's matrix-product FLOPs per energy+forces call (counted by torch) over its median wall time, as a
+fraction of that throughput.
+
+Results: `<out-dir>/speed_<dtype>.json` (machine, date, commit, every measurement), `speed_<dtype>.md` (tables
+with ratios to ours) and `speed_<dtype>_roofline.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from accuracy import (  # noqa: E402  (the helpers of the accuracy benchmark, one folder)
+    LOCK,
+    ROOT,
+    _git_commit,
+    env_python,
+    machine_info,
+    setup_env,
+    write_atomically,
+)
+
+SHARED = ROOT.parent / "shared" / "data"
+PEERS = BENCH / "peers"
+MODELS = {
+    # name: (environment or None for the project's, runner, extra flags, description)
+    "so3krates": (None, "speed_so3krates.py", [], "ours, paper preset: F=132, 3 layers, l=1-3, r_c 5 Å"),
+    "so3krates-compiled": (None, "speed_so3krates.py", ["--compile"], "ours, paper preset, torch.compile"),
+    "so3krates-torch": (
+        "so3krates-torch",
+        "speed_so3krates_torch.py",
+        [],
+        "so3krates-torch 0.2.1, the same hyper-parameters",
+    ),
+    "mace-small": (
+        "mace-torch",
+        "speed_mace.py",
+        ["--num-channels", "64", "--max-L", "1"],
+        "MACE 64 channels, L=1, 2 layers, ν=3, r_c 5 Å (about our accuracy on rMD17 ethanol)",
+    ),
+    "mace-large": (
+        "mace-torch",
+        "speed_mace.py",
+        ["--num-channels", "256", "--max-L", "2"],
+        "MACE rMD17 paper settings: 256 channels, L=2, 2 layers, ν=3, r_c 5 Å",
+    ),
+}
+DEFAULT_MODELS = ["so3krates", "so3krates-torch", "mace-small", "mace-large"]
+WATER_BOXES = {"water-100": 33, "water-400": 133, "water-1000": 333, "water-3000": 1000}
+SYSTEMS = ["ethanol", "aspirin", "ala-dipeptide", "3bpa", *WATER_BOXES, "water-192-deepmd"]
+MD_MAX_ATOMS = 1000  # MD timing for systems up to this size (larger ones: energy+forces only)
+
+
+# ------------------------------------------------------------------------------------------- systems
+
+
+def water_box(n_molecules: int, seed: int = 0):
+    """`n_molecules` water molecules on a cubic lattice in a periodic cube at 1 g/cm³, random orientations."""
+    from ase import Atoms
+    from ase.build import molecule
+    from scipy.spatial.transform import Rotation
+
+    volume = n_molecules * 18.015 / 0.60221  # Å³: M / (ρ N_A) with ρ = 1 g/cm³
+    length = volume ** (1.0 / 3.0)
+    per_side = math.ceil(n_molecules ** (1.0 / 3.0))
+    spacing = length / per_side
+    rng = np.random.default_rng(seed)
+    water = molecule("H2O")
+    water.positions -= water.get_center_of_mass()
+    sites = np.array([(i, j, k) for i in range(per_side) for j in range(per_side) for k in range(per_side)])
+    box = Atoms(cell=[length] * 3, pbc=True)
+    for site in sites[:n_molecules]:
+        rotation = Rotation.random(random_state=rng).as_matrix()
+        box += Atoms(water.numbers, positions=water.positions @ rotation.T + (site + 0.5) * spacing)
+    return box
+
+
+def build_systems(names: list[str], directory: Path) -> dict[str, Path]:
+    """Writes each system to `directory/<name>.extxyz`; returns name → path (missing data: skipped)."""
+    import ase.io
+    from ase import Atoms
+    from ase.build import molecule
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in names:
+        atoms = None
+        if name == "ethanol":
+            atoms = molecule("CH3CH2OH")
+        elif name == "aspirin" and (SHARED / "rmd17/rmd17_aspirin_test_01.npz").is_file():
+            data = np.load(SHARED / "rmd17/rmd17_aspirin_test_01.npz")
+            atoms = Atoms(data["nuclear_charges"], positions=data["coords"][0])
+        elif (
+            name == "ala-dipeptide"
+            and (SHARED / "generated/ala_dipeptide_gfn2xtb_500K_2000.extxyz").is_file()
+        ):
+            atoms = ase.io.read(SHARED / "generated/ala_dipeptide_gfn2xtb_500K_2000.extxyz", index=0)
+        elif name == "3bpa" and (SHARED / "botnet_3bpa/train_300K.xyz").is_file():
+            atoms = ase.io.read(SHARED / "botnet_3bpa/train_300K.xyz", index=0)
+        elif name in WATER_BOXES:
+            atoms = water_box(WATER_BOXES[name])
+        elif name == "water-192-deepmd" and (SHARED / "periodic/deepmd_water_64H2O_400.extxyz").is_file():
+            atoms = ase.io.read(SHARED / "periodic/deepmd_water_64H2O_400.extxyz", index=0)
+        if atoms is None:
+            print(f"{name}: skipped, its data file is not in {SHARED}")
+            continue
+        clean = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        paths[name] = directory / f"{name}.extxyz"
+        ase.io.write(paths[name], clean, format="extxyz")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------- measure
+
+
+def matmul_throughput(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Median GFLOP/s of a dense size² product per dtype, on `threads` threads (the roofline's ceiling)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        out[str(dtype).split(".")[1]] = 2 * size**3 / float(np.median(times)) / 1e9
+    return out
+
+
+def run_case(model: str, structure: Path, args: argparse.Namespace, work: Path) -> dict | None:
+    env_name, runner, flags, _ = MODELS[model]
+    python = str(env_python(env_name)) if env_name else sys.executable
+    if not Path(python).exists():
+        print(f"  {model}: environment missing, run `python benchmarks/speed.py --setup`")
+        return None
+    n_atoms = int(structure.read_text().split()[0])
+    out = work / f"{model}_{structure.stem}.json"
+    command = [
+        "flock", args.lock, python, runner, "--structure", str(structure), "--threads", str(args.threads),
+        "--dtype", args.dtype, "--budget-seconds", str(args.budget_seconds),
+        "--md-steps", str(args.md_steps if n_atoms <= MD_MAX_ATOMS else 0), "--out", str(out), *flags,
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE"
+    )
+    log = work / f"{model}_{structure.stem}.log"
+    start = time.perf_counter()
+    try:
+        with open(log, "w") as handle:
+            status = subprocess.run(
+                command,
+                cwd=PEERS,
+                env=env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=args.case_timeout,
+            ).returncode
+    except subprocess.TimeoutExpired:
+        print(f"  {model}: no result within {args.case_timeout:.0f} s (log {log})")
+        return {"error": f"timeout after {args.case_timeout:.0f} s"}
+    if status != 0 or not out.is_file():
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        print(f"  {model}: failed (exit {status}): {tail[0]} (log {log})")
+        return {"error": tail[0]}
+    result = json.loads(out.read_text())
+    times = np.array(result["ef_times_s"]) * 1e3
+    result["ef_ms"] = {
+        "median": float(np.median(times)),
+        "q25": float(np.percentile(times, 25)),
+        "q75": float(np.percentile(times, 75)),
+        "n": len(times),
+    }
+    md = result.get("md_step_times_s") or []
+    result["md_steps_per_s"] = float(1.0 / np.median(md)) if md else None
+    print(
+        f"  {model}: E+F {result['ef_ms']['median']:.2f} ms, "
+        + (f"MD {result['md_steps_per_s']:.0f} steps/s, " if md else "")
+        + f"peak {result['peak_rss_mb']:.0f} MB ({time.perf_counter() - start:.0f} s)"
+    )
+    return result
+
+
+def count_edges(path: Path, cutoff: float = 5.0) -> int:
+    import ase.io
+
+    from so3krates.data.neighbors import neighbor_list
+
+    atoms = ase.io.read(path)
+    return len(neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff).idx_i)
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    models = [m for m in results["models"] if any(m in case for case in results["cases"].values())]
+    ours = "so3krates"
+    lines = [
+        f"# Speed: energy + forces and MD on {results['machine']['cpu']}",
+        "",
+        f"{results['date']}, commit {results['commit']}, {results['threads']} threads, {results['dtype']}, "
+        f"torch {results['machine']['torch']}, OMP_WAIT_POLICY=PASSIVE. One process per model and system; "
+        "medians after 3 warm-up calls; `python benchmarks/speed.py` reproduces it.",
+        "",
+        "Models: " + "; ".join(f"**{m}** — {MODELS[m][3]}" for m in models) + ".",
+        "",
+        "## Energy + forces, ms per call (median; in brackets: the peer's time / ours)",
+        "",
+        "| system | atoms | edges | " + " | ".join(models) + " | µs per edge (ours) |",
+        "|---" * (len(models) + 4) + "|",
+    ]
+    for name, case in results["cases"].items():
+        base = case.get(ours, {}).get("ef_ms", {}).get("median")
+        cells = []
+        for model in models:
+            entry = case.get(model) or {}
+            if "ef_ms" not in entry:
+                cells.append(entry.get("error", "—")[:40] if entry else "—")
+                continue
+            value = entry["ef_ms"]["median"]
+            ratio = f" ({value / base:.1f}×)" if base and model != ours else ""
+            cells.append(f"{value:.2f}{ratio}")
+        per_edge = 1e3 * base / case["n_edges"] if base and case["n_edges"] else None
+        lines.append(
+            f"| {name} | {case['n_atoms']} | {case['n_edges']} | "
+            + " | ".join(cells)
+            + f" | {_fmt(per_edge)} |"
+        )
+    lines += [
+        "",
+        "## MD through each package's ASE calculator (velocity Verlet, 0.5 fs), steps per second",
+        "",
+        "| system | " + " | ".join(models) + " |",
+        "|---" * (len(models) + 1) + "|",
+    ]
+    for name, case in results["cases"].items():
+        cells = [_fmt((case.get(m) or {}).get("md_steps_per_s"), 0) for m in models]
+        if any(c != "—" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Peak memory of the process, MB", "", "| system | " + " | ".join(models) + " |"]
+    lines.append("|---" * (len(models) + 1) + "|")
+    for name, case in results["cases"].items():
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_fmt((case.get(m) or {}).get("peak_rss_mb"), 0) for m in models)
+            + " |"
+        )
+    peak = results["matmul_gflops"][results["dtype"]]
+    lines += [
+        "",
+        f"## Roofline (ours): the machine's matrix-product throughput is {peak:.0f} GFLOP/s "
+        f"({results['dtype']}, {results['threads']} threads, 2048² product)",
+        "",
+        "| system | atoms | GFLOP per E+F | achieved GFLOP/s | fraction of the matmul throughput |",
+        "|---|---|---|---|---|",
+    ]
+    for name, case in results["cases"].items():
+        entry = case.get(ours) or {}
+        if "flops_per_ef" in entry:
+            achieved = entry["flops_per_ef"] / (entry["ef_ms"]["median"] * 1e-3) / 1e9
+            lines.append(
+                f"| {name} | {case['n_atoms']} | {entry['flops_per_ef'] / 1e9:.3f} | {achieved:.1f} | "
+                f"{100 * achieved / peak:.0f} % |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def roofline_figure(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peak = results["matmul_gflops"][results["dtype"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for model in results["models"]:
+        points = [
+            (case["n_atoms"], case[model]["ef_ms"]["median"])
+            for case in results["cases"].values()
+            if "ef_ms" in (case.get(model) or {})
+        ]
+        if points:
+            points.sort()
+            left.loglog(*zip(*points, strict=True), "o-", label=model)
+        if model == "so3krates":
+            achieved = sorted(
+                (
+                    case["n_atoms"],
+                    100 * case[model]["flops_per_ef"] / (case[model]["ef_ms"]["median"] * 1e-3) / 1e9 / peak,
+                )
+                for case in results["cases"].values()
+                if "flops_per_ef" in (case.get(model) or {})
+            )
+            right.semilogx(*zip(*achieved, strict=True), "o-", color="C0")
+    left.set(xlabel="atoms", ylabel="energy + forces, ms", title="time per call")
+    left.legend()
+    right.axhline(100, color="grey", lw=0.8)
+    right.set(
+        xlabel="atoms",
+        ylabel="% of dense matmul throughput",
+        title=f"ours: matmul FLOPs / time ({peak:.0f} GFLOP/s = 100 %)",
+        ylim=(0, 105),
+    )
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setup", action="store_true", help="create the peer environments and stop")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {', '.join(MODELS)}")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--budget-seconds", type=float, default=10.0, help="E+F repeats per case")
+    parser.add_argument("--md-steps", type=int, default=100)
+    parser.add_argument("--case-timeout", type=float, default=600.0, help="seconds per (model, system)")
+    parser.add_argument("--lock", default=LOCK, help="lock file that keeps heavy jobs from overlapping")
+    parser.add_argument("--out-dir", type=Path, default=BENCH / "results")
+    parser.add_argument("--work-dir", type=Path, default=BENCH / "runs" / "speed")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.setup:
+        for env in sorted({env for env, *_ in MODELS.values() if env}):
+            setup_env(env)
+        return 0
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS] + [
+        s for s in args.systems.split(",") if s.strip() and s.strip() not in SYSTEMS
+    ]
+    if unknown:
+        print(f"speed.py: unknown model or system {unknown}; models: {list(MODELS)}, systems: {SYSTEMS}")
+        return 2
+    work = args.work_dir / args.dtype
+    paths = build_systems([s.strip() for s in args.systems.split(",") if s.strip()], work / "systems")
+    results_path = args.out_dir / f"speed_{args.dtype}.json"
+    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "commit": _git_commit(),
+        "machine": machine_info(),
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "matmul_gflops": matmul_throughput(args.threads),
+        "models": list(dict.fromkeys([*previous.get("models", []), *models])),
+        "cases": previous.get("cases", {}),
+    }
+    print(f"matmul throughput: {results['matmul_gflops']} GFLOP/s")
+    for name, path in paths.items():
+        case = results["cases"].setdefault(name, {})
+        case.update(n_atoms=int(path.read_text().split()[0]), n_edges=count_edges(path))
+        print(f"{name}: {case['n_atoms']} atoms, {case['n_edges']} edges within 5 Å")
+        for model in models:
+            result = run_case(model, path, args, work)
+            if result is not None:
+                case[model] = result
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(results_path, json.dumps(results, indent=1))
+    write_atomically(args.out_dir / f"speed_{args.dtype}.md", markdown(results))
+    roofline_figure(results, args.out_dir / f"speed_{args.dtype}_roofline.png")
+    print(f"results: {results_path}, {args.out_dir / f'speed_{args.dtype}.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -106,3 +106,22 @@ def test_atoms_that_approach_without_a_neighbor_list_rebuild_are_refused(model):
     with pytest.raises(UnsupportedStructureError, match=r"0\.550 Å apart"):
         atoms.get_potential_energy()
     assert calculator.n_neighbor_list_builds == 1
+
+
+def test_fast_state_check_still_sees_every_change(model):
+    """The exact-equality shortcut of check_state answers "no change" only when nothing changed."""
+    calculator = So3kratesCalculator(model)
+    atoms = triclinic_cell()
+    atoms.calc = calculator
+    atoms.get_potential_energy()
+    assert calculator.check_state(atoms) == []
+    changes = {
+        "positions": lambda a: a.positions.__setitem__((0, 0), a.positions[0, 0] + 1e-9),
+        "numbers": lambda a: a.numbers.__setitem__(0, 8 if a.numbers[0] != 8 else 1),
+        "cell": lambda a: a.set_cell(a.cell.array * 1.001, scale_atoms=False),
+        "pbc": lambda a: a.set_pbc([True, True, False]),
+    }
+    for name, change in changes.items():
+        other = atoms.copy()
+        change(other)
+        assert name in calculator.check_state(other), name

@@ -70,6 +70,14 @@ def test_weight_cache_follows_parameter_updates():
     np.testing.assert_allclose(
         force_field(graph)["forces"].numpy(), reloaded(graph)["forces"].numpy(), atol=1e-12
     )
+    model.load_state_dict(
+        make_force_field(VARIANTS["tiny"], torch.float64, seed=2).model.state_dict(), assign=True
+    )
+    model.requires_grad_(False)
+    model.fused = False
+    expected = force_field(graph)["forces"]
+    model.fused = True
+    np.testing.assert_allclose(force_field(graph)["forces"].numpy(), expected.numpy(), atol=1e-12)
     model.float()
     assert force_field(graph.to(dtype=torch.float32))["forces"].dtype == torch.float32
 

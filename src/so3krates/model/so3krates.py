@@ -69,6 +69,15 @@ class So3krates(nn.Module):
         self.fused = True
         self._fused_cache = FusedWeightCache()
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .float(), .cuda() may replace parameter tensors: the cache must see the new ones.
+        self._fused_cache = FusedWeightCache()
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._fused_cache = FusedWeightCache()  # assign=True replaces the parameter objects
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def edge_features(self, graph: Graph) -> EdgeFeatures:
         """Radial basis, cutoff and spherical harmonics of every edge, shared by all layers."""
         vectors = graph.edge_vectors()

@@ -1,0 +1,396 @@
+"""Alanine dipeptide (GFN2-xTB): what the model does in simulation — stability, exploration, spectrum, drift.
+
+    python benchmarks/ala_dipeptide.py train        # paper preset and the invariant-only ablation
+    python benchmarks/ala_dipeptide.py stability [--time-ps 20 --replicas 4 --temperatures 500,700]
+    python benchmarks/ala_dipeptide.py explore [--minutes 8]      # needs `pip install -e ".[xtb]"`
+    python benchmarks/ala_dipeptide.py spectrum                   # C7eq: model Hessian vs xTB Vibrations
+    python benchmarks/ala_dipeptide.py drift                      # NVE, 0.5 fs, float32 and float64
+    python benchmarks/ala_dipeptide.py report                     # results/ala_dipeptide.{json,md}
+
+Data: `../shared/data/generated/ala_dipeptide_gfn2xtb_500K_2000.extxyz` (Langevin MD at 500 K, one frame per
+5 fs; 1000 train / 100 valid / 900 test frames, `configs/ala_dipeptide.yaml`). Every step is a
+`so3krates` command that a user would run; this script only chains them, on one thread per process, two
+processes at a time (the machine has two cores), and collects their JSON into one table.
+
+Conformers are named by the backbone dihedrals φ (C–N–Cα–C) and ψ (N–Cα–C–N): the nearest of the
+usual vacuum minima of alanine dipeptide (centres below, approximate) within 45° in both angles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+DATA = ROOT.parent / "shared" / "data" / "generated" / "ala_dipeptide_gfn2xtb_500K_2000.extxyz"
+RUNS = BENCH / "runs" / "ala_dipeptide"
+RESULTS = BENCH / "results"
+MODELS = {"paper": RUNS / "paper" / "best.pt", "invariant": RUNS / "invariant" / "best.pt"}
+# (φ, ψ) in degrees of the vacuum minima, approximate; used only to name the minima found.
+CONFORMERS = {
+    "C7eq": (-83.0, 75.0),
+    "C5": (-155.0, 160.0),
+    "C7ax": (73.0, -60.0),
+    "alphaR": (-70.0, -40.0),
+    "alphaL": (65.0, 35.0),
+    "beta2": (-135.0, 25.0),
+}
+WINDOW_DEG = 45.0
+# Backbone atoms in the data's atom order (RDKit order of SMILES CC(=O)N[C@@H](C)C(=O)NC, H last).
+PHI, PSI = (1, 3, 4, 6), (3, 4, 6, 8)
+BACKBONE_ELEMENTS = {1: "C", 3: "N", 4: "C", 6: "C", 8: "N"}
+
+
+def so3krates(*args: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("so3krates")), *args]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    return env
+
+
+def run_parallel(commands: list[tuple[list[str], Path]], n_parallel: int = 2) -> None:
+    """Runs commands, `n_parallel` at a time, each with its log; raises if one failed."""
+    pending, running, failed = list(commands), [], []
+    while pending or running:
+        while pending and len(running) < n_parallel:
+            command, log = pending.pop(0)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(log, "w")  # closed when the process ends
+            handle.write("$ " + " ".join(command) + "\n")
+            handle.flush()
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment())
+            running.append((process, handle, log))
+            print(f"started: {' '.join(command[1:4])} … (log {log})", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            process, handle, log = item
+            if process.poll() is not None:
+                handle.close()
+                running.remove(item)
+                if process.returncode != 0:
+                    failed.append(f"{log} (exit {process.returncode})")
+    if failed:
+        raise SystemExit("failed: " + ", ".join(failed))
+
+
+def dihedrals(atoms) -> tuple[float, float]:
+    """(φ, ψ) in degrees, in (−180, 180]."""
+    for index, symbol in BACKBONE_ELEMENTS.items():
+        if atoms[index].symbol != symbol:
+            raise ValueError(
+                f"atom {index} is {atoms[index].symbol}, expected {symbol}: not the data's atom order"
+            )
+
+    def wrap(angle: float) -> float:
+        return (angle + 180.0) % 360.0 - 180.0
+
+    return wrap(atoms.get_dihedral(*PHI)), wrap(atoms.get_dihedral(*PSI))
+
+
+def conformer(phi: float, psi: float) -> str | None:
+    def distance(a: float, b: float) -> float:
+        return abs((a - b + 180.0) % 360.0 - 180.0)
+
+    best = min(
+        CONFORMERS, key=lambda name: distance(phi, CONFORMERS[name][0]) + distance(psi, CONFORMERS[name][1])
+    )
+    centre = CONFORMERS[best]
+    return best if distance(phi, centre[0]) <= WINDOW_DEG and distance(psi, centre[1]) <= WINDOW_DEG else None
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def train(args: argparse.Namespace) -> None:
+    config = str(BENCH / "configs" / "ala_dipeptide.yaml")
+    run_parallel(
+        [
+            (
+                so3krates("train", config, "--set", f"run_dir={RUNS / 'paper'}"),
+                RUNS / "logs" / "train_paper.log",
+            ),
+            (
+                so3krates(
+                    "train", config, "--set", f"run_dir={RUNS / 'invariant'}", "--set", "model.degrees=[]"
+                ),
+                RUNS / "logs" / "train_invariant.log",
+            ),
+        ],
+        n_parallel=1,
+    )
+
+
+def stability(args: argparse.Namespace) -> None:
+    commands = []
+    for name in args.models.split(","):
+        for temperature in args.temperatures.split(","):
+            out = RUNS / "stability" / f"{name}_{temperature}K"
+            command = so3krates(
+                "md", "--model", str(MODELS[name]), "--structure", str(DATA), "--frame", "0",
+                "--ensemble", "langevin", "--temperature", temperature, "--friction", "0.01",
+                "--timestep", "0.5", "--time-ps", str(args.time_ps), "--replicas", str(args.replicas),
+                "--dtype", "float32", "--threads", "1", "--trajectory-every", "200", "--thermo-every", "20",
+                "--out", str(out), "--no-progress",
+            )  # fmt: skip
+            commands.append((command, RUNS / "logs" / f"stability_{name}_{temperature}K.log"))
+    run_parallel(commands)
+
+
+def explore(args: argparse.Namespace) -> None:
+    out = RUNS / "explore"
+    command = so3krates(
+        "explore", "--model", str(MODELS["paper"]), "--structure", str(DATA), "--frame", "0",
+        "--max-time", str(60 * args.minutes), "--out", str(out), "--threads", "1",
+        "--dtype", "float64", "--lowest", "20", "--reference", "xtb", "--rescore", str(args.rescore),
+    )  # fmt: skip
+    run_parallel([(command, RUNS / "logs" / "explore.log")], n_parallel=1)
+
+
+def _c7eq_start():
+    """The lowest explored minimum named C7eq, else the first data frame."""
+    import ase.io
+
+    lowest = RUNS / "explore" / "lowest_minima.extxyz"
+    if lowest.is_file():
+        for atoms in ase.io.read(lowest, ":"):
+            if conformer(*dihedrals(atoms)) == "C7eq":
+                return atoms
+    return ase.io.read(DATA, index=0)
+
+
+def spectrum(args: argparse.Namespace) -> None:
+    """Model: `so3krates spectrum harmonic --optimize`; reference: GFN2-xTB minimum + ase.vibrations."""
+    import ase.io
+    from ase.optimize import BFGS
+    from ase.vibrations import Vibrations
+    from tblite.ase import TBLite
+
+    out = RUNS / "spectrum"
+    out.mkdir(parents=True, exist_ok=True)
+    start = _c7eq_start()
+    ase.io.write(out / "start.extxyz", start)
+    model_command = so3krates(
+        "spectrum", "harmonic", "--model", str(MODELS["paper"]), "--structure", str(out / "start.extxyz"),
+        "--optimize", "--out", str(out / "model"), "--threads", "1",
+    )  # fmt: skip
+    run_parallel([(model_command, RUNS / "logs" / "spectrum_model.log")], n_parallel=1)
+    reference = start.copy()
+    reference.calc = TBLite(method="GFN2-xTB", verbosity=0)
+    BFGS(reference, logfile=str(out / "xtb_opt.log")).run(fmax=1e-3, steps=1000)
+    ase.io.write(out / "xtb_minimum.extxyz", reference)
+    vibrations = Vibrations(reference, name=str(out / "xtb_vib"), delta=0.01, nfree=2)
+    vibrations.clean()
+    vibrations.run()
+    energies = vibrations.get_energies()  # eV, complex for imaginary modes
+    wavenumbers = np.real(energies) / 1.239841984e-4  # eV → cm⁻¹
+    vibrations.clean()
+    np.savetxt(out / "xtb_frequencies_cm-1.txt", wavenumbers)
+    print(f"xTB: {len(wavenumbers)} frequencies, φ/ψ = {dihedrals(reference)}")
+
+
+def drift(args: argparse.Namespace) -> None:
+    commands = []
+    for dtype in ("float32", "float64"):
+        out = RUNS / "drift" / dtype
+        command = so3krates(
+            "md", "--model", str(MODELS["paper"]), "--structure", str(DATA), "--frame", "0",
+            "--ensemble", "nve", "--temperature", "300", "--timestep", "0.5", "--time-ps", str(args.drift_ps),
+            "--dtype", dtype, "--threads", "1", "--trajectory-every", "200", "--thermo-every", "10",
+            "--out", str(out), "--no-progress",
+        )  # fmt: skip
+        commands.append((command, RUNS / "logs" / f"drift_{dtype}.log"))
+    run_parallel(commands)
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect() -> dict:
+    import ase.io
+
+    results: dict = {"data": str(DATA.name), "models": {}, "stability": {}, "drift": {}}
+    for name, checkpoint in MODELS.items():
+        metrics = _read(checkpoint.parent / "results.json")
+        if metrics:
+            results["models"][name] = {
+                "test_energy_mae_meV": metrics["test"]["energy_mae_meV"],
+                "test_forces_mae_meV_per_A": metrics["test"]["forces_mae_meV_per_A"],
+            }
+    for directory in sorted((RUNS / "stability").glob("*K")):
+        summary = _read(directory / "summary.json")
+        if summary:
+            runs = summary["runs"]
+            results["stability"][directory.name] = {
+                "replicas": summary["replicas"],
+                "fraction_stable": summary["fraction_stable"],
+                "mean_time_to_failure_ps": summary["mean_time_to_failure_ps"],
+                "mean_survival_time_ps": summary["mean_survival_time_ps"],
+                "time_ps": max(run["target_steps"] * run["timestep_fs"] / 1000 for run in runs),
+                "failures": [run["failure"] for run in runs if run["failure"]],
+            }
+    for dtype in ("float32", "float64"):
+        summary = _read(RUNS / "drift" / dtype / "summary.json")
+        if summary:
+            results["drift"][dtype] = {
+                "drift_eV_per_atom_per_ps": summary["conserved_energy_drift_eV_per_atom_per_ps"],
+                "time_ps": summary["time_ps"],
+                "stable": summary["stable"],
+            }
+    explore_dir = RUNS / "explore"
+    if (explore_dir / "unique_minima.csv").is_file():
+        lines = (explore_dir / "unique_minima.csv").read_text().strip().splitlines()
+        minima = ase.io.read(explore_dir / "lowest_minima.extxyz", ":")
+        named = []
+        for atoms in minima:
+            phi, psi = dihedrals(atoms)
+            named.append(
+                {
+                    "energy_eV": atoms.get_potential_energy(),
+                    "phi": phi,
+                    "psi": psi,
+                    "name": conformer(phi, psi),
+                }
+            )
+        results["explore"] = {
+            "unique_minima_over_time": lines[-1],
+            "lowest": named,
+            "conformers_found": sorted({m["name"] for m in named if m["name"]}),
+            "rescore": _read(explore_dir / "rescore.json"),
+        }
+    model_freq = RUNS / "spectrum" / "model" / "frequencies.csv"
+    xtb_freq = RUNS / "spectrum" / "xtb_frequencies_cm-1.txt"
+    if model_freq.is_file() and xtb_freq.is_file():
+        import csv
+
+        with open(model_freq) as handle:
+            rows = list(csv.DictReader(handle))
+        key = next(k for k in rows[0] if "cm" in k)
+        ours = np.sort(np.array([float(r[key]) for r in rows]))
+        reference = np.sort(np.loadtxt(xtb_freq))
+        ours, reference = ours[-(3 * 22 - 6) :], reference[-(3 * 22 - 6) :]  # the 3N − 6 vibrations
+        results["spectrum"] = {
+            "n_modes": len(ours),
+            "mad_cm-1": float(np.mean(np.abs(ours - reference))),
+            "max_abs_dev_cm-1": float(np.max(np.abs(ours - reference))),
+            "model_cm-1": ours.tolist(),
+            "xtb_cm-1": reference.tolist(),
+        }
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Alanine dipeptide (GFN2-xTB): simulation benchmarks", "", f"Data: `{results['data']}`.", ""]
+    if results["models"]:
+        lines += [
+            "## Models (test split, 900 frames)",
+            "",
+            "| model | E MAE meV | F MAE meV/Å |",
+            "|---|---|---|",
+        ]
+        for name, entry in results["models"].items():
+            lines.append(
+                f"| {name} | {entry['test_energy_mae_meV']:.1f} | {entry['test_forces_mae_meV_per_A']:.1f} |"
+            )
+    if results["stability"]:
+        lines += [
+            "",
+            "## Stability (Langevin, 0.5 fs, bond deviation > 0.5 Å ends a run)",
+            "",
+            "| model, T | replicas × ps | stable | mean time to failure ps | mean survival ps |",
+            "|---|---|---|---|---|",
+        ]
+        for name, entry in results["stability"].items():
+            mttf = entry["mean_time_to_failure_ps"]
+            lines.append(
+                f"| {name} | {entry['replicas']} × {entry['time_ps']:g} | {entry['fraction_stable']:.2f} | "
+                f"{'—' if mttf is None else f'{mttf:.2f}'} | {entry['mean_survival_time_ps']:.2f} |"
+            )
+    if results["drift"]:
+        lines += [
+            "",
+            "## NVE energy drift (0.5 fs, from 300 K)",
+            "",
+            "| dtype | ps | drift eV/atom/ps |",
+            "|---|---|---|",
+        ]
+        for dtype, entry in results["drift"].items():
+            lines.append(f"| {dtype} | {entry['time_ps']:g} | {entry['drift_eV_per_atom_per_ps']:.2e} |")
+    if "explore" in results:
+        entry = results["explore"]
+        found = ", ".join(entry["conformers_found"]) or "none"
+        lines += [
+            "",
+            "## Exploration (minima hopping, paper model)",
+            "",
+            f"Conformers among the lowest minima: {found}.",
+        ]
+        lines += ["", "| E eV | φ | ψ | conformer |", "|---|---|---|---|"]
+        for m in entry["lowest"]:
+            lines.append(f"| {m['energy_eV']:.4f} | {m['phi']:.0f} | {m['psi']:.0f} | {m['name'] or '—'} |")
+    if "spectrum" in results:
+        entry = results["spectrum"]
+        lines += [
+            "",
+            "## Harmonic frequencies at the C7eq minimum: model Hessian vs GFN2-xTB (ase.vibrations)",
+            "",
+            f"{entry['n_modes']} modes, sorted and paired by rank: mean absolute deviation "
+            f"{entry['mad_cm-1']:.1f} cm⁻¹, largest {entry['max_abs_dev_cm-1']:.1f} cm⁻¹.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def report(args: argparse.Namespace) -> None:
+    results = collect()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for path, text in (
+        (RESULTS / "ala_dipeptide.json", json.dumps(results, indent=1)),
+        (RESULTS / "ala_dipeptide.md", markdown(results)),
+    ):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    print(markdown(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["train", "stability", "explore", "spectrum", "drift", "report"])
+    parser.add_argument("--models", default="paper,invariant")
+    parser.add_argument("--temperatures", default="500,700")
+    parser.add_argument("--time-ps", type=float, default=20.0)
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--minutes", type=float, default=8.0, help="exploration wall time")
+    parser.add_argument("--rescore", type=int, default=5, help="minima re-optimised with GFN2-xTB")
+    parser.add_argument("--drift-ps", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    if not DATA.is_file():
+        print(f"ala_dipeptide.py: {DATA} not found (the shared data folder must sit beside the repository)")
+        return 2
+    {
+        "train": train,
+        "stability": stability,
+        "explore": explore,
+        "spectrum": spectrum,
+        "drift": drift,
+        "report": report,
+    }[args.step](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

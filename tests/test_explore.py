@@ -325,6 +325,31 @@ def test_rescore_against_a_reference_calculator(tmp_path, lj7_search):
     assert len(ase.io.read(paths["extxyz"], index=":")) == 2
 
 
+def test_a_failing_reference_calculation_is_reported_and_the_others_go_on(tmp_path, lj7_search):
+    """E.g. xTB's "SCF not converged" on one odd minimum must not lose the comparison of the others."""
+    from ase.calculators.calculator import CalculationFailed
+
+    class FailsOnTheFirst(LennardJones):
+        def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+            if np.allclose(atoms.positions, minima[0].positions):
+                raise CalculationFailed("SCF not converged in 250 cycles")
+            super().calculate(atoms, properties, system_changes)
+
+    _, db_path = lj7_search
+    minima = read_minima(db_path)[:2]
+    lines = []
+    results = rescore(minima, FailsOnTheFirst(rc=10.0), fmax=0.005, model_calculator=lj(), log=lines.append)
+    assert results[0].failure == "SCF not converged in 250 cycles" and results[0].reference_minimum is None
+    assert np.isnan(results[0].error_at_model_minimum) and not results[0].converged
+    assert results[1].failure == "" and results[1].converged and results[1].rmsd < 0.01
+    assert "failed (SCF not converged" in lines[0]
+    paths = write_rescore(results, tmp_path)
+    with open(paths["csv"]) as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[0]["failure"] and float(rows[1]["reference_relative"]) == 0.0
+    assert len(ase.io.read(paths["extxyz"], index=":")) == 1
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 

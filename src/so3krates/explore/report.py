@@ -23,7 +23,7 @@ import ase.db
 import ase.io
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import Calculator
+from ase.calculators.calculator import CalculationFailed, Calculator
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.optimize import BFGS
 
@@ -149,7 +149,8 @@ class RescoreResult:
     rmsd: float  # between the model's and the reference's minimum (permutation-aware, aligned)
     reference_fmax_at_model_minimum: float  # eV/Å: how far the model minimum is from a reference one
     converged: bool  # the reference optimisation reached fmax
-    reference_minimum: Atoms
+    reference_minimum: Atoms | None  # None when the reference calculation failed
+    failure: str = ""  # why the reference calculation failed (e.g. SCF not converged); "" if it did not
 
     def as_row(self) -> dict[str, float]:
         row = asdict(self)
@@ -182,11 +183,35 @@ def rescore(
         model_energy = minimum.get_potential_energy()
         atoms = Atoms(minimum.numbers, minimum.positions.copy(), pbc=False)
         atoms.calc = reference_calculator
-        reference_at_model = atoms.get_potential_energy()
-        reference_fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
-        optimizer = BFGS(atoms, logfile=None)
-        converged = bool(optimizer.run(fmax=fmax, steps=max_steps))
-        reference_energy = atoms.get_potential_energy()
+        try:
+            reference_at_model = atoms.get_potential_energy()
+            reference_fmax = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
+            optimizer = BFGS(atoms, logfile=None)
+            converged = bool(optimizer.run(fmax=fmax, steps=max_steps))
+            reference_energy = atoms.get_potential_energy()
+        except (CalculationFailed, RuntimeError) as error:
+            # A reference method can fail on an odd structure (xTB: SCF not converged); that minimum is
+            # reported as failed and the others are still compared.
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            nan = math.nan
+            failed = RescoreResult(
+                id=int(minimum.info.get("id", index)),
+                model_energy=model_energy,
+                reference_energy_at_model_minimum=nan,
+                reference_energy=nan,
+                model_energy_at_reference_minimum=nan,
+                error_at_model_minimum=nan,
+                error_at_reference_minimum=nan,
+                rmsd=nan,
+                reference_fmax_at_model_minimum=nan,
+                converged=False,
+                reference_minimum=None,
+                failure=message,
+            )
+            results.append(failed)
+            if log is not None:
+                log(f"rescored #{results[-1].id}: the reference calculation failed ({message})")
+            continue
         reference_minimum = Atoms(atoms.numbers, atoms.positions.copy(), pbc=False)
         reference_minimum.calc = SinglePointCalculator(
             reference_minimum, energy=reference_energy, forces=atoms.get_forces()
@@ -228,7 +253,8 @@ def write_rescore(results: list[RescoreResult], out_dir: str | os.PathLike) -> d
         raise DataError("no minima to rescore")
     rows = [result.as_row() for result in results]
     lowest_model = min(row["model_energy"] for row in rows)
-    lowest_reference = min(row["reference_energy"] for row in rows)
+    references = [row["reference_energy"] for row in rows if not math.isnan(row["reference_energy"])]
+    lowest_reference = min(references, default=math.nan)
     for row in rows:
         row["model_relative"] = row["model_energy"] - lowest_model
         row["reference_relative"] = row["reference_energy"] - lowest_reference
@@ -238,9 +264,14 @@ def write_rescore(results: list[RescoreResult], out_dir: str | os.PathLike) -> d
         writer.writerows(rows)
     images = []
     for result in results:
+        if result.reference_minimum is None:
+            continue
         atoms = result.reference_minimum.copy()
         atoms.info.update(id=result.id, reference_energy=result.reference_energy)
         images.append(atoms)
+    if not images:  # every reference calculation failed
+        del paths["extxyz"]
+        return paths
     with atomic_path(paths["extxyz"]) as tmp:
         ase.io.write(tmp, images, format="extxyz")
     return paths

@@ -153,6 +153,7 @@ def explore(args: argparse.Namespace) -> None:
         "explore", "--model", str(MODELS["paper"]), "--structure", str(DATA), "--frame", "0",
         "--max-time", str(60 * args.minutes), "--out", str(out), "--threads", "1",
         "--dtype", "float64", "--lowest", "20", "--reference", "xtb", "--rescore", str(args.rescore),
+        "--keep-topology",
     )  # fmt: skip
     run_parallel([(command, RUNS / "logs" / "explore.log")], n_parallel=1)
 

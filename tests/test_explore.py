@@ -446,3 +446,26 @@ def test_cli_module_imports_neither_torch_nor_the_search_at_import_time():
     modules = {alias.name for node in top_level if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module for node in top_level if isinstance(node, ast.ImportFrom)}
     assert modules <= {"__future__", "argparse", "pathlib"}, modules
+
+
+def test_keep_topology_discards_minima_with_other_bonds(tmp_path):
+    """A conformer search: every stored minimum keeps the starting minimum's covalent bonds.
+
+    LJ7 scaled to σ = 1.6 Å, so that nearest neighbours (1.8 Å) are "bonded" by argon's covalent radius and
+    second neighbours are not: escapes that rearrange the contacts must be skipped, naming the bonds.
+    """
+    from so3krates.md.stability import covalent_bonds
+
+    lines = []
+    atoms = lj7()
+    atoms.positions *= 1.6
+    settings = {**LJ_SETTINGS, "timestep": 8.0, "fragment_distance": 3.2, "keep_topology": True}
+    calculator = LennardJones(epsilon=1.0, sigma=1.6, rc=16.0)
+    search = MinimaHopping(
+        atoms, calculator, tmp_path / "minima.db", HoppingConfig(**settings), log=lines.append
+    )
+    search.run(steps=15)
+    stored = read_minima(tmp_path / "minima.db", unique=False)
+    reference = covalent_bonds(stored[0]).tolist()
+    assert all(covalent_bonds(atoms).tolist() == reference for atoms in stored)
+    assert any("bonds changed" in line and ("broke Ar" in line or "formed Ar" in line) for line in lines)

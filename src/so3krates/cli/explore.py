@@ -48,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="Å",
         help="discard minima that fell apart into pieces farther apart than this (default: model cutoff)",
     )
+    parser.add_argument(
+        "--keep-topology",
+        action="store_true",
+        default=None,
+        help="conformer search: discard minima whose covalent bonds differ from the start's",
+    )
     parser.add_argument("--seed", type=int, help="random seed of the MD velocities (default 0)")
     parser.add_argument("--out", default="explore", help="output folder (default: explore)")
     parser.add_argument("--lowest", type=int, default=10, help="minima in lowest_minima.extxyz (default 10)")
@@ -77,6 +83,7 @@ def _settings(args: argparse.Namespace) -> dict:
         "energy_tol",
         "rmsd_tol",
         "fragment_distance",
+        "keep_topology",
         "seed",
     )
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}

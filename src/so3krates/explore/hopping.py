@@ -48,6 +48,7 @@ from scipy.sparse.csgraph import connected_components
 from so3krates import __version__
 from so3krates.errors import ConfigError, DataError, So3kratesError, format_validation_error
 from so3krates.explore.compare import rmsd
+from so3krates.md.stability import covalent_bonds
 
 try:
     from ase.md import thermalize_momenta  # ASE ≥ 3.29
@@ -104,6 +105,11 @@ class HoppingConfig(BaseModel):
         gt=0,
         description="Å — atoms closer than this are connected; a minimum with more connected fragments "
         "than the current one is discarded as dissociated (None: no check)",
+    )
+    keep_topology: bool = Field(
+        False,
+        description="a conformer search: discard minima whose covalent bonds (closer than 1.2 × the sum of "
+        "covalent radii, as in the MD stability monitor) differ from the starting minimum's",
     )
     seed: int = 0
 
@@ -341,6 +347,27 @@ class MinimaHopping:
         distances = np.linalg.norm(atoms.positions[:, None] - atoms.positions[None], axis=-1)
         return int(connected_components(distances < self.config.fragment_distance, directed=False)[0])
 
+    def _bonds_changed(self, atoms: Atoms) -> str | None:
+        """With ``keep_topology``: which bonds broke or formed relative to the starting minimum, else None."""
+        if not self.config.keep_topology:
+            return None
+        start = min(self._unique, key=lambda minimum: minimum.id).atoms  # the step-0 minimum
+        before = {tuple(pair) for pair in covalent_bonds(start).tolist()}
+        after = {tuple(pair) for pair in covalent_bonds(atoms).tolist()}
+        if before == after:
+            return None
+        symbols = atoms.get_chemical_symbols()
+
+        def names(pairs: set) -> str:
+            return ", ".join(f"{symbols[i]}{i}–{symbols[j]}{j}" for i, j in sorted(pairs)[:3]) + (
+                " …" if len(pairs) > 3 else ""
+            )
+
+        broken, formed = before - after, after - before
+        return "; ".join(
+            ([f"broke {names(broken)}"] if broken else []) + ([f"formed {names(formed)}"] if formed else [])
+        )
+
     def _skip(self, step: int, elapsed: Callable[[], float], reason: str, temperature_factor: float) -> None:
         """A step that found no minimum: only the state is stored (T scaled by ``temperature_factor``)."""
         self.state.step, self.state.elapsed = step, elapsed()
@@ -368,6 +395,10 @@ class MinimaHopping:
             return self._skip(
                 step, elapsed, f"the structure dissociated at {temperature:.0f} K", config.beta3
             )
+        changed = self._bonds_changed(self.atoms)
+        if changed:  # another molecule, not another conformer: lower T as after a dissociation
+            reason = f"bonds changed at {temperature:.0f} K ({changed})"
+            return self._skip(step, elapsed, reason, config.beta3)
 
         energy = self.atoms.get_potential_energy()
         minimum = self._snapshot()

@@ -318,3 +318,42 @@ def test_evaluate_refuses_unseen_elements_before_writing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "frame 3: key 'numbers': element N (Z=7) was not in the training data" in err[0]
     assert not out_dir.exists()
+
+
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop(tmp_path, monkeypatch):
+    """A NaN loss leaves weights, optimiser and EMA untouched; max_nonfinite_steps in a row end the run."""
+    import so3krates.train.trainer as trainer_module
+    from so3krates.errors import TrainingError
+
+    real_loss = trainer_module.compute_loss
+    calls = {"n": 0}
+    poisoned = {3, 4}  # 0-based calls of the loss that return NaN
+
+    def flaky_loss(predictions, labels, config):
+        loss, parts = real_loss(predictions, labels, config)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] - 1 in poisoned else loss), parts
+
+    monkeypatch.setattr(trainer_module, "compute_loss", flaky_loss)
+    lines = []
+    trainer = Trainer(_config(tmp_path / "run", **{"training.max_epochs": 1}), log=lines.append)
+    trainer.run_dir.mkdir(parents=True)
+    trainer._build()
+    steps = iter(trainer._epoch_order(0)[i : i + 4] for i in range(0, 40, 4))
+    for _ in range(3):
+        trainer._train_step(next(steps))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for _ in range(2):
+        _, _, taken = trainer._train_step(next(steps))
+        assert not taken
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert trainer.progress.skipped_steps == 2 and trainer.progress.step == 5
+    _, _, taken = trainer._train_step(next(steps))
+    assert taken and trainer.progress.consecutive_nonfinite == 0
+
+    poisoned.update(range(0, 1000))  # from now on every step fails
+    calls["n"] = 0
+    with pytest.raises(TrainingError, match="3 steps in a row with a non-finite loss"):
+        train(_config(tmp_path / "run2", **{"training.max_nonfinite_steps": 3}), log=lines.append)
+    assert sum("update skipped" in line for line in lines) == 3

@@ -88,6 +88,12 @@ class TrainingConfig(_Section):
     min_learning_rate: float = Field(1e-6, ge=0.0)
     ema_decay: float | None = Field(0.99, ge=0.0, lt=1.0, description="EMA of weights; null turns it off")
     grad_clip: float | None = Field(10.0, gt=0.0, description="max gradient norm; null turns it off")
+    max_nonfinite_steps: int = Field(
+        10,
+        ge=1,
+        description="a step with a non-finite loss or gradient is skipped (weights untouched); this many "
+        "in a row stop the training",
+    )
     early_stopping_patience: int | None = Field(None, ge=1, description="validations without improvement")
     valid_every: int = Field(1, ge=1, description="validate every N epochs")
     seed: int = 0

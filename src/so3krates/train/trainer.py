@@ -45,6 +45,8 @@ class Progress:
     best_valid_loss: float = math.inf
     stale_validations: int = 0  # for early stopping
     elapsed: float = 0.0  # seconds of training, all processes together, at the last save
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    consecutive_nonfinite: int = 0  # of those, in a row up to now
 
 
 def _device_batch(graph, labels, device):
@@ -236,7 +238,12 @@ class Trainer:
         budget = self.config.training.max_time
         return budget is not None and self._elapsed() >= budget
 
-    def _train_step(self, indices: list[int]) -> tuple[float, dict[str, float]]:
+    def _train_step(self, indices: list[int]) -> tuple[float, dict[str, float], bool]:
+        """One optimiser step; returns (loss, loss parts, whether the step was taken).
+
+        A non-finite loss or gradient norm skips the update (weights, optimiser state and EMA untouched);
+        the batch still counts as done, so the data order and a resume stay exact.
+        """
         t = self.config.training
         dataset = self.datasets["train"]
         graph, labels = _device_batch(*collate_batch([dataset[i] for i in indices]), self.device)
@@ -248,14 +255,37 @@ class Trainer:
         loss, parts = compute_loss(predictions, labels, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if t.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
+        # The norm is computed either way (max_norm = inf clips nothing): it is the finiteness check.
+        max_norm = t.grad_clip if t.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        value = float(loss.detach())
+        taken = math.isfinite(value) and bool(torch.isfinite(grad_norm))
+        if taken:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            self.progress.consecutive_nonfinite = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.skipped_steps += 1
+            self.progress.consecutive_nonfinite += 1
         self.progress.step += 1
         self.progress.step_in_epoch += 1
-        return float(loss.detach()), parts
+        return value, parts, taken
+
+    def _skipped_step(self) -> None:
+        """Warns about a skipped step; too many in a row end the training with an explanation."""
+        p = self.progress
+        self.log(
+            f"warning: non-finite loss or gradient at step {p.step}: update skipped "
+            f"({p.skipped_steps} skipped so far)"
+        )
+        if p.consecutive_nonfinite >= self.config.training.max_nonfinite_steps:
+            raise TrainingError(
+                f"{p.consecutive_nonfinite} steps in a row with a non-finite loss or gradient (up to step "
+                f"{p.step}); the weights are those before them (last.pt, best.pt). Lower "
+                "training.learning_rate or check the data for outliers"
+            )
 
     def _validate(self, train_loss: float, final: bool = False) -> bool:
         """Validates the EMA model, logs, writes checkpoints; returns True when training should stop.
@@ -329,13 +359,11 @@ class Trainer:
                         disable=None,  # None: off when not a terminal
                     )
                 for indices in epoch_batches[p.step_in_epoch :]:
-                    loss, _ = self._train_step(indices)
-                    if not math.isfinite(loss):
-                        raise TrainingError(
-                            f"non-finite training loss at step {p.step}; lower training.learning_rate "
-                            "or check the data for outliers"
-                        )
-                    losses.append(loss)
+                    loss, _, taken = self._train_step(indices)
+                    if taken:
+                        losses.append(loss)
+                    else:
+                        self._skipped_step()
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.3e}")

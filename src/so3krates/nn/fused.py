@@ -174,12 +174,14 @@ def fused_layer(
     filters = torch.cat(filters, dim=1) if n_branches > 1 else filters[0]
 
     projected = layer.norm_attention(h) @ weights.projection  # [q | k | v], (n_atoms, 2·B·F + F)
-    queries, keys, values = projected.split([width, width, n_features], dim=1)
+    # Split, not slice: the backward of a split is one cat, that of a slice a zero-filled copy.
+    queries, keys_values = projected.split([width, width + n_features], dim=1)
     if isinstance(layer.invariant_attention.qk_activation, nn.SiLU):
-        queries, keys = torch.nn.functional.silu(queries), torch.nn.functional.silu(keys)
-    # Split before gathering: the backward of a split is one cat, that of a slice a zero-filled copy.
+        keys, values = keys_values.split([width, n_features], dim=1)
+        queries = torch.nn.functional.silu(queries)
+        keys_values = torch.cat([torch.nn.functional.silu(keys), values], dim=1)
     queries = queries.index_select(0, idx_i)
-    keys, values = torch.cat([keys, values], dim=1).index_select(0, idx_j).split([width, n_features], dim=1)
+    keys, values = keys_values.index_select(0, idx_j).split([width, n_features], dim=1)
     # α_ij (invariant heads) and β_ij (one head per degree), Eqs. (21–22), in one product.
     coefficients = ((queries * filters * keys) @ weights.head_sums) * cutoff[:, None]
     if weights.spherical_in is not None:

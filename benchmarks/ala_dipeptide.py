@@ -153,7 +153,7 @@ def explore(args: argparse.Namespace) -> None:
         "explore", "--model", str(MODELS["paper"]), "--structure", str(DATA), "--frame", "0",
         "--max-time", str(60 * args.minutes), "--out", str(out), "--threads", "1",
         "--dtype", "float64", "--lowest", "20", "--reference", "xtb", "--rescore", str(args.rescore),
-        "--keep-topology",
+        "--keep-topology", "--temperature", "600", "--mdmin", str(args.mdmin),
     )  # fmt: skip
     run_parallel([(command, RUNS / "logs" / "explore.log")], n_parallel=1)
 
@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--minutes", type=float, default=8.0, help="exploration wall time")
     parser.add_argument("--rescore", type=int, default=5, help="minima re-optimised with GFN2-xTB")
+    parser.add_argument("--mdmin", type=int, default=20, help="escape length in E_pot minima along the MD")
     parser.add_argument("--drift-ps", type=float, default=2.0)
     args = parser.parse_args(argv)
     if not DATA.is_file():

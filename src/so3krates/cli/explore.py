@@ -38,6 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, help="initial MD temperature, K (default 1000)")
     parser.add_argument("--fmax", type=float, help="optimisation convergence, eV/Å (default 0.01)")
     parser.add_argument("--timestep", type=float, help="MD time step, fs (default 1)")
+    parser.add_argument(
+        "--mdmin",
+        type=int,
+        help="an escape ends at this minimum of E_pot along its MD (default 2; flexible molecules need "
+        "longer escapes, e.g. 20, for torsions to turn)",
+    )
     parser.add_argument("--max-md-steps", type=int, help="MD steps per escape at most (default 2000)")
     parser.add_argument("--ediff", type=float, help="initial acceptance window E_diff, eV (default 0.5)")
     parser.add_argument("--energy-tol", type=float, help="same minimum: |ΔE| below this, eV (default 0.01)")
@@ -78,6 +84,7 @@ def _settings(args: argparse.Namespace) -> dict:
         "temperature",
         "fmax",
         "timestep",
+        "mdmin",
         "max_md_steps",
         "ediff",
         "energy_tol",

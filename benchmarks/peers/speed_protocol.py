@@ -32,7 +32,7 @@ import numpy as np
 WARMUP_CALLS = 3
 MIN_REPEATS = 3
 MAX_REPEATS = 100
-MD_BUDGET_SECONDS = 20.0  # MD timing stops after this (at least MIN_REPEATS steps), e.g. for 1000 atoms
+MD_BUDGET_SECONDS = 10.0  # MD timing stops after this (at least MIN_REPEATS steps), e.g. for 1000 atoms
 
 
 def common_arguments(description: str) -> argparse.ArgumentParser:

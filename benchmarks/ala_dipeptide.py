@@ -221,6 +221,15 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _rescore_rows(path: Path) -> list[dict]:
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path) as handle:
+        return [{key: value for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
 def collect() -> dict:
     import ase.io
 
@@ -250,6 +259,7 @@ def collect() -> dict:
             results["drift"][dtype] = {
                 "drift_eV_per_atom_per_ps": summary["conserved_energy_drift_eV_per_atom_per_ps"],
                 "time_ps": summary["time_ps"],
+                "mean_temperature_K": summary["mean_temperature_K"],
                 "stable": summary["stable"],
             }
     explore_dir = RUNS / "explore"
@@ -271,7 +281,7 @@ def collect() -> dict:
             "unique_minima_over_time": lines[-1],
             "lowest": named,
             "conformers_found": sorted({m["name"] for m in named if m["name"]}),
-            "rescore": _read(explore_dir / "rescore.json"),
+            "rescore": _rescore_rows(explore_dir / "rescore.csv"),
         }
     model_freq = RUNS / "spectrum" / "model" / "frequencies.csv"
     xtb_freq = RUNS / "spectrum" / "xtb_frequencies_cm-1.txt"
@@ -338,11 +348,28 @@ def markdown(results: dict) -> str:
             "",
             "## Exploration (minima hopping, paper model)",
             "",
-            f"Conformers among the lowest minima: {found}.",
+            "`so3krates explore --keep-topology --temperature 600 --mdmin 20` from the first data frame, one "
+            "thread; last row of unique_minima.csv (step, s, minima, unique, lowest eV): "
+            f"`{entry['unique_minima_over_time']}`. Conformers among the lowest minima (φ and ψ within "
+            f"{WINDOW_DEG:.0f}° of the usual vacuum minima): {found}.",
         ]
         lines += ["", "| E eV | φ | ψ | conformer |", "|---|---|---|---|"]
         for m in entry["lowest"]:
             lines.append(f"| {m['energy_eV']:.4f} | {m['phi']:.0f} | {m['psi']:.0f} | {m['name'] or '—'} |")
+        if entry["rescore"]:
+            lines += ["", "GFN2-xTB re-optimisation of the lowest minima (`rescore.csv`):", ""]
+            lines += [
+                "| minimum | model − xTB at model min. meV | at xTB min. meV | RMSD Å |",
+                "|---|---|---|---|",
+            ]
+            for row in entry["rescore"]:
+                if row.get("failure"):
+                    lines.append(f"| #{row['id']} | failed: {row['failure']} | | |")
+                    continue
+                lines.append(
+                    f"| #{row['id']} | {1e3 * float(row['error_at_model_minimum']):+.1f} | "
+                    f"{1e3 * float(row['error_at_reference_minimum']):+.1f} | {float(row['rmsd']):.3f} |"
+                )
     if "spectrum" in results:
         entry = results["spectrum"]
         lines += [

@@ -74,6 +74,13 @@ class So3kratesCalculator(Calculator):
             self.model, metadata = load_model(Path(model), device=device, dtype=torch_dtype)
             trained_species = metadata.get("species")
         self.species = set(species if species is not None else (trained_species or range(1, 119)))
+        if compile:
+            import torch._inductor.config as inductor_config
+
+            # With torch 2.13, inductor's multi-threaded CPU kernels corrupted memory ("double free") in the
+            # backward pass of this model on 2 threads; its generated kernels run on one thread (matrix
+            # products still use all of torch's threads).
+            inductor_config.cpp.threads = 1
         self.force_field = ForceField(torch.compile(self.model, dynamic=True) if compile else self.model)
         self.device = torch.device(device)
         self.cutoff = float(self.model.cutoff)

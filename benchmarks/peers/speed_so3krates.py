@@ -30,14 +30,14 @@ def main(argv: list[str] | None = None) -> None:
     from so3krates import So3kratesCalculator, atoms_to_graph
     from so3krates.model.config import preset
     from so3krates.model.derivatives import ForceField
-    from so3krates.model.so3krates import So3krates
+    from so3krates.model.so3krates import So3krates, compile_model
 
     atoms = protocol.read_structure(args.structure)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = So3krates(preset(args.preset)).to(dtype).eval().requires_grad_(False)  # as load_model gives it
     model.fused = not args.reference_path
-    force_field = ForceField(torch.compile(model, dynamic=True) if args.compile else model)
+    force_field = ForceField(compile_model(model) if args.compile else model)
     graph = atoms_to_graph(atoms, model.cutoff)  # float64 geometry, as in the calculator
 
     def energy_and_forces() -> torch.Tensor:

@@ -24,7 +24,7 @@ from so3krates.data.structure import unknown_elements
 from so3krates.errors import So3kratesError
 from so3krates.model.checkpoint import load_model
 from so3krates.model.derivatives import ForceField
-from so3krates.model.so3krates import So3krates
+from so3krates.model.so3krates import So3krates, compile_model
 
 
 class UnsupportedStructureError(So3kratesError, ValueError):
@@ -74,14 +74,7 @@ class So3kratesCalculator(Calculator):
             self.model, metadata = load_model(Path(model), device=device, dtype=torch_dtype)
             trained_species = metadata.get("species")
         self.species = set(species if species is not None else (trained_species or range(1, 119)))
-        if compile:
-            import torch._inductor.config as inductor_config
-
-            # With torch 2.13, inductor's multi-threaded CPU kernels corrupted memory ("double free") in the
-            # backward pass of this model on 2 threads; its generated kernels run on one thread (matrix
-            # products still use all of torch's threads).
-            inductor_config.cpp.threads = 1
-        self.force_field = ForceField(torch.compile(self.model, dynamic=True) if compile else self.model)
+        self.force_field = ForceField(compile_model(self.model) if compile else self.model)
         self.device = torch.device(device)
         self.cutoff = float(self.model.cutoff)
         self.skin = float(skin)

@@ -138,6 +138,19 @@ class So3krates(nn.Module):
         return self.readout(h, graph.atomic_numbers)
 
 
+def compile_model(model: So3krates) -> nn.Module:
+    """``torch.compile`` of the model with dynamic shapes (a new number of edges does not recompile).
+
+    Inductor's generated CPU kernels are set to run on one thread: with torch 2.13 their multi-threaded
+    version corrupted memory ("double free") in this model's backward pass on 2 threads. Matrix products
+    still use all of torch's threads.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.threads = 1
+    return torch.compile(model, dynamic=True)
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable parameters per top-level submodule, plus ``"total"``."""
     counts: dict[str, int] = {}

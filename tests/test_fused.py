@@ -25,6 +25,7 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
 def test_fused_path_equals_the_reference_modules(variant, dtype):
     force_field = make_force_field(VARIANTS[variant], dtype)
     structures = [ethanol(0), triclinic_cell()]
+    force_field.model.fused = True
     fused = evaluate(force_field, structures, stress=True)
     force_field.model.fused = False
     reference = evaluate(force_field, structures, stress=True)
@@ -80,6 +81,22 @@ def test_weight_cache_follows_parameter_updates():
     np.testing.assert_allclose(force_field(graph)["forces"].numpy(), expected.numpy(), atol=1e-12)
     model.float()
     assert force_field(graph.to(dtype=torch.float32))["forces"].dtype == torch.float32
+
+
+def test_automatic_choice_follows_the_graph_size(monkeypatch):
+    """fused=None takes the fused path up to FUSED_MAX_EDGES edges and the modules above; same numbers."""
+    force_field = make_force_field(VARIANTS["tiny"], torch.float64)
+    graph = atoms_to_graph(ethanol(), force_field.cutoff)
+    calls = []
+    monkeypatch.setattr(
+        "so3krates.model.so3krates.fused_layer", lambda *a, **k: calls.append(1) or (a[3], a[4])
+    )
+    force_field.model(graph)
+    assert len(calls) == len(force_field.model.layers)
+    monkeypatch.setattr(type(force_field.model), "FUSED_MAX_EDGES", graph.n_edges - 1)
+    calls.clear()
+    force_field.model(graph)
+    assert not calls
 
 
 def test_calculator_leaves_the_callers_model_trainable():

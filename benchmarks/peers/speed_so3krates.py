@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = So3krates(preset(args.preset)).to(dtype).eval().requires_grad_(False)  # as load_model gives it
-    model.fused = not args.reference_path
+    if args.reference_path:
+        model.fused = False
     force_field = ForceField(compile_model(model) if args.compile else model)
     graph = atoms_to_graph(atoms, model.cutoff)  # float64 geometry, as in the calculator
 

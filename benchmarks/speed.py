@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"speed.py: unknown model or system {unknown}; models: {list(MODELS)}, systems: {SYSTEMS}")
         return 2
-    work = args.work_dir / args.dtype
+    work = args.work_dir.resolve() / args.dtype  # runners start in peers/: absolute paths
     paths = build_systems([s.strip() for s in args.systems.split(",") if s.strip()], work / "systems")
     results_path = args.out_dir / f"speed_{args.dtype}.json"
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}

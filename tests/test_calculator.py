@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,32 @@ def test_fast_state_check_still_sees_every_change(model):
         other = atoms.copy()
         change(other)
         assert name in calculator.check_state(other), name
+
+
+def _rss_mb() -> float:
+    """Current resident memory of this process, MB (Linux /proc)."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc to read memory use")
+def test_memory_stays_constant_over_thousands_of_calls(model):
+    """Long MD must not leak: 2000 calls with moving atoms, neighbour-list rebuilds and changing sizes."""
+    calculator = So3kratesCalculator(model, skin=0.2)
+    rng = np.random.default_rng(0)
+    structures = [ethanol(), ethanol()[:6], triclinic_cell()]
+
+    def run(n_calls: int) -> None:
+        for k in range(n_calls):
+            atoms = structures[(k // 50) % 3]  # another size every 50 calls
+            atoms.positions += rng.normal(0.0, 0.01, atoms.positions.shape)
+            atoms.calc = calculator
+            atoms.get_forces()
+
+    run(300)  # warm-up: allocator caches, first neighbour lists
+    before = _rss_mb()
+    run(2000)
+    growth = _rss_mb() - before
+    assert calculator.n_neighbor_list_builds > 100
+    assert growth < 8.0, f"resident memory grew by {growth:.1f} MB over 2000 calls"

@@ -155,6 +155,10 @@ def compile_model(model: So3krates) -> nn.Module:
     import torch._inductor.config as inductor_config
 
     inductor_config.cpp.threads = 1
+    # Fill the fused-weight cache of a frozen model now: filling it on the first compiled call changes a
+    # guarded value and costs a second compilation.
+    with torch.no_grad():
+        model._fused_cache.get(model.layers)
     return torch.compile(model, dynamic=True)
 
 

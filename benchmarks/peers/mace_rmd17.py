@@ -61,6 +61,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def model_flags(args: argparse.Namespace) -> dict:
+    """The `mace_run_train` flags that set the model's size (also used by `speed_mace.py`)."""
+    return {
+        "model": "MACE",
+        "num_channels": args.num_channels,
+        "max_L": args.max_L,
+        "max_ell": args.max_ell,
+        "num_interactions": args.num_interactions,
+        "correlation": args.correlation,
+        "r_max": args.cutoff,
+        "num_radial_basis": args.num_radial_basis,
+    }
+
+
 def mace_cli_args(args: argparse.Namespace, work_dir: str) -> argparse.Namespace:
     """The namespace `mace_run_train` would build from these flags (its parser's defaults for the rest)."""
     from mace import tools
@@ -70,14 +84,7 @@ def mace_cli_args(args: argparse.Namespace, work_dir: str) -> argparse.Namespace
         "work_dir": work_dir,
         "train_file": "in-memory",  # data come from rmd17_protocol; the parser only requires the flag
         "E0s": "average",
-        "model": "MACE",
-        "num_channels": args.num_channels,
-        "max_L": args.max_L,
-        "max_ell": args.max_ell,
-        "num_interactions": args.num_interactions,
-        "correlation": args.correlation,
-        "r_max": args.cutoff,
-        "num_radial_basis": args.num_radial_basis,
+        **model_flags(args),
         "loss": "weighted",
         "energy_weight": args.energy_weight,
         "forces_weight": args.forces_weight,

@@ -66,6 +66,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def architecture(args: argparse.Namespace) -> dict:
+    """The ARCHITECTURE section from the size flags (also used by `speed_so3krates_torch.py`)."""
+    return {
+        "r_max": args.cutoff,
+        "degrees": [int(d) for d in args.degrees.split(",")],
+        "num_features": args.num_features,
+        "num_heads": args.num_heads,
+        "num_layers": args.num_layers,
+        "num_radial_basis_fn": args.num_radial_basis,
+        "energy_regression_dim": args.energy_regression_dim or args.num_features,
+        # So3krates, not SO3LR: no ZBL, electrostatics or dispersion terms.
+        "zbl_repulsion_bool": False,
+        "electrostatic_energy_bool": False,
+        "dispersion_energy_bool": False,
+    }
+
+
 def build_config(args: argparse.Namespace, work_dir: str, train_xyz: str, valid_xyz: str) -> dict:
     """The `torchkrates-train` YAML configuration, validated by the package's own `TrainConfig`."""
     from so3krates_torch.config import TrainConfig
@@ -79,19 +96,7 @@ def build_config(args: argparse.Namespace, work_dir: str, train_xyz: str, valid_
             "default_dtype": args.dtype,
             "seed": args.seed,
         },
-        "ARCHITECTURE": {
-            "r_max": args.cutoff,
-            "degrees": [int(d) for d in args.degrees.split(",")],
-            "num_features": args.num_features,
-            "num_heads": args.num_heads,
-            "num_layers": args.num_layers,
-            "num_radial_basis_fn": args.num_radial_basis,
-            "energy_regression_dim": args.energy_regression_dim or args.num_features,
-            # So3krates, not SO3LR: no ZBL, electrostatics or dispersion terms.
-            "zbl_repulsion_bool": False,
-            "electrostatic_energy_bool": False,
-            "dispersion_energy_bool": False,
-        },
+        "ARCHITECTURE": architecture(args),
         "TRAINING": {
             "path_to_train_data": train_xyz,
             "path_to_val_data": valid_xyz,

@@ -22,6 +22,7 @@ import logging
 import sys
 from importlib.metadata import version
 
+import mace_rmd17
 import numpy as np
 import speed_protocol as protocol
 
@@ -49,14 +50,7 @@ def mace_cli_args(args: argparse.Namespace) -> argparse.Namespace:
     flags = {
         "name": "speed",
         "train_file": "in-memory",  # the parser only requires the flag; nothing is trained
-        "model": "MACE",
-        "num_channels": args.num_channels,
-        "max_L": args.max_L,
-        "max_ell": args.max_ell,
-        "num_interactions": args.num_interactions,
-        "correlation": args.correlation,
-        "r_max": args.cutoff,
-        "num_radial_basis": args.num_radial_basis,
+        **mace_rmd17.model_flags(args),
         # No training set to take the energy shift and force scale from: shift 0, scale 1.
         "mean": 0.0,
         "std": 1.0,
@@ -71,19 +65,6 @@ def mace_cli_args(args: argparse.Namespace) -> argparse.Namespace:
     # What mace.cli.run_train.run sets for an energy+forces model.
     cli_args.compute_energy, cli_args.compute_dipole, cli_args.compute_polarizability = True, False, False
     return cli_args
-
-
-def check_calculator(atoms, calculator, energy: float, forces: np.ndarray) -> float:
-    """The calculator's energy of the structure, after checking that it agrees with the timed call's."""
-    atoms = atoms.copy()
-    atoms.calc = calculator
-    calculator_energy = float(atoms.get_potential_energy())
-    scale = max(1.0, abs(energy))
-    if abs(calculator_energy - energy) > 1e-4 * scale or not np.allclose(
-        atoms.get_forces(), forces, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(forces).max()))
-    ):
-        raise RuntimeError(f"calculator disagrees with the model: {calculator_energy} vs {energy} eV")
-    return calculator_energy
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,13 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     first, times = protocol.time_calls(energy_and_forces, args.budget_seconds)
     out = energy_and_forces()
     forces = out["forces"]
-    if forces is None or tuple(forces.shape) != (len(atoms), 3) or not torch.isfinite(forces).all():
-        shape = None if forces is None else tuple(forces.shape)
-        raise RuntimeError(f"{args.structure}: bad forces {shape}")
+    protocol.check_forces(forces, len(atoms), args.structure)
     energy = float(out["energy"].detach()[0])
 
     calculator = MACECalculator(models=model, device="cpu", default_dtype=args.dtype, model_type="MACE")
-    calculator_energy = check_calculator(atoms, calculator, energy, forces.detach().cpu().numpy())
+    calculator_energy = protocol.check_calculator(atoms, calculator, energy, forces.detach().cpu().numpy())
     md_times = protocol.time_md(atoms, calculator, args.md_steps)
 
     protocol.write_result(

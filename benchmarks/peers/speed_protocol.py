@@ -99,6 +99,28 @@ def time_md(atoms, calculator, n_steps: int, timestep_fs: float = 0.5) -> list[f
     return times
 
 
+def check_forces(forces, n_atoms: int, structure: str) -> None:
+    """Raises unless `forces` (a torch tensor or None) is finite with shape (n_atoms, 3)."""
+    import torch
+
+    if forces is None or tuple(forces.shape) != (n_atoms, 3) or not torch.isfinite(forces).all():
+        shape = None if forces is None else tuple(forces.shape)
+        raise RuntimeError(f"{structure}: bad forces {shape}")
+
+
+def check_calculator(atoms, calculator, energy: float, forces: np.ndarray) -> float:
+    """The calculator's energy of the structure, after checking that it agrees with the timed call's."""
+    atoms = atoms.copy()
+    atoms.calc = calculator
+    calculator_energy = float(atoms.get_potential_energy())
+    scale = max(1.0, abs(energy))
+    if abs(calculator_energy - energy) > 1e-4 * scale or not np.allclose(
+        atoms.get_forces(), forces, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(forces).max()))
+    ):
+        raise RuntimeError(f"calculator disagrees with the model: {calculator_energy} vs {energy} eV")
+    return calculator_energy
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, MB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

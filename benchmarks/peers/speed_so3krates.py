@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         return force_field(graph)["forces"]
 
     first, times = protocol.time_calls(energy_and_forces, args.budget_seconds)
-    forces = energy_and_forces()
-    if forces.shape != (len(atoms), 3) or not torch.isfinite(forces).all():
-        raise RuntimeError(f"{args.structure}: bad forces {tuple(forces.shape)}")
+    protocol.check_forces(energy_and_forces(), len(atoms), args.structure)
     with FlopCounterMode(display=False) as counter:
         energy = float(force_field(graph)["energy"].detach()[0])
     # min_distance=0: random weights give forces that can push atoms together; the peers have no such

@@ -23,6 +23,7 @@ import sys
 from importlib.metadata import version
 
 import numpy as np
+import so3krates_torch_rmd17
 import speed_protocol as protocol
 
 # Modules of the SO3LR terms that this benchmark switches off (So3krates, not SO3LR).
@@ -47,21 +48,7 @@ def build_config(args: argparse.Namespace) -> dict:
     """The GENERAL and ARCHITECTURE parts of a `torchkrates-train` configuration (package-validated)."""
     from so3krates_torch.config.training_config import ArchitectureConfig
 
-    architecture = ArchitectureConfig.model_validate(
-        {
-            "r_max": args.cutoff,
-            "degrees": [int(d) for d in args.degrees.split(",")],
-            "num_features": args.num_features,
-            "num_heads": args.num_heads,
-            "num_layers": args.num_layers,
-            "num_radial_basis_fn": args.num_radial_basis,
-            "energy_regression_dim": args.energy_regression_dim or args.num_features,
-            # So3krates, not SO3LR: no ZBL, electrostatics or dispersion terms.
-            "zbl_repulsion_bool": False,
-            "electrostatic_energy_bool": False,
-            "dispersion_energy_bool": False,
-        }
-    )
+    architecture = ArchitectureConfig.model_validate(so3krates_torch_rmd17.architecture(args))
     return {
         "GENERAL": {"default_dtype": args.dtype, "seed": SEED},
         "ARCHITECTURE": architecture.model_dump(),
@@ -74,19 +61,6 @@ def model_description(architecture: dict) -> str:
         for key in ("num_features", "num_layers", "degrees", "num_heads", "num_radial_basis_fn", "r_max")
     )
     return f"So3krates (SO3LR class, ZBL/electrostatics/dispersion off) {sizes}, random init (seed {SEED})"
-
-
-def check_calculator(atoms, calculator, energy: float, forces: np.ndarray) -> float:
-    """The calculator's energy of the structure, after checking that it agrees with the timed call's."""
-    atoms = atoms.copy()
-    atoms.calc = calculator
-    calculator_energy = float(atoms.get_potential_energy())
-    scale = max(1.0, abs(energy))
-    if abs(calculator_energy - energy) > 1e-4 * scale or not np.allclose(
-        atoms.get_forces(), forces, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(forces).max()))
-    ):
-        raise RuntimeError(f"calculator disagrees with the model: {calculator_energy} vs {energy} eV")
-    return calculator_energy
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,15 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     first, times = protocol.time_calls(energy_and_forces, args.budget_seconds)
     out = energy_and_forces()
     forces = out["forces"]
-    if forces is None or tuple(forces.shape) != (len(atoms), 3) or not torch.isfinite(forces).all():
-        shape = None if forces is None else tuple(forces.shape)
-        raise RuntimeError(f"{args.structure}: bad forces {shape}")
+    protocol.check_forces(forces, len(atoms), args.structure)
     energy = float(out["energy"].detach()[0])
 
     calculator = TorchkratesCalculator(
         models=model, device="cpu", default_dtype=args.dtype, model_type="so3krates"
     )
-    calculator_energy = check_calculator(atoms, calculator, energy, forces.detach().cpu().numpy())
+    calculator_energy = protocol.check_calculator(atoms, calculator, energy, forces.detach().cpu().numpy())
     md_times = protocol.time_md(atoms, calculator, args.md_steps)
 
     n_parameters = sum(

@@ -178,6 +178,7 @@ class MinimaHopping:
         self._energies: list[float] = []  # of the unique minima, ascending, for the energy-window search
         self._unique: list[_Minimum] = []  # in the same order
         self.state: HoppingState | None = None
+        self._start_bonds: set[tuple[int, int]] | None = None  # for keep_topology
         self._resume()
 
     # ----------------------------------------------------------------------------------------- storage
@@ -351,8 +352,10 @@ class MinimaHopping:
         """With ``keep_topology``: which bonds broke or formed relative to the starting minimum, else None."""
         if not self.config.keep_topology:
             return None
-        start = min(self._unique, key=lambda minimum: minimum.id).atoms  # the step-0 minimum
-        before = {tuple(pair) for pair in covalent_bonds(start).tolist()}
+        if self._start_bonds is None:  # those of the step-0 minimum, computed once
+            start = min(self._unique, key=lambda minimum: minimum.id).atoms
+            self._start_bonds = {tuple(pair) for pair in covalent_bonds(start).tolist()}
+        before = self._start_bonds
         after = {tuple(pair) for pair in covalent_bonds(atoms).tolist()}
         if before == after:
             return None

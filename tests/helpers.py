@@ -107,3 +107,12 @@ def triclinic_cell(seed: int = 0) -> Atoms:
         atoms.positions[j] += rng.normal(scale=0.5, size=3)
     atoms.wrap()
     return atoms
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process, MB (Linux /proc)."""
+    import os
+
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20

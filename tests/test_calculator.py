@@ -10,7 +10,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 
-from helpers import ethanol, make_force_field, triclinic_cell
+from helpers import ethanol, make_force_field, rss_mb, triclinic_cell
 from so3krates import So3kratesCalculator, atoms_to_graph, preset
 from so3krates.calculators.ase import UnsupportedStructureError
 from so3krates.model.checkpoint import save_checkpoint
@@ -129,13 +129,6 @@ def test_fast_state_check_still_sees_every_change(model):
         assert name in calculator.check_state(other), name
 
 
-def _rss_mb() -> float:
-    """Current resident memory of this process, MB (Linux /proc)."""
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc to read memory use")
 def test_memory_stays_constant_over_thousands_of_calls(model):
     """Long MD must not leak: 2000 calls with moving atoms, neighbour-list rebuilds and changing sizes."""
@@ -151,8 +144,8 @@ def test_memory_stays_constant_over_thousands_of_calls(model):
             atoms.get_forces()
 
     run(300)  # warm-up: allocator caches, first neighbour lists
-    before = _rss_mb()
+    before = rss_mb()
     run(2000)
-    growth = _rss_mb() - before
+    growth = rss_mb() - before
     assert calculator.n_neighbor_list_builds > 100
     assert growth < 8.0, f"resident memory grew by {growth:.1f} MB over 2000 calls"

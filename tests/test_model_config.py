@@ -88,7 +88,11 @@ def test_neighbor_initialisation_uses_the_average_neighbour_count():
     values = []
     for n_bar in (3.0, 6.0):
         model = So3krates(preset("tiny", ev_init="neighbors", avg_num_neighbors=n_bar))
-        values.append(model.initial_euclidean(model.edge_features(graph), graph.n_atoms))
+        values.append(
+            model.initial_euclidean(
+                model.edge_features(graph.edge_vectors(), graph.idx_i, graph.idx_j), graph.n_atoms
+            )
+        )
     torch.testing.assert_close(values[0], 2 * values[1])
     assert values[0].abs().max() > 0
 
@@ -105,5 +109,7 @@ def test_invariant_only_model_has_no_euclidean_branch():
     assert invariant.layers[0].invariant_filter.spherical is None
     assert count_parameters(invariant)["total"] < count_parameters(full)["total"]
     graph = atoms_to_graph(ethanol(), 4.0)
-    assert invariant.initial_euclidean(invariant.edge_features(graph), graph.n_atoms).shape == (9, 0)
+    assert invariant.initial_euclidean(
+        invariant.edge_features(graph.edge_vectors(), graph.idx_i, graph.idx_j), graph.n_atoms
+    ).shape == (9, 0)
     assert torch.isfinite(ForceField(invariant)(graph)["forces"]).all()

@@ -73,10 +73,21 @@ class So3kratesCalculator(Calculator):
         else:
             self.model, metadata = load_model(Path(model), device=device, dtype=torch_dtype)
             trained_species = metadata.get("species")
-        self.species = set(species if species is not None else (trained_species or range(1, 119)))
         self.force_field = ForceField(compile_model(self.model) if compile else self.model)
+        self._setup(float(self.model.cutoff), species, trained_species, device, skin, min_distance)
+
+    def _setup(
+        self,
+        cutoff: float,
+        species: list[int] | None,
+        trained_species: list[int] | None,
+        device: str,
+        skin: float,
+        min_distance: float,
+    ) -> None:
+        self.species = set(species if species is not None else (trained_species or range(1, 119)))
         self.device = torch.device(device)
-        self.cutoff = float(self.model.cutoff)
+        self.cutoff = cutoff
         self.skin = float(skin)
         self.min_distance = float(min_distance)
         self.n_neighbor_list_builds = 0
@@ -175,14 +186,62 @@ class So3kratesCalculator(Calculator):
         graph = self.graph(atoms)
         self._check_distances(graph)
         compute_stress = "stress" in properties and bool(atoms.pbc.any())
+        energy, energies, forces, stress = self._evaluate(graph, compute_stress)
+        self.results = {"energy": energy, "free_energy": energy, "forces": forces, "energies": energies}
+        if compute_stress:
+            self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]  # Voigt: xx yy zz yz xz xy
+
+    def _evaluate(
+        self, graph: Graph, compute_stress: bool
+    ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray | None]:
+        """(energy eV, atomic energies eV, forces eV/Å, stress 3×3 eV/Å³ or None) of a one-structure graph."""
         out = self.force_field(graph, compute_forces=True, compute_stress=compute_stress)
         energy = float(out[keys.ENERGY].detach()[0])
-        self.results = {
-            "energy": energy,
-            "free_energy": energy,
-            "forces": out[keys.FORCES].detach().cpu().double().numpy(),
-            "energies": out[keys.ATOMIC_ENERGIES].detach().cpu().double().numpy(),
-        }
+        energies = out[keys.ATOMIC_ENERGIES].detach().cpu().double().numpy()
+        forces = out[keys.FORCES].detach().cpu().double().numpy()
+        stress = out[keys.STRESS].detach().cpu().double().numpy()[0] if compute_stress else None
+        return energy, energies, forces, stress
+
+
+class ExportedCalculator(So3kratesCalculator):
+    """ASE calculator of a file written by ``so3krates export`` (``torchscript``, ``pt2`` or ``aoti``).
+
+    Same neighbour-list reuse and the same checks (elements, closest distance) as So3kratesCalculator; the
+    numbers come from the exported program alone, which is how an export is checked against its checkpoint.
+
+    Args:
+        path: the exported file.
+        skin, min_distance, species: as for So3kratesCalculator; species default to the file's metadata.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        skin: float = 0.5,
+        min_distance: float = 0.1,
+        species: list[int] | None = None,
+        **kwargs,
+    ) -> None:
+        from so3krates.export.core import load_exported
+
+        Calculator.__init__(self, **kwargs)
+        self.exported = load_exported(path)
+        self.metadata = self.exported.metadata
+        self._setup(self.exported.cutoff, species, self.metadata.get("species"), "cpu", skin, min_distance)
+
+    def _evaluate(
+        self, graph: Graph, compute_stress: bool
+    ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray | None]:
+        energy, energies, forces, virial = self.exported(
+            graph.positions, graph.atomic_numbers, graph.idx_i, graph.idx_j, graph.shifts, graph.cell[0]
+        )
+        stress = None
         if compute_stress:
-            stress = out[keys.STRESS].detach().cpu().double().numpy()[0]
-            self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]  # Voigt: xx yy zz yz xz xy
+            volume = abs(float(torch.linalg.det(graph.cell[0])))
+            stress = -virial.detach().double().numpy() / volume
+        return (
+            float(energy),
+            energies.detach().double().numpy(),
+            forces.detach().double().numpy(),
+            stress,
+        )

@@ -1,7 +1,7 @@
 """``so3krates <command>``: argv → validated config → library call. No model logic lives here.
 
 Commands follow the pipeline stages: ``info`` (a model preset), ``prepare``, ``train``, ``evaluate``,
-then simulation and analysis with a trained model: ``md``, ``explore``, ``spectrum``.
+then simulation and analysis with a trained model: ``md``, ``explore``, ``spectrum``, and ``export``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from so3krates import __version__
-from so3krates.cli import explore, md, set_torch_threads, spectrum
+from so3krates.cli import explore, export, md, set_torch_threads, spectrum
 from so3krates.errors import So3kratesError, format_validation_error
 
 
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.register(commands)
     explore.register(commands)
     spectrum.register(commands)
+    export.register(commands)
     return parser
 
 

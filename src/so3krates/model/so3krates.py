@@ -84,9 +84,13 @@ class So3krates(nn.Module):
         self._fused_cache = FusedWeightCache()  # assign=True replaces the parameter objects
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def edge_features(self, graph: Graph) -> EdgeFeatures:
-        """Radial basis, cutoff and spherical harmonics of every edge, shared by all layers."""
-        vectors = graph.edge_vectors()
+    def edge_features(self, vectors: Tensor, idx_i: Tensor, idx_j: Tensor) -> EdgeFeatures:
+        """Radial basis, cutoff and spherical harmonics of every edge, shared by all layers.
+
+        Args:
+            vectors: (n_edges, 3) float, Å — ``R_j − R_i`` (plus the image offset) of each edge.
+            idx_i, idx_j: (n_edges,) int64 — centre and neighbour atom of each edge.
+        """
         squared = (vectors * vectors).sum(-1)
         nonzero = squared > 0
         # Double-where: sqrt and division only see safe values, so d = 0 (coincident atoms) has r̂ = 0 and
@@ -102,8 +106,8 @@ class So3krates(nn.Module):
             rbf=self.radial_basis(distances),
             cutoff=self.cutoff_fn(distances),
             sph=self.spherical_harmonics(unit),
-            idx_i=graph.idx_i,
-            idx_j=graph.idx_j,
+            idx_i=idx_i,
+            idx_j=idx_j,
         )
 
     def initial_euclidean(self, edges: EdgeFeatures, n_atoms: int) -> Tensor:
@@ -118,14 +122,30 @@ class So3krates(nn.Module):
 
         Returns the atomic energies E_i; they are float64 whatever the network's dtype (see EnergyReadout).
         """
-        edges = self.edge_features(graph)
-        h = self.embedding(graph.atomic_numbers)
-        x = self.initial_euclidean(edges, graph.n_atoms)
-        fused = self.fused if self.fused is not None else graph.n_edges <= self.FUSED_MAX_EDGES
+        return self.atomic_energies(graph.edge_vectors(), graph.atomic_numbers, graph.idx_i, graph.idx_j)
+
+    def atomic_energies(
+        self, vectors: Tensor, atomic_numbers: Tensor, idx_i: Tensor, idx_j: Tensor
+    ) -> Tensor:
+        """The model as a function of edge vectors: what exported models and LAMMPS' ML-IAP call.
+
+        Args:
+            vectors: (n_edges, 3) float, Å — ``R_j − R_i`` (plus image offset) of each edge.
+            atomic_numbers: (n_atoms,) int64.
+            idx_i, idx_j: (n_edges,) int64 — centre and neighbour atom of each edge.
+
+        Returns:
+            (n_atoms,) float64, eV — atomic energies E_i.
+        """
+        edges = self.edge_features(vectors, idx_i, idx_j)
+        n_atoms = atomic_numbers.shape[0]
+        h = self.embedding(atomic_numbers)
+        x = self.initial_euclidean(edges, n_atoms)
+        fused = self.fused if self.fused is not None else idx_i.shape[0] <= self.FUSED_MAX_EDGES
         if not fused:
             for layer in self.layers:
                 h, x = layer(h, x, edges)
-            return self.readout(h, graph.atomic_numbers)
+            return self.readout(h, atomic_numbers)
         weights = self._fused_cache.get(self.layers)
         # The first radial-filter layer of every layer and branch in one product: K_ij is shared.
         radial = torch.nn.functional.silu(torch.addmm(weights.radial_in[1], edges.rbf, weights.radial_in[0]))
@@ -142,7 +162,7 @@ class So3krates(nn.Module):
                 edges.idx_i,
                 edges.idx_j,
             )
-        return self.readout(h, graph.atomic_numbers)
+        return self.readout(h, atomic_numbers)
 
 
 def compile_model(model: So3krates) -> nn.Module:

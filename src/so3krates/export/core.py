@@ -1,0 +1,324 @@
+"""The trained model as a function of plain tensors, and the files that carry it without the training code.
+
+Every exported format computes the same thing for one structure::
+
+    (positions (n, 3) f64 Å, atomic_numbers (n,) i64, idx_i (e,) i64, idx_j (e,) i64,
+     shifts (e, 3) f64, cell (3, 3) f64 Å)
+    → (energy () f64 eV, atomic_energies (n,) f64 eV, forces (n, 3) f64 eV/Å, virial (3, 3) f64 eV)
+
+with ``vec_ij = R_j − R_i + shifts_ij @ cell`` over a full neighbour list (both directions of every pair)
+within the cutoff; edges beyond the cutoff add exactly nothing, so a list built with a skin is fine. Forces
+are −∂E/∂R; the virial is −∂E/∂ε for a symmetric strain ε of positions and cell (stress = −virial / V for a
+periodic cell; for a molecule pass a zero cell and ignore it).
+
+Formats (``so3krates export --format``):
+
+- ``torchscript``: ``torch.jit.load(FILE)``, also from C++ (libtorch). The network is traced as a function of
+  the edge vectors and the derivatives are taken by a scripted wrapper. PyTorch has deprecated TorchScript
+  in favour of ``torch.export``; it stays here for C++ consumers that still load it.
+- ``pt2``: a ``torch.export`` program (``torch.export.load(FILE).module()``), forward and backward traced
+  into one graph of ATen operations with symbolic numbers of atoms and edges.
+- ``aoti``: the same program compiled ahead of time by AOTInductor into a native shared library inside a
+  ``.pt2`` package (``torch._inductor.aoti_load_package(FILE)``), loadable from Python or C++ without
+  Python. Compiling takes about a minute and needs a C++ compiler at export time, not at run time.
+- ``lammps-mliap``: a pickled :class:`so3krates.export.mliap.So3kratesMLIAP` for LAMMPS' ``pair_style mliap
+  unified FILE 1`` (see that module).
+
+Every file carries ``metadata.json`` (cutoff, species, dtype, units, versions, receptive field).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from so3krates import __version__
+from so3krates.errors import DataError
+from so3krates.files import atomic_path
+from so3krates.model.checkpoint import load_model
+from so3krates.model.so3krates import So3krates
+
+#: Version of the exported interface (inputs, outputs, metadata keys); bumped when any of them changes.
+EXPORT_SCHEMA_VERSION = 1
+FORMATS = ("torchscript", "pt2", "aoti", "lammps-mliap")
+METADATA_FILE = "metadata.json"
+
+
+class EnergyFunction(nn.Module):
+    """E_i as a function of edge vectors; the part of the model that gets traced."""
+
+    def __init__(self, model: So3krates) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, vectors: Tensor, atomic_numbers: Tensor, idx_i: Tensor, idx_j: Tensor) -> Tensor:
+        return self.model.atomic_energies(vectors, atomic_numbers, idx_i, idx_j)
+
+
+class TensorForceField(nn.Module):
+    """Energy, atomic energies, forces and virial of one structure given as plain tensors (module docstring).
+
+    Written to be compiled by TorchScript as well as traced by ``make_fx``: no Python objects, no
+    data-dependent branches.
+    """
+
+    def __init__(self, energy: nn.Module) -> None:
+        super().__init__()
+        self.energy = energy
+
+    def forward(
+        self,
+        positions: Tensor,
+        atomic_numbers: Tensor,
+        idx_i: Tensor,
+        idx_j: Tensor,
+        shifts: Tensor,
+        cell: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        positions = positions.detach().requires_grad_(True)
+        strain = torch.zeros_like(cell).requires_grad_(True)
+        symmetric = 0.5 * (strain + strain.transpose(0, 1))
+        strained_positions = positions + torch.mm(positions, symmetric)
+        strained_cell = cell + torch.mm(cell, symmetric)
+        vectors = strained_positions[idx_j] - strained_positions[idx_i] + torch.mm(shifts, strained_cell)
+        atomic_energies = self.energy(vectors, atomic_numbers, idx_i, idx_j)
+        energy = atomic_energies.sum()
+        gradients = torch.autograd.grad([energy], [positions, strain], allow_unused=True)
+        position_gradient = gradients[0]
+        strain_gradient = gradients[1]
+        # A structure without edges: the energy does not depend on the geometry.
+        if position_gradient is None:
+            position_gradient = torch.zeros_like(positions)
+        if strain_gradient is None:
+            strain_gradient = torch.zeros_like(cell)
+        return energy.detach(), atomic_energies.detach(), -position_gradient, -strain_gradient
+
+
+def export_metadata(model: So3krates, species: list[int], fmt: str, dtype: torch.dtype) -> dict[str, Any]:
+    """What a user of an exported file needs to know without the training code."""
+    return {
+        "export_schema_version": EXPORT_SCHEMA_VERSION,
+        "format": fmt,
+        "so3krates_version": __version__,
+        "torch_version": torch.__version__,
+        "cutoff": float(model.cutoff),
+        "n_layers": int(model.config.n_layers),
+        # A message-passing model: E_i depends on atoms up to n_layers × cutoff away (ghost atoms in LAMMPS).
+        "receptive_field": float(model.config.n_layers * model.cutoff),
+        "species": sorted(int(z) for z in species),
+        "dtype": str(dtype).removeprefix("torch."),
+        "units": {"length": "Å", "energy": "eV", "forces": "eV/Å", "virial": "eV"},
+        "inputs": ["positions", "atomic_numbers", "idx_i", "idx_j", "shifts", "cell"],
+        "outputs": ["energy", "atomic_energies", "forces", "virial"],
+        "model_config": model.config.model_dump(mode="json"),
+    }
+
+
+def example_inputs(model: So3krates, species: list[int]) -> tuple[Tensor, ...]:
+    """A small cluster of the model's elements with all pairs as edges, for tracing.
+
+    Five atoms and twenty edges: the numbers differ from each other and from 0 and 1, so a symbolic trace
+    keeps the number of atoms and the number of edges as two free sizes.
+    """
+    generator = torch.Generator().manual_seed(0)
+    n = 5
+    spacing = 0.35 * model.cutoff
+    positions = torch.rand((n, 3), generator=generator, dtype=torch.float64) * spacing
+    positions[:, 0] += torch.arange(n, dtype=torch.float64) * 0.2 * spacing
+    numbers = torch.tensor([species[k % len(species)] for k in range(n)], dtype=torch.long)
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    idx_i = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+    idx_j = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    shifts = torch.zeros((len(pairs), 3), dtype=torch.float64)
+    cell = torch.zeros((3, 3), dtype=torch.float64)
+    return positions, numbers, idx_i, idx_j, shifts, cell
+
+
+def _prepared_model(model: So3krates, dtype: torch.dtype, fused: bool) -> So3krates:
+    model = model.to(dtype=dtype).eval().requires_grad_(False)
+    # The exported graph is fixed: choose the evaluation path once (So3krates.fused documents the trade-off).
+    model.fused = fused
+    return model
+
+
+def _export_torchscript(model: So3krates, inputs: tuple[Tensor, ...], path: Path, metadata: dict) -> None:
+    import warnings
+
+    positions, numbers, idx_i, idx_j, shifts, cell = inputs
+    vectors = positions[idx_j] - positions[idx_i] + shifts @ cell
+    with warnings.catch_warnings():
+        # TorchScript's deprecation notice, and its warning about Python numbers in the fused path: those
+        # are sizes of weight matrices, fixed for the exported model, not sizes of the input.
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(EnergyFunction(model), (vectors, numbers, idx_i, idx_j), check_trace=False)
+        scripted = torch.jit.script(TensorForceField(traced))
+    with atomic_path(path) as tmp:
+        scripted.save(str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+
+
+def _exported_program(model: So3krates, inputs: tuple[Tensor, ...]) -> torch.export.ExportedProgram:
+    """Forward and backward of TensorForceField as one ATen graph with symbolic sizes → torch.export.
+
+    ``torch.export`` cannot trace ``torch.autograd.grad`` itself (torch 2.13); ``make_fx`` can, and its
+    graph, which no longer contains autograd calls, exports. The model's weights enter the graph as
+    constants (``_allow_non_fake_inputs``): the program is then self-contained.
+    """
+    import warnings
+
+    from torch.export import Dim
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    force_field = TensorForceField(EnergyFunction(model))
+    graph_module = make_fx(force_field, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
+    n_atoms = Dim("n_atoms", min=0, max=2**31 - 1)
+    n_edges = Dim("n_edges", min=0, max=2**31 - 1)
+    dynamic = ({0: n_atoms}, {0: n_atoms}, {0: n_edges}, {0: n_edges}, {0: n_edges}, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.export.export(graph_module, inputs, dynamic_shapes=dynamic, strict=False)
+
+
+def export_model(
+    model: str | os.PathLike | So3krates,
+    out: str | os.PathLike,
+    fmt: str = "torchscript",
+    dtype: str = "float64",
+    fused: bool = False,
+    species: list[int] | None = None,
+) -> dict[str, Any]:
+    """Writes ``model`` (a checkpoint path or a model) to ``out`` in format ``fmt``; returns the metadata.
+
+    Args:
+        model: checkpoint (``RUN/best.pt``) or a ``So3krates`` instance (not modified).
+        out: destination file; written atomically.
+        fmt: one of ``FORMATS``.
+        dtype: ``"float64"`` or ``"float32"`` network; inputs and outputs are float64 either way.
+        fused: evaluate the layers through the fused path (faster for molecules of up to a few hundred
+            edges) instead of the per-equation modules (faster for large systems).
+        species: atomic numbers the model may be used for; default: those of the checkpoint.
+    """
+    import copy
+
+    if fmt not in FORMATS:
+        raise DataError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
+    if torch_dtype is None:
+        raise DataError(f"unknown dtype {dtype!r}; choose float64 or float32")
+    if isinstance(model, So3krates):
+        model = copy.deepcopy(model)
+        trained_species = None
+    else:
+        model, checkpoint_metadata = load_model(model)
+        trained_species = checkpoint_metadata.get("species")
+    species = sorted(species or trained_species or [1, 6, 7, 8])
+    model = _prepared_model(model, torch_dtype, fused)
+    metadata = export_metadata(model, species, fmt, torch_dtype)
+    out = Path(out)
+    if fmt in ("pt2", "aoti") and out.suffix != ".pt2":
+        raise DataError(f"{out}: a {fmt} export must end in .pt2 (torch.export and AOTInductor insist on it)")
+    if fmt == "lammps-mliap":
+        from so3krates.export.mliap import So3kratesMLIAP
+
+        So3kratesMLIAP(model, species, metadata=metadata).save(out)
+        return metadata
+    inputs = example_inputs(model, species)
+    if fmt == "torchscript":
+        _export_torchscript(model, inputs, out, metadata)
+        return metadata
+    program = _exported_program(model, inputs)
+    if fmt == "pt2":
+        with atomic_path(out, suffix=".tmp.pt2") as tmp:
+            torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(metadata)})
+        return metadata
+    from torch._inductor import aoti_compile_and_package
+
+    with atomic_path(out, suffix=".tmp.pt2") as tmp:
+        tmp.unlink()  # the packager writes the archive itself
+        aoti_compile_and_package(
+            program,
+            package_path=str(tmp),
+            inductor_configs={
+                "aot_inductor.metadata": {METADATA_FILE: json.dumps(metadata)},
+                # As in compile_model: inductor's multi-threaded CPU kernels corrupted memory in this
+                # model's backward pass with torch 2.13; matrix products keep all threads.
+                "cpp.threads": 1,
+            },
+        )
+    return metadata
+
+
+class ExportedModel:
+    """An exported file loaded for evaluation: ``exported(positions, numbers, idx_i, idx_j, shifts, cell)``.
+
+    Attributes:
+        metadata: the file's ``metadata.json``.
+        format: ``"torchscript"``, ``"pt2"`` or ``"aoti"``.
+    """
+
+    def __init__(self, function, metadata: dict[str, Any]) -> None:
+        self._function = function
+        self.metadata = metadata
+        self.format = metadata["format"]
+        self.cutoff = float(metadata["cutoff"])
+
+    def __call__(
+        self,
+        positions: Tensor,
+        atomic_numbers: Tensor,
+        idx_i: Tensor,
+        idx_j: Tensor,
+        shifts: Tensor,
+        cell: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self._function(positions, atomic_numbers, idx_i, idx_j, shifts, cell)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``metadata.json`` of an exported file (any format but ``lammps-mliap``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: exported model not found")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            for name in names:
+                if name.endswith(f"/{METADATA_FILE}") or name == METADATA_FILE:
+                    return json.loads(archive.read(name))
+            for name in names:  # an AOTInductor package keeps it in the compiled model's metadata
+                if name.endswith("_metadata.json"):
+                    candidate = json.loads(archive.read(name))
+                    if METADATA_FILE in candidate:
+                        return json.loads(candidate[METADATA_FILE])
+    except (zipfile.BadZipFile, json.JSONDecodeError, KeyError) as error:
+        raise DataError(f"{path}: not a so3krates export ({error})") from None
+    raise DataError(f"{path}: not a so3krates export (no {METADATA_FILE})")
+
+
+def load_exported(path: str | os.PathLike) -> ExportedModel:
+    """Loads a ``torchscript``, ``pt2`` or ``aoti`` file written by :func:`export_model`."""
+    path = Path(path)
+    metadata = read_metadata(path)
+    fmt = metadata.get("format")
+    if metadata.get("export_schema_version", 0) > EXPORT_SCHEMA_VERSION:
+        raise DataError(f"{path}: exported with a newer so3krates ({metadata.get('so3krates_version')})")
+    if fmt == "torchscript":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # see the module docstring
+            function = torch.jit.load(str(path), map_location="cpu")
+    elif fmt == "pt2":
+        function = torch.export.load(path).module()
+    elif fmt == "aoti":
+        from torch._inductor import aoti_load_package
+
+        function = aoti_load_package(str(path))
+    else:
+        raise DataError(f"{path}: format {fmt!r} is not loaded by load_exported")
+    return ExportedModel(function, metadata)

@@ -103,7 +103,7 @@ class So3kratesMLIAP:
         else:
             gradient = torch.zeros_like(vectors)
         data.eatoms = local_energies.detach().double().cpu().numpy()
-        data.energy = float(energy)
+        data.energy = float(energy.detach())
         data.update_pair_forces(np.ascontiguousarray(gradient.double().cpu().numpy()))
 
     def _check_ghost_neighbors(

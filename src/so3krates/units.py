@@ -13,3 +13,6 @@ MEV = 1e-3  # eV — metrics are printed in meV and meV/Å
 
 ENERGY_UNITS = {"eV": 1.0, "meV": MEV, "kcal/mol": KCAL_PER_MOL, "Hartree": HARTREE}  # → eV
 LENGTH_UNITS = {"Å": 1.0, "Angstrom": 1.0, "Bohr": BOHR, "nm": 10.0}  # → Å
+
+#: Å/ps (LAMMPS `units metal` velocity) per ASE velocity unit (Å per ASE time unit).
+VELOCITY_TO_METAL = 1000.0 * _ase_units.fs

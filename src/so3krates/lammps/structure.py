@@ -11,16 +11,13 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from ase import units as ase_units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from so3krates.errors import So3kratesError
 from so3krates.lammps.driver import LammpsDriver, atomic_numbers_of
-
-#: Å/ps (LAMMPS metal) per ASE velocity unit (Å per ASE time unit).
-VELOCITY_TO_METAL = 1000.0 * ase_units.fs
+from so3krates.units import VELOCITY_TO_METAL
 
 
 def elements_of(atoms: Atoms) -> list[str]:

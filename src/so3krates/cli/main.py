@@ -102,10 +102,39 @@ def _command_prepare(args: argparse.Namespace) -> int:
 
 def _command_train(args: argparse.Namespace) -> int:
     from so3krates.train.config import load_train_config
+    from so3krates.train.distributed import detect_placement, launch, peer_failure
     from so3krates.train.trainer import train
 
     config = load_train_config(args.config, parse_overrides(args.set))
-    train(config, resume=args.resume)
+    placement = detect_placement()
+    if args.nproc is not None and args.nproc < 1:
+        raise UsageError(f"--nproc: expected at least 1 process, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1:
+        if placement.world_size > 1:
+            raise UsageError(
+                f"--nproc: this process is already rank {placement.rank} of a {placement.launcher} job"
+            )
+        argv = ["train", args.config, *(f"--set={pair}" for pair in args.set)]
+        return launch(args.nproc, argv + (["--resume"] if args.resume else []))
+    if placement.world_size == 1:
+        train(config, resume=args.resume)
+        return 0
+    # One process of several: its errors name it and end it at once with a non-zero status, so that the
+    # launcher stops the job instead of the other ranks waiting for this one.
+    where = f"rank {placement.rank} of {placement.world_size}"
+    try:
+        train(config, resume=args.resume)
+    except So3kratesError as error:
+        raise type(error)(f"{where}: {error}") from None
+    except Exception as error:
+        reason = peer_failure(error)
+        if reason is None:  # this rank's own error
+            import traceback
+
+            traceback.print_exc()
+            reason = f"{type(error).__name__}: {error}"
+        print(f"so3krates train: {where} failed: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -167,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override, e.g. training.max_epochs=10",
     )
     train.add_argument("--resume", action="store_true", help="continue the run in run_dir from last.pt")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train in N processes on this machine (torchrun; one GPU each with device cuda)",
+    )
     train.set_defaults(run=_command_train)
 
     evaluate = commands.add_parser(

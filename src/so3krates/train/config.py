@@ -101,6 +101,12 @@ class TrainingConfig(_Section):
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, description="torch threads; default: torch's choice")
     progress: bool = Field(True, description="show a progress bar per epoch")
+    distributed_timeout: float = Field(
+        1800.0,
+        gt=0.0,
+        description="multi-process training: seconds a rank waits for the others (in a step, or while rank 0 "
+        "prepares the data) before the job fails",
+    )
 
 
 class TrainConfig(_Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from so3krates.data.dataset import GraphDataset
@@ -30,10 +31,12 @@ def is_hdf5(path: Path) -> bool:
 
 @dataclass
 class PreparedData:
-    """The three datasets (GraphDataset or HDF5Dataset) and the statistics of the training split."""
+    """The three datasets (GraphDataset or HDF5Dataset), the statistics of the training split, and the split:
+    (n_subset,) int64 indices into ``train_file`` per subset."""
 
     datasets: dict[str, Dataset]
     statistics: DatasetStatistics
+    split: dict[str, np.ndarray]
 
 
 def _read(config: DataConfig, path: Path) -> list[Structure]:
@@ -81,13 +84,25 @@ def _isolated_energies(config: DataConfig) -> dict[int, float] | None:
     return {int(z): e * factor for z, e in config.isolated_atom_energies.items()}
 
 
-def prepare_data(config: DataConfig, run_dir: Path, cutoff: float, log=print) -> PreparedData:
+def prepare_data(
+    config: DataConfig,
+    run_dir: Path,
+    cutoff: float,
+    log=print,
+    *,
+    split: dict[str, np.ndarray] | None = None,
+    statistics: DatasetStatistics | None = None,
+) -> PreparedData:
     """Reads (or opens) the data, splits ``train_file`` (indices to ``RUN/split.npz``), computes statistics.
 
     ``valid_file`` / ``test_file``, when given, are used whole; otherwise validation and test structures are
     drawn from ``train_file`` by a seeded permutation (or the given ``split_file``).
+
+    ``split`` and ``statistics`` given (rank 0's, on the other ranks of a multi-process training): the data
+    is only opened; nothing is computed, and nothing is read from or written to ``run_dir``.
     """
     split_path = Path(run_dir) / "split.npz"
+    known_split = split is not None
     isolated = _isolated_energies(config)
     if is_hdf5(config.train_file):
         reader_options = {
@@ -109,21 +124,28 @@ def prepare_data(config: DataConfig, run_dir: Path, cutoff: float, log=print) ->
             )
         with open_hdf5(config.train_file) as file:
             n_structures = int(file.attrs["n_structures"])
-        split = _split(config, n_structures, split_path)
+        if split is None:
+            split = _split(config, n_structures, split_path)
         datasets = {
             name: HDF5Dataset(config.train_file, split[name], cutoff) for name in ("train", "valid", "test")
         }
-        statistics = hdf5_statistics(
-            config.train_file, split["train"], cutoff, isolated_atom_energies=isolated
-        )
+        if statistics is None:
+            statistics = hdf5_statistics(
+                config.train_file, split["train"], cutoff, isolated_atom_energies=isolated
+            )
     else:
         pool = _read(config, config.train_file)
-        split = _split(config, len(pool), split_path)
+        if split is None:
+            split = _split(config, len(pool), split_path)
         datasets = {
             name: GraphDataset([pool[i] for i in split[name]], cutoff) for name in ("train", "valid", "test")
         }
-        statistics = compute_statistics(datasets["train"].structures, cutoff, isolated_atom_energies=isolated)
-    save_split(split_path, split)
+        if statistics is None:
+            statistics = compute_statistics(
+                datasets["train"].structures, cutoff, isolated_atom_energies=isolated
+            )
+    if not known_split:
+        save_split(split_path, split)
     if config.valid_file is not None:
         datasets["valid"] = _whole_file(config, config.valid_file, cutoff)
     if config.test_file is not None:
@@ -136,4 +158,4 @@ def prepare_data(config: DataConfig, run_dir: Path, cutoff: float, log=print) ->
         )
     sizes = ", ".join(f"{len(d)} {name}" for name, d in datasets.items())
     log(f"data: {sizes} structures" + (" (streamed from HDF5)" if is_hdf5(config.train_file) else ""))
-    return PreparedData(datasets=datasets, statistics=statistics)
+    return PreparedData(datasets=datasets, statistics=statistics, split=split)

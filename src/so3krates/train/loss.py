@@ -9,15 +9,43 @@ from torch import Tensor
 from so3krates.train.config import LossConfig
 
 
-def _penalty(difference: Tensor, config: LossConfig) -> Tensor:
-    """Mean penalty over the finite entries of ``difference``; 0 when there are none."""
+def _penalty(difference: Tensor, config: LossConfig) -> tuple[Tensor, int]:
+    """Mean penalty over the finite entries of ``difference`` and their number; (0, 0) when there are none."""
     finite = torch.isfinite(difference)
     if not finite.any():
-        return difference.new_zeros(())
+        return difference.new_zeros(()), 0
     values = difference[finite]
     if config.kind == "huber":
-        return F.huber_loss(values, torch.zeros_like(values), delta=config.huber_delta)
-    return values.square().mean()
+        return F.huber_loss(values, torch.zeros_like(values), delta=config.huber_delta), len(values)
+    return values.square().mean(), len(values)
+
+
+def loss_weights(config: LossConfig) -> dict[str, float]:
+    """The terms of the loss and their weights λ, in the order they are added (energy is always a term)."""
+    weights = {"energy": config.energy_weight}
+    if config.forces_weight > 0:
+        weights["forces"] = config.forces_weight
+    if config.stress_weight > 0:
+        weights["stress"] = config.stress_weight
+    return weights
+
+
+def loss_terms(
+    predictions: dict[str, Tensor], labels: dict[str, Tensor], config: LossConfig
+) -> dict[str, tuple[Tensor, int]]:
+    """Each term of ``loss_weights``: its mean penalty L and the number of finite entries it averages.
+
+    The counts let a batch split over several processes weight each share's mean so that the sum over the
+    shares is the mean over the whole batch.
+    """
+    energy_difference = predictions["energy"] - labels["energy"]
+    if config.energy_per_atom:
+        energy_difference = energy_difference / labels["n_atoms"]
+    terms = {"energy": _penalty(energy_difference, config)}
+    for name in loss_weights(config):
+        if name != "energy":
+            terms[name] = _penalty(predictions[name] - labels[name], config)
+    return terms
 
 
 def compute_loss(
@@ -33,15 +61,9 @@ def compute_loss(
     Returns:
         The scalar loss and its parts (as floats, for logging).
     """
-    energy_difference = predictions["energy"] - labels["energy"]
-    if config.energy_per_atom:
-        energy_difference = energy_difference / labels["n_atoms"]
-    parts = {"energy": _penalty(energy_difference, config)}
-    total = config.energy_weight * parts["energy"]
-    if config.forces_weight > 0:
-        parts["forces"] = _penalty(predictions["forces"] - labels["forces"], config)
-        total = total + config.forces_weight * parts["forces"]
-    if config.stress_weight > 0:
-        parts["stress"] = _penalty(predictions["stress"] - labels["stress"], config)
-        total = total + config.stress_weight * parts["stress"]
-    return total, {name: float(value.detach()) for name, value in parts.items()}
+    terms = loss_terms(predictions, labels, config)
+    total = None
+    for name, weight in loss_weights(config).items():
+        term = weight * terms[name][0]
+        total = term if total is None else total + term
+    return total, {name: float(mean.detach()) for name, (mean, _) in terms.items()}

@@ -38,6 +38,18 @@ class ErrorAccumulator:
             sums[1] += float(error.square().sum())
             sums[2] += int(error.numel())
 
+    def totals(self) -> Tensor:
+        """(4 · 3 + 1,) float64 — every sum and count, to add up the accumulators of several processes."""
+        flat = [value for sums in self.sums.values() for value in sums]
+        return torch.tensor([*flat, self.n_structures], dtype=torch.float64)
+
+    def set_totals(self, totals: Tensor) -> None:
+        """Replaces the sums and counts by ``totals`` (the layout of ``totals()``)."""
+        values = totals.tolist()
+        for k, name in enumerate(self.sums):
+            self.sums[name] = [values[3 * k], values[3 * k + 1], round(values[3 * k + 2])]
+        self.n_structures = round(values[-1])
+
     def results(self) -> dict[str, float]:
         """``{energy_mae_meV, energy_rmse_meV, ..., forces_mae_meV_per_A, ..., n_structures}``."""
         out: dict[str, float] = {}

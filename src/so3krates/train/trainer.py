@@ -3,21 +3,30 @@
 Exact resumption: the batch order of epoch e is a permutation seeded by (seed, e), and ``last.pt`` holds the
 model, EMA, optimiser and schedule state plus the position inside the epoch, so a resumed run on CPU
 produces the same numbers as an uninterrupted one.
+
+Several processes (``torchrun``, ``srun``, ``so3krates train --nproc``; see ``train/distributed.py``) split
+every batch: each rank computes the same epoch order, takes its slice of each batch of ``batch_size``
+structures, and weights its loss so that DistributedDataParallel's average of the ranks' gradients is the
+gradient of the whole batch's loss. A run on N processes therefore takes the same steps as one process, up
+to rounding. Only rank 0 reads and writes the run directory and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from so3krates.data.dataset import batches, collate_batch
 from so3krates.errors import ConfigError, TrainingError
@@ -29,8 +38,9 @@ from so3krates.model.inference import predict_batches
 from so3krates.model.so3krates import So3krates, count_parameters
 from so3krates.train.config import LossConfig, TrainConfig, dump_config
 from so3krates.train.data import prepare_data
+from so3krates.train.distributed import Distributed, ShardForceField, process_group, run_on_main
 from so3krates.train.history import History
-from so3krates.train.loss import compute_loss
+from so3krates.train.loss import compute_loss, loss_terms, loss_weights
 from so3krates.train.metrics import ErrorAccumulator, format_table
 from so3krates.train.schedule import LearningRateSchedule
 
@@ -53,6 +63,10 @@ def _device_batch(graph, labels, device):
     return graph.to(device=device), {k: v.to(device) for k, v in labels.items()}
 
 
+def _quiet(*args: object, **kwargs: object) -> None:
+    pass
+
+
 def evaluate_dataset(
     force_field: ForceField,
     dataset: Dataset,
@@ -60,8 +74,18 @@ def evaluate_dataset(
     device: str,
     loss_config: LossConfig | None = None,
     compute_stress: bool = False,
+    distributed: Distributed | None = None,
 ) -> tuple[dict[str, float], float]:
-    """Metrics (meV, meV/Å) of ``force_field`` on ``dataset`` and its mean loss (NaN without a config)."""
+    """Metrics (meV, meV/Å) of ``force_field`` on ``dataset`` and its mean loss (NaN without a config).
+
+    ``distributed``: rank r evaluates batches r, r + N, r + 2N, … of the N ranks and the sums are added up,
+    so every rank returns the numbers of one process evaluating every batch (the mean loss depends on the
+    batches, which stay the same).
+    """
+    if distributed is not None and distributed.enabled:
+        mine = batches(dataset, batch_size)[distributed.rank :: distributed.world_size]
+        # Only the last batch of all can be short, and it is the last of its rank: the same batches again.
+        dataset = Subset(dataset, [i for batch in mine for i in batch])
     accumulator = ErrorAccumulator()
     loss_sum, count = 0.0, 0
     for indices, predictions, labels in predict_batches(
@@ -72,6 +96,12 @@ def evaluate_dataset(
             loss, _ = compute_loss(predictions, labels, loss_config)
             loss_sum += float(loss) * len(indices)
             count += len(indices)
+    if distributed is not None and distributed.enabled:
+        totals = distributed.all_reduce_sum(
+            torch.cat([accumulator.totals(), torch.tensor([loss_sum, count], dtype=torch.float64)])
+        )
+        accumulator.set_totals(totals[:-2])
+        loss_sum, count = float(totals[-2]), round(float(totals[-1]))
     return accumulator.results(), (loss_sum / count if count else math.nan)
 
 
@@ -122,16 +152,23 @@ def _alive(pid: int) -> bool:
 
 
 class Trainer:
-    """Builds everything a run needs from a TrainConfig and runs it; ``run()`` returns the final metrics."""
+    """Builds everything a run needs from a TrainConfig and runs it; ``run()`` returns the final metrics.
 
-    def __init__(self, config: TrainConfig, resume: bool = False, log=print) -> None:
+    ``distributed``: this process's rank in a multi-process run (default: a one-process run).
+    """
+
+    def __init__(
+        self, config: TrainConfig, resume: bool = False, log=print, distributed: Distributed | None = None
+    ) -> None:
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.resume = resume
-        self.log = log
-        self.device = config.training.device
+        self.distributed = distributed or Distributed.single()
+        self.log = log if self.distributed.is_main else _quiet
+        self.device = self.distributed.device_for(config.training.device)
         self.dtype = getattr(torch, config.training.dtype)
         self._stop_reason: str | None = None
+        self._stop_request: str | None = None  # multi-process: a stop not yet agreed by all ranks
 
     # --- set-up ------------------------------------------------------------------------------------------
 
@@ -149,7 +186,7 @@ class Trainer:
         if c.training.threads:
             torch.set_num_threads(c.training.threads)
         torch.manual_seed(c.training.seed)
-        prepared = prepare_data(c.data, self.run_dir, c.model.cutoff, log=self.log)
+        prepared = self._prepare_data()
         self.datasets = prepared.datasets
         stats = self.statistics = prepared.statistics
         model_config = c.model
@@ -175,11 +212,44 @@ class Trainer:
         self.progress = Progress()
         self._started = time.perf_counter()
         n_parameters = count_parameters(self.model)["total"]
+        d = self.distributed
         self.log(
             f"model: {n_parameters:,d} parameters, cutoff {model_config.cutoff} Å, "
             f"N̄ = {model_config.avg_num_neighbors:.2f}, force RMS {stats.force_rms:.4f} eV/Å, "
-            f"{t.dtype} on {self.device}"
+            f"{t.dtype} on {self.device}" + (f", {d.world_size} processes" if d.enabled else "")
         )
+        self.shard_model = None
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # The readout's (1, n) weight gets gradients with strides (1, 1) instead of (n, 1): the same
+            # layout for a dimension of size 1, which DDP's stride check still reports.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            self.shard_model = DistributedDataParallel(
+                ShardForceField(self.force_field, self.compute_stress),
+                device_ids=[torch.device(self.device).index] if self.device.startswith("cuda") else None,
+                gradient_as_bucket_view=True,
+            )
+
+    def _prepare_data(self):
+        """``prepare_data`` on rank 0 (the only one writing the split); the others open the same data with
+        rank 0's split and statistics."""
+        c = self.config
+        if not self.distributed.enabled:
+            return prepare_data(c.data, self.run_dir, c.model.cutoff, log=self.log)
+        prepared = None
+
+        def on_main():
+            nonlocal prepared
+            prepared = prepare_data(c.data, self.run_dir, c.model.cutoff, log=self.log)
+            return prepared.split, prepared.statistics
+
+        split, statistics = run_on_main(self.distributed, on_main)
+        if prepared is None:
+            prepared = prepare_data(
+                c.data, self.run_dir, c.model.cutoff, log=self.log, split=split, statistics=statistics
+            )
+        return prepared
 
     def _evaluation_model(self) -> So3krates:
         return self.ema.module if self.ema is not None else self.model
@@ -187,6 +257,8 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------------------
 
     def _save_last(self) -> None:
+        if not self.distributed.is_main:
+            return
         p = self.progress
         save_checkpoint(
             self.run_dir / "last.pt",
@@ -201,6 +273,8 @@ class Trainer:
         )
 
     def _save_best(self) -> None:
+        if not self.distributed.is_main:
+            return
         save_checkpoint(
             self.run_dir / "best.pt",
             self._evaluation_model(),
@@ -211,7 +285,7 @@ class Trainer:
         )
 
     def _restore(self) -> None:
-        payload = load_checkpoint(self.run_dir / "last.pt")
+        payload = run_on_main(self.distributed, lambda: load_checkpoint(self.run_dir / "last.pt"))
         self.model.load_state_dict(payload["state_dict"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.schedule.load_state_dict(payload["schedule"])
@@ -226,9 +300,11 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------------
 
-    def _epoch_order(self, epoch: int) -> list[int]:
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """(n_train,) int64 — the order of epoch ``epoch``, the same on every rank; an array, not a list:
+        8 bytes a structure for a streamed dataset of millions."""
         generator = torch.Generator().manual_seed(self.config.training.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.datasets["train"]), generator=generator).tolist()
+        return torch.randperm(len(self.datasets["train"]), generator=generator).numpy()
 
     def _elapsed(self) -> float:
         """Seconds of training so far, this process and the ones it resumed from."""
@@ -238,28 +314,42 @@ class Trainer:
         budget = self.config.training.max_time
         return budget is not None and self._elapsed() >= budget
 
-    def _train_step(self, indices: list[int]) -> tuple[float, dict[str, float], bool]:
+    def _train_step(self, indices: Sequence[int]) -> tuple[float, dict[str, float], bool]:
         """One optimiser step; returns (loss, loss parts, whether the step was taken).
 
         A non-finite loss or gradient norm skips the update (weights, optimiser state and EMA untouched);
         the batch still counts as done, so the data order and a resume stay exact.
         """
         t = self.config.training
-        dataset = self.datasets["train"]
-        graph, labels = _device_batch(*collate_batch([dataset[i] for i in indices]), self.device)
         self.model.train()
         self.schedule.before_step(self.progress.step)
-        predictions = self.force_field(
-            graph, compute_forces=True, compute_stress=self.compute_stress, create_graph=True
-        )
-        loss, parts = compute_loss(predictions, labels, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.distributed.enabled:
+            shares = self._sharded_backward(indices)
+        else:
+            dataset = self.datasets["train"]
+            graph, labels = _device_batch(*collate_batch([dataset[i] for i in indices]), self.device)
+            predictions = self.force_field(
+                graph, compute_forces=True, compute_stress=self.compute_stress, create_graph=True
+            )
+            loss, parts = compute_loss(predictions, labels, self.config.loss)
+            loss.backward()
         # The norm is computed either way (max_norm = inf clips nothing): it is the finiteness check.
         max_norm = t.grad_clip if t.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        value = float(loss.detach())
-        taken = math.isfinite(value) and bool(torch.isfinite(grad_norm))
+        if self.distributed.enabled:
+            # One all-reduce: the batch's loss parts, and whether any rank saw a non-finite gradient norm
+            # (the same on all, as the gradients are, but the ranks must not disagree on a step).
+            flag = (~torch.isfinite(grad_norm)).to(torch.float64).cpu().reshape(1)
+            totals = self.distributed.all_reduce_sum(torch.cat([shares, flag]))
+            parts = dict(zip(loss_weights(self.config.loss), totals[:-1].tolist(), strict=True))
+            value = 0.0
+            for name, weight in loss_weights(self.config.loss).items():
+                value += weight * parts[name]
+            taken = math.isfinite(value) and float(totals[-1]) == 0
+        else:
+            value = float(loss.detach())
+            taken = math.isfinite(value) and bool(torch.isfinite(grad_norm))
         if taken:
             self.optimizer.step()
             if self.ema is not None:
@@ -272,6 +362,37 @@ class Trainer:
         self.progress.step += 1
         self.progress.step_in_epoch += 1
         return value, parts, taken
+
+    def _sharded_backward(self, indices: Sequence[int]) -> torch.Tensor:
+        """This rank's share of the batch ``indices``: forward, weighted loss, backward (gradients all-reduced
+        by DistributedDataParallel). Returns this rank's share of each loss term, (n_terms,) float64 on CPU.
+
+        A term's loss is a mean over the batch's n finite entries; a rank holding n_r of them with mean m_r
+        contributes (n_r / n) · m_r, and the shares add up to the mean. DDP averages gradients over the N
+        ranks, so each rank's loss is N × its shares.
+        """
+        d = self.distributed
+        weights = loss_weights(self.config.loss)
+        mine = d.shard(indices)
+        terms = {}
+        if len(mine):
+            dataset = self.datasets["train"]
+            graph, labels = _device_batch(*collate_batch([dataset[i] for i in mine]), self.device)
+            predictions = self.shard_model(graph)
+            terms = loss_terms(predictions, labels, self.config.loss)
+        else:  # fewer structures than ranks: this rank takes part with a zero loss
+            predictions = self.shard_model(None)
+        counts = torch.tensor([terms[name][1] if terms else 0 for name in weights], dtype=torch.float64)
+        totals = d.all_reduce_sum(counts)
+        loss = predictions["zero"]
+        shares = torch.zeros(len(weights), dtype=torch.float64)
+        for k, (name, weight) in enumerate(weights.items()):
+            if counts[k] > 0:
+                share = terms[name][0] * float(counts[k] / totals[k])
+                loss = loss + weight * d.world_size * share
+                shares[k] = float(share.detach())
+        loss.backward()
+        return shares
 
     def _skipped_step(self) -> None:
         """Warns about a skipped step; too many in a row end the training with an explanation."""
@@ -302,6 +423,7 @@ class Trainer:
             self.device,
             self.config.loss,
             self.compute_stress,
+            distributed=self.distributed,
         )
         improved = valid_loss < p.best_valid_loss
         if not final:
@@ -319,7 +441,8 @@ class Trainer:
             "valid_loss": valid_loss,
             **{f"valid_{k}": v for k, v in metrics.items() if k != "n_structures"},
         }
-        self.history.append(row)
+        if self.history is not None:
+            self.history.append(row)
         if improved:
             self._save_best()
         self._save_last()
@@ -336,30 +459,43 @@ class Trainer:
         return False
 
     def _request_stop(self, reason: str) -> None:
-        self._stop_reason = reason
+        if self.distributed.enabled:
+            self._stop_request = reason  # a stop only once every rank knows of it: _agree_on_stop
+        else:
+            self._stop_reason = reason
+
+    def _agree_on_stop(self) -> None:
+        """Multi-process: a stop asked of any rank (a signal, its clock passing max_time) becomes the stop of
+        every rank, at the same step."""
+        if self.distributed.enabled and self._stop_reason is None:
+            if self.distributed.any(self._stop_request is not None):
+                self._stop_reason = self._stop_request or "stopped: another process was asked to stop"
 
     def _train(self) -> None:
         t = self.config.training
         p = self.progress
         with stop_requests(self._request_stop):
-            while p.epoch < t.max_epochs and self._stop_reason is None:
+            while p.epoch < t.max_epochs:
+                self._agree_on_stop()
+                if self._stop_reason is not None:
+                    break
                 order = self._epoch_order(p.epoch)
-                epoch_batches = batches(self.datasets["train"], t.batch_size, order)
+                n_batches = math.ceil(len(order) / t.batch_size)
                 losses = []
                 bar = None
-                if t.progress:
+                if t.progress and self.distributed.is_main:
                     from tqdm import tqdm
 
                     bar = tqdm(
-                        total=len(epoch_batches),
+                        total=n_batches,
                         initial=p.step_in_epoch,
                         desc=f"epoch {p.epoch + 1}",
                         leave=False,
                         dynamic_ncols=True,
                         disable=None,  # None: off when not a terminal
                     )
-                for indices in epoch_batches[p.step_in_epoch :]:
-                    loss, _, taken = self._train_step(indices)
+                for k in range(p.step_in_epoch, n_batches):
+                    loss, _, taken = self._train_step(order[k * t.batch_size : (k + 1) * t.batch_size])
                     if taken:
                         losses.append(loss)
                     else:
@@ -368,12 +504,13 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.3e}")
                     if self._out_of_time():
-                        self._stop_reason = f"time budget of {t.max_time} s reached"
+                        self._request_stop(f"time budget of {t.max_time} s reached")
+                    self._agree_on_stop()
                     if self._stop_reason is not None:
                         break
                 if bar is not None:
                     bar.close()
-                if self._stop_reason is not None and p.step_in_epoch < len(epoch_batches):
+                if self._stop_reason is not None and p.step_in_epoch < n_batches:
                     self._save_last()  # mid-epoch: resumable at this exact step
                     # The run ends here: validate what was trained since the last validation, so that
                     # a budget shorter than an epoch still yields a best.pt. The schedule is not touched.
@@ -391,10 +528,12 @@ class Trainer:
     def _final_table(self) -> dict[str, dict[str, float]]:
         best = self.run_dir / "best.pt"
         model = self._evaluation_model()
-        if best.is_file():
-            payload = load_checkpoint(best)
+        state = run_on_main(
+            self.distributed, lambda: load_checkpoint(best)["state_dict"] if best.is_file() else None
+        )
+        if state is not None:
             model = So3krates(self.model_config)
-            model.load_state_dict(payload["state_dict"])
+            model.load_state_dict(state)
             model.to(device=self.device, dtype=self.dtype)
         force_field = ForceField(model.eval())
         rows = {}
@@ -406,27 +545,40 @@ class Trainer:
                     self.config.training.eval_batch_size,
                     self.device,
                     compute_stress=self.compute_stress,
+                    distributed=self.distributed,
                 )
         return rows
 
     def run(self) -> dict[str, dict[str, float]]:
-        self._check_run_dir()
-        with RunLock(self.run_dir):
+        main = self.distributed.is_main
+        with contextlib.ExitStack() as stack:
+
+            def take_run_dir() -> None:
+                self._check_run_dir()
+                stack.enter_context(RunLock(self.run_dir))
+
+            run_on_main(self.distributed, take_run_dir)
             self._build()
-            with atomic_path(self.run_dir / "config.yaml") as tmp:
-                tmp.write_text(dump_config(self.config.model_copy(update={"model": self.model_config})))
-            self.history = History(self.run_dir)
+            self.history = None
+            if main:
+                with atomic_path(self.run_dir / "config.yaml") as tmp:
+                    tmp.write_text(dump_config(self.config.model_copy(update={"model": self.model_config})))
+                self.history = History(self.run_dir)
             if self.resume:
                 self._restore()
-                self.history.truncate(self.progress.epoch)
+                if self.history is not None:
+                    self.history.truncate(self.progress.epoch)
             try:
                 self._train()
             finally:
-                self.history.close()
-            self.history.plot()
+                if self.history is not None:
+                    self.history.close()
+            if self.history is not None:
+                self.history.plot()
             rows = self._final_table()
-            with atomic_path(self.run_dir / "results.json") as tmp:
-                tmp.write_text(json.dumps(rows, indent=2))
+            if main:
+                with atomic_path(self.run_dir / "results.json") as tmp:
+                    tmp.write_text(json.dumps(rows, indent=2))
             self.log(
                 "\nbest model ("
                 + ("EMA weights" if self.ema is not None else "weights")
@@ -437,5 +589,11 @@ class Trainer:
 
 
 def train(config: TrainConfig, resume: bool = False, log=print) -> dict[str, dict[str, float]]:
-    """Runs a training described by ``config``; returns the final MAE/RMSE per split (meV, meV/Å)."""
-    return Trainer(config, resume=resume, log=log).run()
+    """Runs a training described by ``config``; returns the final MAE/RMSE per split (meV, meV/Å).
+
+    Started by torchrun or srun, this process joins the job's process group and trains its share (see
+    ``train/distributed.py``); every rank returns the same numbers.
+    """
+    t = config.training
+    with process_group(t.device, t.distributed_timeout) as distributed:
+        return Trainer(config, resume=resume, log=log, distributed=distributed).run()

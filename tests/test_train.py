@@ -124,7 +124,7 @@ def test_a_second_training_in_the_same_run_dir_is_refused(tmp_path):
 
 
 def test_run_lock_leaves_a_lock_it_does_not_own(tmp_path):
-    from so3krates.train.trainer import RunLock
+    from so3krates.train.runlock import RunLock
 
     with RunLock(tmp_path) as lock:
         lock.path.write_text("12345")  # the directory was cleared and another training took it over

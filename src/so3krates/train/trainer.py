@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -26,22 +25,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import Dataset, Subset
 
-from so3krates.data.dataset import batches, collate_batch
+from so3krates.data.dataset import collate_batch
 from so3krates.errors import ConfigError, TrainingError
 from so3krates.files import atomic_path
 from so3krates.interrupt import stop_requests
 from so3krates.model.checkpoint import load_checkpoint, save_checkpoint
 from so3krates.model.derivatives import ForceField
-from so3krates.model.inference import predict_batches
 from so3krates.model.so3krates import So3krates, count_parameters
-from so3krates.train.config import LossConfig, TrainConfig, dump_config
+from so3krates.train.config import TrainConfig, dump_config
 from so3krates.train.data import prepare_data
 from so3krates.train.distributed import Distributed, ShardForceField, process_group, run_on_main
+from so3krates.train.evaluation import evaluate_dataset
 from so3krates.train.history import History
 from so3krates.train.loss import compute_loss, loss_terms, loss_weights
-from so3krates.train.metrics import ErrorAccumulator, format_table
+from so3krates.train.metrics import format_table
+from so3krates.train.runlock import RunLock
 from so3krates.train.schedule import LearningRateSchedule
 
 
@@ -65,90 +64,6 @@ def _device_batch(graph, labels, device):
 
 def _quiet(*args: object, **kwargs: object) -> None:
     pass
-
-
-def evaluate_dataset(
-    force_field: ForceField,
-    dataset: Dataset,
-    batch_size: int,
-    device: str,
-    loss_config: LossConfig | None = None,
-    compute_stress: bool = False,
-    distributed: Distributed | None = None,
-) -> tuple[dict[str, float], float]:
-    """Metrics (meV, meV/Å) of ``force_field`` on ``dataset`` and its mean loss (NaN without a config).
-
-    ``distributed``: rank r evaluates batches r, r + N, r + 2N, … of the N ranks and the sums are added up,
-    so every rank returns the numbers of one process evaluating every batch (the mean loss depends on the
-    batches, which stay the same).
-    """
-    if distributed is not None and distributed.enabled:
-        mine = batches(dataset, batch_size)[distributed.rank :: distributed.world_size]
-        # Only the last batch of all can be short, and it is the last of its rank: the same batches again.
-        dataset = Subset(dataset, [i for batch in mine for i in batch])
-    accumulator = ErrorAccumulator()
-    loss_sum, count = 0.0, 0
-    for indices, predictions, labels in predict_batches(
-        force_field, dataset, batch_size, device, compute_stress
-    ):
-        accumulator.update(predictions, labels)
-        if loss_config is not None:
-            loss, _ = compute_loss(predictions, labels, loss_config)
-            loss_sum += float(loss) * len(indices)
-            count += len(indices)
-    if distributed is not None and distributed.enabled:
-        totals = distributed.all_reduce_sum(
-            torch.cat([accumulator.totals(), torch.tensor([loss_sum, count], dtype=torch.float64)])
-        )
-        accumulator.set_totals(totals[:-2])
-        loss_sum, count = float(totals[-2]), round(float(totals[-1]))
-    return accumulator.results(), (loss_sum / count if count else math.nan)
-
-
-class RunLock:
-    """``RUN/.lock`` holds the PID of the training that owns the run directory; a second one refuses."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / ".lock"
-
-    def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid):
-                    raise ConfigError(
-                        f"{self.path.parent}: another training (PID {pid}) is using this run directory"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale lock of a killed run
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
-            return self
-        raise ConfigError(f"{self.path}: cannot take the run-directory lock")
-
-    def __exit__(self, *exc: object) -> None:
-        # Remove the lock only if it is still ours: the directory may have been cleared and taken over.
-        try:
-            if self.path.read_text().strip() == str(os.getpid()):
-                self.path.unlink()
-        except OSError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Trainer:

@@ -357,3 +357,68 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop(tmp_path, monke
     with pytest.raises(TrainingError, match="3 steps in a row with a non-finite loss"):
         train(_config(tmp_path / "run2", **{"training.max_nonfinite_steps": 3}), log=lines.append)
     assert sum("update skipped" in line for line in lines) == 3
+
+
+def _train_command(run_dir: Path, resume: bool = False) -> list[str]:
+    import sys
+
+    sets = {
+        "run_dir": run_dir,
+        "data.train_file": EXAMPLE,
+        "data.n_train": 40,
+        "data.n_valid": 8,
+        "data.n_test": 0,
+        "model.preset": "tiny",
+        "training.max_epochs": 6,
+        "training.batch_size": 4,
+        "training.progress": False,
+        "training.threads": 1,
+    }
+    config = run_dir.parent / "config.yaml"
+    config.write_text("{}\n")
+    command = [sys.executable, "-m", "so3krates", "train", str(config)]
+    command += [f"--set={key}={value}" for key, value in sets.items()]
+    return command + (["--resume"] if resume else [])
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    """kill -9 a training three times at random moments (checkpoint writes included), resume each time:
+    the final weights equal an uninterrupted run's exactly, and no checkpoint is ever unreadable."""
+    import random
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    (tmp_path / "straight").mkdir()
+    subprocess.run(_train_command(tmp_path / "straight" / "run"), check=True, env=env, capture_output=True)
+    run = tmp_path / "killed" / "run"
+    run.parent.mkdir()
+    rng = random.Random(7)
+    kills = 0
+    for attempt in range(3):
+        process = subprocess.Popen(
+            _train_command(run, resume=attempt > 0), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        # Wait for a checkpoint to exist (resuming needs one), then kill at a random later moment.
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+        progress = load_checkpoint(run / "last.pt")["progress"]  # readable after every kill
+        assert progress["epoch"] <= 6
+    assert kills >= 2, "the run finished before it could be killed; the test proves nothing"
+    finished = subprocess.run(_train_command(run, resume=True), env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    for name in ("last.pt", "best.pt"):
+        a, b = _weights(tmp_path / "straight" / "run" / name), _weights(run / name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}: {key}")
+    with open(run / "metrics.csv") as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3, 4, 5, 6]
+    assert not list(run.glob(".*.tmp")), "temporary files of interrupted writes were left behind"

@@ -111,7 +111,7 @@ def test_calculator_leaves_the_callers_model_trainable():
 
 @pytest.mark.slow
 def test_compiled_calculator_gives_the_same_forces():
-    """torch.compile (dynamic shapes): same forces, and a second structure size does not break it."""
+    """torch.compile (dynamic shapes): same forces, and new structure sizes do not recompile."""
     model = copy.deepcopy(make_force_field(VARIANTS["tiny"], torch.float64).model)
     plain, compiled = So3kratesCalculator(model), So3kratesCalculator(model, compile=True)
     threads = torch.get_num_threads()
@@ -120,5 +120,11 @@ def test_compiled_calculator_gives_the_same_forces():
         for atoms in (ethanol(0), ethanol(1)[:6], ethanol(2)):
             expected = plain.get_forces(atoms.copy())
             np.testing.assert_allclose(compiled.get_forces(atoms.copy()), expected, atol=1e-10)
+        # Further sizes (atoms and edges) reuse the compiled graphs: no recompilation in long runs.
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        for atoms in (ethanol(3)[:4], ethanol(4)[:7], ethanol(5)[:8], ethanol(6)[:5]):
+            expected = plain.get_forces(atoms.copy())
+            np.testing.assert_allclose(compiled.get_forces(atoms.copy()), expected, atol=1e-10)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     finally:
         torch.set_num_threads(threads)

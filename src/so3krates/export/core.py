@@ -201,7 +201,8 @@ def export_model(
         dtype: ``"float64"`` or ``"float32"`` network; inputs and outputs are float64 either way.
         fused: evaluate the layers through the fused path (faster for molecules of up to a few hundred
             edges) instead of the per-equation modules (faster for large systems).
-        species: atomic numbers the model may be used for; default: those of the checkpoint.
+        species: atomic numbers the model may be used for; default: those of the checkpoint (all elements
+            for a model instance).
     """
     import copy
 
@@ -216,7 +217,8 @@ def export_model(
     else:
         model, checkpoint_metadata = load_model(model)
         trained_species = checkpoint_metadata.get("species")
-    species = sorted(species or trained_species or [1, 6, 7, 8])
+    # A bare model instance knows no training elements: allow all unless told otherwise.
+    species = sorted(species or trained_species or range(1, 119))
     model = _prepared_model(model, torch_dtype, fused)
     metadata = export_metadata(model, species, fmt, torch_dtype)
     out = Path(out)

@@ -17,7 +17,7 @@ from helpers import ethanol, make_force_field, rss_mb, triclinic_cell
 from so3krates import So3kratesCalculator, atoms_to_graph, preset
 from so3krates.calculators.ase import ExportedCalculator
 from so3krates.cli.main import main
-from so3krates.errors import DataError
+from so3krates.errors import DataError, So3kratesError
 from so3krates.export import export_model, load_exported, read_metadata
 from so3krates.model.checkpoint import save_checkpoint
 
@@ -195,3 +195,39 @@ def test_exported_model_memory_stays_constant_when_sizes_change(exports, fmt):
     run(1000)
     growth = rss_mb() - before
     assert growth < 8.0, f"resident memory grew by {growth:.1f} MB over 1000 calls"
+
+
+@pytest.mark.slow
+def test_calculator_compiled_ahead_of_time_gives_the_same_numbers_and_is_cached(
+    checkpoint, tmp_path, monkeypatch
+):
+    """So3kratesCalculator(compile="aoti"): eager numbers; a second calculator reuses the compiled program."""
+    import time
+
+    monkeypatch.setenv("SO3KRATES_CACHE_DIR", str(tmp_path))
+    compiled = So3kratesCalculator(checkpoint, compile="aoti")
+    assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 1
+    for atoms in (ethanol(), triclinic_cell()):
+        reference = atoms.copy()
+        reference.calc = So3kratesCalculator(checkpoint)
+        atoms.calc = compiled
+        np.testing.assert_allclose(atoms.get_forces(), reference.get_forces(), atol=1e-10)
+        assert atoms.get_potential_energy() == pytest.approx(reference.get_potential_energy(), rel=1e-12)
+        if atoms.pbc.any():
+            np.testing.assert_allclose(atoms.get_stress(), reference.get_stress(), atol=1e-10)
+    start = time.perf_counter()
+    So3kratesCalculator(checkpoint, compile="aoti")
+    assert time.perf_counter() - start < 15.0, "the cached program was compiled again"
+    assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 1
+
+
+def test_compile_modes_are_checked():
+    from so3krates.md.config import MDConfig
+
+    model = make_force_field(preset("tiny"), torch.float64).model
+    with pytest.raises(ValueError, match="compile must be"):
+        So3kratesCalculator(model, compile="fast")
+    with pytest.raises(So3kratesError, match="CPU program"):
+        So3kratesCalculator(model, compile="aoti", device="meta")
+    assert MDConfig(model="m.pt", structure="s.xyz", compile=True).compile == "inductor"
+    assert MDConfig(model="m.pt", structure="s.xyz", compile=False).compile == "none"

@@ -255,6 +255,32 @@ def export_model(
     return metadata
 
 
+def cache_directory() -> Path:
+    """Where compiled programs are kept between runs: ``$SO3KRATES_CACHE_DIR`` or ``~/.cache/so3krates``."""
+    return Path(os.environ.get("SO3KRATES_CACHE_DIR") or Path.home() / ".cache" / "so3krates")
+
+
+def compiled_program(model: So3krates, dtype: torch.dtype, species: list[int]) -> ExportedModel:
+    """The model compiled ahead of time by AOTInductor, from the on-disk cache or compiled now (~1 min).
+
+    The cache key covers everything the program depends on: weights, model config, dtype, and the torch,
+    so3krates and export-schema versions. Used by ``So3kratesCalculator(compile="aoti")``.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    identity = [model.config.model_dump(mode="json"), str(dtype), torch.__version__, __version__]
+    digest.update(json.dumps([identity, EXPORT_SCHEMA_VERSION, sorted(species)], sort_keys=True).encode())
+    path = cache_directory() / "aoti" / f"{digest.hexdigest()[:24]}.pt2"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_model(model, path, fmt="aoti", dtype=str(dtype).removeprefix("torch."), species=species)
+    return load_exported(path)
+
+
 class ExportedModel:
     """An exported file loaded for evaluation: ``exported(positions, numbers, idx_i, idx_j, shifts, cell)``.
 

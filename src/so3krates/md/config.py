@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from so3krates.errors import ConfigError, format_validation_error
 
@@ -78,7 +78,18 @@ class MDConfig(_Section):
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, description="torch threads; default: torch's choice")
     skin: float = Field(0.5, ge=0.0, description="Å — neighbour-list skin of the calculator")
-    compile: bool = Field(False, description="torch.compile the model: ~1 min once, then faster steps")
+    compile: Literal["none", "inductor", "aoti"] = Field(
+        "none",
+        description="inductor: torch.compile (~1 min at every start); aoti: one ahead-of-time compiled "
+        "program for forces (~1 min once per model, cached; fastest on CPUs)",
+    )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_flag(cls, value: object) -> object:
+        # Older configs and restart files say true/false.
+        return ("inductor" if value else "none") if isinstance(value, bool) else value
+
     replicas: int = Field(1, ge=1, description="independent runs with seeds seed … seed + replicas − 1")
     progress: bool = Field(True, description="progress bar with ns/day (only on a terminal)")
     stability: StabilityConfig = Field(default_factory=StabilityConfig)

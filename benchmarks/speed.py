@@ -64,6 +64,13 @@ MODELS = {
         "ours, paper preset, torch.compile (compilation not timed)",
         400,  # about a minute of compilation per process
     ),
+    "so3krates-aoti": (
+        None,
+        "speed_so3krates.py",
+        ["--compile", "aoti"],
+        "ours, paper preset, forward+backward compiled ahead of time by AOTInductor (compilation not timed)",
+        1000,
+    ),
     "so3krates-torch": (
         "so3krates-torch",
         "speed_so3krates_torch.py",
@@ -86,7 +93,14 @@ MODELS = {
         400,  # seconds per call beyond: 3 warm-up and 3 timed calls would take an hour at 3000 atoms
     ),
 }
-DEFAULT_MODELS = ["so3krates", "so3krates-compiled", "so3krates-torch", "mace-small", "mace-large"]
+DEFAULT_MODELS = [
+    "so3krates",
+    "so3krates-compiled",
+    "so3krates-aoti",
+    "so3krates-torch",
+    "mace-small",
+    "mace-large",
+]
 WATER_BOXES = {"water-100": 33, "water-400": 133, "water-1000": 333, "water-3000": 1000}
 SYSTEMS = ["ethanol", "aspirin", "ala-dipeptide", "3bpa", *WATER_BOXES, "water-192-deepmd"]
 MD_MAX_ATOMS = 400  # MD timing for systems up to this size (larger ones: energy+forces only)

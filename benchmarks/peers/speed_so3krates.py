@@ -3,7 +3,7 @@
 Runs in the project environment, under the same protocol as the peers (`speed_protocol.py`):
 
     python speed_so3krates.py --structure S.extxyz --threads 2 --dtype float32 --budget-seconds 20 \
-        --md-steps 50 --out result.json [--preset paper] [--compile] [--reference-path]
+        --md-steps 50 --out result.json [--preset paper] [--compile [aoti]] [--reference-path]
 
 Besides the times it counts the floating-point operations of one energy+forces call (matrix products
 only, forward and backward, with `torch.utils.flop_counter`) for the roofline figure.
@@ -20,7 +20,14 @@ import speed_protocol as protocol
 def main(argv: list[str] | None = None) -> None:
     parser = protocol.common_arguments(__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default="none",
+        choices=["none", "inductor", "aoti"],
+        help="inductor: torch.compile (dynamic shapes); aoti: AOTInductor program of forward and backward",
+    )
     parser.add_argument("--reference-path", action="store_true", help="per-equation modules, not fused")
     args = parser.parse_args(argv)
     protocol.limit_threads(args.threads)
@@ -38,11 +45,27 @@ def main(argv: list[str] | None = None) -> None:
     model = So3krates(preset(args.preset)).to(dtype).eval().requires_grad_(False)  # as load_model gives it
     if args.reference_path:
         model.fused = False
-    force_field = ForceField(compile_model(model) if args.compile else model)
+    force_field = ForceField(compile_model(model) if args.compile == "inductor" else model)
     graph = atoms_to_graph(atoms, model.cutoff)  # float64 geometry, as in the calculator
+    if args.compile == "aoti":
+        from so3krates.export.core import compiled_program
 
-    def energy_and_forces() -> torch.Tensor:
-        return force_field(graph)["forces"]
+        program = compiled_program(model, dtype, list(range(1, 119)))  # the calculator's key: one compilation
+        inputs = (
+            graph.positions,
+            graph.atomic_numbers,
+            graph.idx_i,
+            graph.idx_j,
+            graph.shifts,
+            graph.cell[0],
+        )
+
+        def energy_and_forces() -> torch.Tensor:
+            return program(*inputs)[2]
+    else:
+
+        def energy_and_forces() -> torch.Tensor:
+            return force_field(graph)["forces"]
 
     first, times = protocol.time_calls(energy_and_forces, args.budget_seconds)
     protocol.check_forces(energy_and_forces(), len(atoms), args.structure)
@@ -52,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     # check, and only the time per step is measured.
     calculator = So3kratesCalculator(model, dtype=args.dtype, compile=args.compile, min_distance=0.0)
     md_times = protocol.time_md(atoms, calculator, args.md_steps)
-    variant = " compiled" if args.compile else " reference path" if args.reference_path else ""
+    variants = {"inductor": " compiled", "aoti": " AOTInductor"}
+    variant = variants.get(args.compile, " reference path" if args.reference_path else "")
     protocol.write_result(
         args.out,
         {

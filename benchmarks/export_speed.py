@@ -28,6 +28,7 @@ from ase.build import molecule
 
 from so3krates import ForceField, So3krates, atoms_to_graph, preset
 from so3krates.export import export_model, load_exported
+from so3krates.export.core import graph_inputs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers.speed_protocol import time_calls
@@ -68,14 +69,7 @@ def main() -> int:
         eager = ForceField(model.to(getattr(torch, args.dtype)).eval().requires_grad_(False))
         for name, atoms in systems.items():
             graph = atoms_to_graph(atoms, model.cutoff)
-            inputs = (
-                graph.positions,
-                graph.atomic_numbers,
-                graph.idx_i,
-                graph.idx_j,
-                graph.shifts,
-                graph.cell[0],
-            )
+            inputs = graph_inputs(graph)
             row = {"system": name, "atoms": graph.n_atoms, "edges": graph.n_edges}
             reference = eager(graph)["forces"]
             row["eager (auto path)"] = timed(lambda g=graph: eager(g))

@@ -48,17 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     force_field = ForceField(compile_model(model) if args.compile == "inductor" else model)
     graph = atoms_to_graph(atoms, model.cutoff)  # float64 geometry, as in the calculator
     if args.compile == "aoti":
-        from so3krates.export.core import compiled_program
+        from so3krates.export.core import compiled_program, graph_inputs
 
         program = compiled_program(model, dtype, list(range(1, 119)))  # the calculator's key: one compilation
-        inputs = (
-            graph.positions,
-            graph.atomic_numbers,
-            graph.idx_i,
-            graph.idx_j,
-            graph.shifts,
-            graph.cell[0],
-        )
+        inputs = graph_inputs(graph)
 
         def energy_and_forces() -> torch.Tensor:
             return program(*inputs)[2]

@@ -22,6 +22,7 @@ from so3krates.data.graph import Graph
 from so3krates.data.neighbors import neighbor_list
 from so3krates.data.structure import unknown_elements
 from so3krates.errors import So3kratesError
+from so3krates.export.core import compiled_program, graph_inputs, load_exported
 from so3krates.model.checkpoint import load_model
 from so3krates.model.derivatives import ForceField
 from so3krates.model.so3krates import So3krates, compile_model
@@ -89,8 +90,6 @@ class So3kratesCalculator(Calculator):
         self._setup(float(self.model.cutoff), species, trained_species, device, skin, min_distance)
         self.exported = None
         if mode == "aoti":
-            from so3krates.export.core import compiled_program
-
             self.exported = compiled_program(self.model, torch_dtype, sorted(self.species))
 
     def _setup(
@@ -224,9 +223,7 @@ class So3kratesCalculator(Calculator):
     def _evaluate_exported(
         self, graph: Graph, compute_stress: bool
     ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray | None]:
-        energy, energies, forces, virial = self.exported(
-            graph.positions, graph.atomic_numbers, graph.idx_i, graph.idx_j, graph.shifts, graph.cell[0]
-        )
+        energy, energies, forces, virial = self.exported(*graph_inputs(graph))
         stress = None
         if compute_stress:
             volume = abs(float(torch.linalg.det(graph.cell[0])))
@@ -258,8 +255,6 @@ class ExportedCalculator(So3kratesCalculator):
         species: list[int] | None = None,
         **kwargs,
     ) -> None:
-        from so3krates.export.core import load_exported
-
         Calculator.__init__(self, **kwargs)
         self.exported = load_exported(path)
         self.metadata = self.exported.metadata

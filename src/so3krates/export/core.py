@@ -100,6 +100,11 @@ class TensorForceField(nn.Module):
         return energy.detach(), atomic_energies.detach(), -position_gradient, -strain_gradient
 
 
+def graph_inputs(graph) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The exported programs' inputs for a one-structure :class:`so3krates.data.graph.Graph`."""
+    return graph.positions, graph.atomic_numbers, graph.idx_i, graph.idx_j, graph.shifts, graph.cell[0]
+
+
 def export_metadata(model: So3krates, species: list[int], fmt: str, dtype: torch.dtype) -> dict[str, Any]:
     """What a user of an exported file needs to know without the training code."""
     return {

@@ -6,11 +6,17 @@
     python benchmarks/ala_dipeptide.py spectrum                   # C7eq: model Hessian vs xTB Vibrations
     python benchmarks/ala_dipeptide.py drift                      # NVE, 0.5 fs, float32 and float64
     python benchmarks/ala_dipeptide.py report                     # results/ala_dipeptide.{json,md}
+    python benchmarks/ala_dipeptide.py mace-train                 # MACE-small, same split and budget
+    python benchmarks/ala_dipeptide.py mace-stability [--time-ps 10 --stop-at 09:55]
 
 Data: `../shared/data/generated/ala_dipeptide_gfn2xtb_500K_2000.extxyz` (Langevin MD at 500 K, one frame per
 5 fs; 1000 train / 100 valid / 900 test frames, `configs/ala_dipeptide.yaml`). Every step is a
 `so3krates` command that a user would run; this script only chains them, on one thread per process, two
 processes at a time (the machine has two cores), and collects their JSON into one table.
+
+The MACE arm runs in MACE's own environment (`benchmarks/.envs/mace-torch`, from `accuracy.py --setup`):
+`peers/mace_rmd17.py` trains MACE-small on the frames of our split (`paper/split.npz`) for the same 20
+minutes, and `peers/mace_stability.py` runs the `stability` protocol with MACE's ASE calculator.
 
 Conformers are named by the backbone dihedrals φ (C–N–Cα–C) and ψ (N–Cα–C–N): the nearest of the
 usual vacuum minima of alanine dipeptide (centres below, approximate) within 45° in both angles.
@@ -34,6 +40,8 @@ DATA = ROOT.parent / "shared" / "data" / "generated" / "ala_dipeptide_gfn2xtb_50
 RUNS = BENCH / "runs" / "ala_dipeptide"
 RESULTS = BENCH / "results"
 MODELS = {"paper": RUNS / "paper" / "best.pt", "invariant": RUNS / "invariant" / "best.pt"}
+MACE_RUN = RUNS / "mace"
+MACE_PYTHON = BENCH / ".envs" / "mace-torch" / "bin" / "python"
 # (φ, ψ) in degrees of the vacuum minima, approximate; used only to name the minima found.
 CONFORMERS = {
     "C7eq": (-83.0, 75.0),
@@ -147,6 +155,36 @@ def stability(args: argparse.Namespace) -> None:
     run_parallel(commands)
 
 
+def mace_train(args: argparse.Namespace) -> None:
+    """MACE-small (accuracy.py's mace-small settings) on our train/valid/test frames, 20 min, one thread."""
+    split = np.load(RUNS / "paper" / "split.npz")
+    MACE_RUN.mkdir(parents=True, exist_ok=True)
+    indices = MACE_RUN / "split.json"
+    indices.write_text(json.dumps({key: [int(i) for i in split[key]] for key in ("train", "valid", "test")}))
+    command = [
+        str(MACE_PYTHON), str(BENCH / "peers" / "mace_rmd17.py"), "--train-file", str(DATA),
+        "--test-file", str(DATA), "--indices", str(indices), "--budget-seconds", "1200",
+        "--out", str(MACE_RUN / "train.json"), "--work-dir", str(MACE_RUN / "work"), "--threads", "1",
+        "--num-channels", "64", "--max-L", "1", "--save-model", str(MACE_RUN / "mace_small.model"),
+    ]  # fmt: skip
+    run_parallel([(command, RUNS / "logs" / "train_mace.log")], n_parallel=1)
+
+
+def mace_stability(args: argparse.Namespace) -> None:
+    """Two workers that share the (temperature, replica) runs of `peers/mace_stability.py`, hottest first."""
+    temperatures = ",".join(sorted(args.temperatures.split(","), key=float, reverse=True))
+    command = [
+        str(MACE_PYTHON), str(BENCH / "peers" / "mace_stability.py"), "--model",
+        str(MACE_RUN / "mace_small.model"), "--structure", str(DATA), "--frame", "0",
+        "--out", str(RUNS / "stability"), "--temperatures", temperatures,
+        "--time-ps", str(args.time_ps), "--replicas", str(args.replicas), "--threads", "1",
+    ]  # fmt: skip
+    if args.stop_at:
+        command += ["--stop-at", args.stop_at]
+    run_parallel([(command, RUNS / "logs" / f"stability_mace_worker{k}.log") for k in (1, 2)])
+    subprocess.run([*command, "--summarise-only"], check=True, env=environment())
+
+
 def explore(args: argparse.Namespace) -> None:
     out = RUNS / "explore"
     command = so3krates(
@@ -230,6 +268,21 @@ def _rescore_rows(path: Path) -> list[dict]:
         return [{key: value for key, value in row.items()} for row in csv.DictReader(handle)]
 
 
+def _parameters(checkpoint: Path) -> int:
+    import torch
+
+    from so3krates.model.config import ModelConfig
+    from so3krates.model.so3krates import So3krates, count_parameters
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return int(count_parameters(So3krates(ModelConfig(**saved["model_config"])))["total"])
+
+
+def _last_epoch(metrics_csv: Path) -> int | None:
+    lines = metrics_csv.read_text().strip().splitlines() if metrics_csv.is_file() else []
+    return int(lines[-1].split(",")[0]) if len(lines) > 1 else None
+
+
 def collect() -> dict:
     import ase.io
 
@@ -238,12 +291,29 @@ def collect() -> dict:
         metrics = _read(checkpoint.parent / "results.json")
         if metrics:
             results["models"][name] = {
+                "package": "so3krates",
+                "parameters": _parameters(checkpoint),
+                "epochs": _last_epoch(checkpoint.parent / "metrics.csv"),
                 "test_energy_mae_meV": metrics["test"]["energy_mae_meV"],
                 "test_forces_mae_meV_per_A": metrics["test"]["forces_mae_meV_per_A"],
             }
+    mace = _read(MACE_RUN / "train.json")
+    if mace:
+        results["models"]["mace"] = {
+            "package": f"mace-torch {mace['package_version']} (small: {mace['settings']['hidden_irreps']})",
+            "parameters": mace["parameters"],
+            "epochs": mace["epochs"],
+            "steps": mace["steps"],
+            "train_seconds": mace["train_seconds"],
+            "other_jobs_cpu_share": mace["other_jobs_cpu_share"],
+            "settings": mace["settings"],
+            "test_energy_mae_meV": mace["test"]["energy_mae_meV"],
+            "test_forces_mae_meV_per_A": mace["test"]["forces_mae_meV_per_A"],
+            "n_test": mace["test"]["n_structures"],
+        }
     for directory in sorted((RUNS / "stability").glob("*K")):
         summary = _read(directory / "summary.json")
-        if summary:
+        if summary and summary["runs"]:
             runs = summary["runs"]
             results["stability"][directory.name] = {
                 "replicas": summary["replicas"],
@@ -252,7 +322,17 @@ def collect() -> dict:
                 "mean_survival_time_ps": summary["mean_survival_time_ps"],
                 "time_ps": max(run["target_steps"] * run["timestep_fs"] / 1000 for run in runs),
                 "failures": [run["failure"] for run in runs if run["failure"]],
+                "steps_per_second": [
+                    (run["steps_done"] - (run["restarted_from_step"] or 0)) / run["wall_time_s"]
+                    for run in runs
+                ],
             }
+            # peers/mace_stability.py: replicas stopped by --stop-at, not part of the statistics above
+            interrupted = summary.get("interrupted") or []
+            if interrupted:
+                results["stability"][directory.name]["interrupted_at_ps"] = [
+                    run["time_ps"] for run in interrupted
+                ]
     for dtype in ("float32", "float64"):
         summary = _read(RUNS / "drift" / dtype / "summary.json")
         if summary:
@@ -310,12 +390,15 @@ def markdown(results: dict) -> str:
         lines += [
             "## Models (test split, 900 frames)",
             "",
-            "| model | E MAE meV | F MAE meV/Å |",
-            "|---|---|---|",
+            "| model | package | parameters | epochs in 20 min | E MAE meV | F MAE meV/Å |",
+            "|---|---|---|---|---|---|",
         ]
         for name, entry in results["models"].items():
+            epochs = entry.get("epochs")
             lines.append(
-                f"| {name} | {entry['test_energy_mae_meV']:.1f} | {entry['test_forces_mae_meV_per_A']:.1f} |"
+                f"| {name} | {entry.get('package', 'so3krates')} | {entry.get('parameters', 0):,} | "
+                f"{'—' if epochs is None else f'{epochs:.4g}'} | {entry['test_energy_mae_meV']:.1f} | "
+                f"{entry['test_forces_mae_meV_per_A']:.1f} |"
             )
     if results["stability"]:
         lines += [
@@ -327,8 +410,10 @@ def markdown(results: dict) -> str:
         ]
         for name, entry in results["stability"].items():
             mttf = entry["mean_time_to_failure_ps"]
+            extra = "".join(f" + 1 × {t:.2f} (stopped)" for t in entry.get("interrupted_at_ps", []))
+            runs = f"{entry['replicas']} × {entry['time_ps']:g}{extra}"
             lines.append(
-                f"| {name} | {entry['replicas']} × {entry['time_ps']:g} | {entry['fraction_stable']:.2f} | "
+                f"| {name} | {runs} | {entry['fraction_stable']:.2f} | "
                 f"{'—' if mttf is None else f'{mttf:.2f}'} | {entry['mean_survival_time_ps']:.2f} |"
             )
     if results["drift"]:
@@ -397,7 +482,12 @@ def report(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["train", "stability", "explore", "spectrum", "drift", "report"])
+    parser.add_argument(
+        "step",
+        choices=[
+            "train", "stability", "explore", "spectrum", "drift", "report", "mace-train", "mace-stability"
+        ],
+    )  # fmt: skip
     parser.add_argument("--models", default="paper,invariant")
     parser.add_argument("--temperatures", default="500,700")
     parser.add_argument("--time-ps", type=float, default=20.0)
@@ -406,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rescore", type=int, default=5, help="minima re-optimised with GFN2-xTB")
     parser.add_argument("--mdmin", type=int, default=20, help="escape length in E_pot minima along the MD")
     parser.add_argument("--drift-ps", type=float, default=2.0)
+    parser.add_argument("--stop-at", default=None, help="mace-stability: HH:MM UTC, stop cleanly then")
     args = parser.parse_args(argv)
     if not DATA.is_file():
         print(f"ala_dipeptide.py: {DATA} not found (the shared data folder must sit beside the repository)")
@@ -417,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         "spectrum": spectrum,
         "drift": drift,
         "report": report,
+        "mace-train": mace_train,
+        "mace-stability": mace_stability,
     }[args.step](args)
     return 0
 

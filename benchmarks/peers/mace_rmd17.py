@@ -1,4 +1,4 @@
-"""Train and test MACE (PyPI `mace-torch`) on rMD17 within a wall-clock budget.
+"""Train and test MACE (PyPI `mace-torch`) on rMD17 (or an extxyz file) within a wall-clock budget.
 
 Runs inside `benchmarks/.envs/mace-torch`. Every setting comes from MACE's own command-line parser
 (`mace.tools.build_default_arg_parser` + `check_args`, i.e. the defaults of `mace_run_train`) with the flags
@@ -10,12 +10,17 @@ Only the outer loop is ours, because `mace_run_train` has an epoch limit but no 
 
     python mace_rmd17.py --train-file T.npz --test-file S.npz --indices split.json \
         --budget-seconds 900 --out result.json --num-channels 256 --max-L 2
+
+An extxyz file (energy in `info`, forces in `arrays`, eV and eV/Å; keys `--energy-key`/`--forces-key`) can
+stand in for both npz files: then `--indices` also lists the "test" frames of `--test-file`, and
+`--save-model` keeps the selected model for MACE's ASE calculator (`ala_dipeptide_mace.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import sys
@@ -37,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-file", required=True)
     parser.add_argument("--test-file", required=True)
-    parser.add_argument("--indices", required=True, help="JSON with 'train' and 'valid' frame indices")
+    parser.add_argument(
+        "--indices", required=True, help="JSON with 'train' and 'valid' (and optionally 'test') frame indices"
+    )
+    parser.add_argument("--energy-key", default="energy", help="extxyz only: info key of the energy, eV")
+    parser.add_argument("--forces-key", default="forces", help="extxyz only: arrays key of the forces, eV/Å")
+    parser.add_argument("--save-model", default=None, help="write the selected model here (torch.save)")
     parser.add_argument("--budget-seconds", type=float, required=True)
     parser.add_argument("--out", required=True, help="result JSON")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: next to --out)")
@@ -59,6 +69,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+def load_frames(path: str, indices: list[int] | None, energy_key: str, forces_key: str) -> list:
+    """Frames as `ase.Atoms` with `info["REF_energy"]` (eV) and `arrays["REF_forces"]` (eV/Å).
+
+    Args:
+        path: rMD17 `.npz` (read by `rmd17_protocol.load_frames`) or any file `ase.io.read` takes whose
+            frames carry the energy (eV) in `info[energy_key]` and forces (eV/Å) in `arrays[forces_key]`.
+        indices: frames to read, in this order; all frames when None.
+    """
+    if path.endswith(".npz"):
+        return protocol.load_frames(path, indices)
+    import ase
+    import ase.io
+
+    frames = ase.io.read(path, index=":")
+    frames = frames if indices is None else [frames[k] for k in indices]
+    atoms_list = []
+    for frame in frames:
+        # ASE moves the keys "energy" and "forces" into a SinglePointCalculator; other keys stay put.
+        results = frame.calc.results if frame.calc is not None else {}
+        energy = frame.info[energy_key] if energy_key in frame.info else results[energy_key]
+        forces = frame.arrays[forces_key] if forces_key in frame.arrays else results[forces_key]
+        atoms = ase.Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
+        atoms.info["REF_energy"] = float(energy)
+        atoms.arrays["REF_forces"] = np.array(forces, dtype=float)
+        atoms_list.append(atoms)
+    return atoms_list
 
 
 def model_flags(args: argparse.Namespace) -> dict:
@@ -132,8 +170,11 @@ def main(argv: list[str] | None = None) -> None:
 
     keyspec = data.KeySpecification(info_keys={"energy": "REF_energy"}, arrays_keys={"forces": "REF_forces"})
     train_idx, valid_idx = protocol.read_split(args.indices)
-    train_configs = data.config_from_atoms_list(protocol.load_frames(args.train_file, train_idx), keyspec)
-    valid_configs = data.config_from_atoms_list(protocol.load_frames(args.train_file, valid_idx), keyspec)
+    with open(args.indices) as handle:
+        test_idx = json.load(handle).get("test")  # None: every frame of the test file (rMD17)
+    keys = (args.energy_key, args.forces_key)
+    train_configs = data.config_from_atoms_list(load_frames(args.train_file, train_idx, *keys), keyspec)
+    valid_configs = data.config_from_atoms_list(load_frames(args.train_file, valid_idx, *keys), keyspec)
     z_table = tools.AtomicNumberTable(sorted({int(z) for c in train_configs for z in c.atomic_numbers}))
     heads = ["Default"]
     e0s = data.compute_average_E0s(train_configs, z_table)  # --E0s average: least squares
@@ -188,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
 
     test_start = time.perf_counter()
     model.load_state_dict(best_state)
-    test_atoms = protocol.load_frames(args.test_file)
+    test_atoms = load_frames(args.test_file, test_idx, *keys)
     test_loader = loader(data.config_from_atoms_list(test_atoms, keyspec), 50, shuffle=False)
     energies, forces = [], []
     for batch in test_loader:
@@ -198,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         forces.extend(np.split(out["forces"].detach().cpu().numpy(), np.cumsum(counts)[:-1]))
     errors = protocol.test_errors(test_atoms, np.concatenate(energies), forces)
     print(f"test: {errors}", flush=True)
+    if args.save_model:
+        torch.save(model, args.save_model)  # the whole module, as mace_run_train saves it for MACECalculator
 
     import mace
 

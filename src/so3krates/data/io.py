@@ -23,7 +23,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io.formats import string2index
 from ase.stress import voigt_6_to_full_3x3_stress
 
-from so3krates.data.neighbors import neighbor_list
+from so3krates.data.neighbors import MAX_CELL_LENGTH, neighbor_list
 from so3krates.data.structure import Structure
 from so3krates.errors import DataError
 from so3krates.files import atomic_path
@@ -188,11 +188,14 @@ class _Raw:
 
 
 def _read_npz(name: str, energy_key: str | None, forces_key: str | None, index: str | int) -> _Raw:
+    arrays = {}
+    key = None
     try:
         with np.load(name, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+            for key in archive.files:  # one by one, so that an unreadable array (objects) is named
+                arrays[key] = archive[key]
     except Exception as exc:
-        raise _error(name, None, None, f"cannot read as npz: {type(exc).__name__}: {exc}") from exc
+        raise _error(name, None, key, f"cannot read as npz: {type(exc).__name__}: {exc}") from exc
     available = sorted(arrays)
     layout = next((keys for keys in NPZ_LAYOUTS.values() if keys[0] in arrays), None)
     if layout is None:
@@ -207,7 +210,7 @@ def _read_npz(name: str, energy_key: str | None, forces_key: str | None, index: 
     energy_key = energy_key or (auto_energy if auto_energy in arrays else None)
     forces_key = forces_key or (auto_forces if auto_forces in arrays else None)
 
-    positions = arrays[positions_key]
+    positions = _numeric(name, positions_key, arrays[positions_key])
     if positions.ndim != 3 or positions.shape[2] != 3:
         raise _error(name, None, positions_key, f"shape {positions.shape}, expected (n_frames, n_atoms, 3)")
     n_frames, n_atoms = positions.shape[:2]
@@ -225,6 +228,17 @@ def _read_npz(name: str, energy_key: str | None, forces_key: str | None, index: 
     numbers = np.broadcast_to(numbers, (n_frames, n_atoms))
     if not _is_integral(numbers):
         raise _error(name, None, numbers_key, "atomic numbers must be integers")
+    # Before the cast to int64, which would turn a float Z = 1e30 into a meaningless negative number;
+    # z = 0 is padding, dropped below.
+    outside = np.argwhere((numbers < 0) | (numbers > MAX_ATOMIC_NUMBER))
+    if len(outside):
+        frame, atom = outside[0]
+        raise _error(
+            name,
+            f"frame {frame}",
+            numbers_key,
+            f"atom {atom}: unknown element Z = {numbers[frame, atom]:g} (expected 1–118, or 0 for padding)",
+        )
     numbers = numbers.astype(np.int64)
     energies = forces = None
     if energy_key is not None:
@@ -314,12 +328,15 @@ def _db_value(row: ase.db.row.AtomsRow, key: str) -> object:
 
 
 def _read_ase(name: str, energy_key: str, forces_key: str, stress_key: str, index: str | int) -> _Raw:
+    images: list[Atoms] = []
     try:
-        images = ase.io.read(name, index=index)
+        # Frame by frame, so that a failure can name the frame it happened in.
+        for atoms in ase.io.iread(name, index=index):
+            images.append(atoms)
     except Exception as exc:
-        raise _error(name, None, None, f"ase.io.read failed: {type(exc).__name__}: {exc}") from exc
-    if isinstance(images, Atoms):
-        images = [images]
+        # Before the first frame, the file as a whole may be at fault (format, encoding): name no frame.
+        where = _frame_labels(index, len(images) + 1)[-1] if images else None
+        raise _error(name, where, None, f"ase.io.read failed: {type(exc).__name__}: {exc}") from exc
     labels = _frame_labels(index, len(images))
     keys = {"numbers": "species", "positions": "positions", "cell": "cell"}
     keys |= {"energy": energy_key, "forces": forces_key, "stress": stress_key}
@@ -387,9 +404,14 @@ def _stress(name: str, where: str, key: str, value: object) -> np.ndarray | None
 
 
 def _numeric(name: str, key: str, value: object, where: str | None = None) -> np.ndarray:
-    """The value as a float64 array; booleans and strings are errors, not silently 1.0 or NaN."""
+    """The value as a float64 array; booleans, strings and complex numbers are errors, not silently 1.0, NaN
+    or their real part."""
     array = np.asarray(value)
-    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+    if (
+        array.dtype == bool
+        or not np.issubdtype(array.dtype, np.number)
+        or np.issubdtype(array.dtype, np.complexfloating)
+    ):
         hint = " (a bare key without '=' in the comment line?)" if array.dtype == bool else ""
         shown = repr(value) if array.size <= 3 else f"an array of {array.dtype}"
         raise _error(name, where, key, f"expected numbers, got {shown}{hint}")
@@ -441,6 +463,14 @@ def _to_structures(
         pbc = np.asarray(frame.pbc, dtype=bool)
         if not np.isfinite(cell).all():
             raise _error(name, where, keys["cell"], "cell contains NaN or inf")
+        if pbc.any() and np.abs(cell[pbc]).max() > MAX_CELL_LENGTH:
+            raise _error(
+                name,
+                where,
+                keys["cell"],
+                f"a periodic cell vector of {np.abs(cell[pbc]).max():.3g} Å is longer than "
+                f"{MAX_CELL_LENGTH:g} Å; make that direction non-periodic",
+            )
         if pbc.any() and np.linalg.matrix_rank(cell[pbc]) < pbc.sum():
             raise _error(
                 name, where, keys["cell"], f"periodic along {pbc.tolist()} but the cell is degenerate"
@@ -485,7 +515,10 @@ def _check_distances(
 ) -> None:
     # vesin bins space into cells of the cutoff's size: a 0.1 Å cutoff means ~10⁵ bins per molecule and
     # milliseconds per frame, so ask for a few Å (microseconds, few pairs) and filter.
-    idx_i, idx_j, shifts = neighbor_list(positions, cell, pbc, max(min_distance, SEARCH_CUTOFF))
+    try:
+        idx_i, idx_j, shifts = neighbor_list(positions, cell, pbc, max(min_distance, SEARCH_CUTOFF))
+    except DataError as error:
+        raise _error(name, where, key, str(error)) from None
     distances = np.linalg.norm(positions[idx_j] - positions[idx_i] + shifts @ cell, axis=1)
     if not (distances < min_distance).any():
         return

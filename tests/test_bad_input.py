@@ -25,7 +25,7 @@ import yaml
 from ase import Atoms
 from ase.data import chemical_symbols
 from ase.neighborlist import neighbor_list as ase_neighbor_list
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from so3krates.cli.main import main
@@ -618,8 +618,7 @@ def test_prepare_with_a_cutoff_beyond_the_cell_counts_the_images(capsys):
                     assert int(file["structures/n_edges"][0]) == len(_ase_edges(atoms, cutoff))
             else:
                 assert not out.exists() and sorted(p.name for p in Path(tmp).iterdir()) == [path.name]
-                # The neighbour list's reason; hdf5.py does not prefix file and frame (see the report).
-                _one_line_error(capsys, "prepare", "periodic images")
+                _one_line_error(capsys, "prepare", "structure 0", "periodic images")
 
     _run("prepare cutoff beyond the cell", check, 10)
 
@@ -782,36 +781,31 @@ def test_random_yaml_text_is_a_config_or_one_line(capsys):
     _run("random yaml text", check, 20)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/config.py load_train_config: path.read_text() raises UnicodeDecodeError, not ConfigError",
-)
 def test_config_that_is_not_utf8_gives_one_line(capsys):
-    @settings(SETTINGS, max_examples=10, phases=[Phase.generate])  # expected to fail: no shrinking
+    @settings(SETTINGS, max_examples=20)
     @given(data=st.binary(min_size=1, max_size=40).filter(lambda b: not _is_utf8(b)))
     def check(data):
         EXAMPLES["non-UTF-8 config"] += 1
         with tempfile.TemporaryDirectory() as tmp:
-            _train_refuses(capsys, Path(tmp), data)
+            _train_refuses(capsys, Path(tmp), data, "not UTF-8")
 
-    check()
+    _run("non-UTF-8 config", check, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/config.py TrainingConfig and model/config.py ModelConfig accept .inf for gt=0 fields",
-)
 def test_infinite_rates_and_lengths_are_refused(capsys):
-    @settings(SETTINGS, max_examples=5, phases=[Phase.generate])
-    @given(field=st.sampled_from([("training", "learning_rate"), ("model", "cutoff")]))
-    def check(field):
+    @settings(SETTINGS, max_examples=12)
+    @given(
+        field=st.sampled_from([("training", "learning_rate"), ("model", "cutoff"), ("training", "max_time")]),
+        value=st.sampled_from([float("inf"), float("-inf"), float("nan")]),
+    )
+    def check(field, value):
         EXAMPLES["infinite config values"] += 1
         with tempfile.TemporaryDirectory() as tmp:
             values = _valid_config(Path(tmp))
-            values[field[0]][field[1]] = float("inf")
+            values[field[0]][field[1]] = value
             _train_refuses(capsys, Path(tmp), yaml.safe_dump(values), field[1])
 
-    check()
+    _run("infinite config values", check, 8)
 
 
 def _is_utf8(data: bytes) -> bool:

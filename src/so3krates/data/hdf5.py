@@ -25,6 +25,7 @@ filtered by distance, a larger one needs the file prepared again.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -108,8 +109,8 @@ def write_hdf5(
     Raises:
         DataError: a structure is malformed (wrong shapes, unknown element, an image offset beyond ±127).
     """
-    if not cutoff > 0:
-        raise ConfigError(f"write_hdf5: cutoff must be positive, got {cutoff}")
+    if not 0 < cutoff < math.inf:
+        raise ConfigError(f"write_hdf5: cutoff must be positive and finite, got {cutoff}")
     if chunk_frames < 1:
         raise ConfigError(f"write_hdf5: chunk_frames must be at least 1, got {chunk_frames}")
     name = str(path)
@@ -169,7 +170,10 @@ def _structure_rows(name: str, k: int, structure: Structure, cutoff: float) -> d
     pbc = np.broadcast_to(np.asarray(structure.pbc, dtype=bool), (3,))
     forces = _label(where, "forces", structure.forces, (n_atoms, 3))
     stress = _label(where, "stress", structure.stress, (3, 3))
-    edges = neighbor_list(positions, cell, pbc, cutoff)
+    try:
+        edges = neighbor_list(positions, cell, pbc, cutoff)
+    except DataError as error:
+        raise DataError(f"{where}: {error}") from None
     if len(edges.shifts) and np.abs(edges.shifts).max() > np.iinfo(np.int8).max:
         raise DataError(
             f"{where}: an image offset of {np.abs(edges.shifts).max()} cells does not fit the file's int8 "

@@ -82,7 +82,7 @@ _FORMAT = "so3krates-minima-hopping"
 class HoppingConfig(BaseModel):
     """Settings of a minima-hopping search; defaults follow Goedecker (2004) and ASE."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     temperature: float = Field(1000.0, gt=0, description="K — initial MD temperature T₀")
     fmax: float = Field(0.01, gt=0, description="eV/Å — convergence of the local optimisation")

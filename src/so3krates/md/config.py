@@ -21,7 +21,7 @@ NON_CONSERVING_ENSEMBLES = ("langevin",)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StabilityConfig(_Section):

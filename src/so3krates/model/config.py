@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class ModelConfig(BaseModel):
     """Hyper-parameters of the SO3krates model (SPEC §2). Defaults are the ``paper`` preset."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     n_features: int = Field(132, ge=4, description="F, width of the invariant features")
     n_heads: int = Field(4, ge=1, description="H, heads of the invariant attention")

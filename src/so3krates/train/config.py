@@ -18,7 +18,7 @@ from so3krates.units import ENERGY_UNITS, LENGTH_UNITS
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -158,7 +158,11 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {error.start}); a YAML config is expected"
+            ) from None
         except yaml.YAMLError as error:
             first = str(error).replace("\n", " ")
             raise ConfigError(f"{path}: not valid YAML ({first})") from None

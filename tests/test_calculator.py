@@ -127,6 +127,10 @@ def test_fast_state_check_still_sees_every_change(model):
         other = atoms.copy()
         change(other)
         assert name in calculator.check_state(other), name
+    moved_and_strained = atoms.copy()
+    changes["positions"](moved_and_strained)
+    changes["cell"](moved_and_strained)
+    assert {"positions", "cell"} <= set(calculator.check_state(moved_and_strained))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc to read memory use")

@@ -179,20 +179,20 @@ class So3kratesCalculator(Calculator):
 
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
         # ASE compares six arrays with np.allclose, ~0.2 ms per property request and several requests per MD
-        # step. Exact equality of what the model sees implies "no change" under any tolerance; anything
-        # else is left to ASE's comparison.
+        # step. Exact equality of everything answers "no change"; exact equality of everything but the
+        # positions answers "positions" (an MD step; at worst a change below ASE's tolerance is recomputed).
+        # Anything else is left to ASE's comparison.
         previous = self.atoms
         if (
             previous is not None
             and len(previous) == len(atoms)
-            and np.array_equal(previous.positions, atoms.positions)
             and np.array_equal(previous.numbers, atoms.numbers)
             and np.array_equal(previous.cell.array, atoms.cell.array)
             and np.array_equal(previous.pbc, atoms.pbc)
             and np.array_equal(previous.get_initial_magnetic_moments(), atoms.get_initial_magnetic_moments())
             and np.array_equal(previous.get_initial_charges(), atoms.get_initial_charges())
         ):
-            return []
+            return [] if np.array_equal(previous.positions, atoms.positions) else ["positions"]
         return super().check_state(atoms, tol)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:

@@ -226,6 +226,9 @@ def process_group(device: str, timeout_s: float, placement: Placement | None = N
     )
     try:
         yield Distributed(placement, _collective_device(backend, placement))
+        # Leave together: a rank that tore down its gloo connections while another still used them was
+        # aborted at exit ("terminate called without an active exception", seen once under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -18,7 +18,8 @@ from ase.build import molecule
 
 from helpers import ethanol, triclinic_cell
 from so3krates.data.dataset import GraphDataset, collate_batch
-from so3krates.data.hdf5 import HDF5Dataset, hdf5_statistics, write_hdf5
+from so3krates.data.hdf5 import HDF5Dataset, write_hdf5
+from so3krates.data.hdf5_statistics import hdf5_statistics
 from so3krates.data.io import read_structures
 from so3krates.data.statistics import DatasetStatistics, compute_statistics
 from so3krates.data.structure import Structure
@@ -173,7 +174,7 @@ def test_statistics_match_compute_statistics(written):
 
 def test_statistics_of_several_blocks_with_mixed_compositions(tmp_path, monkeypatch):
     # Blocks of 3 structures: the least-squares rows arrive in several pieces, as in a large file.
-    import so3krates.data.hdf5 as hdf5
+    import so3krates.data.hdf5_statistics as hdf5
 
     original = hdf5._blocks
     monkeypatch.setattr(hdf5, "_blocks", lambda *args: original(*args, max_structures=3))

@@ -13,7 +13,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from so3krates.data.dataset import GraphDataset
-from so3krates.data.hdf5 import HDF5Dataset, hdf5_statistics, open_hdf5
+from so3krates.data.hdf5 import HDF5Dataset, open_hdf5
+from so3krates.data.hdf5_statistics import hdf5_statistics
 from so3krates.data.io import read_structures
 from so3krates.data.split import load_split, save_split, split_indices
 from so3krates.data.statistics import DatasetStatistics, compute_statistics

@@ -6,9 +6,8 @@ own ASE calculator (`mace.calculators.MACECalculator`, float64, CPU); everything
 `so3krates md`: the same `MDConfig` (defaults included), start frame, seeds (replica k: seed 0 + k),
 Maxwell–Boltzmann velocities rescaled to the target over 3N − 3 degrees of freedom, ASE Langevin with
 `FixCom`, stability monitor (checked every 10 steps), thermo log and per-replica `summary.json`. For that
-the runner drives `so3krates.md.run._Trajectory` directly — private, but the only way to give one
-trajectory a calculator other than ours without copying the loop, and copying it could let the two
-protocols drift apart.
+the runner drives `so3krates.md.run.Trajectory` directly: it takes any ASE calculator, so the loop is not
+copied and the two protocols cannot drift apart.
 
 Two processes may share the work: each claims the next unclaimed (temperature, replica) in order and
 rewrites the temperature's `summary.json` after every replica it finishes. `--stop-at HH:MM` (UTC) stops
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from so3krates.md import output
     from so3krates.md.config import MDConfig
-    from so3krates.md.run import _find_states, _Trajectory, read_structure
+    from so3krates.md.run import Trajectory, find_states, read_structure
 
     atoms = read_structure(Path(args.structure), args.frame)
     for temperature in args.temperatures.split(","):
@@ -149,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             directory = config.output_dir / f"replica_{k:03d}"
             if not claim(directory, args.restart):
                 continue
-            (state,) = _find_states([directory], args.restart)
+            (state,) = find_states([directory], args.restart)
             calculator = MACECalculator(model_paths=args.model, device="cpu", default_dtype="float64")
             print(f"{temperature} K, replica {k} (seed {config.seed + k}) → {directory}", flush=True)
-            trajectory = _Trajectory(config, atoms, calculator, directory, config.seed + k, state, print)
+            trajectory = Trajectory(config, atoms, calculator, directory, config.seed + k, state, print)
             timer = None
             if args.stop_at:
                 reason = f"stopped at {args.stop_at} UTC (deadline)"

@@ -74,7 +74,7 @@ def run_md(config: MDConfig, log: Callable[[str], None] = print, restart: bool =
     atoms = read_structure(config.structure, config.frame)
     check_ensemble(config, atoms, str(config.structure))
     directories = _run_directories(config)
-    states = _find_states(directories, restart)
+    states = find_states(directories, restart)
     model, metadata = load_model(config.model, device=config.device, dtype=getattr(torch, config.dtype))
     species = metadata.get("species")
 
@@ -110,7 +110,7 @@ def run_md(config: MDConfig, log: Callable[[str], None] = print, restart: bool =
     for k, directory in enumerate(directories):
         if len(directories) > 1:
             log(f"replica {k + 1}/{len(directories)} (seed {config.seed + k}) → {directory}")
-        trajectory = _Trajectory(config, atoms, new_calculator(), directory, config.seed + k, states[k], log)
+        trajectory = Trajectory(config, atoms, new_calculator(), directory, config.seed + k, states[k], log)
         runs.append(trajectory.run())
         if len(directories) > 1:
             summary = replica_summary(runs, total * config.timestep_fs / 1000)
@@ -175,7 +175,7 @@ def _run_directories(config: MDConfig) -> list[Path]:
     return [config.output_dir / f"replica_{k:03d}" for k in range(config.replicas)]
 
 
-def _find_states(directories: list[Path], restart: bool) -> list[dict[str, Any] | None]:
+def find_states(directories: list[Path], restart: bool) -> list[dict[str, Any] | None]:
     """Each run's restart state (restart) or None (fresh start); refuses to overwrite or to find nothing."""
     states: list[dict[str, Any] | None] = []
     for directory in directories:
@@ -194,8 +194,12 @@ def _find_states(directories: list[Path], restart: bool) -> list[dict[str, Any] 
     return states
 
 
-class _Trajectory:
-    """One trajectory: its atoms, integrator, monitor and files, from a fresh start or a restart state."""
+class Trajectory:
+    """One trajectory: its atoms, integrator, monitor and files, from a fresh start or a restart state.
+
+    Public so that the same protocol can drive another package's ASE calculator (benchmarks/peers/
+    mace_stability.py): any ASE calculator with energy and forces works.
+    """
 
     def __init__(
         self,

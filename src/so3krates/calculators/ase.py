@@ -22,7 +22,13 @@ from so3krates.data.graph import Graph
 from so3krates.data.neighbors import neighbor_list
 from so3krates.data.structure import unknown_elements
 from so3krates.errors import So3kratesError
-from so3krates.export.core import compiled_program, graph_inputs, load_exported
+from so3krates.export.core import (
+    AOTI_FUSED_MAX_EDGES,
+    ExportedModel,
+    compiled_program,
+    graph_inputs,
+    load_exported,
+)
 from so3krates.model.checkpoint import load_model
 from so3krates.model.derivatives import ForceField
 from so3krates.model.so3krates import So3krates, compile_model
@@ -89,8 +95,7 @@ class So3kratesCalculator(Calculator):
         self.force_field = ForceField(compile_model(self.model) if mode == "inductor" else self.model)
         self._setup(float(self.model.cutoff), species, trained_species, device, skin, min_distance)
         self.exported = None
-        if mode == "aoti":
-            self.exported = compiled_program(self.model, torch_dtype, sorted(self.species))
+        self._aoti: dict[bool, ExportedModel] | None = {} if mode == "aoti" else None
 
     def _setup(
         self,
@@ -211,6 +216,14 @@ class So3kratesCalculator(Calculator):
         self, graph: Graph, compute_stress: bool
     ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray | None]:
         """(energy eV, atomic energies eV, forces eV/Å, stress 3×3 eV/Å³ or None) of a one-structure graph."""
+        if self._aoti is not None:
+            # Two programs, each compiled at its first use: the fused one (tabulated radial filters in
+            # float32) for molecules and mid-sized cells, the per-equation one for large graphs.
+            fused = graph.n_edges <= AOTI_FUSED_MAX_EDGES
+            if fused not in self._aoti:
+                dtype = self.model.embedding.table.weight.dtype
+                self._aoti[fused] = compiled_program(self.model, dtype, sorted(self.species), fused=fused)
+            self.exported = self._aoti[fused]
         if self.exported is not None:
             return self._evaluate_exported(graph, compute_stress)
         out = self.force_field(graph, compute_forces=True, compute_stress=compute_stress)
@@ -256,6 +269,7 @@ class ExportedCalculator(So3kratesCalculator):
         **kwargs,
     ) -> None:
         Calculator.__init__(self, **kwargs)
+        self._aoti = None
         self.exported = load_exported(path)
         self.metadata = self.exported.metadata
         self._setup(self.exported.cutoff, species, self.metadata.get("species"), "cpu", skin, min_distance)

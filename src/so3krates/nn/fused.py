@@ -121,18 +121,25 @@ class FusedWeightCache:
         self._parameters: list[Tensor] = []
         self._key: list[int] = []
         self._weights: FusedWeights | None = None
+        #: Other things derived from the frozen weights (the radial-filter table); emptied when they change.
+        self.extras: dict[str, object] = {}
+
+    def is_frozen(self, layers: nn.ModuleList) -> bool:
+        """True when no parameter will get a gradient from this call."""
+        if not self._parameters:
+            self._parameters = list(layers.parameters())
+        return not (torch.is_grad_enabled() and any([p.requires_grad for p in self._parameters]))
 
     def get(self, layers: nn.ModuleList) -> FusedWeights:
-        parameters = self._parameters
-        if not parameters:
-            parameters = self._parameters = list(layers.parameters())
-        if torch.is_grad_enabled() and any([p.requires_grad for p in parameters]):
+        if not self.is_frozen(layers):
             return fused_weights(layers)  # part of the autograd graph: built anew each call
+        parameters = self._parameters
         key = [p._version for p in parameters] + [p.data_ptr() for p in parameters]
         if key != self._key or self._weights is None:
             with torch.no_grad():
                 self._weights = fused_weights(layers)
             self._key = key
+            self.extras = {}
         return self._weights
 
 
@@ -146,13 +153,15 @@ def fused_layer(
     sph: Tensor,
     idx_i: Tensor,
     idx_j: Tensor,
+    radial_filters: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One transformer layer (the computation of ``TransformerLayer.forward``) with fused weights.
 
     Args:
         layer: the TransformerLayer (for its layer norms, exchange block and MLPs).
         weights: its fused matrices.
-        radial: (n_edges, B·F) — SiLU of the first radial filter layer of this layer's branches.
+        radial: (n_edges, B·F) — SiLU of the first radial filter layer of this layer's branches, or with
+            ``radial_filters`` the whole MLP_r of each branch (second-layer biases included).
         h, x: (n_atoms, F), (n_atoms, n_sph) — features and Euclidean variables.
         cutoff: (n_edges,) φ(d_ij); sph: (n_edges, n_sph) Y(r̂_ij); idx_i, idx_j: (n_edges,) int64.
     """
@@ -161,7 +170,10 @@ def fused_layer(
     width = n_branches * n_features
     # w_ij = MLP_r(K_ij) + MLP_s(s_ij) per branch (Eq. 20); both second layers accumulate in one addmm chain.
     radial = radial.split(n_features, dim=1)
-    filters = [torch.addmm(b, r, w) for r, (w, b) in zip(radial, weights.radial_out, strict=True)]
+    if radial_filters:
+        filters = list(radial)
+    else:
+        filters = [torch.addmm(b, r, w) for r, (w, b) in zip(radial, weights.radial_out, strict=True)]
     if weights.spherical_in is not None:
         invariants = layer.contraction(x.index_select(0, idx_j) - x.index_select(0, idx_i))
         hidden = torch.nn.functional.silu(

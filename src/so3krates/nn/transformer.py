@@ -15,17 +15,19 @@ from so3krates.nn.spherical import DegreeContraction
 class EdgeFeatures(NamedTuple):
     """Geometry of the edges, computed once per forward pass and shared by all layers.
 
-    rbf: (n_edges, n_rbf) — radial basis K_ij.
+    rbf: (n_edges, n_rbf) — radial basis K_ij; None when the radial filters are read from a table.
     cutoff: (n_edges,) — φ(d_ij).
     sph: (n_edges, n_sph) — Y(r̂_ij).
     idx_i, idx_j: (n_edges,) int64 — centre and neighbour atoms.
+    distances: (n_edges,) — d_ij, in the network's dtype.
     """
 
-    rbf: Tensor
+    rbf: Tensor | None
     cutoff: Tensor
     sph: Tensor
     idx_i: Tensor
     idx_j: Tensor
+    distances: Tensor
 
 
 class TransformerLayer(nn.Module):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 import threading
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--friction", type=float, default=0.01, help="1/fs")
     parser.add_argument("--timestep", type=float, default=0.5, help="fs")
     parser.add_argument("--stop-at", default=None, help="HH:MM UTC: stop cleanly then")
-    parser.add_argument("--restart", action="store_true", help="continue interrupted replicas")
+    parser.add_argument("--restart", action="store_true", help="continue interrupted replicas, start unbegun ones")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summarise-only", action="store_true", help="rewrite the summaries, run nothing")
     return parser.parse_args(argv)
@@ -66,8 +67,6 @@ def claim(directory: Path, restart: bool) -> bool:
 
 def summarise(config_dir: Path, total_time_ps: float) -> None:
     """The temperature's `summary.json` from every finished replica's `summary.json` (any process's)."""
-    import json
-
     from so3krates.md import output
     from so3krates.md.stability import StabilityFailure
     from so3krates.md.summary import TrajectoryResult, replica_summary
@@ -146,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.stop_at} UTC reached: no new replica", flush=True)
                 return 0
             directory = config.output_dir / f"replica_{k:03d}"
+            done = directory / "summary.json"
+            if args.restart and done.is_file() and json.loads(done.read_text())["status"] != "interrupted":
+                continue  # finished (stable to the end or failed): nothing to continue
             if not claim(directory, args.restart):
                 continue
-            (state,) = find_states([directory], args.restart)
+            # --restart continues interrupted replicas and starts the ones never begun
+            (state,) = find_states([directory], args.restart and (directory / "restart.npz").is_file())
             calculator = MACECalculator(model_paths=args.model, device="cpu", default_dtype="float64")
             print(f"{temperature} K, replica {k} (seed {config.seed + k}) → {directory}", flush=True)
             trajectory = Trajectory(config, atoms, calculator, directory, config.seed + k, state, print)

@@ -134,6 +134,23 @@ def test_run_lock_leaves_a_lock_it_does_not_own(tmp_path):
         RunLock(tmp_path).__enter__()
 
 
+def test_run_lock_removes_what_killed_atomic_writes_left(tmp_path):
+    """A kill -9 inside atomic_path leaves ``.NAME.XXXX.tmp``; the next owner of the directory removes it."""
+    from so3krates.train.runlock import RunLock
+
+    leftover = tmp_path / ".last.pt.abc123.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    (tmp_path / "last.pt").write_bytes(b"kept")
+    with pytest.raises(ConfigError, match="another training"):
+        (tmp_path / ".lock").write_text(str(os.getpid()))  # a live owner: nothing may be touched
+        RunLock(tmp_path).__enter__()
+    assert leftover.exists()
+    (tmp_path / ".lock").unlink()
+    with RunLock(tmp_path):
+        assert not leftover.exists()
+        assert (tmp_path / "last.pt").read_bytes() == b"kept"
+
+
 def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

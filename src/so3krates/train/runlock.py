@@ -10,7 +10,10 @@ from so3krates.errors import ConfigError
 
 
 class RunLock:
-    """``RUN/.lock`` holds the PID of the training that owns the run directory; a second one refuses."""
+    """``RUN/.lock`` holds the PID of the training that owns the run directory; a second one refuses.
+
+    Taking the lock also removes the temporary files of atomic writes interrupted by a kill (``.NAME.*.tmp``).
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / ".lock"
@@ -33,6 +36,10 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as handle:
                 handle.write(str(os.getpid()))
+            # Temporary files of atomic writes (so3krates.files.atomic_path) that a killed run left behind:
+            # with the lock held no other process writes here, so none of them is still being written.
+            for leftover in self.path.parent.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
             return self
         raise ConfigError(f"{self.path}: cannot take the run-directory lock")
 

@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--friction", type=float, default=0.01, help="1/fs")
     parser.add_argument("--timestep", type=float, default=0.5, help="fs")
     parser.add_argument("--stop-at", default=None, help="HH:MM UTC: stop cleanly then")
-    parser.add_argument("--restart", action="store_true", help="continue interrupted replicas, start unbegun ones")
+    parser.add_argument(
+        "--restart", action="store_true", help="continue interrupted replicas, start unbegun ones"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summarise-only", action="store_true", help="rewrite the summaries, run nothing")
     return parser.parse_args(argv)

@@ -78,6 +78,13 @@ MODELS = {
         "ours, AOTInductor, radial filters evaluated instead of read from their spline",
         1000,
     ),
+    "so3krates-aoti-all-threads": (
+        None,
+        "speed_so3krates.py",
+        ["--compile", "aoti", "--all-threads"],
+        "ours, AOTInductor, every graph on all threads (no single-thread evaluation of small graphs)",
+        400,
+    ),
     "so3krates-torch": (
         "so3krates-torch",
         "speed_so3krates_torch.py",

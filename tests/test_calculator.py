@@ -153,3 +153,24 @@ def test_memory_stays_constant_over_thousands_of_calls(model):
     growth = rss_mb() - before
     assert calculator.n_neighbor_list_builds > 100
     assert growth < 8.0, f"resident memory grew by {growth:.1f} MB over 2000 calls"
+
+
+def test_small_graphs_run_on_one_thread_and_the_setting_is_restored(model):
+    """single_thread_edges: ethanol (72 edges) on one thread, the triclinic cell on all; same numbers."""
+    seen = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for limit, atoms, expected in [(1000, ethanol(), 1), (0, ethanol(), 2), (50, triclinic_cell(), 2)]:
+            calculator = So3kratesCalculator(model, single_thread_edges=limit)
+            evaluate = calculator._evaluate
+            calculator._evaluate = lambda *a, _f=evaluate: seen.append(torch.get_num_threads()) or _f(*a)
+            atoms.calc = calculator
+            forces = atoms.get_forces()
+            assert seen[-1] == expected
+            assert torch.get_num_threads() == 2
+            reference = atoms.copy()
+            reference.calc = So3kratesCalculator(model, single_thread_edges=0)
+            np.testing.assert_allclose(forces, reference.get_forces(), atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)

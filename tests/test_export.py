@@ -205,6 +205,8 @@ def test_calculator_compiled_ahead_of_time_gives_the_same_numbers_and_is_cached(
     import time
 
     monkeypatch.setenv("SO3KRATES_CACHE_DIR", str(tmp_path))
+    # Ethanol (72 edges) takes the fused program, the triclinic cell the per-equation one.
+    monkeypatch.setattr("so3krates.calculators.ase.AOTI_FUSED_MAX_EDGES", 100)
     compiled = So3kratesCalculator(checkpoint, compile="aoti")
     assert not list((tmp_path / "aoti").glob("*.pt2"))  # compiled at the first call, for its size class
     for atoms in (ethanol(), triclinic_cell()):
@@ -215,13 +217,14 @@ def test_calculator_compiled_ahead_of_time_gives_the_same_numbers_and_is_cached(
         assert atoms.get_potential_energy() == pytest.approx(reference.get_potential_energy(), rel=1e-12)
         if atoms.pbc.any():
             np.testing.assert_allclose(atoms.get_stress(), reference.get_stress(), atol=1e-10)
-    assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 1  # both are molecules' size class
+    assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 2
+    assert set(compiled._aoti) == {True, False}
     start = time.perf_counter()
     again = ethanol()
     again.calc = So3kratesCalculator(checkpoint, compile="aoti")
     again.get_forces()
     assert time.perf_counter() - start < 15.0, "the cached program was compiled again"
-    assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 1
+    assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 2
 
 
 def test_compile_modes_are_checked():

@@ -67,10 +67,12 @@ def test_distances_beyond_the_table_are_clamped_with_zero_gradient():
     assert torch.all(gradient == 0)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "modules"])
 @pytest.mark.parametrize("variant", [v for v in sorted(VARIANTS) if v != "paper"])
-def test_tabulated_model_matches_the_exact_network(variant):
-    """float64 with the table forced on, every model variant: energies, forces and stress."""
+def test_tabulated_model_matches_the_exact_network(variant, fused):
+    """float64 with the table forced on, every model variant, both paths: energies, forces and stress."""
     force_field = make_force_field(VARIANTS[variant], torch.float64).requires_grad_(False)
+    force_field.model.fused = fused
     structures = [ethanol(0), triclinic_cell()]
     force_field.model.tabulate = False
     exact = evaluate(force_field, structures, stress=True)

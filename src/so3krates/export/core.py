@@ -281,11 +281,10 @@ def cache_directory() -> Path:
     return Path(os.environ.get("SO3KRATES_CACHE_DIR") or Path.home() / ".cache" / "so3krates")
 
 
-#: Edges up to which ``So3kratesCalculator(compile="aoti")`` runs the fused program (with the radial-filter
-#: table in float32); beyond, the per-equation modules. Measured, paper model, float32, 1 thread: fused and
-#: tabulated 2.9 vs 5.1 ms (alanine dipeptide, 340 edges), 71 vs 116 ms (99 water, 6.3k edges), 536 vs
-#: 630 ms (399 water, 26k edges), 1326 vs 1029 ms (999 water, 54k edges).
-AOTI_FUSED_MAX_EDGES = 32768
+#: Edges up to which ``So3kratesCalculator(compile="aoti")`` runs the fused program; beyond, the
+#: per-equation one. Paper model, float32, AOTInductor, 2 threads, both programs timed in turn in one process:
+#: 99 water (6.3k edges) 71 ms fused and tabulated vs 101 ms per-equation; 399 water (26k edges) 511 vs 411.
+AOTI_FUSED_MAX_EDGES = 12000
 
 
 def compiled_program(

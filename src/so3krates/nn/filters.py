@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -29,3 +30,10 @@ class FilterNet(nn.Module):
         if self.spherical is None:
             return self.radial(rbf)
         return self.radial(rbf) + self.spherical(sph_invariants)
+
+    def from_radial(self, radial: Tensor, sph_invariants: Tensor) -> Tensor:
+        """w_ij from a tabulated MLP_r that already holds MLP_s's output bias (so3krates.nn.radial_table)."""
+        if self.spherical is None:
+            return radial
+        hidden = self.spherical[1](self.spherical[0](sph_invariants))
+        return torch.addmm(radial, hidden, self.spherical[2].weight.T)

@@ -177,3 +177,17 @@ def test_float32_torchscript_export_with_the_table(tmp_path):
     export_model(force_field.model, tmp_path / "exact.ts", fmt="torchscript", dtype="float32")
     assert read_metadata(tmp_path / "exact.ts")["radial_table_intervals"] is None
     assert math.isfinite(energy.item())
+
+
+def test_hessians_use_the_exact_network(monkeypatch):
+    """so3krates spectrum: no spline (its second derivatives jump at the nodes), the model left as it was."""
+    from so3krates.spectrum.harmonic import hessian
+
+    force_field = make_force_field(VARIANTS["tiny"], torch.float32).requires_grad_(False)
+    calls = []
+    monkeypatch.setattr(
+        "so3krates.model.so3krates.evaluate_radial_table", lambda *a: calls.append(1) or pytest.fail()
+    )
+    result = hessian(force_field.model, ethanol(), dtype=torch.float32)
+    assert not calls and np.isfinite(result).all()
+    assert force_field.model.tabulate is None

@@ -10,10 +10,12 @@ two ends. Per edge that leaves four row gathers and three multiply-adds per colu
 
 Accuracy: the spline matches values and first derivatives at the nodes, so energies are C¹ in the positions
 (forces are continuous; velocity Verlet conserves energy as with the exact network). The interpolation error
-is O(h⁴) in the filters and O(h³) in their derivatives; with the default 4096 intervals over 5 Å it is below
-float32 round-off (measured in tests/test_radial_table.py and recorded in the README). Second derivatives
-jump at the nodes, so Hessians (``so3krates spectrum``) and float64 finite-difference checks use the exact
-network; the table is the float32 default and otherwise opt-in (``So3krates.tabulate``).
+is O(h⁴) in the filters and O(h³) in their derivatives. With the default 2048 intervals over 5 Å, on the
+trained alanine-dipeptide model in float64: energy 1.8e-10 eV, forces 1e-7 relative (4096 intervals: 2e-11
+eV, 1e-8), below float32 round-off (8e-7 relative); 2 ps of float32 NVE drift -1.17e-5 eV/atom/ps with the
+table and -1.16e-5 without. Second derivatives jump at the nodes, so Hessians (``so3krates spectrum``) and
+float64 finite-difference checks use the exact network; the table is the float32 default and otherwise
+opt-in (``So3krates.tabulate``).
 
 Distances beyond the table (edges kept by a neighbour-list skin) are clamped to r_c: there φ(d) = φ'(d) = 0
 multiplies every filter, so their value does not matter and their gradient is zero either way.

@@ -58,8 +58,11 @@ def hessian(model: nn.Module, atoms: Atoms, dtype: torch.dtype = torch.float64) 
     """
     energy_model = model.model if isinstance(model, ForceField) else model
     parameter = next(energy_model.parameters())
-    if parameter.dtype != dtype:
+    if parameter.dtype != dtype or getattr(energy_model, "tabulate", False) is not False:
         energy_model = copy.deepcopy(energy_model).to(dtype)
+        # The exact network: the radial-filter spline has second derivatives that jump at its nodes.
+        if hasattr(energy_model, "tabulate"):
+            energy_model.tabulate = False
     force_field = ForceField(energy_model).eval()
     graph = atoms_to_graph(atoms, force_field.cutoff).to(device=parameter.device)
     positions = graph.positions.detach().requires_grad_(True)

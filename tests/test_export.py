@@ -153,6 +153,14 @@ def test_export_command_and_its_errors(checkpoint, tmp_path, capsys):
     assert main(["export", "--model", str(checkpoint), "--format", "torchscript", "--out", str(out)]) == 0
     assert out.is_file() and "receptive field" in capsys.readouterr().out
     assert load_exported(out).metadata["format"] == "torchscript"
+    assert load_exported(out).metadata["radial_table_intervals"] is None  # float64: the exact network
+    fast = tmp_path / "fast.ts"
+    command = ["export", "--model", str(checkpoint), "--format", "torchscript", "--out", str(fast)]
+    assert main([*command, "--dtype", "float32", "--fused"]) == 0
+    assert "radial filters tabulated (2048 intervals)" in capsys.readouterr().out
+    assert main([*command, "--dtype", "float32", "--fused", "--radial-table", "off"]) == 0
+    assert load_exported(fast).metadata["radial_table_intervals"] is None
+    fast.unlink()
     # pt2 and aoti files must end in .pt2; nothing is written otherwise.
     bad = tmp_path / "model.bin"
     assert main(["export", "--model", str(checkpoint), "--format", "pt2", "--out", str(bad)]) == 2

@@ -26,10 +26,16 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         fused=args.fused,
         species=args.species,
+        tabulate={"auto": None, "on": True, "off": False}[args.radial_table],
     )
     print(
         f"wrote {args.out}: {metadata['format']}, {metadata['dtype']}, cutoff {metadata['cutoff']:g} Å, "
         f"receptive field {metadata['receptive_field']:g} Å, elements {metadata['species']}"
+        + (
+            f", radial filters tabulated ({metadata['radial_table_intervals']} intervals)"
+            if metadata.get("radial_table_intervals")
+            else ""
+        )
     )
     if args.format == "lammps-mliap":
         print(
@@ -55,6 +61,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--fused",
         action="store_true",
         help="fused layer evaluation: faster for molecules, slower for systems of thousands of atoms",
+    )
+    parser.add_argument(
+        "--radial-table",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="radial filters from their spline (auto: with --fused in float32; off: the exact network)",
     )
     parser.add_argument(
         "--species", type=int, nargs="+", help="atomic numbers to allow (default: those of the checkpoint)"

@@ -122,10 +122,11 @@ def export_metadata(model: So3krates, species: list[int], fmt: str, dtype: torch
         "inputs": ["positions", "atomic_numbers", "idx_i", "idx_j", "shifts", "cell"],
         "outputs": ["energy", "atomic_energies", "forces", "virial"],
         "model_config": model.config.model_dump(mode="json"),
-        # Intervals of the radial-filter spline (So3krates.tabulate), or None for the exact network.
+        # Intervals of the radial-filter spline (So3krates.tabulate), or None for the exact network. The
+        # ML-IAP model evaluates eagerly and uses it for local graphs of up to FUSED_MAX_EDGES edges.
         "radial_table_intervals": (
             model.TABLE_INTERVALS
-            if (model.fused or model.tabulate) and model._radial_table() is not None
+            if (model.fused or model.tabulate or fmt == "lammps-mliap") and model._radial_table() is not None
             else None
         ),
     }

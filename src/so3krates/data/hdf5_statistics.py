@@ -19,8 +19,7 @@ from so3krates.data.hdf5 import (
     _edge_lengths,
     open_hdf5,
 )
-from so3krates.data.statistics import DatasetStatistics
-from so3krates.errors import ConfigError
+from so3krates.data.statistics import DatasetStatistics, isolated_atom_shifts
 
 
 def hdf5_statistics(
@@ -95,13 +94,7 @@ def hdf5_statistics(
     if total_atoms == 0:
         raise ValueError(f"{name}: no atoms in the selected structures")
     if isolated_atom_energies is not None:
-        missing = [z for z in present if z not in isolated_atom_energies]
-        if missing:
-            raise ConfigError(
-                f"isolated_atom_energies: no energy for Z = {missing}, present in the data "
-                f"(given for Z = {sorted(isolated_atom_energies)})"
-            )
-        shifts = {z: float(isolated_atom_energies[z]) for z in present}
+        shifts = isolated_atom_shifts(present, isolated_atom_energies)
     else:
         shifts = shifts_fit.solve(present)
     return DatasetStatistics(

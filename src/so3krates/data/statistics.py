@@ -43,6 +43,21 @@ def elements(structures: Sequence[Structure]) -> list[int]:
     return sorted(int(z) for z in np.unique(np.concatenate([s.atomic_numbers for s in structures])))
 
 
+def isolated_atom_shifts(present: list[int], isolated_atom_energies: dict[int, float]) -> dict[int, float]:
+    """The per-element shifts given as isolated-atom energies (eV), for every element ``present``.
+
+    Raises:
+        ConfigError: an element present in the data has no energy.
+    """
+    missing = [z for z in present if z not in isolated_atom_energies]
+    if missing:
+        raise ConfigError(
+            f"isolated_atom_energies: no energy for Z = {missing}, present in the data "
+            f"(given for Z = {sorted(isolated_atom_energies)})"
+        )
+    return {z: float(isolated_atom_energies[z]) for z in present}
+
+
 def energy_shifts(
     structures: Sequence[Structure], isolated_atom_energies: dict[int, float] | None = None
 ) -> dict[int, float]:
@@ -63,13 +78,7 @@ def energy_shifts(
     """
     present = elements(structures)
     if isolated_atom_energies is not None:
-        missing = [z for z in present if z not in isolated_atom_energies]
-        if missing:
-            raise ConfigError(
-                f"isolated_atom_energies: no energy for Z = {missing}, present in the data "
-                f"(given for Z = {sorted(isolated_atom_energies)})"
-            )
-        return {z: float(isolated_atom_energies[z]) for z in present}
+        return isolated_atom_shifts(present, isolated_atom_energies)
 
     labelled = [s for s in structures if np.isfinite(s.energy)]
     if not labelled:

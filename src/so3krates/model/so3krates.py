@@ -161,13 +161,13 @@ class So3krates(nn.Module):
         h = self.embedding(atomic_numbers)
         x = self.initial_euclidean(edges, n_atoms)
         n_layers = len(self.layers)
-        tabulated: list[Tensor | None] = [None] * n_layers
+        radial_per_layer: list[Tensor | None] = [None] * n_layers
         if table is not None:
             # MLP_r of every layer and branch, read from the spline: four row gathers per edge.
             radial = evaluate_radial_table(table, edges.distances)
-            tabulated = list(radial.split(radial.shape[1] // n_layers, dim=1))
+            radial_per_layer = list(radial.split(radial.shape[1] // n_layers, dim=1))
         if not fused:
-            for layer, layer_radial in zip(self.layers, tabulated, strict=True):
+            for layer, layer_radial in zip(self.layers, radial_per_layer, strict=True):
                 h, x = layer(h, x, edges, layer_radial)
             return self.readout(h, atomic_numbers)
         weights = self._fused_cache.get(self.layers)
@@ -176,12 +176,12 @@ class So3krates(nn.Module):
             radial = torch.nn.functional.silu(
                 torch.addmm(weights.radial_in[1], edges.rbf, weights.radial_in[0])
             )
-        radial = radial.split(radial.shape[1] // len(self.layers), dim=1)
+            radial_per_layer = list(radial.split(radial.shape[1] // n_layers, dim=1))
         for k, layer in enumerate(self.layers):
             h, x = fused_layer(
                 layer,
                 weights.layers[k],
-                radial[k],
+                radial_per_layer[k],
                 h,
                 x,
                 edges.cutoff,

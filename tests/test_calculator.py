@@ -64,6 +64,27 @@ def test_neighbor_list_is_reused_within_the_skin_and_results_are_unchanged(model
     assert calculator.n_neighbor_list_builds == 2
 
 
+def edge_set(graph) -> set[tuple[int, ...]]:
+    """(i, j, shift) of every edge, order-free."""
+    rows = torch.cat([graph.idx_i[:, None], graph.idx_j[:, None], graph.shifts.long()], dim=1)
+    return {tuple(row) for row in rows.tolist()}
+
+
+def test_the_model_sees_only_edges_within_the_cutoff_while_the_list_is_reused(model):
+    # The list holds r_c + skin; edges beyond r_c add nothing but cost work, so each call drops them.
+    atoms = triclinic_cell()
+    calculator = So3kratesCalculator(model, skin=1.0)
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        graph = calculator.graph(atoms)
+        exact = atoms_to_graph(atoms, model.cutoff)
+        assert graph.n_edges == exact.n_edges < calculator.n_edges_in_list
+        assert edge_set(graph) == edge_set(exact)
+        assert graph.edge_vectors().norm(dim=1).max() < model.cutoff
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+    assert calculator.n_neighbor_list_builds == 1
+
+
 def test_unknown_elements_and_close_atoms_are_refused(model):
     calculator = So3kratesCalculator(model, species=[1, 6, 8], min_distance=0.5)
     atoms = ethanol()

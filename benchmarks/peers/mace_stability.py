@@ -12,7 +12,9 @@ copied and the two protocols cannot drift apart.
 Two processes may share the work: each claims the next unclaimed (temperature, replica) in order and
 rewrites the temperature's `summary.json` after every replica it finishes. `--stop-at HH:MM` (UTC) stops
 the current replica cleanly at that time (status "interrupted", resumable with `--restart`) and starts no
-new one; interrupted replicas are listed apart from the survival statistics. Two workers finishing at
+new one; interrupted replicas are listed apart from the survival statistics. `--restart` with a longer
+`--time-ps` extends the replicas that stayed stable (exactly, from their `restart.npz`); those that broke
+apart keep their failure. Two workers finishing at
 the same moment can each miss the other's replica, so `--summarise-only` rewrites the summaries at the end.
 
     python mace_stability.py --model M.model --structure data.extxyz --out runs/ala_dipeptide/stability \
@@ -57,11 +59,16 @@ def seconds_until(hh_mm: str) -> float:
     return (now.replace(hour=hour, minute=minute, second=0, microsecond=0) - now).total_seconds()
 
 
-def claim(directory: Path, restart: bool) -> bool:
-    """True if this process may run `directory` (first to create its claim file, or a restart of it)."""
+def claim(directory: Path, restart: bool, total_steps: int) -> bool:
+    """True if this process may run `directory` (first to create its claim file, or a restart of it).
+
+    A restart's claim names the number of steps asked for: extending finished replicas to a longer time
+    is a new round of claims.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    name = f"claim_restart_{total_steps}" if restart else "claim"
     try:
-        os.close(os.open(directory / f"claim{'_restart' if restart else ''}", os.O_CREAT | os.O_EXCL))
+        os.close(os.open(directory / name, os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return False
     return True
@@ -148,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             directory = config.output_dir / f"replica_{k:03d}"
             done = directory / "summary.json"
-            if args.restart and done.is_file() and json.loads(done.read_text())["status"] != "interrupted":
-                continue  # finished (stable to the end or failed): nothing to continue
-            if not claim(directory, args.restart):
+            if args.restart and done.is_file():
+                previous = json.loads(done.read_text())
+                if previous["status"] == "unstable" or previous["steps_done"] >= config.total_steps:
+                    continue  # broke apart (it stays so), or already as long as asked: nothing to continue
+            if not claim(directory, args.restart, config.total_steps):
+                print(f"{directory}: claimed by another worker (a stale claim_* file? remove it)", flush=True)
                 continue
             # --restart continues interrupted replicas and starts the ones never begun
             (state,) = find_states([directory], args.restart and (directory / "restart.npz").is_file())

@@ -78,6 +78,13 @@ MODELS = {
         "ours, AOTInductor, radial filters evaluated instead of read from their spline",
         1000,
     ),
+    "so3krates-aoti-unpaired": (
+        None,
+        "speed_so3krates.py",
+        ["--compile", "aoti", "--no-pairs"],
+        "ours, AOTInductor, plain neighbour list (radial filters once per edge instead of once per pair)",
+        1000,
+    ),
     "so3krates-aoti-all-threads": (
         None,
         "speed_so3krates.py",

@@ -80,6 +80,28 @@ def test_pt2_gives_the_checkpoints_numbers(checkpoint, exports):
     _compare(exports["pt2"], checkpoint, "float64")
 
 
+def test_pt2_with_paired_edges_gives_the_numbers_of_the_plain_list(checkpoint, tmp_path):
+    """A program that evaluates the radial filters once per pair (what compile="aoti" builds)."""
+    path = tmp_path / "paired.pt2"
+    assert export_model(checkpoint, path, fmt="pt2", paired=True)["paired_edges"] is True
+    diatomic = Atoms("CO", positions=[[0.0, 0.0, 0.0], [1.2, 0.1, 0.0]])  # one pair
+    for name, atoms in {**structures(), "diatomic": diatomic}.items():  # a single atom: no pairs
+        reference = atoms.copy()
+        reference.calc = So3kratesCalculator(checkpoint, pair_edges=False)
+        atoms.calc = ExportedCalculator(path)
+        energy = reference.get_potential_energy()
+        assert atoms.get_potential_energy() == pytest.approx(energy, abs=1e-10), name
+        np.testing.assert_allclose(atoms.get_forces(), reference.get_forces(), atol=1e-10)
+        if atoms.pbc.any():
+            np.testing.assert_allclose(atoms.get_stress(), reference.get_stress(), atol=1e-10)
+    plain = ethanol()
+    plain.calc = ExportedCalculator(path, pair_edges=False)
+    with pytest.raises(So3kratesError, match="expects paired edges"):
+        plain.get_forces()
+    with pytest.raises(DataError, match="paired edges need a pt2 or aoti export"):
+        export_model(checkpoint, tmp_path / "paired.ts", fmt="torchscript", paired=True)
+
+
 @pytest.mark.slow
 def test_pt2_in_float32_with_the_fused_layers_gives_the_checkpoints_numbers(checkpoint, tmp_path):
     path = tmp_path / "model.pt2"
@@ -226,7 +248,7 @@ def test_calculator_compiled_ahead_of_time_gives_the_same_numbers_and_is_cached(
         if atoms.pbc.any():
             np.testing.assert_allclose(atoms.get_stress(), reference.get_stress(), atol=1e-10)
     assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 2
-    assert set(compiled._aoti) == {True, False}
+    assert set(compiled._aoti) == {(True, True), (False, True)}  # (fused, paired edges)
     start = time.perf_counter()
     again = ethanol()
     again.calc = So3kratesCalculator(checkpoint, compile="aoti")

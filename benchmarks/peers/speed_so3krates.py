@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-table", action="store_true", help="evaluate the radial filters, not their float32 spline"
     )
+    parser.add_argument(
+        "--no-pairs", action="store_true", help="plain neighbour list: radial filters once per edge, not pair"
+    )
     args = parser.parse_args(argv)
     protocol.limit_threads(args.threads)
     import torch
@@ -56,13 +59,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_table:
         model.tabulate = False
     force_field = ForceField(compile_model(model) if args.compile == "inductor" else model)
-    graph = atoms_to_graph(atoms, model.cutoff)  # float64 geometry, as in the calculator
+    # float64 geometry and paired edges, as in the calculator
+    graph = atoms_to_graph(atoms, model.cutoff, paired=not args.no_pairs)
     if args.compile == "aoti":
         from so3krates.export.core import AOTI_FUSED_MAX_EDGES, compiled_program, graph_inputs
 
         # The calculator's choice and cache key, so that the MD part below compiles nothing more.
         fused = graph.n_edges <= AOTI_FUSED_MAX_EDGES
-        program = compiled_program(model, dtype, list(range(1, 119)), fused=fused)
+        program = compiled_program(model, dtype, list(range(1, 119)), fused=fused, paired=graph.paired)
         inputs = graph_inputs(graph)
 
         def energy_and_forces() -> torch.Tensor:
@@ -88,10 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     protocol.check_forces(energy_and_forces(), len(atoms), args.structure)
     with FlopCounterMode(display=False) as executed:
         energy = float(force_field(graph)["energy"].detach()[0])
-    # The roofline counts the network's matrix products; a tabulated run executes fewer of them.
+    # The roofline counts the matrix products of the network evaluated edge by edge; a tabulated or paired
+    # run executes fewer of them.
     tabulate, model.tabulate = model.tabulate, False
     with FlopCounterMode(display=False) as counter:
-        force_field(graph)
+        force_field(atoms_to_graph(atoms, model.cutoff))
     model.tabulate = tabulate
     # min_distance=0: random weights give forces that can push atoms together; the peers have no such
     # check, and only the time per step is measured.
@@ -101,11 +106,13 @@ def main(argv: list[str] | None = None) -> None:
         compile=args.compile,
         min_distance=0.0,
         single_thread_edges=0 if args.all_threads else SINGLE_THREAD_EDGES,
+        pair_edges=not args.no_pairs,
     )
     md_times = protocol.time_md(atoms, calculator, args.md_steps)
     variants = {"inductor": " compiled", "aoti": " AOTInductor"}
     variant = variants.get(args.compile, " reference path" if args.reference_path else "")
     variant += " (exact radial filters)" if args.no_table else ""
+    variant += " (unpaired edges)" if args.no_pairs else ""
     protocol.write_result(
         args.out,
         {

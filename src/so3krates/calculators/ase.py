@@ -20,7 +20,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from so3krates import keys
 from so3krates.data.graph import Graph
-from so3krates.data.neighbors import neighbor_list
+from so3krates.data.neighbors import neighbor_list, paired_edges
 from so3krates.data.structure import unknown_elements
 from so3krates.errors import So3kratesError
 from so3krates.export.core import (
@@ -63,6 +63,9 @@ class So3kratesCalculator(Calculator):
             when torch has more: for small molecules a second thread costs more in synchronisation than it
             gains (paper model, AOTInductor, 2-core VM: ethanol 1.13 vs 1.49 ms, 3BPA 3.7 vs 4.4 ms; equal
             at ~1700 edges; 6.3k edges 84 vs 102 ms in favour of two). 0 turns this off.
+        pair_edges: order the neighbour list by pairs (``so3krates.data.neighbors.paired_edges``) so that
+            the radial filters, most of the model's arithmetic, are evaluated once per pair of atoms instead
+            of once per edge; same numbers to round-off. ``False``: the plain list (for comparisons).
 
     A model passed as an instance is copied: the calculator freezes its parameters (forces need gradients
     only with respect to positions) and must not change the caller's model.
@@ -80,10 +83,12 @@ class So3kratesCalculator(Calculator):
         species: list[int] | None = None,
         compile: bool | str = False,
         single_thread_edges: int = 1000,
+        pair_edges: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.single_thread_edges = int(single_thread_edges)
+        self.pair_edges = bool(pair_edges)
         torch_dtype = getattr(torch, dtype)
         mode = (
             {False: "none", True: "inductor"}.get(compile, compile) if isinstance(compile, bool) else compile
@@ -105,7 +110,7 @@ class So3kratesCalculator(Calculator):
         self.force_field = ForceField(compile_model(self.model) if mode == "inductor" else self.model)
         self._setup(float(self.model.cutoff), species, trained_species, device, skin, min_distance)
         self.exported = None
-        self._aoti: dict[bool, ExportedModel] | None = {} if mode == "aoti" else None
+        self._aoti: dict[tuple[bool, bool], ExportedModel] | None = {} if mode == "aoti" else None
 
     def _setup(
         self,
@@ -124,6 +129,7 @@ class So3kratesCalculator(Calculator):
         self.n_neighbor_list_builds = 0
         self._reference: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._paired = False  # the list is ordered by paired_edges
         self._closest_at_build = 0.0  # Å, shortest edge when the neighbour list was built
         self._displacement = 0.0  # Å, largest displacement of an atom since then
 
@@ -148,6 +154,9 @@ class So3kratesCalculator(Calculator):
                     self._displacement = float(displacement)
                     return self._edges
         edges = neighbor_list(positions, cell, pbc, self.cutoff + self.skin)
+        paired = paired_edges(edges) if self.pair_edges else None
+        self._paired = paired is not None
+        edges = paired if paired is not None else edges
         vectors = positions[edges.idx_j] - positions[edges.idx_i] + edges.shifts @ cell
         self._closest_at_build = float(np.min(np.linalg.norm(vectors, axis=1), initial=np.inf))
         self._displacement = 0.0
@@ -184,6 +193,9 @@ class So3kratesCalculator(Calculator):
         if self.skin > 0 and idx_i.shape[0] > 0:
             vectors = positions[idx_j] - positions[idx_i] + shifts @ cell
             inside = (vectors * vectors).sum(dim=1) < self.cutoff**2
+            if self._paired:  # keep or drop both directions of a pair together, by the first's length
+                half = inside.shape[0] // 2
+                inside = torch.cat([inside[:half], inside[:half]])
             idx_i, idx_j, shifts = idx_i[inside], idx_j[inside], shifts[inside]
         return Graph(
             positions=positions,
@@ -194,6 +206,7 @@ class So3kratesCalculator(Calculator):
             cell=cell.unsqueeze(0),
             pbc=torch.as_tensor(pbc, device=self.device).unsqueeze(0),
             batch=torch.zeros(len(atoms), dtype=torch.long, device=self.device),
+            paired=self._paired,
         )
 
     def _check_distances(self, graph: Graph) -> None:
@@ -257,11 +270,14 @@ class So3kratesCalculator(Calculator):
         if self._aoti is not None:
             # Two programs, each compiled at its first use: the fused one (tabulated radial filters in
             # float32) for molecules and mid-sized cells, the per-equation one for large graphs.
-            fused = graph.n_edges <= AOTI_FUSED_MAX_EDGES
-            if fused not in self._aoti:
+            # Both read the neighbour list in paired order (radial filters once per pair).
+            kind = (graph.n_edges <= AOTI_FUSED_MAX_EDGES, graph.paired)
+            if kind not in self._aoti:
                 dtype = self.model.embedding.table.weight.dtype
-                self._aoti[fused] = compiled_program(self.model, dtype, sorted(self.species), fused=fused)
-            self.exported = self._aoti[fused]
+                self._aoti[kind] = compiled_program(
+                    self.model, dtype, sorted(self.species), fused=kind[0], paired=kind[1]
+                )
+            self.exported = self._aoti[kind]
         if self.exported is not None:
             return self._evaluate_exported(graph, compute_stress)
         out = self.force_field(graph, compute_forces=True, compute_stress=compute_stress)
@@ -274,6 +290,10 @@ class So3kratesCalculator(Calculator):
     def _evaluate_exported(
         self, graph: Graph, compute_stress: bool
     ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray | None]:
+        if self.exported.metadata.get("paired_edges") and not graph.paired:
+            raise So3kratesError(
+                "this export expects paired edges (pair_edges=True and a symmetric neighbour list)"
+            )
         energy, energies, forces, virial = self.exported(*graph_inputs(graph))
         stress = None
         if compute_stress:
@@ -295,8 +315,8 @@ class ExportedCalculator(So3kratesCalculator):
 
     Args:
         path: the exported file.
-        skin, min_distance, species, single_thread_edges: as for So3kratesCalculator; species default to
-            the file's metadata.
+        skin, min_distance, species, single_thread_edges, pair_edges: as for So3kratesCalculator; species
+            default to the file's metadata.
     """
 
     def __init__(
@@ -306,11 +326,13 @@ class ExportedCalculator(So3kratesCalculator):
         min_distance: float = 0.1,
         species: list[int] | None = None,
         single_thread_edges: int = 1000,
+        pair_edges: bool = True,
         **kwargs,
     ) -> None:
         Calculator.__init__(self, **kwargs)
         self._aoti = None
         self.single_thread_edges = int(single_thread_edges)
+        self.pair_edges = bool(pair_edges)
         self.exported = load_exported(path)
         self.metadata = self.exported.metadata
         self._setup(self.exported.cutoff, species, self.metadata.get("species"), "cpu", skin, min_distance)

@@ -15,7 +15,7 @@ import torch
 from ase import Atoms
 from torch import Tensor
 
-from so3krates.data.neighbors import neighbor_list
+from so3krates.data.neighbors import neighbor_list, paired_edges
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class Graph:
         cell: (n_graphs, 3, 3) float, Å — lattice vectors as rows; zeros for molecules.
         pbc: (n_graphs, 3) bool — periodicity along each lattice vector.
         batch: (n_atoms,) int64 — structure index of each atom, sorted ascending.
+        paired: the edges are ordered as by :func:`so3krates.data.neighbors.paired_edges` (edge k + n/2 is
+            edge k reversed), which lets the model evaluate its radial filters once per pair.
     """
 
     positions: Tensor
@@ -41,6 +43,7 @@ class Graph:
     cell: Tensor
     pbc: Tensor
     batch: Tensor
+    paired: bool = False
 
     @property
     def n_atoms(self) -> int:
@@ -71,12 +74,16 @@ class Graph:
         changes = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if not isinstance(value, Tensor):
+                continue
             target_dtype = dtype if value.is_floating_point() else None
             changes[field.name] = value.to(device=device, dtype=target_dtype)
-        return Graph(**changes)
+        return dataclasses.replace(self, **changes)
 
 
-def atoms_to_graph(atoms: Atoms, cutoff: float, dtype: torch.dtype | None = None) -> Graph:
+def atoms_to_graph(
+    atoms: Atoms, cutoff: float, dtype: torch.dtype | None = None, paired: bool = False
+) -> Graph:
     """Builds the one-structure graph of ``atoms`` with a full neighbour list within ``cutoff`` Å.
 
     Args:
@@ -84,12 +91,16 @@ def atoms_to_graph(atoms: Atoms, cutoff: float, dtype: torch.dtype | None = None
         cutoff: float, Å — the model's cutoff radius.
         dtype: floating-point dtype of positions, cell and shifts. Default float64, also for float32
             models: the model computes edge vectors in this dtype before casting to its own.
+        paired: order the edges by :func:`so3krates.data.neighbors.paired_edges` (``Graph.paired``), as
+            the ASE calculator does: the model then evaluates its radial filters once per pair.
     """
     dtype = dtype or torch.float64
     pbc = np.asarray(atoms.pbc, dtype=bool)
     cell = np.asarray(atoms.cell.array, dtype=np.float64)
     positions = atoms.get_positions()
     edges = neighbor_list(positions, cell, pbc, cutoff)
+    if paired:
+        edges = paired_edges(edges)
     n_atoms = len(atoms)
     return Graph(
         positions=torch.tensor(positions, dtype=dtype),
@@ -100,6 +111,7 @@ def atoms_to_graph(atoms: Atoms, cutoff: float, dtype: torch.dtype | None = None
         cell=torch.tensor(cell if pbc.any() else np.zeros((3, 3)), dtype=dtype).unsqueeze(0),
         pbc=torch.tensor(pbc).unsqueeze(0),
         batch=torch.zeros(n_atoms, dtype=torch.long),
+        paired=paired,
     )
 
 

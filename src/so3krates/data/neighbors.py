@@ -99,6 +99,23 @@ def neighbor_list(
     return NeighborList(idx_i.astype(np.int64), idx_j.astype(np.int64), shifts.astype(np.int64))
 
 
+def paired_edges(edges: NeighborList) -> NeighborList | None:
+    """The same full list ordered as [one direction of every pair; the reverses in the same order].
+
+    Edge k + n/2 is then edge k reversed, (j, i, −shift), which lets the model evaluate its radial filters
+    once per pair (``Graph.paired``). Which direction comes first: i < j, or for an atom and its own image
+    (i = j), the shift whose first non-zero component is positive. Returns None when the list is not
+    symmetric (never for a list of this module).
+    """
+    i, j, s = edges.idx_i, edges.idx_j, edges.shifts
+    positive_shift = (s[:, 0] > 0) | ((s[:, 0] == 0) & ((s[:, 1] > 0) | ((s[:, 1] == 0) & (s[:, 2] > 0))))
+    first = (i < j) | ((i == j) & positive_shift)
+    if 2 * int(first.sum()) != len(i):
+        return None
+    fi, fj, fs = i[first], j[first], s[first]
+    return NeighborList(np.concatenate([fi, fj]), np.concatenate([fj, fi]), np.concatenate([fs, -fs]))
+
+
 def _check_periodic_cell(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> None:
     """Refuses periodic cells vesin cannot search: degenerate, absurdly large, or too many images."""
     if cell.shape != (3, 3) or not np.isfinite(cell).all():

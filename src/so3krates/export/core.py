@@ -53,12 +53,13 @@ METADATA_FILE = "metadata.json"
 class EnergyFunction(nn.Module):
     """E_i as a function of edge vectors; the part of the model that gets traced."""
 
-    def __init__(self, model: So3krates) -> None:
+    def __init__(self, model: So3krates, paired: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.paired = paired
 
     def forward(self, vectors: Tensor, atomic_numbers: Tensor, idx_i: Tensor, idx_j: Tensor) -> Tensor:
-        return self.model.atomic_energies(vectors, atomic_numbers, idx_i, idx_j)
+        return self.model.atomic_energies(vectors, atomic_numbers, idx_i, idx_j, paired=self.paired)
 
 
 class TensorForceField(nn.Module):
@@ -132,11 +133,12 @@ def export_metadata(model: So3krates, species: list[int], fmt: str, dtype: torch
     }
 
 
-def example_inputs(model: So3krates, species: list[int]) -> tuple[Tensor, ...]:
+def example_inputs(model: So3krates, species: list[int], paired: bool = False) -> tuple[Tensor, ...]:
     """A small cluster of the model's elements with all pairs as edges, for tracing.
 
     Five atoms and twenty edges: the numbers differ from each other and from 0 and 1, so a symbolic trace
-    keeps the number of atoms and the number of edges as two free sizes.
+    keeps the number of atoms and the number of edges as two free sizes. ``paired``: in the order of
+    :func:`so3krates.data.neighbors.paired_edges`.
     """
     generator = torch.Generator().manual_seed(0)
     n = 5
@@ -145,6 +147,9 @@ def example_inputs(model: So3krates, species: list[int]) -> tuple[Tensor, ...]:
     positions[:, 0] += torch.arange(n, dtype=torch.float64) * 0.2 * spacing
     numbers = torch.tensor([species[k % len(species)] for k in range(n)], dtype=torch.long)
     pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    if paired:
+        forward = [(i, j) for i, j in pairs if i < j]
+        pairs = forward + [(j, i) for i, j in forward]
     idx_i = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     idx_j = torch.tensor([p[1] for p in pairs], dtype=torch.long)
     shifts = torch.zeros((len(pairs), 3), dtype=torch.float64)
@@ -181,7 +186,9 @@ def _export_torchscript(model: So3krates, inputs: tuple[Tensor, ...], path: Path
         scripted.save(str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
 
 
-def _exported_program(model: So3krates, inputs: tuple[Tensor, ...]) -> torch.export.ExportedProgram:
+def _exported_program(
+    model: So3krates, inputs: tuple[Tensor, ...], paired: bool = False
+) -> torch.export.ExportedProgram:
     """Forward and backward of TensorForceField as one ATen graph with symbolic sizes → torch.export.
 
     ``torch.export`` cannot trace ``torch.autograd.grad`` itself (torch 2.13); ``make_fx`` can, and its
@@ -193,12 +200,15 @@ def _exported_program(model: So3krates, inputs: tuple[Tensor, ...]) -> torch.exp
     from torch.export import Dim
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    force_field = TensorForceField(EnergyFunction(model))
+    force_field = TensorForceField(EnergyFunction(model, paired))
     graph_module = make_fx(force_field, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
     n_atoms = Dim("n_atoms", min=0, max=2**31 - 1)
     n_edges = Dim("n_edges", min=0, max=2**31 - 1)
+    if paired:  # an even number of edges: both directions of every pair
+        n_edges = 2 * Dim("n_pairs", min=0, max=2**30 - 1)
     dynamic = ({0: n_atoms}, {0: n_atoms}, {0: n_edges}, {0: n_edges}, {0: n_edges}, None)
-    with warnings.catch_warnings():
+    # Size-oblivious tracing: no guard that a size is not 0 or 1 (paired programs got "n_pairs >= 2").
+    with warnings.catch_warnings(), torch.fx.experimental._config.patch(backed_size_oblivious=paired):
         warnings.simplefilter("ignore", FutureWarning)
         return torch.export.export(graph_module, inputs, dynamic_shapes=dynamic, strict=False)
 
@@ -211,6 +221,7 @@ def export_model(
     fused: bool = False,
     species: list[int] | None = None,
     tabulate: bool | None = None,
+    paired: bool = False,
 ) -> dict[str, Any]:
     """Writes ``model`` (a checkpoint path or a model) to ``out`` in format ``fmt``; returns the metadata.
 
@@ -225,11 +236,17 @@ def export_model(
             for a model instance).
         tabulate: radial filters from a spline (see ``So3krates.tabulate``; then always the fused path);
             ``None``: for float32 networks only.
+        paired: pt2 and aoti only: the program expects the edges in the order of
+            :func:`so3krates.data.neighbors.paired_edges` (edge k + n/2 is edge k reversed) and evaluates
+            the radial filters once per pair (``So3krates.atomic_energies``). Recorded in the metadata as
+            ``paired_edges``; ``So3kratesCalculator(compile="aoti")`` uses it.
     """
     import copy
 
     if fmt not in FORMATS:
         raise DataError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if paired and fmt not in ("pt2", "aoti"):
+        raise DataError(f"paired edges need a pt2 or aoti export (symbolic numbers of edges), not {fmt}")
     torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
     if torch_dtype is None:
         raise DataError(f"unknown dtype {dtype!r}; choose float64 or float32")
@@ -243,6 +260,7 @@ def export_model(
     species = sorted(species or trained_species or range(1, 119))
     model = _prepared_model(model, torch_dtype, fused, tabulate)
     metadata = export_metadata(model, species, fmt, torch_dtype)
+    metadata["paired_edges"] = bool(paired)
     out = Path(out)
     if fmt in ("pt2", "aoti") and out.suffix != ".pt2":
         raise DataError(f"{out}: a {fmt} export must end in .pt2 (torch.export and AOTInductor insist on it)")
@@ -251,11 +269,11 @@ def export_model(
 
         So3kratesMLIAP(model, species, metadata=metadata).save(out)
         return metadata
-    inputs = example_inputs(model, species)
+    inputs = example_inputs(model, species, paired)
     if fmt == "torchscript":
         _export_torchscript(model, inputs, out, metadata)
         return metadata
-    program = _exported_program(model, inputs)
+    program = _exported_program(model, inputs, paired)
     if fmt == "pt2":
         with atomic_path(out, suffix=".tmp.pt2") as tmp:
             torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(metadata)})
@@ -289,7 +307,7 @@ AOTI_FUSED_MAX_EDGES = 12000
 
 
 def compiled_program(
-    model: So3krates, dtype: torch.dtype, species: list[int], fused: bool = False
+    model: So3krates, dtype: torch.dtype, species: list[int], fused: bool = False, paired: bool = False
 ) -> ExportedModel:
     """The model compiled ahead of time by AOTInductor, from the on-disk cache or compiled now (~1 min).
 
@@ -304,7 +322,7 @@ def compiled_program(
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     identity = [model.config.model_dump(mode="json"), str(dtype), torch.__version__, __version__]
-    identity += [fused, model.tabulate, model.TABLE_INTERVALS]
+    identity += [fused, model.tabulate, model.TABLE_INTERVALS] + ([True] if paired else [])
     digest.update(json.dumps([identity, EXPORT_SCHEMA_VERSION, sorted(species)], sort_keys=True).encode())
     path = cache_directory() / "aoti" / f"{digest.hexdigest()[:24]}.pt2"
     if not path.is_file():
@@ -317,6 +335,7 @@ def compiled_program(
             species=species,
             fused=fused,
             tabulate=model.tabulate,
+            paired=paired,
         )
     return load_exported(path)
 

@@ -18,7 +18,7 @@ from so3krates.data.graph import Graph
 from so3krates.model.config import ModelConfig
 from so3krates.nn.cutoff import CUTOFF_FUNCTIONS
 from so3krates.nn.embedding import AtomEmbedding
-from so3krates.nn.fused import FusedWeightCache, fused_layer, fused_weights
+from so3krates.nn.fused import FusedWeightCache, FusedWeights, fused_layer, fused_weights
 from so3krates.nn.radial import RADIAL_BASES
 from so3krates.nn.radial_table import RadialTable, build_radial_table, evaluate_radial_table
 from so3krates.nn.readout import EnergyReadout
@@ -139,10 +139,12 @@ class So3krates(nn.Module):
 
         Returns the atomic energies E_i; they are float64 whatever the network's dtype (see EnergyReadout).
         """
-        return self.atomic_energies(graph.edge_vectors(), graph.atomic_numbers, graph.idx_i, graph.idx_j)
+        return self.atomic_energies(
+            graph.edge_vectors(), graph.atomic_numbers, graph.idx_i, graph.idx_j, paired=graph.paired
+        )
 
     def atomic_energies(
-        self, vectors: Tensor, atomic_numbers: Tensor, idx_i: Tensor, idx_j: Tensor
+        self, vectors: Tensor, atomic_numbers: Tensor, idx_i: Tensor, idx_j: Tensor, paired: bool = False
     ) -> Tensor:
         """The model as a function of edge vectors: what exported models and LAMMPS' ML-IAP call.
 
@@ -150,45 +152,62 @@ class So3krates(nn.Module):
             vectors: (n_edges, 3) float, Å — ``R_j − R_i`` (plus image offset) of each edge.
             atomic_numbers: (n_atoms,) int64.
             idx_i, idx_j: (n_edges,) int64 — centre and neighbour atom of each edge.
+            paired: the edges come in the order of :func:`so3krates.data.neighbors.paired_edges`: edge
+                k + n_edges / 2 is edge k reversed. d_ij = d_ji, so the radial filters MLP_r(K(d)), most
+                of the model's arithmetic, are then evaluated for the first half only. Not checked here.
 
         Returns:
             (n_atoms,) float64, eV — atomic energies E_i.
         """
         fused = self.fused if self.fused is not None else idx_i.shape[0] <= self.FUSED_MAX_EDGES
         table = self._radial_table() if fused or self.tabulate else None
-        edges = self.edge_features(vectors, idx_i, idx_j, with_rbf=table is None)
+        edges = self.edge_features(vectors, idx_i, idx_j, with_rbf=table is None and not paired)
         n_atoms = atomic_numbers.shape[0]
         h = self.embedding(atomic_numbers)
         x = self.initial_euclidean(edges, n_atoms)
         n_layers = len(self.layers)
-        radial_per_layer: list[Tensor | None] = [None] * n_layers
-        if table is not None:
-            # MLP_r of every layer and branch, read from the spline: four row gathers per edge.
-            radial = evaluate_radial_table(table, edges.distances)
-            radial_per_layer = list(radial.split(radial.shape[1] // n_layers, dim=1))
+        n_branches = 2 if self.config.n_degrees else 1
+        radial_per_layer: list[list[Tensor] | None] = [None] * n_layers
+        if paired or table is not None:
+            distances = edges.distances
+            if paired:
+                # The first half, as a view (a slice would give an exported program a guard n_pairs ≥ 2).
+                distances = distances.view(2, idx_i.shape[0] // 2)[0]
+            if table is not None:
+                # MLP_r of every layer and branch, read from the spline: four row gathers per edge.
+                radial = evaluate_radial_table(table, distances).split(self.config.n_features, dim=1)
+            else:
+                radial = self.radial_filters(self._fused_cache.get(self.layers), distances, split=True)
+            if paired:
+                # The first half's filters, repeated for the second: one contiguous (n_edges, F) tensor
+                # per layer and branch (a cat, not a gather: the backward of a gather is a scatter,
+                # which compiled CPU code runs on one thread).
+                radial = [torch.cat([r, r]) for r in radial]
+            radial_per_layer = [list(radial[k * n_branches : (k + 1) * n_branches]) for k in range(n_layers)]
         if not fused:
             for layer, layer_radial in zip(self.layers, radial_per_layer, strict=True):
                 h, x = layer(h, x, edges, layer_radial)
             return self.readout(h, atomic_numbers)
         weights = self._fused_cache.get(self.layers)
-        if table is None:
+        hidden_per_layer: list[Tensor | None] = [None] * n_layers
+        if radial_per_layer[0] is None:
             # The first radial-filter layer of every layer and branch in one product: K_ij is shared.
-            radial = torch.nn.functional.silu(
+            hidden = torch.nn.functional.silu(
                 torch.addmm(weights.radial_in[1], edges.rbf, weights.radial_in[0])
             )
-            radial_per_layer = list(radial.split(radial.shape[1] // n_layers, dim=1))
+            hidden_per_layer = list(hidden.split(hidden.shape[1] // n_layers, dim=1))
         for k, layer in enumerate(self.layers):
             h, x = fused_layer(
                 layer,
                 weights.layers[k],
-                radial_per_layer[k],
+                radial_per_layer[k] if radial_per_layer[k] is not None else hidden_per_layer[k],
                 h,
                 x,
                 edges.cutoff,
                 edges.sph,
                 edges.idx_i,
                 edges.idx_j,
-                radial_filters=table is not None,
+                radial_filters=radial_per_layer[k] is not None,
             )
         return self.readout(h, atomic_numbers)
 
@@ -210,24 +229,32 @@ class So3krates(nn.Module):
             table = self._fused_cache.extras["radial_table"] = self.build_radial_table(dtype)
         return table
 
+    def radial_filters(
+        self, weights: FusedWeights, distances: Tensor, split: bool = False
+    ) -> Tensor | list[Tensor]:
+        """MLP_r(K(d)) of every layer and branch, (n, T·B·F), second-layer biases of MLP_r and MLP_s included.
+
+        What the radial-filter table holds, and what paired edges evaluate on half of the edges. ``split``:
+        a list of T·B contiguous (n, F) tensors instead, layer by layer, invariant branch first.
+        """
+        hidden = torch.nn.functional.silu(
+            torch.addmm(weights.radial_in[1], self.radial_basis(distances), weights.radial_in[0])
+        )
+        outputs = [out for layer in weights.layers for out in layer.radial_out]
+        chunks = hidden.split(self.config.n_features, dim=1)
+        filters = [torch.addmm(b, c, w) for c, (w, b) in zip(chunks, outputs, strict=True)]
+        return filters if split else torch.cat(filters, 1)
+
     def build_radial_table(self, dtype: torch.dtype, n_intervals: int | None = None) -> RadialTable:
         """The spline of MLP_r(K(d)) for every layer and branch on [0, r_c], sampled in float64."""
-        layers = copy.deepcopy(self.layers).to(torch.float64).requires_grad_(False)
-        radial_basis = self.radial_basis
+        exact = copy.deepcopy(self).to(torch.float64).requires_grad_(False)
         with torch.no_grad():
-            weights = fused_weights(layers)
-        outputs = [out for layer in weights.layers for out in layer.radial_out]
-        n_features = self.config.n_features
-
-        def radial_filters(distances: Tensor) -> Tensor:
-            hidden = torch.nn.functional.silu(
-                torch.addmm(weights.radial_in[1], radial_basis(distances), weights.radial_in[0])
-            )
-            chunks = hidden.split(n_features, dim=1)
-            return torch.cat([torch.addmm(b, c, w) for c, (w, b) in zip(chunks, outputs, strict=True)], 1)
-
+            weights = fused_weights(exact.layers)
         return build_radial_table(
-            radial_filters, self.cutoff, n_intervals or self.TABLE_INTERVALS, dtype=dtype
+            lambda distances: exact.radial_filters(weights, distances),
+            self.cutoff,
+            n_intervals or self.TABLE_INTERVALS,
+            dtype=dtype,
         )
 
 

@@ -146,7 +146,7 @@ class FusedWeightCache:
 def fused_layer(
     layer: nn.Module,
     weights: LayerWeights,
-    radial: Tensor,
+    radial: Tensor | list[Tensor],
     h: Tensor,
     x: Tensor,
     cutoff: Tensor,
@@ -161,7 +161,8 @@ def fused_layer(
         layer: the TransformerLayer (for its layer norms, exchange block and MLPs).
         weights: its fused matrices.
         radial: (n_edges, B·F) — SiLU of the first radial filter layer of this layer's branches, or with
-            ``radial_filters`` the whole MLP_r of each branch (second-layer biases included).
+            ``radial_filters`` the whole MLP_r of each branch (second-layer biases included), one (n_edges,
+            F) tensor per branch.
         h, x: (n_atoms, F), (n_atoms, n_sph) — features and Euclidean variables.
         cutoff: (n_edges,) φ(d_ij); sph: (n_edges, n_sph) Y(r̂_ij); idx_i, idx_j: (n_edges,) int64.
     """
@@ -169,11 +170,11 @@ def fused_layer(
     n_branches = len(weights.radial_out)
     width = n_branches * n_features
     # w_ij = MLP_r(K_ij) + MLP_s(s_ij) per branch (Eq. 20); both second layers accumulate in one addmm chain.
-    radial = radial.split(n_features, dim=1)
     if radial_filters:
         filters = list(radial)
     else:
-        filters = [torch.addmm(b, r, w) for r, (w, b) in zip(radial, weights.radial_out, strict=True)]
+        hidden = radial.split(n_features, dim=1)
+        filters = [torch.addmm(b, r, w) for r, (w, b) in zip(hidden, weights.radial_out, strict=True)]
     if weights.spherical_in is not None:
         invariants = layer.contraction(x.index_select(0, idx_j) - x.index_select(0, idx_i))
         hidden = torch.nn.functional.silu(

@@ -70,18 +70,18 @@ class TransformerLayer(nn.Module):
         self.mlp_after_exchange = ResidualMLP(n_features) if use_residual_mlp else nn.Identity()
 
     def forward(
-        self, h: Tensor, x: Tensor, edges: EdgeFeatures, radial: Tensor | None = None
+        self, h: Tensor, x: Tensor, edges: EdgeFeatures, radial: list[Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
         """h: (n_atoms, n_features), x: (n_atoms, n_sph) → updated (h, x).
 
-        radial: (n_edges, B·F) — this layer's MLP_r of both branches read from the radial-filter table
-            (so3krates.nn.radial_table, which includes MLP_s's output bias), or None to evaluate MLP_r.
+        radial: this layer's MLP_r, one (n_edges, F) tensor per branch, read from the radial-filter table
+            (so3krates.nn.radial_table) or evaluated once per edge pair, MLP_s's output bias included; or
+            None to evaluate MLP_r here.
         """
         idx_i, idx_j = edges.idx_i, edges.idx_j
         sph_invariants = self.contraction(x.index_select(0, idx_j) - x.index_select(0, idx_i))
         if radial is not None:
-            tabulated = radial.split(h.shape[1], dim=1)
-            invariant_filters = self.invariant_filter.from_radial(tabulated[0], sph_invariants)
+            invariant_filters = self.invariant_filter.from_radial(radial[0], sph_invariants)
         else:
             invariant_filters = self.invariant_filter(edges.rbf, sph_invariants)
 
@@ -89,7 +89,7 @@ class TransformerLayer(nn.Module):
         dh = self.invariant_attention(h_normed, invariant_filters, edges.cutoff, idx_i, idx_j)
         if self.euclidean_attention is not None:
             if radial is not None:
-                euclidean_filters = self.euclidean_filter.from_radial(tabulated[1], sph_invariants)
+                euclidean_filters = self.euclidean_filter.from_radial(radial[1], sph_invariants)
             else:
                 euclidean_filters = self.euclidean_filter(edges.rbf, sph_invariants)
             x = x + self.euclidean_attention(

@@ -1,0 +1,83 @@
+"""Paired edges: the radial filters evaluated once per pair give the numbers of the plain full list."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import VARIANTS, ethanol, make_force_field, triclinic_cell
+from so3krates import atoms_to_graph, preset
+from so3krates.data.neighbors import NeighborList, neighbor_list, paired_edges
+
+
+def paired_graph(graph):
+    edges = paired_edges(NeighborList(graph.idx_i.numpy(), graph.idx_j.numpy(), graph.shifts.long().numpy()))
+    assert edges is not None
+    return graph.replace(
+        idx_i=torch.from_numpy(edges.idx_i),
+        idx_j=torch.from_numpy(edges.idx_j),
+        shifts=torch.from_numpy(edges.shifts).to(graph.shifts.dtype),
+        paired=True,
+    )
+
+
+def test_atoms_to_graph_builds_the_paired_order():
+    atoms = triclinic_cell()
+    graph = atoms_to_graph(atoms, 4.0, paired=True)
+    expected = paired_graph(atoms_to_graph(atoms, 4.0))
+    assert graph.paired
+    for name in ("idx_i", "idx_j", "shifts"):
+        torch.testing.assert_close(getattr(graph, name), getattr(expected, name))
+    assert graph.to(dtype=torch.float32).paired  # the flag survives conversions
+
+
+def edge_set(i, j, s) -> set[tuple[int, ...]]:
+    return {(int(a), int(b), *map(int, c)) for a, b, c in zip(i, j, s, strict=True)}
+
+
+def test_paired_order_holds_the_same_edges_and_each_reverse_half_way():
+    atoms = triclinic_cell()  # atoms see their own images: i = j edges pair up by the sign of the shift
+    full = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, 5.0)
+    paired = paired_edges(full)
+    assert edge_set(*paired) == edge_set(*full)
+    half = len(paired.idx_i) // 2
+    assert 2 * half == len(full.idx_i)
+    np.testing.assert_array_equal(paired.idx_i[half:], paired.idx_j[:half])
+    np.testing.assert_array_equal(paired.idx_j[half:], paired.idx_i[:half])
+    np.testing.assert_array_equal(paired.shifts[half:], -paired.shifts[:half])
+    assert (paired.idx_i[:half] == paired.idx_j[:half]).any()  # self-images are among the pairs
+    # A list that is not symmetric cannot be paired.
+    assert paired_edges(NeighborList(full.idx_i[1:], full.idx_j[1:], full.shifts[1:])) is None
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("tabulate", [False, True])
+def test_paired_edges_give_the_plain_numbers(variant, fused, tabulate):
+    force_field = make_force_field(VARIANTS[variant], torch.float64)
+    force_field.model.requires_grad_(False)
+    force_field.model.fused, force_field.model.tabulate = fused, tabulate
+    for atoms in (ethanol(), triclinic_cell()):
+        graph = atoms_to_graph(atoms, force_field.cutoff)
+        plain = force_field(graph, compute_stress=True)
+        paired = force_field(paired_graph(graph), compute_stress=True)
+        assert paired["energy"].item() == pytest.approx(plain["energy"].item(), abs=1e-11)
+        np.testing.assert_allclose(paired["forces"].numpy(), plain["forces"].numpy(), atol=1e-12)
+        np.testing.assert_allclose(paired["stress"].numpy(), plain["stress"].numpy(), atol=1e-12)
+
+
+def test_paired_edges_give_the_plain_gradients_of_trainable_weights():
+    # Training on forces differentiates the forces with respect to the weights: both orders must agree.
+    force_field = make_force_field(preset("tiny"), torch.float64)
+    graph = atoms_to_graph(triclinic_cell(), force_field.cutoff)
+    gradients = []
+    for g in (graph, paired_graph(graph)):
+        out = force_field(g, create_graph=True)
+        loss = out["energy"].sum() + (out["forces"] ** 2).sum()
+        gradients.append(torch.autograd.grad(loss, list(force_field.model.parameters()), allow_unused=True))
+    for plain, paired in zip(*gradients, strict=True):
+        if plain is None:
+            assert paired is None
+        else:
+            np.testing.assert_allclose(paired.numpy(), plain.numpy(), atol=1e-11)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
 
 from helpers import VARIANTS, ethanol, make_force_field, triclinic_cell
 from so3krates import atoms_to_graph, preset
+from so3krates.data.graph import collate
 from so3krates.data.neighbors import NeighborList, neighbor_list, paired_edges
 
 
@@ -81,3 +83,34 @@ def test_paired_edges_give_the_plain_gradients_of_trainable_weights():
             assert paired is None
         else:
             np.testing.assert_allclose(paired.numpy(), plain.numpy(), atol=1e-11)
+
+
+def test_a_batch_of_paired_graphs_is_paired_and_gives_the_plain_numbers():
+    force_field = make_force_field(VARIANTS["tiny"], torch.float64)
+    structures = [ethanol(), triclinic_cell(), Atoms("O", positions=[[0.0, 0.0, 0.0]]), ethanol(1)]
+    plain = collate([atoms_to_graph(atoms, force_field.cutoff) for atoms in structures])
+    paired = collate([atoms_to_graph(atoms, force_field.cutoff, paired=True) for atoms in structures])
+    assert paired.paired and not plain.paired
+    half = paired.n_edges // 2
+    torch.testing.assert_close(paired.idx_i[half:], paired.idx_j[:half])
+    torch.testing.assert_close(paired.shifts[half:], -paired.shifts[:half])
+    assert edge_set(paired.idx_i, paired.idx_j, paired.shifts) == edge_set(
+        plain.idx_i, plain.idx_j, plain.shifts
+    )
+    results = []
+    for graph in (plain, paired):
+        out = force_field(graph, compute_stress=True, create_graph=True)
+        loss = (out["forces"] ** 2).sum() + out["energy"].sum()
+        results.append(
+            (out, torch.autograd.grad(loss, list(force_field.model.parameters()), allow_unused=True))
+        )
+    (a, grads_a), (b, grads_b) = results
+    for key in ("energy", "forces", "stress"):
+        np.testing.assert_allclose(b[key].detach().numpy(), a[key].detach().numpy(), atol=1e-12)
+    for x, y in zip(grads_a, grads_b, strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            np.testing.assert_allclose(y.numpy(), x.numpy(), atol=1e-11)
+    # One unpaired graph makes the whole batch a plain list.
+    mixed = collate([atoms_to_graph(structures[0], 4.0, paired=True), atoms_to_graph(structures[1], 4.0)])
+    assert not mixed.paired

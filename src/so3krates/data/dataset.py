@@ -45,7 +45,9 @@ class GraphDataset(torch.utils.data.Dataset):
     def graph(self, index: int) -> Graph:
         cached = self._graphs[index]
         if cached is None:
-            cached = atoms_to_graph(self.structures[index].to_atoms(), self.cutoff)
+            # Paired edges: the radial filters once per atom pair (2.4× faster training steps, so3krates
+            # paper model, batches of 16 alanine dipeptides, float32, 1 thread: 448 vs 1065 ms).
+            cached = atoms_to_graph(self.structures[index].to_atoms(), self.cutoff, paired=True)
             self._graphs[index] = cached
         return cached
 

@@ -116,18 +116,34 @@ def atoms_to_graph(
 
 
 def collate(graphs: Sequence[Graph]) -> Graph:
-    """Concatenates graphs into one batch, offsetting edge indices and structure indices."""
+    """Concatenates graphs into one batch, offsetting edge indices and structure indices.
+
+    When every graph is paired (``Graph.paired``), so is the batch: the first halves of all graphs' edge
+    lists come first, then all second halves, in the same order.
+    """
     if not graphs:
         raise ValueError("collate() needs at least one graph")
     atom_offsets = np.cumsum([0] + [g.n_atoms for g in graphs[:-1]])
     graph_offsets = np.cumsum([0] + [g.n_graphs for g in graphs[:-1]])
+    paired = all(g.paired for g in graphs)
+    idx_i = [g.idx_i + int(o) for g, o in zip(graphs, atom_offsets, strict=True)]
+    idx_j = [g.idx_j + int(o) for g, o in zip(graphs, atom_offsets, strict=True)]
+    shifts = [g.shifts for g in graphs]
+    if paired:
+        idx_i, idx_j, shifts = _halves_first(idx_i), _halves_first(idx_j), _halves_first(shifts)
     return Graph(
         positions=torch.cat([g.positions for g in graphs]),
         atomic_numbers=torch.cat([g.atomic_numbers for g in graphs]),
-        idx_i=torch.cat([g.idx_i + int(o) for g, o in zip(graphs, atom_offsets, strict=True)]),
-        idx_j=torch.cat([g.idx_j + int(o) for g, o in zip(graphs, atom_offsets, strict=True)]),
-        shifts=torch.cat([g.shifts for g in graphs]),
+        idx_i=torch.cat(idx_i),
+        idx_j=torch.cat(idx_j),
+        shifts=torch.cat(shifts),
         cell=torch.cat([g.cell for g in graphs]),
         pbc=torch.cat([g.pbc for g in graphs]),
         batch=torch.cat([g.batch + int(o) for g, o in zip(graphs, graph_offsets, strict=True)]),
+        paired=paired,
     )
+
+
+def _halves_first(parts: list[Tensor]) -> list[Tensor]:
+    """[a1, a2, b1, b2] for edge lists [a, b] of paired graphs: first halves, then second halves."""
+    return [t[: t.shape[0] // 2] for t in parts] + [t[t.shape[0] // 2 :] for t in parts]

@@ -64,7 +64,7 @@ def hessian(model: nn.Module, atoms: Atoms, dtype: torch.dtype = torch.float64) 
         if hasattr(energy_model, "tabulate"):
             energy_model.tabulate = False
     force_field = ForceField(energy_model).eval()
-    graph = atoms_to_graph(atoms, force_field.cutoff).to(device=parameter.device)
+    graph = atoms_to_graph(atoms, force_field.cutoff, paired=True).to(device=parameter.device)
     positions = graph.positions.detach().requires_grad_(True)
     out = force_field(graph.replace(positions=positions), compute_forces=True, create_graph=True)
     forces = out[keys.FORCES].reshape(-1)

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     first, times = protocol.time_calls(energy_and_forces, args.budget_seconds)
     protocol.check_forces(energy_and_forces(), len(atoms), args.structure)
+    force_field(graph)  # builds what the eager model caches (spline, fused weights): not part of a call
     with FlopCounterMode(display=False) as executed:
         energy = float(force_field(graph)["energy"].detach()[0])
     # The roofline counts the matrix products of the network evaluated edge by edge; a tabulated or paired

@@ -187,6 +187,9 @@ def test_export_command_and_its_errors(checkpoint, tmp_path, capsys):
     bad = tmp_path / "model.bin"
     assert main(["export", "--model", str(checkpoint), "--format", "pt2", "--out", str(bad)]) == 2
     assert "must end in .pt2" in capsys.readouterr().err and not bad.exists()
+    paired = ["export", "--model", str(checkpoint), "--format", "torchscript", "--paired-edges"]
+    assert main([*paired, "--out", str(bad)]) == 2
+    assert "paired edges need a pt2 or aoti export" in capsys.readouterr().err and not bad.exists()
     missing = tmp_path / "nothing.pt"
     assert main(["export", "--model", str(missing), "--format", "torchscript", "--out", str(out)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

@@ -27,6 +27,7 @@ def _run(args: argparse.Namespace) -> int:
         fused=args.fused,
         species=args.species,
         tabulate={"auto": None, "on": True, "off": False}[args.radial_table],
+        paired=args.paired_edges,
     )
     print(
         f"wrote {args.out}: {metadata['format']}, {metadata['dtype']}, cutoff {metadata['cutoff']:g} Å, "
@@ -36,6 +37,7 @@ def _run(args: argparse.Namespace) -> int:
             if metadata.get("radial_table_intervals")
             else ""
         )
+        + (", inputs: paired edges" if metadata.get("paired_edges") else "")
     )
     if args.format == "lammps-mliap":
         print(
@@ -67,6 +69,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         choices=["auto", "on", "off"],
         default="auto",
         help="radial filters from their spline (auto: with --fused in float32; off: the exact network)",
+    )
+    parser.add_argument(
+        "--paired-edges",
+        action="store_true",
+        help="pt2/aoti: the program takes the neighbour list ordered by pairs (edge k + n/2 is edge k "
+        "reversed; so3krates.data.neighbors.paired_edges, as ExportedCalculator builds it) and evaluates "
+        "the radial filters once per pair",
     )
     parser.add_argument(
         "--species", type=int, nargs="+", help="atomic numbers to allow (default: those of the checkpoint)"

@@ -301,9 +301,10 @@ def cache_directory() -> Path:
 
 
 #: Edges up to which ``So3kratesCalculator(compile="aoti")`` runs the fused program; beyond, the
-#: per-equation one. Paper model, float32, AOTInductor, 2 threads, both programs timed in turn in one process:
-#: 99 water (6.3k edges) 71 ms fused and tabulated vs 101 ms per-equation; 399 water (26k edges) 511 vs 411.
-AOTI_FUSED_MAX_EDGES = 12000
+#: per-equation one. Paper model, float32, AOTInductor, paired edges, 2 threads, both programs timed in
+#: turn in one process: 99 water (6.3k edges) 69 ms fused and tabulated vs 84 ms per-equation; DeePMD water
+#: (10k edges) 181 vs 163; 399 water (26k edges) 387 vs 349.
+AOTI_FUSED_MAX_EDGES = 8000
 
 
 def compiled_program(

@@ -83,8 +83,11 @@ def summarise(config_dir: Path, total_time_ps: float) -> None:
     finished, interrupted = [], []
     for path in sorted(config_dir.glob("replica_*/summary.json")):
         entry = json.loads(path.read_text())
-        if entry["status"] == "interrupted":
-            interrupted.append({"directory": str(path.parent), **entry})
+        short = entry["status"] == "completed" and entry["time_ps"] < total_time_ps - 1e-9
+        if entry["status"] == "interrupted" or short:
+            # Stopped by a deadline, or stable to the end of a shorter run that is not yet extended:
+            # stable so far, listed apart from the survival statistics.
+            interrupted.append({"directory": str(path.parent), **entry, "status": "interrupted"})
             continue
         own = set(TrajectoryResult.__dataclass_fields__) | {"stable", "failure_time_ps"}
         own |= {"conserved_energy_drift_eV_per_atom_per_ps"}

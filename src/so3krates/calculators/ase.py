@@ -30,6 +30,7 @@ from so3krates.export.core import (
     graph_inputs,
     load_exported,
 )
+from so3krates.memory import keep_freed_memory
 from so3krates.model.checkpoint import load_model
 from so3krates.model.derivatives import ForceField
 from so3krates.model.so3krates import So3krates, compile_model
@@ -87,6 +88,7 @@ class So3kratesCalculator(Calculator):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        keep_freed_memory()
         self.single_thread_edges = int(single_thread_edges)
         self.pair_edges = bool(pair_edges)
         torch_dtype = getattr(torch, dtype)
@@ -330,6 +332,7 @@ class ExportedCalculator(So3kratesCalculator):
         **kwargs,
     ) -> None:
         Calculator.__init__(self, **kwargs)
+        keep_freed_memory()
         self._aoti = None
         self.single_thread_edges = int(single_thread_edges)
         self.pair_edges = bool(pair_edges)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from so3krates import __version__
 from so3krates.cli import explore, export, md, set_torch_threads, spectrum
 from so3krates.errors import So3kratesError, format_validation_error
+from so3krates.memory import keep_freed_memory
 
 
 class UsageError(Exception):
@@ -235,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    keep_freed_memory()
     try:
         return args.run(args)
     except (UsageError, So3kratesError) as error:

@@ -30,6 +30,7 @@ from so3krates.data.dataset import collate_batch
 from so3krates.errors import ConfigError, TrainingError
 from so3krates.files import atomic_path
 from so3krates.interrupt import stop_requests
+from so3krates.memory import keep_freed_memory
 from so3krates.model.checkpoint import load_checkpoint, save_checkpoint
 from so3krates.model.derivatives import ForceField
 from so3krates.model.so3krates import So3krates, count_parameters
@@ -510,5 +511,6 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict[str, dic
     ``train/distributed.py``); every rank returns the same numbers.
     """
     t = config.training
+    keep_freed_memory()
     with process_group(t.device, t.distributed_timeout) as distributed:
         return Trainer(config, resume=resume, log=log, distributed=distributed).run()

@@ -270,3 +270,24 @@ def test_compile_modes_are_checked():
         So3kratesCalculator(model, compile="aoti", device="meta")
     assert MDConfig(model="m.pt", structure="s.xyz", compile=True).compile == "inductor"
     assert MDConfig(model="m.pt", structure="s.xyz", compile=False).compile == "none"
+
+
+def test_compiled_bias_additions_stay_apart_from_products():
+    """Inside _bias_additions_apart inductor keeps mm + add (fusable), not addmm (copies the addend)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from so3krates.export.core import _bias_additions_apart
+
+    def filters(a, b, c):
+        return torch.nn.functional.silu(torch.mm(a, b) + c)
+
+    inputs = (torch.randn(4096, 132), torch.randn(132, 132), torch.randn(132))
+    torch._dynamo.reset()
+    with _bias_additions_apart():
+        result, (apart,) = run_and_get_code(torch.compile(filters), *inputs)
+    torch._dynamo.reset()
+    _, (default,) = run_and_get_code(torch.compile(filters), *inputs)
+    torch._dynamo.reset()
+    torch.testing.assert_close(result, filters(*inputs))
+    assert "addmm" in default  # what the context prevents
+    assert "addmm" not in apart

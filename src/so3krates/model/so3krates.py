@@ -237,12 +237,14 @@ class So3krates(nn.Module):
         What the radial-filter table holds, and what paired edges evaluate on half of the edges. ``split``:
         a list of T·B contiguous (n, F) tensors instead, layer by layer, invariant branch first.
         """
+        # Products and bias additions apart, not addmm: a compiler fuses an addition into the next kernel,
+        # while addmm first copies the bias into its output (an extra pass over an (n, T·B·F) tensor).
         hidden = torch.nn.functional.silu(
-            torch.addmm(weights.radial_in[1], self.radial_basis(distances), weights.radial_in[0])
+            torch.mm(self.radial_basis(distances), weights.radial_in[0]) + weights.radial_in[1]
         )
         outputs = [out for layer in weights.layers for out in layer.radial_out]
         chunks = hidden.split(self.config.n_features, dim=1)
-        filters = [torch.addmm(b, c, w) for c, (w, b) in zip(chunks, outputs, strict=True)]
+        filters = [torch.mm(c, w) + b for c, (w, b) in zip(chunks, outputs, strict=True)]
         return filters if split else torch.cat(filters, 1)
 
     def build_radial_table(self, dtype: torch.dtype, n_intervals: int | None = None) -> RadialTable:

@@ -36,4 +36,5 @@ class FilterNet(nn.Module):
         if self.spherical is None:
             return radial
         hidden = self.spherical[1](self.spherical[0](sph_invariants))
-        return torch.addmm(radial, hidden, self.spherical[2].weight.T)
+        # Not addmm(radial, ...): compiled, the addition then fuses into the kernel that reads w_ij.
+        return torch.mm(hidden, self.spherical[2].weight.T) + radial

@@ -37,7 +37,7 @@ def keep_freed_memory() -> bool:
     ``mallopt(M_TRIM_THRESHOLD, 2 GiB)`` (freed memory stays mapped up to 2 GiB). The process then keeps
     its peak heap instead of handing it back after every call, as jemalloc and tcmalloc do. Does nothing
     (returns False) outside Linux with glibc, or when ``SO3KRATES_KEEP_MEMORY=0``. Called by the
-    calculators, ``so3krates md``, ``explore``, ``spectrum`` and training.
+    calculators, the LAMMPS ML-IAP object, the command line (``so3krates md``, ``explore``, ...) and training.
     """
     global _applied
     if _applied is not None:

@@ -39,6 +39,7 @@ from ase.data import chemical_symbols
 
 from so3krates.errors import DataError
 from so3krates.files import atomic_path
+from so3krates.memory import keep_freed_memory
 from so3krates.model.so3krates import So3krates
 
 
@@ -83,6 +84,7 @@ class So3kratesMLIAP:
 
     def compute_forces(self, data) -> None:
         """Energy of the local atoms and ∂E/∂r_ij for every pair of ``data`` (LAMMPS' MLIAPDataPy)."""
+        keep_freed_memory()  # once per process, as the calculators do (so3krates.memory)
         n_local, n_total = int(data.nlistatoms), int(data.ntotal)
         pair_i = np.asarray(data.pair_i, dtype=np.int64)
         pair_j = np.asarray(data.pair_j, dtype=np.int64)

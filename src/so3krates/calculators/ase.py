@@ -88,7 +88,6 @@ class So3kratesCalculator(Calculator):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        keep_freed_memory()
         self.single_thread_edges = int(single_thread_edges)
         self.pair_edges = bool(pair_edges)
         torch_dtype = getattr(torch, dtype)
@@ -123,6 +122,7 @@ class So3kratesCalculator(Calculator):
         skin: float,
         min_distance: float,
     ) -> None:
+        keep_freed_memory()  # once per process (so3krates.memory)
         self.species = set(species if species is not None else (trained_species or range(1, 119)))
         self.device = torch.device(device)
         self.cutoff = cutoff
@@ -332,7 +332,6 @@ class ExportedCalculator(So3kratesCalculator):
         **kwargs,
     ) -> None:
         Calculator.__init__(self, **kwargs)
-        keep_freed_memory()
         self._aoti = None
         self.single_thread_edges = int(single_thread_edges)
         self.pair_edges = bool(pair_edges)

@@ -356,8 +356,13 @@ def compiled_program(
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    identity = [model.config.model_dump(mode="json"), str(dtype), torch.__version__, __version__]
-    identity.append(_source_digest())
+    identity = [
+        model.config.model_dump(mode="json"),
+        str(dtype),
+        torch.__version__,
+        __version__,
+        _source_digest(),
+    ]
     identity += [fused, model.tabulate, model.TABLE_INTERVALS] + ([True] if paired else [])
     digest.update(json.dumps([identity, EXPORT_SCHEMA_VERSION, sorted(species)], sort_keys=True).encode())
     path = cache_directory() / "aoti" / f"{digest.hexdigest()[:24]}.pt2"

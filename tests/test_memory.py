@@ -20,8 +20,8 @@ from so3krates.memory import keep_freed_memory
 applied = keep_freed_memory()
 def touch():
     torch.ones(16 * 1024 * 1024)  # 64 MiB, written, then freed
-touch()
-touch()  # the second allocation may still extend the heap once
+for _ in range(3):  # the first allocations may still extend the heap
+    touch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(9):
     touch()
@@ -46,8 +46,9 @@ def _probe(env_value: str | None) -> dict:
 def test_freed_tensors_are_reused_without_page_faults():
     kept = _probe(None)
     assert kept["applied"] and kept["again"]
-    # 9 × 64 MiB is 147k pages of 4 KiB when every allocation is a fresh mapping; reused memory needs none.
-    assert kept["faults"] < 2000, kept
+    # 9 × 64 MiB is 147k pages of 4 KiB when every allocation is a fresh mapping; reused memory needs none
+    # (the heap was seen to grow once more by one allocation, 16,384 pages, on a loaded machine).
+    assert kept["faults"] < 20_000, kept
 
 
 def test_environment_variable_leaves_the_allocator_alone():

@@ -19,6 +19,7 @@ from so3krates.calculators.ase import ExportedCalculator
 from so3krates.cli.main import main
 from so3krates.errors import DataError, So3kratesError
 from so3krates.export import export_model, load_exported, read_metadata
+from so3krates.export.core import graph_inputs
 from so3krates.model.checkpoint import save_checkpoint
 
 SPECIES = [1, 6, 8]
@@ -100,6 +101,8 @@ def test_pt2_with_paired_edges_gives_the_numbers_of_the_plain_list(checkpoint, t
         plain.get_forces()
     with pytest.raises(DataError, match="paired edges need a pt2 or aoti export"):
         export_model(checkpoint, tmp_path / "paired.ts", fmt="torchscript", paired=True)
+    with pytest.raises(DataError, match="inductor settings apply to aoti exports only"):
+        export_model(checkpoint, tmp_path / "x.pt2", fmt="pt2", inductor_configs={"cpp.threads": 1})
 
 
 @pytest.mark.slow
@@ -111,10 +114,20 @@ def test_pt2_in_float32_with_the_fused_layers_gives_the_checkpoints_numbers(chec
 
 @pytest.mark.slow
 def test_aoti_gives_the_checkpoints_numbers_on_two_threads(checkpoint, tmp_path):
-    """AOTInductor compiles for about a minute; its kernels must also be safe on two threads."""
+    """AOTInductor compiles for about a minute; its kernels must also be safe on two threads.
+
+    Compiled with kernel profiling on (``inductor_configs``, as benchmarks/profile_kernels.py does): the
+    profiler must then see inductor's generated kernels by name.
+    """
     path = tmp_path / "model.pt2"
-    export_model(checkpoint, path, fmt="aoti", dtype="float64")
+    export_model(
+        checkpoint, path, fmt="aoti", dtype="float64", inductor_configs={"cpp.enable_kernel_profile": True}
+    )
     assert read_metadata(path)["format"] == "aoti"
+    program = load_exported(path)
+    with torch.profiler.profile() as profiler:
+        program(*graph_inputs(atoms_to_graph(ethanol(), program.cutoff)))
+    assert any("cpp_fused" in event.key for event in profiler.key_averages())
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -224,6 +224,7 @@ def export_model(
     species: list[int] | None = None,
     tabulate: bool | None = None,
     paired: bool = False,
+    inductor_configs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Writes ``model`` (a checkpoint path or a model) to ``out`` in format ``fmt``; returns the metadata.
 
@@ -242,11 +243,15 @@ def export_model(
             :func:`so3krates.data.neighbors.paired_edges` (edge k + n/2 is edge k reversed) and evaluates
             the radial filters once per pair (``So3krates.atomic_energies``). Recorded in the metadata as
             ``paired_edges``; ``So3kratesCalculator(compile="aoti")`` uses it.
+        inductor_configs: aoti only: AOTInductor settings that replace ours, for profiling and experiments
+            (``benchmarks/profile_kernels.py``), e.g. ``{"cpp.enable_kernel_profile": True}``.
     """
     import copy
 
     if fmt not in FORMATS:
         raise DataError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if inductor_configs and fmt != "aoti":
+        raise DataError(f"inductor settings apply to aoti exports only, not {fmt}")
     if paired and fmt not in ("pt2", "aoti"):
         raise DataError(f"paired edges need a pt2 or aoti export (symbolic numbers of edges), not {fmt}")
     torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
@@ -292,6 +297,7 @@ def export_model(
                 # As in compile_model: inductor's multi-threaded CPU kernels corrupted memory in this
                 # model's backward pass with torch 2.13; matrix products keep all threads.
                 "cpp.threads": 1,
+                **(inductor_configs or {}),
             },
         )
     return metadata

@@ -1,0 +1,230 @@
+"""Where the time of one energy+forces call goes, kernel by kernel, in the compiled (AOTInductor) program.
+
+    .venv/bin/python benchmarks/profile_kernels.py --structure S.extxyz [--threads 2] [--path per-equation]
+        [--tabulate] [--variant default] [--calls 5] [--out-dir benchmarks/results/profile]
+
+The paper-preset model (float32, random weights with seed 0, as in `speed.py`) on paired edges is compiled
+with inductor's kernel profiling on, into a scratch file (never the calculator's program cache: the cache
+key does not know of profiling). Then `--calls` calls are timed without the profiler and `--calls` with it.
+Each profiled kernel falls into one of four groups:
+
+- *matrix products*: the library calls (`mm`, `addmm`, `bmm`);
+- *generated, with scatter-adds*: inductor's kernels that sum edges into atoms (`index_add`/`index_put`
+  in their name), with whatever elementwise work inductor fused into them;
+- *generated, other*: the rest of inductor's kernels (elementwise, gathers, reductions);
+- *other ATen calls*: copies, fills and ATen fallbacks.
+
+The matrix products' own throughput is the matrix-product FLOPs the call executes (counted with
+`torch.utils.flop_counter` on the same evaluation path, eagerly) over their profiled time.
+
+Variants (`--variant`) compile the same program differently, to test what limits it:
+
+- `default`: as `So3kratesCalculator(compile="aoti")` does (generated kernels on one thread);
+- `threaded`: inductor's generated kernels on all threads (`cpp.threads = -1`); its scatter-adds then become
+  atomic additions;
+- `scatter-fallback`: `threaded`, compiled under `torch.use_deterministic_algorithms(True)`, so that inductor
+  leaves the scatter-adds to ATen instead of generating atomic ones.
+
+Results: `<out-dir>/<structure>_<path>_<variant>_<threads>t.{json,md}`. Run under
+`flock /tmp/so3krates-cpu.lock` on this shared machine, with `OMP_WAIT_POLICY=PASSIVE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+VARIANTS = ("default", "threaded", "scatter-fallback")
+GROUPS = ("matrix products", "generated, with scatter-adds", "generated, other", "other ATen calls")
+
+
+def kernel_group(name: str) -> str:
+    """One of GROUPS for a profiler event name of an AOTInductor program."""
+    if name.startswith("aoti_torch_cpu_") and name.removeprefix("aoti_torch_cpu_").split("_")[0] in (
+        "mm",
+        "addmm",
+        "bmm",
+    ):
+        return GROUPS[0]
+    if "cpp_fused" in name:
+        return GROUPS[1] if ("index_add" in name or "index_put" in name) else GROUPS[2]
+    return GROUPS[3]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--structure", required=True, help="extxyz file; its first frame is used")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--path", choices=["per-equation", "fused"], default="per-equation")
+    parser.add_argument("--tabulate", action="store_true", help="radial filters from their spline")
+    parser.add_argument("--variant", choices=VARIANTS, default="default")
+    parser.add_argument("--calls", type=int, default=5, help="timed calls, then as many profiled ones")
+    parser.add_argument("--top", type=int, default=15, help="kernels listed one by one")
+    parser.add_argument("--out-dir", type=Path, default=BENCH / "results" / "profile")
+    args = parser.parse_args(argv)
+
+    import ase.io
+    import torch
+    from torch.profiler import profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from so3krates import atoms_to_graph
+    from so3krates.export.core import export_model, graph_inputs, load_exported
+    from so3krates.files import atomic_path
+    from so3krates.memory import keep_freed_memory
+    from so3krates.model.config import preset
+    from so3krates.model.derivatives import ForceField
+    from so3krates.model.so3krates import So3krates
+
+    keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    atoms = ase.io.read(args.structure, index=0)
+    torch.manual_seed(0)
+    model = So3krates(preset("paper")).to(torch.float32).eval().requires_grad_(False)
+    model.tabulate = True if args.tabulate else False
+    fused = args.path == "fused"
+    graph = atoms_to_graph(atoms, model.cutoff, paired=True)
+    inputs = graph_inputs(graph)
+
+    configs: dict[str, object] = {"cpp.enable_kernel_profile": True}
+    if args.variant != "default":
+        configs["cpp.threads"] = -1
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with tempfile.TemporaryDirectory(prefix="so3krates-profile-") as scratch:
+        program_path = Path(scratch) / "program.pt2"
+        start = time.perf_counter()
+        torch.use_deterministic_algorithms(args.variant == "scatter-fallback")
+        try:
+            export_model(
+                model,
+                program_path,
+                fmt="aoti",
+                dtype="float32",
+                fused=fused,
+                tabulate=model.tabulate,
+                paired=True,
+                inductor_configs=configs,
+            )
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+        compile_s = time.perf_counter() - start
+        program = load_exported(program_path)
+
+        for _ in range(3):
+            program(*inputs)
+        times = []
+        for _ in range(args.calls):
+            start = time.perf_counter()
+            program(*inputs)
+            times.append(time.perf_counter() - start)
+        with profile() as profiler:
+            for _ in range(args.calls):
+                program(*inputs)
+
+    # Matrix-product FLOPs of the same evaluation path, counted on the eager model.
+    model.fused = fused
+    force_field = ForceField(model)
+    force_field(graph)
+    with FlopCounterMode(display=False) as counter:
+        force_field(graph)
+    flops = counter.get_total_flops()
+
+    kernels = []
+    for event in profiler.key_averages():
+        if event.key.startswith(("ProfilerStep", "USDT")):
+            continue
+        kernels.append(
+            {
+                "name": event.key,
+                "group": kernel_group(event.key),
+                "calls": event.count // args.calls,
+                "ms": event.self_cpu_time_total / 1e3 / args.calls,
+            }
+        )
+    kernels.sort(key=lambda k: -k["ms"])
+    profiled_ms = sum(k["ms"] for k in kernels)
+    groups = {g: sum(k["ms"] for k in kernels if k["group"] == g) for g in GROUPS}
+    matmul_ms = groups[GROUPS[0]]
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "structure": str(args.structure),
+        "n_atoms": len(atoms),
+        "n_edges": graph.n_edges,
+        "threads": args.threads,
+        "path": args.path,
+        "tabulate": args.tabulate,
+        "variant": args.variant,
+        "inductor_configs": configs,
+        "compile_s": compile_s,
+        "wall_ms": [t * 1e3 for t in times],
+        "median_wall_ms": statistics.median(times) * 1e3,
+        "profiled_ms": profiled_ms,
+        "groups_ms": groups,
+        "matmul_gflop": flops / 1e9,
+        "matmul_gflops_in_program": flops / 1e9 / (matmul_ms / 1e3) if matmul_ms else None,
+        "kernels": kernels,
+        "torch": torch.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+    table = "_table" if args.tabulate else ""
+    stem = f"{Path(args.structure).stem}_{args.path}{table}_{args.variant}_{args.threads}t"
+    markdown = render(result, args.top)
+    for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", markdown)):
+        with atomic_path(args.out_dir / f"{stem}{suffix}") as tmp:
+            tmp.write_text(text)
+    print(markdown)
+
+
+def render(result: dict, top: int) -> str:
+    profiled = result["profiled_ms"]
+    lines = [
+        f"# Kernel profile: {Path(result['structure']).stem}, {result['n_atoms']} atoms, "
+        f"{result['n_edges']} edges",
+        "",
+        f"{result['date']}, commit {result['commit']}, torch {result['torch']}, {result['threads']} threads, "
+        f"{result['path']} path{' with tabulated radial filters' if result['tabulate'] else ''}, "
+        f"paired edges, float32, variant `{result['variant']}`.",
+        "",
+        f"Wall time per call: median {result['median_wall_ms']:.0f} ms "
+        f"({', '.join(f'{t:.0f}' for t in result['wall_ms'])}); profiled: {profiled:.0f} ms.",
+        "",
+        "| group | ms per call | share |",
+        "|---|---|---|",
+    ]
+    for group, ms in result["groups_ms"].items():
+        lines.append(f"| {group} | {ms:.1f} | {100 * ms / profiled:.0f} % |")
+    if result["matmul_gflops_in_program"]:
+        lines += [
+            "",
+            f"Matrix products: {result['matmul_gflop']:.2f} GFLOP per call at "
+            f"{result['matmul_gflops_in_program']:.0f} GFLOP/s inside the program.",
+        ]
+    lines += ["", f"Top {top} kernels:", "", "| ms | calls | group | kernel |", "|---|---|---|---|"]
+    for kernel in result["kernels"][:top]:
+        name = kernel["name"] if len(kernel["name"]) <= 90 else kernel["name"][:87] + "..."
+        lines.append(f"| {kernel['ms']:.1f} | {kernel['calls']} | {kernel['group']} | `{name}` |")
+    return "\n".join(lines) + "\n"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Paired edges: the radial filters evaluated once per pair give the numbers of the plain full list."""
+"""Paired edges: the filters evaluated once per pair give the numbers of the plain full list."""
 
 from __future__ import annotations
 
@@ -67,6 +67,39 @@ def test_paired_edges_give_the_plain_numbers(variant, fused, tabulate):
         assert paired["energy"].item() == pytest.approx(plain["energy"].item(), abs=1e-11)
         np.testing.assert_allclose(paired["forces"].numpy(), plain["forces"].numpy(), atol=1e-12)
         np.testing.assert_allclose(paired["stress"].numpy(), plain["stress"].numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_paired_edges_evaluate_the_spherical_filters_once_per_pair(fused):
+    """MLP_s(s_ij) is symmetric like MLP_r (s_ij = c(x_j − x_i) = s_ji): half as many rows as edges."""
+    force_field = make_force_field(VARIANTS["paper"], torch.float64)
+    model = force_field.model
+    model.fused = fused
+    graph = paired_graph(atoms_to_graph(triclinic_cell(), force_field.cutoff))
+    rows = []
+    if fused:  # the fused path multiplies the invariants with the fused first-layer weights
+        original = torch.addmm
+
+        def counting_addmm(bias, a, b, **kwargs):
+            if a.shape[1] == model.config.n_degrees:
+                rows.append(a.shape[0])
+            return original(bias, a, b, **kwargs)
+
+        torch.addmm = counting_addmm
+        try:
+            force_field(graph)
+        finally:
+            torch.addmm = original
+    else:
+        hooks = [
+            net.spherical[0].register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+            for layer in model.layers
+            for net in (layer.invariant_filter, layer.euclidean_filter)
+        ]
+        force_field(graph)
+        for hook in hooks:
+            hook.remove()
+    assert rows and all(n == graph.n_edges // 2 for n in rows), (rows, graph.n_edges)
 
 
 def test_paired_edges_give_the_plain_gradients_of_trainable_weights():

@@ -65,8 +65,9 @@ class So3kratesCalculator(Calculator):
             gains (paper model, AOTInductor, 2-core VM: ethanol 1.13 vs 1.49 ms, 3BPA 3.7 vs 4.4 ms; equal
             at ~1700 edges; 6.3k edges 84 vs 102 ms in favour of two). 0 turns this off.
         pair_edges: order the neighbour list by pairs (``so3krates.data.neighbors.paired_edges``) so that
-            the radial filters, most of the model's arithmetic, are evaluated once per pair of atoms instead
-            of once per edge; same numbers to round-off. ``False``: the plain list (for comparisons).
+            the filters (radial and spherical; both symmetric), most of the model's arithmetic, are
+            evaluated once per pair of atoms instead of once per edge; same numbers to round-off.
+            ``False``: the plain list (for comparisons).
 
     A model passed as an instance is copied: the calculator freezes its parameters (forces need gradients
     only with respect to positions) and must not change the caller's model.
@@ -272,7 +273,7 @@ class So3kratesCalculator(Calculator):
         if self._aoti is not None:
             # Two programs, each compiled at its first use: the fused one (tabulated radial filters in
             # float32) for molecules and mid-sized cells, the per-equation one for large graphs.
-            # Both read the neighbour list in paired order (radial filters once per pair).
+            # Both read the neighbour list in paired order (filters once per pair).
             kind = (graph.n_edges <= AOTI_FUSED_MAX_EDGES, graph.paired)
             if kind not in self._aoti:
                 dtype = self.model.embedding.table.weight.dtype

@@ -75,7 +75,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="pt2/aoti: the program takes the neighbour list ordered by pairs (edge k + n/2 is edge k "
         "reversed; so3krates.data.neighbors.paired_edges, as ExportedCalculator builds it) and evaluates "
-        "the radial filters once per pair",
+        "the filters once per pair",
     )
     parser.add_argument(
         "--species", type=int, nargs="+", help="atomic numbers to allow (default: those of the checkpoint)"

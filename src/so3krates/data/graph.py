@@ -32,7 +32,7 @@ class Graph:
         pbc: (n_graphs, 3) bool — periodicity along each lattice vector.
         batch: (n_atoms,) int64 — structure index of each atom, sorted ascending.
         paired: the edges are ordered as by :func:`so3krates.data.neighbors.paired_edges` (edge k + n/2 is
-            edge k reversed), which lets the model evaluate its radial filters once per pair.
+            edge k reversed), which lets the model evaluate its filters once per pair.
     """
 
     positions: Tensor
@@ -92,7 +92,7 @@ def atoms_to_graph(
         dtype: floating-point dtype of positions, cell and shifts. Default float64, also for float32
             models: the model computes edge vectors in this dtype before casting to its own.
         paired: order the edges by :func:`so3krates.data.neighbors.paired_edges` (``Graph.paired``), as
-            the ASE calculator does: the model then evaluates its radial filters once per pair.
+            the ASE calculator does: the model then evaluates its filters once per pair.
     """
     dtype = dtype or torch.float64
     pbc = np.asarray(atoms.pbc, dtype=bool)

@@ -102,8 +102,8 @@ def neighbor_list(
 def paired_edges(edges: NeighborList) -> NeighborList | None:
     """The same full list ordered as [one direction of every pair; the reverses in the same order].
 
-    Edge k + n/2 is then edge k reversed, (j, i, −shift), which lets the model evaluate its radial filters
-    once per pair (``Graph.paired``). Which direction comes first: i < j, or for an atom and its own image
+    Edge k + n/2 is then edge k reversed, (j, i, −shift), which lets the model evaluate its filters once
+    per pair (``Graph.paired``). Which direction comes first: i < j, or for an atom and its own image
     (i = j), the shift whose first non-zero component is positive. Returns None when the list is not
     symmetric (never for a list of this module).
     """

@@ -241,7 +241,7 @@ def export_model(
             ``None``: for float32 networks only.
         paired: pt2 and aoti only: the program expects the edges in the order of
             :func:`so3krates.data.neighbors.paired_edges` (edge k + n/2 is edge k reversed) and evaluates
-            the radial filters once per pair (``So3krates.atomic_energies``). Recorded in the metadata as
+            the filters once per pair (``So3krates.atomic_energies``). Recorded in the metadata as
             ``paired_edges``; ``So3kratesCalculator(compile="aoti")`` uses it.
         inductor_configs: aoti only: AOTInductor settings that replace ours, for profiling and experiments
             (``benchmarks/profile_kernels.py``), e.g. ``{"cpp.enable_kernel_profile": True}``.

@@ -153,8 +153,10 @@ class So3krates(nn.Module):
             atomic_numbers: (n_atoms,) int64.
             idx_i, idx_j: (n_edges,) int64 — centre and neighbour atom of each edge.
             paired: the edges come in the order of :func:`so3krates.data.neighbors.paired_edges`: edge
-                k + n_edges / 2 is edge k reversed. d_ij = d_ji, so the radial filters MLP_r(K(d)), most
-                of the model's arithmetic, are then evaluated for the first half only. Not checked here.
+                k + n_edges / 2 is edge k reversed. The filters w_ij = MLP_r(K(d_ij)) + MLP_s(s_ij),
+                most of the model's arithmetic, are symmetric in the pair (d_ij = d_ji and
+                s_ij = c(x_j − x_i) = s_ji), so they are then evaluated for the first half only. Not
+                checked here.
 
         Returns:
             (n_atoms,) float64, eV — atomic energies E_i.
@@ -178,15 +180,12 @@ class So3krates(nn.Module):
                 radial = evaluate_radial_table(table, distances).split(self.config.n_features, dim=1)
             else:
                 radial = self.radial_filters(self._fused_cache.get(self.layers), distances, split=True)
-            if paired:
-                # The first half's filters, repeated for the second: one contiguous (n_edges, F) tensor
-                # per layer and branch (a cat, not a gather: the backward of a gather is a scatter,
-                # which compiled CPU code runs on one thread).
-                radial = [torch.cat([r, r]) for r in radial]
+            # Paired: the first half's filters only. The layers add MLP_s, which is symmetric too
+            # (s_ij = c(x_j − x_i) = s_ji), on the first half and repeat the sum for the second.
             radial_per_layer = [list(radial[k * n_branches : (k + 1) * n_branches]) for k in range(n_layers)]
         if not fused:
             for layer, layer_radial in zip(self.layers, radial_per_layer, strict=True):
-                h, x = layer(h, x, edges, layer_radial)
+                h, x = layer(h, x, edges, layer_radial, paired=paired)
             return self.readout(h, atomic_numbers)
         weights = self._fused_cache.get(self.layers)
         hidden_per_layer: list[Tensor | None] = [None] * n_layers
@@ -208,6 +207,7 @@ class So3krates(nn.Module):
                 edges.idx_i,
                 edges.idx_j,
                 radial_filters=radial_per_layer[k] is not None,
+                paired=paired,
             )
         return self.readout(h, atomic_numbers)
 

@@ -154,6 +154,7 @@ def fused_layer(
     idx_i: Tensor,
     idx_j: Tensor,
     radial_filters: bool = False,
+    paired: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One transformer layer (the computation of ``TransformerLayer.forward``) with fused weights.
 
@@ -165,6 +166,9 @@ def fused_layer(
             F) tensor per branch.
         h, x: (n_atoms, F), (n_atoms, n_sph) — features and Euclidean variables.
         cutoff: (n_edges,) φ(d_ij); sph: (n_edges, n_sph) Y(r̂_ij); idx_i, idx_j: (n_edges,) int64.
+        paired: edges in the order of :func:`so3krates.data.neighbors.paired_edges`, ``radial`` (then
+            with ``radial_filters``) for the first half only: the filters are symmetric (w_ij = w_ji), so
+            they are completed for the first half and repeated (see ``TransformerLayer.forward``).
     """
     n_features = h.shape[1]
     n_branches = len(weights.radial_out)
@@ -176,7 +180,11 @@ def fused_layer(
         hidden = radial.split(n_features, dim=1)
         filters = [torch.addmm(b, r, w) for r, (w, b) in zip(hidden, weights.radial_out, strict=True)]
     if weights.spherical_in is not None:
-        invariants = layer.contraction(x.index_select(0, idx_j) - x.index_select(0, idx_i))
+        first_i, first_j = idx_i, idx_j
+        if paired:  # views of the first half, as in TransformerLayer.forward
+            first_i = idx_i.view(2, idx_i.shape[0] // 2)[0]
+            first_j = idx_j.view(2, idx_j.shape[0] // 2)[0]
+        invariants = layer.contraction(x.index_select(0, first_j) - x.index_select(0, first_i))
         hidden = torch.nn.functional.silu(
             torch.addmm(weights.spherical_in[1], invariants, weights.spherical_in[0])
         )
@@ -185,6 +193,8 @@ def fused_layer(
             torch.addmm(f, s, w) for f, s, w in zip(filters, hidden, weights.spherical_out, strict=True)
         ]
     filters = torch.cat(filters, dim=1) if n_branches > 1 else filters[0]
+    if paired:
+        filters = torch.cat([filters, filters])
 
     projected = layer.norm_attention(h) @ weights.projection  # [q | k | v], (n_atoms, 2·B·F + F)
     # Split, not slice: the backward of a split is one cat, that of a slice a zero-filled copy.

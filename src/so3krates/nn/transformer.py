@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from so3krates.nn.attention import EuclideanAttention, InvariantAttention
@@ -70,20 +71,34 @@ class TransformerLayer(nn.Module):
         self.mlp_after_exchange = ResidualMLP(n_features) if use_residual_mlp else nn.Identity()
 
     def forward(
-        self, h: Tensor, x: Tensor, edges: EdgeFeatures, radial: list[Tensor] | None = None
+        self,
+        h: Tensor,
+        x: Tensor,
+        edges: EdgeFeatures,
+        radial: list[Tensor] | None = None,
+        paired: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """h: (n_atoms, n_features), x: (n_atoms, n_sph) → updated (h, x).
 
         radial: this layer's MLP_r, one (n_edges, F) tensor per branch, read from the radial-filter table
-            (so3krates.nn.radial_table) or evaluated once per edge pair, MLP_s's output bias included; or
-            None to evaluate MLP_r here.
+            (so3krates.nn.radial_table), MLP_s's output bias included; or None to evaluate MLP_r here.
+        paired: the edges are in the order of :func:`so3krates.data.neighbors.paired_edges` and ``radial``
+            holds the first half only. The filters are symmetric, w_ij = w_ji (d_ij = d_ji and
+            s_ij = c(x_j − x_i) = s_ji), so they are evaluated for the first half and repeated.
         """
         idx_i, idx_j = edges.idx_i, edges.idx_j
-        sph_invariants = self.contraction(x.index_select(0, idx_j) - x.index_select(0, idx_i))
+        first_i, first_j = idx_i, idx_j
+        if paired:
+            # Views of the first half (a slice would give an exported program a guard n_pairs ≥ 2).
+            first_i = idx_i.view(2, idx_i.shape[0] // 2)[0]
+            first_j = idx_j.view(2, idx_j.shape[0] // 2)[0]
+        sph_invariants = self.contraction(x.index_select(0, first_j) - x.index_select(0, first_i))
         if radial is not None:
             invariant_filters = self.invariant_filter.from_radial(radial[0], sph_invariants)
         else:
             invariant_filters = self.invariant_filter(edges.rbf, sph_invariants)
+        if paired:
+            invariant_filters = torch.cat([invariant_filters, invariant_filters])
 
         h_normed = self.norm_attention(h)
         dh = self.invariant_attention(h_normed, invariant_filters, edges.cutoff, idx_i, idx_j)
@@ -92,6 +107,8 @@ class TransformerLayer(nn.Module):
                 euclidean_filters = self.euclidean_filter.from_radial(radial[1], sph_invariants)
             else:
                 euclidean_filters = self.euclidean_filter(edges.rbf, sph_invariants)
+            if paired:
+                euclidean_filters = torch.cat([euclidean_filters, euclidean_filters])
             x = x + self.euclidean_attention(
                 h_normed,
                 euclidean_filters,

@@ -341,10 +341,14 @@ def cache_directory() -> Path:
 
 
 #: Edges up to which ``So3kratesCalculator(compile="aoti")`` runs the fused program; beyond, the
-#: per-equation one. Paper model, float32, AOTInductor, paired edges, 2 threads, both programs timed in
-#: turn in one process: 99 water (6.3k edges) 69 ms fused and tabulated vs 84 ms per-equation; DeePMD water
-#: (10k edges) 181 vs 163; 399 water (26k edges) 387 vs 349.
-AOTI_FUSED_MAX_EDGES = 8000
+#: per-equation one. Paper model, float32, AOTInductor, paired edges (filters once per pair, MLP_s
+#: included), 2 threads, both programs timed in turn in one process: 99 water (6.3k edges) 57 ms fused
+#: and tabulated vs 76 ms per-equation; DeePMD water (10k edges) 100 vs 126; 399 water (26k) 250 vs 318;
+#: 999 water (54k) 536 vs 665; 3000 water (163k edges, separate processes) 1.52 and 1.59 s vs 1.85 and
+#: 1.70 s, at a peak memory of 2.8 against 2.2-2.3 GB. Beyond the largest size measured the per-equation
+#: program is kept for its smaller memory. (Before the spherical filters were paired too, the crossover was
+#: near 8,000 edges: DeePMD water 181 vs 163 ms.)
+AOTI_FUSED_MAX_EDGES = 200_000
 
 
 def compiled_program(

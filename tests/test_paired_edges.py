@@ -102,6 +102,16 @@ def test_paired_edges_evaluate_the_spherical_filters_once_per_pair(fused):
     assert rows and all(n == graph.n_edges // 2 for n in rows), (rows, graph.n_edges)
 
 
+def test_a_paired_layer_without_the_first_halfs_radial_filters_is_refused():
+    model = make_force_field(VARIANTS["paper"], torch.float64).model
+    graph = paired_graph(atoms_to_graph(ethanol(), model.cutoff))
+    edges = model.edge_features(graph.edge_vectors(), graph.idx_i, graph.idx_j)
+    h = model.embedding(graph.atomic_numbers)
+    x = model.initial_euclidean(edges, graph.n_atoms)
+    with pytest.raises(ValueError, match="paired edges need this layer's radial filters"):
+        model.layers[0](h, x, edges, None, paired=True)
+
+
 def test_paired_edges_give_the_plain_gradients_of_trainable_weights():
     # Training on forces differentiates the forces with respect to the weights: both orders must agree.
     force_field = make_force_field(preset("tiny"), torch.float64)

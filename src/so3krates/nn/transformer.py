@@ -89,6 +89,8 @@ class TransformerLayer(nn.Module):
         idx_i, idx_j = edges.idx_i, edges.idx_j
         first_i, first_j = idx_i, idx_j
         if paired:
+            if radial is None:
+                raise ValueError("paired edges need this layer's radial filters for the first half (radial)")
             # Views of the first half (a slice would give an exported program a guard n_pairs ≥ 2).
             first_i = idx_i.view(2, idx_i.shape[0] // 2)[0]
             first_j = idx_j.view(2, idx_j.shape[0] // 2)[0]

@@ -36,13 +36,15 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from accuracy import _git_commit, write_atomically  # noqa: E402  (the benchmarks' shared helpers)
+
 VARIANTS = ("default", "threaded", "scatter-fallback")
 GROUPS = ("matrix products", "generated, with scatter-adds", "generated, other", "other ATen calls")
 
@@ -79,7 +81,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from so3krates import atoms_to_graph
     from so3krates.export.core import export_model, graph_inputs, load_exported
-    from so3krates.files import atomic_path
     from so3krates.memory import keep_freed_memory
     from so3krates.model.config import preset
     from so3krates.model.derivatives import ForceField
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     atoms = ase.io.read(args.structure, index=0)
     torch.manual_seed(0)
     model = So3krates(preset("paper")).to(torch.float32).eval().requires_grad_(False)
-    model.tabulate = True if args.tabulate else False
+    model.tabulate = args.tabulate
     fused = args.path == "fused"
     graph = atoms_to_graph(atoms, model.cutoff, paired=True)
     inputs = graph_inputs(graph)
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     matmul_ms = groups[GROUPS[0]]
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": _git_commit(),
         "structure": str(args.structure),
         "n_atoms": len(atoms),
         "n_edges": graph.n_edges,
@@ -180,9 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     table = "_table" if args.tabulate else ""
     stem = f"{Path(args.structure).stem}_{args.path}{table}_{args.variant}_{args.threads}t"
     markdown = render(result, args.top)
-    for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", markdown)):
-        with atomic_path(args.out_dir / f"{stem}{suffix}") as tmp:
-            tmp.write_text(text)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(args.out_dir / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    write_atomically(args.out_dir / f"{stem}.md", markdown)
     print(markdown)
 
 
@@ -215,15 +216,6 @@ def render(result: dict, top: int) -> str:
         name = kernel["name"] if len(kernel["name"]) <= 90 else kernel["name"][:87] + "..."
         lines.append(f"| {kernel['ms']:.1f} | {kernel['calls']} | {kernel['group']} | `{name}` |")
     return "\n".join(lines) + "\n"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from so3krates.nn.radial_table import RadialTable, build_radial_table, evaluate_
 from so3krates.nn.readout import EnergyReadout
 from so3krates.nn.scatter import scatter_sum
 from so3krates.nn.spherical import DegreeContraction, SphericalHarmonics
-from so3krates.nn.transformer import EdgeFeatures, TransformerLayer
+from so3krates.nn.transformer import EdgeFeatures, TransformerLayer, first_of_pairs
 
 
 class So3krates(nn.Module):
@@ -173,8 +173,7 @@ class So3krates(nn.Module):
         if paired or table is not None:
             distances = edges.distances
             if paired:
-                # The first half, as a view (a slice would give an exported program a guard n_pairs ≥ 2).
-                distances = distances.view(2, idx_i.shape[0] // 2)[0]
+                distances = first_of_pairs(distances)
             if table is not None:
                 # MLP_r of every layer and branch, read from the spline: four row gathers per edge.
                 radial = evaluate_radial_table(table, distances).split(self.config.n_features, dim=1)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from so3krates.nn.filters import FilterNet
+from so3krates.nn.transformer import first_of_pairs
 
 
 class LayerWeights(NamedTuple):
@@ -181,9 +182,8 @@ def fused_layer(
         filters = [torch.addmm(b, r, w) for r, (w, b) in zip(hidden, weights.radial_out, strict=True)]
     if weights.spherical_in is not None:
         first_i, first_j = idx_i, idx_j
-        if paired:  # views of the first half, as in TransformerLayer.forward
-            first_i = idx_i.view(2, idx_i.shape[0] // 2)[0]
-            first_j = idx_j.view(2, idx_j.shape[0] // 2)[0]
+        if paired:
+            first_i, first_j = first_of_pairs(idx_i), first_of_pairs(idx_j)
         invariants = layer.contraction(x.index_select(0, first_j) - x.index_select(0, first_i))
         hidden = torch.nn.functional.silu(
             torch.addmm(weights.spherical_in[1], invariants, weights.spherical_in[0])

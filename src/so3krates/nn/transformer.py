@@ -31,6 +31,14 @@ class EdgeFeatures(NamedTuple):
     distances: Tensor
 
 
+def first_of_pairs(per_edge: Tensor) -> Tensor:
+    """The first half of a per-edge tensor in paired order (:func:`so3krates.data.neighbors.paired_edges`).
+
+    A view, not a slice: a slice would give an exported program a guard n_pairs ≥ 2.
+    """
+    return per_edge.view(2, per_edge.shape[0] // 2, *per_edge.shape[1:])[0]
+
+
 class TransformerLayer(nn.Module):
     """Updates invariant features h (n_atoms, F) and Euclidean variables x (n_atoms, n_sph).
 
@@ -91,9 +99,7 @@ class TransformerLayer(nn.Module):
         if paired:
             if radial is None:
                 raise ValueError("paired edges need this layer's radial filters for the first half (radial)")
-            # Views of the first half (a slice would give an exported program a guard n_pairs ≥ 2).
-            first_i = idx_i.view(2, idx_i.shape[0] // 2)[0]
-            first_j = idx_j.view(2, idx_j.shape[0] // 2)[0]
+            first_i, first_j = first_of_pairs(idx_i), first_of_pairs(idx_j)
         sph_invariants = self.contraction(x.index_select(0, first_j) - x.index_select(0, first_i))
         if radial is not None:
             invariant_filters = self.invariant_filter.from_radial(radial[0], sph_invariants)

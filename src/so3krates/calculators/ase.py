@@ -272,7 +272,7 @@ class So3kratesCalculator(Calculator):
         """(energy eV, atomic energies eV, forces eV/Å, stress 3×3 eV/Å³ or None) of a one-structure graph."""
         if self._aoti is not None:
             # Two programs, each compiled at its first use: the fused one (tabulated radial filters in
-            # float32) for molecules and mid-sized cells, the per-equation one for large graphs.
+            # float32) up to AOTI_FUSED_MAX_EDGES, the per-equation one (less memory) beyond.
             # Both read the neighbour list in paired order (filters once per pair).
             kind = (graph.n_edges <= AOTI_FUSED_MAX_EDGES, graph.paired)
             if kind not in self._aoti:

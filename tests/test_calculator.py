@@ -185,7 +185,9 @@ def test_small_graphs_run_on_one_thread_and_the_setting_is_restored(model):
         for limit, atoms, expected in [(1000, ethanol(), 1), (0, ethanol(), 2), (50, triclinic_cell(), 2)]:
             calculator = So3kratesCalculator(model, single_thread_edges=limit)
             evaluate = calculator._evaluate
-            calculator._evaluate = lambda *a, _f=evaluate: seen.append(torch.get_num_threads()) or _f(*a)
+            calculator._evaluate = lambda *a, _f=evaluate, **k: (
+                seen.append(torch.get_num_threads()) or _f(*a, **k)
+            )
             atoms.calc = calculator
             forces = atoms.get_forces()
             assert seen[-1] == expected

@@ -264,13 +264,48 @@ def test_calculator_compiled_ahead_of_time_gives_the_same_numbers_and_is_cached(
         if atoms.pbc.any():
             np.testing.assert_allclose(atoms.get_stress(), reference.get_stress(), atol=1e-10)
     assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 2
-    assert set(compiled._aoti) == {(True, True), (False, True)}  # (fused, paired edges)
+    assert set(compiled._aoti) == {(True, True, False), (False, True, False)}  # (fused, paired, slotted)
     start = time.perf_counter()
     again = ethanol()
     again.calc = So3kratesCalculator(checkpoint, compile="aoti")
     again.get_forces()
     assert time.perf_counter() - start < 15.0, "the cached program was compiled again"
     assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 2
+
+
+@pytest.mark.slow
+def test_calculator_on_several_threads_takes_the_slotted_program(checkpoint, tmp_path, monkeypatch):
+    """Its kernels run on all threads (no scatter-adds): eager numbers, the same on every call."""
+    monkeypatch.setenv("SO3KRATES_CACHE_DIR", str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compiled = So3kratesCalculator(checkpoint, compile="aoti", single_thread_edges=0)
+        box = triclinic_cell().repeat((2, 2, 2))
+        for atoms in (ethanol(), box):
+            reference = atoms.copy()
+            reference.calc = So3kratesCalculator(checkpoint)
+            atoms.calc = compiled
+            forces = atoms.get_forces()
+            np.testing.assert_allclose(forces, reference.get_forces(), atol=1e-10)
+            assert atoms.get_potential_energy() == pytest.approx(reference.get_potential_energy(), rel=1e-12)
+            if atoms.pbc.any():
+                np.testing.assert_allclose(atoms.get_stress(), reference.get_stress(), atol=1e-10)
+        assert set(compiled._aoti) == {(True, True, True)}
+        assert compiled.exported.metadata["edge_slots"] is True
+        # Threaded kernels once corrupted memory in this model's backward pass (export_model): many calls,
+        # each giving the same numbers (no atomic additions, so the same order of summation every time).
+        for step in range(40):
+            box.positions[step % len(box)] += 0.001
+            first = compiled.get_property("forces", box).copy()
+            compiled.reset()
+            np.testing.assert_array_equal(compiled.get_property("forces", box), first)
+        single = box.copy()
+        single.calc = So3kratesCalculator(checkpoint, compile="aoti", single_thread_edges=10**9)
+        np.testing.assert_allclose(single.get_forces(), box.get_forces(), atol=1e-10)
+        assert set(single.calc._aoti) == {(True, True, False)}  # one thread: the plain program
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_compile_modes_are_checked():

@@ -112,7 +112,7 @@ class So3kratesCalculator(Calculator):
         self.force_field = ForceField(compile_model(self.model) if mode == "inductor" else self.model)
         self._setup(float(self.model.cutoff), species, trained_species, device, skin, min_distance)
         self.exported = None
-        self._aoti: dict[tuple[bool, bool], ExportedModel] | None = {} if mode == "aoti" else None
+        self._aoti: dict[tuple[bool, bool, bool], ExportedModel] | None = {} if mode == "aoti" else None
 
     def _setup(
         self,
@@ -258,7 +258,9 @@ class So3kratesCalculator(Calculator):
         if single:
             torch.set_num_threads(1)
         try:
-            energy, energies, forces, stress = self._evaluate(graph, compute_stress)
+            energy, energies, forces, stress = self._evaluate(
+                graph, compute_stress, threaded=threads > 1 and not single
+            )
         finally:
             if single:
                 torch.set_num_threads(threads)
@@ -267,18 +269,21 @@ class So3kratesCalculator(Calculator):
             self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]  # Voigt: xx yy zz yz xz xy
 
     def _evaluate(
-        self, graph: Graph, compute_stress: bool
+        self, graph: Graph, compute_stress: bool, threaded: bool = False
     ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray | None]:
         """(energy eV, atomic energies eV, forces eV/Å, stress 3×3 eV/Å³ or None) of a one-structure graph."""
         if self._aoti is not None:
-            # Two programs, each compiled at its first use: the fused one (tabulated radial filters in
-            # float32) up to AOTI_FUSED_MAX_EDGES, the per-equation one (less memory) beyond.
-            # Both read the neighbour list in paired order (filters once per pair).
-            kind = (graph.n_edges <= AOTI_FUSED_MAX_EDGES, graph.paired)
+            # Programs compiled at their first use: the fused one (tabulated radial filters in float32) up
+            # to AOTI_FUSED_MAX_EDGES, the per-equation one (less memory) beyond. A fused call on several
+            # threads takes the slotted program (sums over edges without scatter-adds, all kernels
+            # threaded; so3krates.nn.slots), a call on one thread the plain one. All read the neighbour list
+            # in paired order (filters once per pair).
+            fused = graph.n_edges <= AOTI_FUSED_MAX_EDGES
+            kind = (fused, graph.paired, fused and threaded and graph.n_edges > 0)
             if kind not in self._aoti:
                 dtype = self.model.embedding.table.weight.dtype
                 self._aoti[kind] = compiled_program(
-                    self.model, dtype, sorted(self.species), fused=kind[0], paired=kind[1]
+                    self.model, dtype, sorted(self.species), fused=kind[0], paired=kind[1], slotted=kind[2]
                 )
             self.exported = self._aoti[kind]
         if self.exported is not None:
@@ -297,7 +302,8 @@ class So3kratesCalculator(Calculator):
             raise So3kratesError(
                 "this export expects paired edges (pair_edges=True and a symmetric neighbour list)"
             )
-        energy, energies, forces, virial = self.exported(*graph_inputs(graph))
+        inputs = graph_inputs(graph, slots=bool(self.exported.metadata.get("edge_slots")))
+        energy, energies, forces, virial = self.exported(*inputs)
         stress = None
         if compute_stress:
             volume = abs(float(torch.linalg.det(graph.cell[0])))

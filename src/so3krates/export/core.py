@@ -45,6 +45,7 @@ from so3krates.errors import DataError
 from so3krates.files import atomic_path
 from so3krates.model.checkpoint import load_model
 from so3krates.model.so3krates import So3krates
+from so3krates.nn.slots import edge_slots, gather_rows
 
 #: Version of the exported interface (inputs, outputs, metadata keys); bumped when any of them changes.
 EXPORT_SCHEMA_VERSION = 1
@@ -62,6 +63,53 @@ class EnergyFunction(nn.Module):
 
     def forward(self, vectors: Tensor, atomic_numbers: Tensor, idx_i: Tensor, idx_j: Tensor) -> Tensor:
         return self.model.atomic_energies(vectors, atomic_numbers, idx_i, idx_j, paired=self.paired)
+
+
+def strained_geometry(positions: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(positions, strain) as the leaves that forces and virial differentiate by, and the strained
+    (positions, cell) built from them: the virial is −∂E/∂ε at ε = 0 with R → R(1 + ε_sym)."""
+    positions = positions.detach().requires_grad_(True)
+    strain = torch.zeros_like(cell).requires_grad_(True)
+    symmetric = 0.5 * (strain + strain.transpose(0, 1))
+    return positions, strain, positions + torch.mm(positions, symmetric), cell + torch.mm(cell, symmetric)
+
+
+class SlottedForceField(nn.Module):
+    """TensorForceField with two more inputs, ``edge_slots(idx_i)`` and ``edge_slots(idx_j)``, (n_atoms, K).
+
+    Every sum over edges, and every gradient of a gather, then reads the tables instead of scattering
+    (:mod:`so3krates.nn.slots`), so that AOTInductor's kernels can run on all threads without atomic
+    additions. Fused path only; traced by ``make_fx``, never scripted.
+    """
+
+    def __init__(self, model: So3krates, paired: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.paired = paired
+
+    def forward(
+        self,
+        positions: Tensor,
+        atomic_numbers: Tensor,
+        idx_i: Tensor,
+        idx_j: Tensor,
+        shifts: Tensor,
+        cell: Tensor,
+        slots_i: Tensor,
+        slots_j: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        positions, strain, strained_positions, strained_cell = strained_geometry(positions, cell)
+        vectors = (
+            gather_rows(strained_positions, idx_j, slots_j)
+            - gather_rows(strained_positions, idx_i, slots_i)
+            + torch.mm(shifts, strained_cell)
+        )
+        atomic_energies = self.model.atomic_energies(
+            vectors, atomic_numbers, idx_i, idx_j, paired=self.paired, slots=(slots_i, slots_j)
+        )
+        energy = atomic_energies.sum()
+        position_gradient, strain_gradient = torch.autograd.grad([energy], [positions, strain])
+        return energy.detach(), atomic_energies.detach(), -position_gradient, -strain_gradient
 
 
 class TensorForceField(nn.Module):
@@ -84,11 +132,7 @@ class TensorForceField(nn.Module):
         shifts: Tensor,
         cell: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        positions = positions.detach().requires_grad_(True)
-        strain = torch.zeros_like(cell).requires_grad_(True)
-        symmetric = 0.5 * (strain + strain.transpose(0, 1))
-        strained_positions = positions + torch.mm(positions, symmetric)
-        strained_cell = cell + torch.mm(cell, symmetric)
+        positions, strain, strained_positions, strained_cell = strained_geometry(positions, cell)
         vectors = strained_positions[idx_j] - strained_positions[idx_i] + torch.mm(shifts, strained_cell)
         atomic_energies = self.energy(vectors, atomic_numbers, idx_i, idx_j)
         energy = atomic_energies.sum()
@@ -103,9 +147,17 @@ class TensorForceField(nn.Module):
         return energy.detach(), atomic_energies.detach(), -position_gradient, -strain_gradient
 
 
-def graph_inputs(graph) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The exported programs' inputs for a one-structure :class:`so3krates.data.graph.Graph`."""
-    return graph.positions, graph.atomic_numbers, graph.idx_i, graph.idx_j, graph.shifts, graph.cell[0]
+def graph_inputs(graph, slots: bool = False) -> tuple[Tensor, ...]:
+    """The exported programs' inputs for a one-structure :class:`so3krates.data.graph.Graph`.
+
+    ``slots``: with the two edge tables of a program exported with ``slotted=True`` (built here: a sort of
+    the edges, ~4 ms for 54k edges).
+    """
+    inputs = (graph.positions, graph.atomic_numbers, graph.idx_i, graph.idx_j, graph.shifts, graph.cell[0])
+    if slots:
+        n_atoms = graph.positions.shape[0]
+        inputs += (edge_slots(graph.idx_i, n_atoms), edge_slots(graph.idx_j, n_atoms))
+    return inputs
 
 
 def export_metadata(model: So3krates, species: list[int], fmt: str, dtype: torch.dtype) -> dict[str, Any]:
@@ -189,7 +241,7 @@ def _export_torchscript(model: So3krates, inputs: tuple[Tensor, ...], path: Path
 
 
 def _exported_program(
-    model: So3krates, inputs: tuple[Tensor, ...], paired: bool = False
+    model: So3krates, inputs: tuple[Tensor, ...], paired: bool = False, slotted: bool = False
 ) -> torch.export.ExportedProgram:
     """Forward and backward of TensorForceField as one ATen graph with symbolic sizes → torch.export.
 
@@ -202,13 +254,18 @@ def _exported_program(
     from torch.export import Dim
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    force_field = TensorForceField(EnergyFunction(model, paired))
+    force_field = (
+        SlottedForceField(model, paired) if slotted else TensorForceField(EnergyFunction(model, paired))
+    )
     graph_module = make_fx(force_field, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
     n_atoms = Dim("n_atoms", min=0, max=2**31 - 1)
     n_edges = Dim("n_edges", min=0, max=2**31 - 1)
     if paired:  # an even number of edges: both directions of every pair
         n_edges = 2 * Dim("n_pairs", min=0, max=2**30 - 1)
-    dynamic = ({0: n_atoms}, {0: n_atoms}, {0: n_edges}, {0: n_edges}, {0: n_edges}, None)
+    dynamic: tuple = ({0: n_atoms}, {0: n_atoms}, {0: n_edges}, {0: n_edges}, {0: n_edges}, None)
+    if slotted:  # (K, n_atoms) tables, K the most edges of one atom
+        dynamic += ({0: Dim("slots_i", min=1, max=2**31 - 1), 1: n_atoms},)
+        dynamic += ({0: Dim("slots_j", min=1, max=2**31 - 1), 1: n_atoms},)
     # Size-oblivious tracing: no guard that a size is not 0 or 1 (paired programs got "n_pairs >= 2").
     with warnings.catch_warnings(), torch.fx.experimental._config.patch(backed_size_oblivious=paired):
         warnings.simplefilter("ignore", FutureWarning)
@@ -225,6 +282,7 @@ def export_model(
     tabulate: bool | None = None,
     paired: bool = False,
     inductor_configs: dict[str, Any] | None = None,
+    slotted: bool = False,
 ) -> dict[str, Any]:
     """Writes ``model`` (a checkpoint path or a model) to ``out`` in format ``fmt``; returns the metadata.
 
@@ -245,6 +303,10 @@ def export_model(
             ``paired_edges``; ``So3kratesCalculator(compile="aoti")`` uses it.
         inductor_configs: aoti only: AOTInductor settings that replace ours, for profiling and experiments
             (``benchmarks/profile_kernels.py``), e.g. ``{"cpp.enable_kernel_profile": True}``.
+        slotted: pt2 and aoti, fused path only: the program takes two more inputs, ``edge_slots(idx_i,
+            n_atoms)`` and ``edge_slots(idx_j, n_atoms)`` (:mod:`so3krates.nn.slots`), and sums over edges
+            without scatter-adds; an aoti program then runs its generated kernels on all threads
+            (:class:`SlottedForceField`). Recorded in the metadata as ``edge_slots``.
     """
     import copy
 
@@ -254,6 +316,8 @@ def export_model(
         raise DataError(f"inductor settings apply to aoti exports only, not {fmt}")
     if paired and fmt not in ("pt2", "aoti"):
         raise DataError(f"paired edges need a pt2 or aoti export (symbolic numbers of edges), not {fmt}")
+    if slotted and (fmt not in ("pt2", "aoti") or not (fused or tabulate)):
+        raise DataError(f"edge slots need a pt2 or aoti export of the fused path, not {fmt}, fused={fused}")
     torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
     if torch_dtype is None:
         raise DataError(f"unknown dtype {dtype!r}; choose float64 or float32")
@@ -268,6 +332,9 @@ def export_model(
     model = _prepared_model(model, torch_dtype, fused, tabulate)
     metadata = export_metadata(model, species, fmt, torch_dtype)
     metadata["paired_edges"] = bool(paired)
+    metadata["edge_slots"] = bool(slotted)
+    if slotted:
+        metadata["inputs"] = [*metadata["inputs"], "slots_i", "slots_j"]
     out = Path(out)
     if fmt in ("pt2", "aoti") and out.suffix != ".pt2":
         raise DataError(f"{out}: a {fmt} export must end in .pt2 (torch.export and AOTInductor insist on it)")
@@ -280,7 +347,15 @@ def export_model(
     if fmt == "torchscript":
         _export_torchscript(model, inputs, out, metadata)
         return metadata
-    program = _exported_program(model, inputs, paired)
+    if slotted:
+        # Seven rows, not four (each atom's edges): a padded width that no other size of the trace shares.
+        n_atoms = inputs[0].shape[0]
+        inputs = (
+            *inputs,
+            edge_slots(inputs[2], n_atoms, min_width=7),
+            edge_slots(inputs[3], n_atoms, min_width=7),
+        )
+    program = _exported_program(model, inputs, paired, slotted)
     if fmt == "pt2":
         with atomic_path(out, suffix=".tmp.pt2") as tmp:
             torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(metadata)})
@@ -295,8 +370,9 @@ def export_model(
             inductor_configs={
                 "aot_inductor.metadata": {METADATA_FILE: json.dumps(metadata)},
                 # As in compile_model: inductor's multi-threaded CPU kernels corrupted memory in this
-                # model's backward pass with torch 2.13; matrix products keep all threads.
-                "cpp.threads": 1,
+                # model's backward pass with torch 2.13; matrix products keep all threads. A slotted
+                # program has no scatter-adds, and its kernels run on all threads.
+                "cpp.threads": -1 if slotted else 1,
                 **(inductor_configs or {}),
             },
         )
@@ -352,7 +428,12 @@ AOTI_FUSED_MAX_EDGES = 200_000
 
 
 def compiled_program(
-    model: So3krates, dtype: torch.dtype, species: list[int], fused: bool = False, paired: bool = False
+    model: So3krates,
+    dtype: torch.dtype,
+    species: list[int],
+    fused: bool = False,
+    paired: bool = False,
+    slotted: bool = False,
 ) -> ExportedModel:
     """The model compiled ahead of time by AOTInductor, from the on-disk cache or compiled now (~1 min).
 
@@ -374,6 +455,7 @@ def compiled_program(
         _source_digest(),
     ]
     identity += [fused, model.tabulate, model.TABLE_INTERVALS] + ([True] if paired else [])
+    identity += ["slotted"] if slotted else []
     digest.update(json.dumps([identity, EXPORT_SCHEMA_VERSION, sorted(species)], sort_keys=True).encode())
     path = cache_directory() / "aoti" / f"{digest.hexdigest()[:24]}.pt2"
     if not path.is_file():
@@ -387,6 +469,7 @@ def compiled_program(
             fused=fused,
             tabulate=model.tabulate,
             paired=paired,
+            slotted=slotted,
         )
     return load_exported(path)
 
@@ -405,7 +488,8 @@ def _source_digest() -> str:
 
 
 class ExportedModel:
-    """An exported file loaded for evaluation: ``exported(positions, numbers, idx_i, idx_j, shifts, cell)``.
+    """An exported file loaded for evaluation: ``exported(positions, numbers, idx_i, idx_j, shifts, cell)``
+    (and two edge tables for a ``slotted`` export: ``exported(*graph_inputs(graph, slots=True))``).
 
     Attributes:
         metadata: the file's ``metadata.json``.
@@ -426,8 +510,10 @@ class ExportedModel:
         idx_j: Tensor,
         shifts: Tensor,
         cell: Tensor,
+        *slots: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self._function(positions, atomic_numbers, idx_i, idx_j, shifts, cell)
+        """``slots``: for a program exported with ``slotted=True``, the two tables (see export_model)."""
+        return self._function(positions, atomic_numbers, idx_i, idx_j, shifts, cell, *slots)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

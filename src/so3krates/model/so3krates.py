@@ -22,7 +22,7 @@ from so3krates.nn.fused import FusedWeightCache, FusedWeights, fused_layer, fuse
 from so3krates.nn.radial import RADIAL_BASES
 from so3krates.nn.radial_table import RadialTable, build_radial_table, evaluate_radial_table
 from so3krates.nn.readout import EnergyReadout
-from so3krates.nn.scatter import scatter_sum
+from so3krates.nn.slots import sum_rows
 from so3krates.nn.spherical import DegreeContraction, SphericalHarmonics
 from so3krates.nn.transformer import EdgeFeatures, TransformerLayer, first_of_pairs
 
@@ -127,12 +127,12 @@ class So3krates(nn.Module):
             distances=distances,
         )
 
-    def initial_euclidean(self, edges: EdgeFeatures, n_atoms: int) -> Tensor:
+    def initial_euclidean(self, edges: EdgeFeatures, n_atoms: int, slots_i: Tensor | None = None) -> Tensor:
         """x_i at input: zeros, or x_i = (1/N̄) Σ_j φ(d_ij) Y_ij (Eq. 11). Returns (n_atoms, n_sph)."""
         if self.config.ev_init == "zeros":
             return edges.sph.new_zeros((n_atoms, self.contraction.n_sph))
         weighted = edges.cutoff[:, None] * edges.sph
-        return scatter_sum(weighted, edges.idx_i, n_atoms) / self.config.avg_num_neighbors
+        return sum_rows(weighted, edges.idx_i, n_atoms, slots_i) / self.config.avg_num_neighbors
 
     def forward(self, graph: Graph) -> Tensor:
         """graph: a batch of structures (any float dtype; float64 recommended) → (n_atoms,) float64, eV.
@@ -144,7 +144,13 @@ class So3krates(nn.Module):
         )
 
     def atomic_energies(
-        self, vectors: Tensor, atomic_numbers: Tensor, idx_i: Tensor, idx_j: Tensor, paired: bool = False
+        self,
+        vectors: Tensor,
+        atomic_numbers: Tensor,
+        idx_i: Tensor,
+        idx_j: Tensor,
+        paired: bool = False,
+        slots: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """The model as a function of edge vectors: what exported models and LAMMPS' ML-IAP call.
 
@@ -157,16 +163,21 @@ class So3krates(nn.Module):
                 most of the model's arithmetic, are symmetric in the pair (d_ij = d_ji and
                 s_ij = c(x_j − x_i) = s_ji), so they are then evaluated for the first half only. Not
                 checked here.
+            slots: ``edge_slots(idx_i, n_atoms), edge_slots(idx_j, n_atoms)`` (:mod:`so3krates.nn.slots`):
+                the fused path then sums over edges without scatter-adds, so that a compiled program can
+                run its kernels on all threads. Differentiable once; fused path only.
 
         Returns:
             (n_atoms,) float64, eV — atomic energies E_i.
         """
         fused = self.fused if self.fused is not None else idx_i.shape[0] <= self.FUSED_MAX_EDGES
+        if slots is not None and not fused:
+            raise ValueError("edge slots are for the fused path: set model.fused = True")
         table = self._radial_table() if fused or self.tabulate else None
         edges = self.edge_features(vectors, idx_i, idx_j, with_rbf=table is None and not paired)
         n_atoms = atomic_numbers.shape[0]
         h = self.embedding(atomic_numbers)
-        x = self.initial_euclidean(edges, n_atoms)
+        x = self.initial_euclidean(edges, n_atoms, slots[0] if slots is not None else None)
         n_layers = len(self.layers)
         n_branches = 2 if self.config.n_degrees else 1
         radial_per_layer: list[list[Tensor] | None] = [None] * n_layers
@@ -207,6 +218,7 @@ class So3krates(nn.Module):
                 edges.idx_j,
                 radial_filters=radial_per_layer[k] is not None,
                 paired=paired,
+                slots=slots,
             )
         return self.readout(h, atomic_numbers)
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from so3krates.nn.filters import FilterNet
+from so3krates.nn.slots import gather_rows, sum_rows
 from so3krates.nn.transformer import first_of_pairs
 
 
@@ -156,6 +157,7 @@ def fused_layer(
     idx_j: Tensor,
     radial_filters: bool = False,
     paired: bool = False,
+    slots: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One transformer layer (the computation of ``TransformerLayer.forward``) with fused weights.
 
@@ -170,7 +172,10 @@ def fused_layer(
         paired: edges in the order of :func:`so3krates.data.neighbors.paired_edges`, ``radial`` (then
             with ``radial_filters``) for the first half only: the filters are symmetric (w_ij = w_ji), so
             they are completed for the first half and repeated (see ``TransformerLayer.forward``).
+        slots: ``edge_slots`` of idx_i and of idx_j: sums over edges, and the gradients of the gathers,
+            without scatter-adds (:mod:`so3krates.nn.slots`; differentiable once).
     """
+    slots_i, slots_j = slots if slots is not None else (None, None)
     n_features = h.shape[1]
     n_branches = len(weights.radial_out)
     width = n_branches * n_features
@@ -181,10 +186,15 @@ def fused_layer(
         hidden = radial.split(n_features, dim=1)
         filters = [torch.addmm(b, r, w) for r, (w, b) in zip(hidden, weights.radial_out, strict=True)]
     if weights.spherical_in is not None:
-        first_i, first_j = idx_i, idx_j
-        if paired:
-            first_i, first_j = first_of_pairs(idx_i), first_of_pairs(idx_j)
-        invariants = layer.contraction(x.index_select(0, first_j) - x.index_select(0, first_i))
+        if slots is not None:
+            # Gathered on all edges, so that the gradient goes through the tables of the full list.
+            difference = gather_rows(x, idx_j, slots_j) - gather_rows(x, idx_i, slots_i)
+            invariants = layer.contraction(first_of_pairs(difference) if paired else difference)
+        else:
+            first_i, first_j = idx_i, idx_j
+            if paired:
+                first_i, first_j = first_of_pairs(idx_i), first_of_pairs(idx_j)
+            invariants = layer.contraction(x.index_select(0, first_j) - x.index_select(0, first_i))
         hidden = torch.nn.functional.silu(
             torch.addmm(weights.spherical_in[1], invariants, weights.spherical_in[0])
         )
@@ -203,14 +213,14 @@ def fused_layer(
         keys, values = keys_values.split([width, n_features], dim=1)
         queries = torch.nn.functional.silu(queries)
         keys_values = torch.cat([torch.nn.functional.silu(keys), values], dim=1)
-    queries = queries.index_select(0, idx_i)
-    keys, values = keys_values.index_select(0, idx_j).split([width, n_features], dim=1)
+    queries = gather_rows(queries, idx_i, slots_i)
+    keys, values = gather_rows(keys_values, idx_j, slots_j).split([width, n_features], dim=1)
     # α_ij (invariant heads) and β_ij (one head per degree), Eqs. (21–22), in one product.
     coefficients = ((queries * filters * keys) @ weights.head_sums) * cutoff[:, None]
     if weights.spherical_in is not None:
         values = torch.cat([values, sph], dim=1)
     messages = (coefficients @ weights.head_expand) * values  # [α v_j | β Y_ij] per edge
-    updates = messages.new_zeros((h.shape[0], messages.shape[1])).index_add(0, idx_i, messages)
+    updates = sum_rows(messages, idx_i, h.shape[0], slots_i)
     if weights.spherical_in is not None:
         dh, dx = updates.split([n_features, x.shape[1]], dim=1)
         h, x = h + dh, x + dx

@@ -46,10 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from so3krates import So3kratesCalculator, atoms_to_graph
+    from so3krates.memory import keep_freed_memory
     from so3krates.model.config import preset
     from so3krates.model.derivatives import ForceField
     from so3krates.model.so3krates import So3krates, compile_model
 
+    # What So3kratesCalculator does when it is made (below, for MD): freed memory stays in the process, so
+    # the timed calls run as they do under the calculator.
+    keep_freed_memory()
     atoms = protocol.read_structure(args.structure)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -61,23 +65,27 @@ def main(argv: list[str] | None = None) -> None:
     force_field = ForceField(compile_model(model) if args.compile == "inductor" else model)
     # float64 geometry and paired edges, as in the calculator
     graph = atoms_to_graph(atoms, model.cutoff, paired=not args.no_pairs)
+    # As So3kratesCalculator does (single_thread_edges): small graphs run on one of the threads.
+    single = args.threads > 1 and graph.n_edges <= SINGLE_THREAD_EDGES and not args.all_threads
     if args.compile == "aoti":
         from so3krates.export.core import AOTI_FUSED_MAX_EDGES, compiled_program, graph_inputs
 
-        # The calculator's choice and cache key, so that the MD part below compiles nothing more.
+        # The calculator's choice and cache key, so that the MD part below compiles nothing more: the
+        # slotted program when the call runs on several threads.
         fused = graph.n_edges <= AOTI_FUSED_MAX_EDGES
-        program = compiled_program(model, dtype, list(range(1, 119)), fused=fused, paired=graph.paired)
-        inputs = graph_inputs(graph)
+        slotted = fused and args.threads > 1 and not single and graph.n_edges > 0
+        program = compiled_program(
+            model, dtype, list(range(1, 119)), fused=fused, paired=graph.paired, slotted=slotted
+        )
 
         def energy_and_forces() -> torch.Tensor:
-            return program(*inputs)[2]
+            # The edge tables are built in every call, as the calculator does.
+            return program(*graph_inputs(graph, slots=slotted))[2]
     else:
 
         def energy_and_forces() -> torch.Tensor:
             return force_field(graph)["forces"]
 
-    # As So3kratesCalculator does (single_thread_edges): small graphs run on one of the threads.
-    single = args.threads > 1 and graph.n_edges <= SINGLE_THREAD_EDGES and not args.all_threads
     if single:
         timed = energy_and_forces
 
@@ -130,6 +138,13 @@ def main(argv: list[str] | None = None) -> None:
             "dtype": args.dtype,
             "threads": args.threads,
             "threads_used_for_ef": 1 if single else args.threads,
+            "aoti_program": (
+                None
+                if args.compile != "aoti"
+                else ("slotted" if slotted else "fused")
+                if fused
+                else "per-equation"
+            ),
             "first_call_s": first,
             "ef_times_s": times,
             "md_step_times_s": md_times,

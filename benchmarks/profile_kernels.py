@@ -23,7 +23,11 @@ Variants (`--variant`) compile the same program differently, to test what limits
 - `threaded`: inductor's generated kernels on all threads (`cpp.threads = -1`); its scatter-adds then become
   atomic additions;
 - `scatter-fallback`: `threaded`, compiled under `torch.use_deterministic_algorithms(True)`, so that inductor
-  leaves the scatter-adds to ATen instead of generating atomic ones.
+  leaves the scatter-adds to ATen instead of generating atomic ones;
+- `slotted`: the program `So3kratesCalculator(compile="aoti")` runs on several threads since edge slots
+  (`export_model(slotted=True)`, fused path only): sums over edges read a table of every atom's edges
+  instead of scattering, and the generated kernels run on all threads. The tables are built once, outside
+  the timed calls.
 
 Results: `<out-dir>/<structure>_<path>_<variant>_<threads>t.{json,md}`. Run under
 `flock /tmp/so3krates-cpu.lock` on this shared machine, with `OMP_WAIT_POLICY=PASSIVE`.
@@ -45,7 +49,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from accuracy import _git_commit, write_atomically  # noqa: E402  (the benchmarks' shared helpers)
 
-VARIANTS = ("default", "threaded", "scatter-fallback")
+VARIANTS = ("default", "threaded", "scatter-fallback", "slotted")
 GROUPS = ("matrix products", "generated, with scatter-adds", "generated, other", "other ATen calls")
 
 
@@ -95,10 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     model.tabulate = args.tabulate
     fused = args.path == "fused"
     graph = atoms_to_graph(atoms, model.cutoff, paired=True)
-    inputs = graph_inputs(graph)
+    slotted = args.variant == "slotted"
+    if slotted and not fused:
+        parser.error("the slotted variant is a program of the fused path: add --path fused")
+    inputs = graph_inputs(graph, slots=slotted)
 
     configs: dict[str, object] = {"cpp.enable_kernel_profile": True}
-    if args.variant != "default":
+    if args.variant not in ("default", "slotted"):  # export_model threads a slotted program itself
         configs["cpp.threads"] = -1
     deterministic = torch.are_deterministic_algorithms_enabled()
     with tempfile.TemporaryDirectory(prefix="so3krates-profile-") as scratch:
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 tabulate=model.tabulate,
                 paired=True,
                 inductor_configs=configs,
+                slotted=slotted,
             )
         finally:
             torch.use_deterministic_algorithms(deterministic)

@@ -59,7 +59,8 @@ class So3kratesCalculator(Calculator):
             ~3× faster per ethanol step than eager on one CPU thread. CPU only. Worth it for long MD runs.
             A float32 program reads the radial filters from their spline (``So3krates.tabulate``); graphs of
             up to ``AOTI_FUSED_MAX_EDGES`` edges use the fused program, larger ones the per-equation one,
-            each compiled at its first use.
+            each compiled at its first use; a fused call on several threads takes the program with edge
+            slots (``so3krates.nn.slots``: no scatter-adds, every kernel threaded).
         single_thread_edges: on a CPU, graphs of up to this many edges are evaluated on one thread even
             when torch has more: for small molecules a second thread costs more in synchronisation than it
             gains (paper model, AOTInductor, 2-core VM: ethanol 1.13 vs 1.49 ms, 3BPA 3.7 vs 4.4 ms; equal

@@ -19,7 +19,8 @@ The matrix products' own throughput is the matrix-product FLOPs the call execute
 
 Variants (`--variant`) compile the same program differently, to test what limits it:
 
-- `default`: as `So3kratesCalculator(compile="aoti")` does (generated kernels on one thread);
+- `default`: the plain program (generated kernels on one thread), which `So3kratesCalculator(compile="aoti")`
+  runs for calls on one thread;
 - `threaded`: inductor's generated kernels on all threads (`cpp.threads = -1`); its scatter-adds then become
   atomic additions;
 - `scatter-fallback`: `threaded`, compiled under `torch.use_deterministic_algorithms(True)`, so that inductor

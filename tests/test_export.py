@@ -252,7 +252,7 @@ def test_calculator_compiled_ahead_of_time_gives_the_same_numbers_and_is_cached(
 
     monkeypatch.setenv("SO3KRATES_CACHE_DIR", str(tmp_path))
     # Ethanol (72 edges) takes the fused program, the triclinic cell the per-equation one.
-    monkeypatch.setattr("so3krates.calculators.ase.AOTI_FUSED_MAX_EDGES", 100)
+    monkeypatch.setattr("so3krates.export.core.AOTI_FUSED_MAX_EDGES", 100)
     compiled = So3kratesCalculator(checkpoint, compile="aoti")
     assert not list((tmp_path / "aoti").glob("*.pt2"))  # compiled at the first call, for its size class
     for atoms in (ethanol(), triclinic_cell()):

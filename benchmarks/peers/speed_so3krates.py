@@ -68,20 +68,20 @@ def main(argv: list[str] | None = None) -> None:
     # As So3kratesCalculator does (single_thread_edges): small graphs run on one of the threads.
     single = args.threads > 1 and graph.n_edges <= SINGLE_THREAD_EDGES and not args.all_threads
     if args.compile == "aoti":
-        from so3krates.export.core import AOTI_FUSED_MAX_EDGES, compiled_program, graph_inputs
+        from so3krates.export.core import aoti_program_kind, compiled_program, graph_inputs
 
-        # The calculator's choice and cache key, so that the MD part below compiles nothing more: the
-        # slotted program when the call runs on several threads.
-        fused = graph.n_edges <= AOTI_FUSED_MAX_EDGES
-        slotted = fused and args.threads > 1 and not single and graph.n_edges > 0
+        # The calculator's choice and cache key, so that the MD part below compiles nothing more.
+        fused, slotted = aoti_program_kind(graph.n_edges, threaded=args.threads > 1 and not single)
         program = compiled_program(
             model, dtype, list(range(1, 119)), fused=fused, paired=graph.paired, slotted=slotted
         )
+        program_name = "slotted" if slotted else "fused" if fused else "per-equation"
 
         def energy_and_forces() -> torch.Tensor:
             # The edge tables are built in every call, as the calculator does.
             return program(*graph_inputs(graph, slots=slotted))[2]
     else:
+        program_name = None
 
         def energy_and_forces() -> torch.Tensor:
             return force_field(graph)["forces"]
@@ -138,13 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             "dtype": args.dtype,
             "threads": args.threads,
             "threads_used_for_ef": 1 if single else args.threads,
-            "aoti_program": (
-                None
-                if args.compile != "aoti"
-                else ("slotted" if slotted else "fused")
-                if fused
-                else "per-equation"
-            ),
+            "aoti_program": program_name,
             "first_call_s": first,
             "ef_times_s": times,
             "md_step_times_s": md_times,

@@ -24,8 +24,8 @@ from so3krates.data.neighbors import neighbor_list, paired_edges
 from so3krates.data.structure import unknown_elements
 from so3krates.errors import So3kratesError
 from so3krates.export.core import (
-    AOTI_FUSED_MAX_EDGES,
     ExportedModel,
+    aoti_program_kind,
     compiled_program,
     graph_inputs,
     load_exported,
@@ -274,13 +274,10 @@ class So3kratesCalculator(Calculator):
     ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray | None]:
         """(energy eV, atomic energies eV, forces eV/Å, stress 3×3 eV/Å³ or None) of a one-structure graph."""
         if self._aoti is not None:
-            # Programs compiled at their first use: the fused one (tabulated radial filters in float32) up
-            # to AOTI_FUSED_MAX_EDGES, the per-equation one (less memory) beyond. A fused call on several
-            # threads takes the slotted program (sums over edges without scatter-adds, all kernels
-            # threaded; so3krates.nn.slots), a call on one thread the plain one. All read the neighbour list
-            # in paired order (filters once per pair).
-            fused = graph.n_edges <= AOTI_FUSED_MAX_EDGES
-            kind = (fused, graph.paired, fused and threaded and graph.n_edges > 0)
+            # Programs compiled at their first use (which one: aoti_program_kind; tabulated radial
+            # filters in float32). All read the neighbour list in paired order (filters once per pair).
+            fused, slotted = aoti_program_kind(graph.n_edges, threaded)
+            kind = (fused, graph.paired, slotted)
             if kind not in self._aoti:
                 dtype = self.model.embedding.table.weight.dtype
                 self._aoti[kind] = compiled_program(

@@ -12,7 +12,8 @@ assembled into a few dense matrices, so that one layer is about 30 operations:
 - the per-head sums of q·w·k of both branches are one product with a fixed head-indicator matrix that
   also carries the 1/norm, and their expansion back to features (invariant branch) and spherical components
   (Euclidean branch) is another;
-- Δh and Δx are summed over edges by one ``index_add``.
+- Δh and Δx are summed over edges by one ``index_add`` (or, with edge slots, one gather-and-sum:
+  :mod:`so3krates.nn.slots`).
 
 Results equal the modules' to float round-off (a test compares them on every model variant). Assembling
 the matrices costs a few operations per call; when no parameter needs a gradient (inference, MD) they are

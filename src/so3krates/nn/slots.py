@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from so3krates.nn.scatter import scatter_sum
+
 
 def edge_slots(index: Tensor, n_rows: int, min_width: int = 1) -> Tensor:
     """(K, n_rows) int64: column r lists the positions e with ``index[e] == r``, padded with len(index).
@@ -91,5 +93,5 @@ def gather_rows(x: Tensor, index: Tensor, slots: Tensor | None = None) -> Tensor
 def sum_rows(src: Tensor, index: Tensor, n_rows: int, slots: Tensor | None = None) -> Tensor:
     """``out[r] = Σ_{e: index[e] = r} src[e]``; with ``slots = edge_slots(index, n_rows)``: no scatter."""
     if slots is None:
-        return src.new_zeros((n_rows, *src.shape[1:])).index_add(0, index, src)
+        return scatter_sum(src, index, n_rows)
     return _SumRows.apply(src, index, slots)

@@ -1,6 +1,6 @@
 """Energy + forces per call of the exported formats against the eager model, same process, same inputs.
 
-    python benchmarks/export_speed.py [--threads 1] [--dtype float32] [--formats torchscript pt2 aoti]
+    python benchmarks/export_speed.py [--threads 1] [--dtype float32] [--formats pt2 aoti]
 
 Paper-sized model with random weights; inputs prebuilt (neighbour list excluded); 3 warm-up calls, then
 the median of the timed calls of benchmarks/peers/speed_protocol.py (3 s budget). Writes
@@ -28,7 +28,7 @@ from ase.build import molecule
 
 from so3krates import ForceField, So3krates, atoms_to_graph, preset
 from so3krates.export import export_model, load_exported
-from so3krates.export.core import graph_inputs
+from so3krates.runtime import Planner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers.speed_protocol import time_calls
@@ -50,7 +50,7 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--formats", nargs="+", default=["torchscript", "pt2", "aoti"])
+    parser.add_argument("--formats", nargs="+", default=["pt2", "aoti"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -59,25 +59,26 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         exported = {}
+        dtype = getattr(torch, args.dtype)
         for fmt in args.formats:
-            for fused in (True, False):
-                path = Path(folder) / f"{fmt}-{fused}.{'pt2' if fmt != 'torchscript' else 'ts'}"
+            for layers in ("fused", "modules"):
+                plan = Planner().complete(dtype, layers)
+                path = Path(folder) / f"{fmt}-{layers}.pt2"
                 start = time.perf_counter()
-                export_model(model, path, fmt=fmt, dtype=args.dtype, fused=fused, species=[1, 6, 8])
-                exported[(fmt, fused)] = (load_exported(path), time.perf_counter() - start)
-                print(f"exported {fmt} fused={fused} in {exported[(fmt, fused)][1]:.0f} s", flush=True)
-        eager = ForceField(model.to(getattr(torch, args.dtype)).eval().requires_grad_(False))
+                export_model(model, path, fmt=fmt, dtype=args.dtype, plan=plan, species=[1, 6, 8])
+                exported[(fmt, layers)] = (load_exported(path), time.perf_counter() - start)
+                print(f"exported {fmt} {layers} in {exported[(fmt, layers)][1]:.0f} s", flush=True)
+        eager = ForceField(model.to(dtype), frozen=True)
         for name, atoms in systems.items():
             graph = atoms_to_graph(atoms, model.cutoff)
-            inputs = graph_inputs(graph)
             row = {"system": name, "atoms": graph.n_atoms, "edges": graph.n_edges}
             reference = eager(graph)["forces"]
-            row["eager (auto path)"] = timed(lambda g=graph: eager(g))
-            for (fmt, fused), (function, _) in exported.items():
-                forces = function(*inputs)[2]
+            row["eager (planner's plan)"] = timed(lambda g=graph: eager(g))
+            for (fmt, layers), (program, _) in exported.items():
+                forces = program(graph)["forces"]
                 error = float((forces - reference).abs().max())
-                assert error < (1e-3 if args.dtype == "float32" else 1e-9), (fmt, fused, error)
-                row[f"{fmt} {'fused' if fused else 'plain'}"] = timed(lambda f=function, i=inputs: f(*i))
+                assert error < (1e-3 if args.dtype == "float32" else 1e-9), (fmt, layers, error)
+                row[f"{fmt} {layers}"] = timed(lambda f=program, g=graph: f(g))
             rows.append(row)
             print(row, flush=True)
     columns = [key for key in rows[0] if key not in ("system", "atoms", "edges")]
@@ -86,7 +87,7 @@ def main() -> int:
         "",
         f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"paper preset with random weights; median ms (interquartile range). Export times (s): "
-        + ", ".join(f"{fmt} {'fused' if f else 'plain'} {t:.0f}" for (fmt, f), (_, t) in exported.items()),
+        + ", ".join(f"{fmt} {layers} {t:.0f}" for (fmt, layers), (_, t) in exported.items()),
         "",
         "| system | edges | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),

@@ -1,9 +1,10 @@
 """Where the time of one energy+forces call goes, kernel by kernel, in the compiled (AOTInductor) program.
 
-    .venv/bin/python benchmarks/profile_kernels.py --structure S.extxyz [--threads 2] [--path per-equation]
-        [--tabulate] [--variant default] [--calls 5] [--out-dir benchmarks/results/profile]
+    .venv/bin/python benchmarks/profile_kernels.py --structure S.extxyz [--threads 2] [--layers modules]
+        [--radial network] [--variant default] [--calls 5] [--out-dir benchmarks/results/profile]
 
-The paper-preset model (float32, random weights with seed 0, as in `speed.py`) on paired edges is compiled
+The paper-preset model (float32, random weights with seed 0, as in `speed.py`) on edges in pair order is
+compiled
 with inductor's kernel profiling on, into a scratch file (never the calculator's program cache: the cache
 key does not know of profiling). Then `--calls` calls are timed without the profiler and `--calls` with it.
 Each profiled kernel falls into one of four groups:
@@ -25,10 +26,9 @@ Variants (`--variant`) compile the same program differently, to test what limits
   atomic additions;
 - `scatter-fallback`: `threaded`, compiled under `torch.use_deterministic_algorithms(True)`, so that inductor
   leaves the scatter-adds to ATen instead of generating atomic ones;
-- `slotted`: the program `So3kratesCalculator(compile="aoti")` runs on several threads since edge slots
-  (`export_model(slotted=True)`, fused path only): sums over edges read a table of every atom's edges
-  instead of scattering, and the generated kernels run on all threads. The tables are built once, outside
-  the timed calls.
+- `slots`: the program `So3kratesCalculator(compile="aoti")` runs on several threads (a plan with slots,
+  fused layers only): sums over edges read a table of every atom's edges instead of scattering, and the
+  generated kernels run on all threads. The tables are built once, outside the timed calls.
 
 Results: `<out-dir>/<structure>_<path>_<variant>_<threads>t.{json,md}`. Run under
 `flock /tmp/so3krates-cpu.lock` on this shared machine, with `OMP_WAIT_POLICY=PASSIVE`.
@@ -50,7 +50,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from accuracy import _git_commit, write_atomically  # noqa: E402  (the benchmarks' shared helpers)
 
-VARIANTS = ("default", "threaded", "scatter-fallback", "slotted")
+VARIANTS = ("default", "threaded", "scatter-fallback", "slots")
 GROUPS = ("matrix products", "generated, with scatter-adds", "generated, other", "other ATen calls")
 
 
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--structure", required=True, help="extxyz file; its first frame is used")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--path", choices=["per-equation", "fused"], default="per-equation")
-    parser.add_argument("--tabulate", action="store_true", help="radial filters from their spline")
+    parser.add_argument("--layers", choices=["modules", "fused"], default="modules")
+    parser.add_argument("--radial", choices=["network", "spline"], default="network")
     parser.add_argument("--variant", choices=VARIANTS, default="default")
     parser.add_argument("--calls", type=int, default=5, help="timed calls, then as many profiled ones")
     parser.add_argument("--top", type=int, default=15, help="kernels listed one by one")
@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from so3krates import atoms_to_graph
-    from so3krates.export.core import export_model, graph_inputs, load_exported
+    from so3krates.export import export_model, load_exported
     from so3krates.memory import keep_freed_memory
     from so3krates.model.config import preset
-    from so3krates.model.derivatives import ForceField
     from so3krates.model.so3krates import So3krates
+    from so3krates.runtime import EnergyFunction, Evaluator, Plan
+    from so3krates.runtime.programs import graph_inputs
 
     keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -97,16 +98,15 @@ def main(argv: list[str] | None = None) -> None:
     atoms = ase.io.read(args.structure, index=0)
     torch.manual_seed(0)
     model = So3krates(preset("paper")).to(torch.float32).eval().requires_grad_(False)
-    model.tabulate = args.tabulate
-    fused = args.path == "fused"
-    graph = atoms_to_graph(atoms, model.cutoff, paired=True)
-    slotted = args.variant == "slotted"
-    if slotted and not fused:
-        parser.error("the slotted variant is a program of the fused path: add --path fused")
-    inputs = graph_inputs(graph, slots=slotted)
+    graph = atoms_to_graph(atoms, model.cutoff, pairs=True)
+    slots = args.variant == "slots"
+    if slots and args.layers != "fused":
+        parser.error("the slots variant is a program of the fused layers: add --layers fused")
+    plan = Plan(args.layers, args.radial, pairs=True, slots=slots)
+    inputs = graph_inputs(graph, plan)
 
     configs: dict[str, object] = {"cpp.enable_kernel_profile": True}
-    if args.variant not in ("default", "slotted"):  # export_model threads a slotted program itself
+    if args.variant not in ("default", "slots"):  # a program with slots is threaded anyway
         configs["cpp.threads"] = -1
     deterministic = torch.are_deterministic_algorithms_enabled()
     with tempfile.TemporaryDirectory(prefix="so3krates-profile-") as scratch:
@@ -115,20 +115,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.use_deterministic_algorithms(args.variant == "scatter-fallback")
         try:
             export_model(
-                model,
-                program_path,
-                fmt="aoti",
-                dtype="float32",
-                fused=fused,
-                tabulate=model.tabulate,
-                paired=True,
-                inductor_configs=configs,
-                slotted=slotted,
+                model, program_path, fmt="aoti", dtype="float32", plan=plan, inductor_configs=configs
             )
         finally:
             torch.use_deterministic_algorithms(deterministic)
         compile_s = time.perf_counter() - start
-        program = load_exported(program_path)
+        program = load_exported(program_path).program.function
 
         for _ in range(3):
             program(*inputs)
@@ -141,12 +133,10 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.calls):
                 program(*inputs)
 
-    # Matrix-product FLOPs of the same evaluation path, counted on the eager model.
-    model.fused = fused
-    force_field = ForceField(model)
-    force_field(graph)
+    # Matrix-product FLOPs of the same plan, counted on the eager evaluator.
+    evaluator = Evaluator(EnergyFunction(model, plan, frozen=True), plan)
     with FlopCounterMode(display=False) as counter:
-        force_field(graph)
+        evaluator(graph)
     flops = counter.get_total_flops()
 
     kernels = []
@@ -172,8 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         "n_atoms": len(atoms),
         "n_edges": graph.n_edges,
         "threads": args.threads,
-        "path": args.path,
-        "tabulate": args.tabulate,
+        "plan": plan.as_dict(),
         "variant": args.variant,
         "inductor_configs": configs,
         "compile_s": compile_s,
@@ -187,8 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
-    table = "_table" if args.tabulate else ""
-    stem = f"{Path(args.structure).stem}_{args.path}{table}_{args.variant}_{args.threads}t"
+    stem = f"{Path(args.structure).stem}_{args.layers}_{args.radial}_{args.variant}_{args.threads}t"
     markdown = render(result, args.top)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(args.out_dir / f"{stem}.json", json.dumps(result, indent=1) + "\n")
@@ -203,8 +191,8 @@ def render(result: dict, top: int) -> str:
         f"{result['n_edges']} edges",
         "",
         f"{result['date']}, commit {result['commit']}, torch {result['torch']}, {result['threads']} threads, "
-        f"{result['path']} path{' with tabulated radial filters' if result['tabulate'] else ''}, "
-        f"paired edges, float32, variant `{result['variant']}`.",
+        f"plan: {result['plan']['layers']} layers, radial {result['plan']['radial']}, pairs, float32, "
+        f"variant `{result['variant']}`.",
         "",
         f"Wall time per call: median {result['median_wall_ms']:.0f} ms "
         f"({', '.join(f'{t:.0f}' for t in result['wall_ms'])}); profiled: {profiled:.0f} ms.",

@@ -3,6 +3,13 @@
     python benchmarks/speed.py --setup                  # peer environments in benchmarks/.envs/ (once)
     python benchmarks/speed.py [--models so3krates,so3krates-torch,mace-small,mace-large] [--threads 2]
                                [--dtype float32] [--systems ethanol,aspirin,...] [--budget-seconds 15]
+                               [--repeats 3] [--baseline REV]
+
+`--baseline REV` measures our models also as they were at git revision REV (a worktree under
+`benchmarks/runs/`, imported through PYTHONPATH, with that revision's own runner): model `NAME@REV` next to
+`NAME`. With `--repeats N` every (system, model) pair runs N times, the models alternating process by
+process, so that a slow minute of a shared machine hits all of them; a case's median is the median of the
+per-process medians, and the report gives the before/after ratio of each system.
 
 Systems (`build_systems`): ethanol (9 atoms), aspirin (21, rMD17), alanine dipeptide (22), 3BPA (27),
 periodic water boxes of about 100, 400, 1000 and 3000 atoms (molecules on a lattice at 1 g/cm³, random
@@ -71,10 +78,10 @@ MODELS = {
         "ours, paper preset, forward+backward compiled ahead of time by AOTInductor (compilation not timed)",
         1000,
     ),
-    "so3krates-aoti-exact": (
+    "so3krates-aoti-network": (
         None,
         "speed_so3krates.py",
-        ["--compile", "aoti", "--no-table"],
+        ["--compile", "aoti", "--no-spline"],
         "ours, AOTInductor, radial filters evaluated instead of read from their spline",
         1000,
     ),
@@ -82,7 +89,7 @@ MODELS = {
         None,
         "speed_so3krates.py",
         ["--compile", "aoti", "--no-pairs"],
-        "ours, AOTInductor, plain neighbour list (radial filters once per edge instead of once per pair)",
+        "ours, AOTInductor, plain neighbour list (filters once per edge instead of once per pair)",
         1000,
     ),
     "so3krates-aoti-all-threads": (
@@ -122,6 +129,9 @@ DEFAULT_MODELS = [
     "mace-small",
     "mace-large",
 ]
+#: Flags of our runner as it was before the execution layer (issue 19), for --baseline runs of older
+#: revisions: the same variant under its old flag names.
+BASELINE_FLAGS = {"so3krates-aoti-network": ["--compile", "aoti", "--no-table"]}
 WATER_BOXES = {"water-100": 33, "water-400": 133, "water-1000": 333, "water-3000": 1000}
 SYSTEMS = ["ethanol", "aspirin", "ala-dipeptide", "3bpa", *WATER_BOXES, "water-192-deepmd"]
 MD_MAX_ATOMS = 400  # MD timing for systems up to this size (larger ones: energy+forces only)
@@ -207,7 +217,25 @@ def matmul_throughput(threads: int, size: int = 2048, repeats: int = 5) -> dict[
     return out
 
 
-def run_case(model: str, structure: Path, args: argparse.Namespace, work: Path) -> dict | None:
+def baseline_worktree(revision: str) -> tuple[str, Path]:
+    """(short commit, folder) of a git worktree of ``revision`` under benchmarks/runs/, made once."""
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", revision], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    folder = BENCH / "runs" / f"baseline-{commit}"
+    if not folder.is_dir():
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), commit], check=True
+        )
+    return commit, folder
+
+
+def run_case(
+    model: str, structure: Path, args: argparse.Namespace, work: Path, baseline: Path | None = None
+) -> dict | None:
+    """One process of ``model`` on ``structure``; with ``baseline``, that worktree's package and runner."""
+    name = model
+    model = model.split("@")[0]
     env_name, runner, flags, _, max_atoms = MODELS[model]
     python = str(env_python(env_name)) if env_name else sys.executable
     if not Path(python).exists():
@@ -217,7 +245,7 @@ def run_case(model: str, structure: Path, args: argparse.Namespace, work: Path) 
     if max_atoms is not None and n_atoms > max_atoms:
         print(f"  {model}: skipped above {max_atoms} atoms")
         return {"error": f"not run above {max_atoms} atoms"}
-    out = work / f"{model}_{structure.stem}.json"
+    out = work / f"{name}_{structure.stem}.json"
     command = [
         "flock", args.lock, python, runner, "--structure", str(structure), "--threads", str(args.threads),
         "--dtype", args.dtype, "--budget-seconds", str(args.budget_seconds),
@@ -227,13 +255,19 @@ def run_case(model: str, structure: Path, args: argparse.Namespace, work: Path) 
     env.update(
         OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE"
     )
-    log = work / f"{model}_{structure.stem}.log"
+    peers = PEERS
+    if baseline is not None:  # the old package first on the path, and the old runner with its flags
+        env["PYTHONPATH"] = str(baseline / "src")
+        peers = baseline / "benchmarks" / "peers"
+        flags = BASELINE_FLAGS.get(model, flags)
+        command = [*command[: command.index(str(out)) + 1], *flags]
+    log = work / f"{name}_{structure.stem}.log"
     start = time.perf_counter()
     try:
         with open(log, "w") as handle:
             status = subprocess.run(
                 command,
-                cwd=PEERS,
+                cwd=peers,
                 env=env,
                 stdout=handle,
                 stderr=subprocess.STDOUT,
@@ -257,11 +291,26 @@ def run_case(model: str, structure: Path, args: argparse.Namespace, work: Path) 
     md = result.get("md_step_times_s") or []
     result["md_steps_per_s"] = float(1.0 / np.median(md)) if md else None
     print(
-        f"  {model}: E+F {result['ef_ms']['median']:.2f} ms, "
+        f"  {name}: E+F {result['ef_ms']['median']:.2f} ms, "
         + (f"MD {result['md_steps_per_s']:.0f} steps/s, " if md else "")
         + f"peak {result['peak_rss_mb']:.0f} MB ({time.perf_counter() - start:.0f} s)"
     )
     return result
+
+
+def combine_runs(runs: list[dict]) -> dict:
+    """One case's result from several processes: the last run's details, the medians of all runs."""
+    timed = [run for run in runs if "ef_ms" in run]
+    if not timed:
+        return runs[-1]
+    combined = dict(timed[-1])
+    medians = [run["ef_ms"]["median"] for run in timed]
+    combined["ef_ms"] = {**timed[-1]["ef_ms"], "median": float(np.median(medians)), "runs": medians}
+    md = [run["md_steps_per_s"] for run in timed if run.get("md_steps_per_s")]
+    combined["md_steps_per_s"] = float(np.median(md)) if md else None
+    combined["md_steps_per_s_runs"] = md
+    combined["peak_rss_mb"] = float(np.median([run["peak_rss_mb"] for run in timed]))
+    return combined
 
 
 def count_edges(path: Path, cutoff: float = 5.0) -> int:
@@ -283,7 +332,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def markdown(results: dict) -> str:
     models = [m for m in results["models"] if any(m in case for case in results["cases"].values())]
     # The ratios' reference: our eager model, or the first of our variants in the run.
-    candidates = [m for m in models if m.startswith("so3krates") and m != "so3krates-torch"]
+    candidates = [m for m in models if m.startswith("so3krates") and m != "so3krates-torch" and "@" not in m]
     ours = "so3krates" if "so3krates" in models else (candidates[0] if candidates else "so3krates")
     lines = [
         f"# Speed: energy + forces and MD on {results['machine']['cpu']}",
@@ -292,7 +341,7 @@ def markdown(results: dict) -> str:
         f"torch {results['machine']['torch']}, OMP_WAIT_POLICY=PASSIVE. One process per model and system; "
         "medians after 3 warm-up calls; `python benchmarks/speed.py` reproduces it.",
         "",
-        "Models: " + "; ".join(f"**{m}** — {MODELS[m][3]}" for m in models) + ".",
+        "Models: " + "; ".join(f"**{m}** — {MODELS[m.split('@')[0]][3]}" for m in models) + ".",
         "",
         f"## Energy + forces, ms per call (median; in brackets: the time / that of {ours})",
         "",
@@ -335,6 +384,7 @@ def markdown(results: dict) -> str:
             + " | ".join(_fmt((case.get(m) or {}).get("peak_rss_mb"), 0) for m in models)
             + " |"
         )
+    lines += before_and_after(results)
     peak = results["matmul_gflops"][results["dtype"]]
     lines += [
         "",
@@ -344,7 +394,7 @@ def markdown(results: dict) -> str:
         "Two fractions per model. *Network*: the matrix-product FLOPs of the network evaluated edge by edge "
         "(forward and backward) over the wall time, i.e. the throughput of a plain implementation that "
         "would be as fast. *Executed*: the FLOPs the run actually executed (`flops_executed_per_ef` in the "
-        "JSON) over the wall time; fewer, because paired edges evaluate the radial filters once per pair "
+        "JSON) over the wall time; fewer, because pairs evaluate the filters once per pair of atoms "
         "and the fused path reads them from a spline. The second says how close the machine is to its "
         "limit.",
         "",
@@ -365,6 +415,34 @@ def markdown(results: dict) -> str:
                 f"{100 * executed / seconds / peak:.0f} % |"
             )
     return "\n".join(lines) + "\n"
+
+
+def before_and_after(results: dict) -> list[str]:
+    """The table of a --baseline run: each of our models now against the same model at the baseline."""
+    commit = results.get("baseline")
+    if not commit:
+        return []
+    lines = [
+        "",
+        f"## Before and after: this commit against {commit} (medians of {results.get('repeats', 1)} "
+        "processes each, alternating)",
+        "",
+        "| system | model | before, ms | after, ms | after / before | per-process medians before; after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, case in results["cases"].items():
+        for model in results["models"]:
+            before, after = case.get(f"{model}@{commit}") or {}, case.get(model) or {}
+            if "@" in model or "ef_ms" not in before or "ef_ms" not in after:
+                continue
+            b, a = before["ef_ms"], after["ef_ms"]
+            runs = ", ".join(f"{t:.2f}" for t in b.get("runs", [b["median"]]))
+            runs += "; " + ", ".join(f"{t:.2f}" for t in a.get("runs", [a["median"]]))
+            lines.append(
+                f"| {name} | {model} | {b['median']:.2f} | {a['median']:.2f} | "
+                f"{a['median'] / b['median']:.3f} | {runs} |"
+            )
+    return lines
 
 
 def roofline_figure(results: dict, path: Path) -> None:
@@ -423,6 +501,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-seconds", type=float, default=10.0, help="E+F repeats per case")
     parser.add_argument("--md-steps", type=int, default=100)
     parser.add_argument("--case-timeout", type=float, default=600.0, help="seconds per (model, system)")
+    parser.add_argument("--repeats", type=int, default=1, help="processes per (system, model), alternating")
+    parser.add_argument("--baseline", help="git revision whose package our models are also measured with")
     parser.add_argument("--lock", default=LOCK, help="lock file that keeps heavy jobs from overlapping")
     parser.add_argument("--out-dir", type=Path, default=BENCH / "results")
     parser.add_argument("--work-dir", type=Path, default=BENCH / "runs" / "speed")
@@ -456,15 +536,29 @@ def main(argv: list[str] | None = None) -> int:
         "models": list(dict.fromkeys([*previous.get("models", []), *models])),
         "cases": previous.get("cases", {}),
     }
+    entries, baseline = list(models), None
+    if args.baseline:
+        commit, baseline = baseline_worktree(args.baseline)
+        entries += [f"{m}@{commit}" for m in models if m.startswith("so3krates") and m != "so3krates-torch"]
+        results["baseline"] = commit
+        results["models"] = list(dict.fromkeys([*results["models"], *entries]))
+    results["repeats"] = args.repeats
     print(f"matmul throughput: {results['matmul_gflops']} GFLOP/s")
     for name, path in paths.items():
         case = results["cases"].setdefault(name, {})
         case.update(n_atoms=int(path.read_text().split()[0]), n_edges=count_edges(path))
         print(f"{name}: {case['n_atoms']} atoms, {case['n_edges']} edges within 5 Å")
-        for model in models:
-            result = run_case(model, path, args, work)
-            if result is not None:
-                case[model] = result
+        runs: dict[str, list[dict]] = {entry: [] for entry in entries}
+        for repeat in range(args.repeats):  # the models alternate, process by process
+            if args.repeats > 1:
+                print(f" repeat {repeat + 1} of {args.repeats}")
+            for entry in entries:
+                result = run_case(entry, path, args, work, baseline if "@" in entry else None)
+                if result is not None:
+                    runs[entry].append(result)
+        for entry, entry_runs in runs.items():
+            if entry_runs:
+                case[entry] = combine_runs(entry_runs)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(results_path, json.dumps(results, indent=1))
     write_atomically(args.out_dir / f"speed_{args.dtype}.md", markdown(results))

@@ -40,14 +40,46 @@ VARIANTS: dict[str, ModelConfig] = {
 SYMMETRY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def make_force_field(config: ModelConfig, dtype: torch.dtype, seed: int = 0) -> ForceField:
+def make_model(config: ModelConfig, dtype: torch.dtype, seed: int = 0) -> So3krates:
     """A randomly initialised model with non-trivial per-element shift and scale, in eval mode."""
     torch.manual_seed(seed)
     model = So3krates(config)
     with torch.no_grad():
         model.readout.energy_shift.uniform_(-2.0, 2.0)
         model.readout.energy_scale.uniform_(0.5, 2.0)
-    return ForceField(model).to(dtype).eval()
+    return model.to(dtype).eval()
+
+
+def make_force_field(config: ModelConfig, dtype: torch.dtype, seed: int = 0) -> ForceField:
+    """:func:`make_model` in a (live, eager) ForceField: the planner chooses how each call runs."""
+    return ForceField(make_model(config, dtype, seed))
+
+
+def reference_outputs(
+    model: So3krates, structures: list[Atoms], stress: bool = True, pairs: bool = False
+) -> dict[str, np.ndarray]:
+    """Energies, forces and stress from the reference path alone, as float64 numpy arrays.
+
+    ``model(graph)`` (one module per equation), and the derivatives by a route independent of
+    ``so3krates.runtime.derivatives``: autograd with respect to positions and a symmetric strain.
+    """
+    graph = collate([atoms_to_graph(a, model.cutoff, pairs=pairs) for a in structures])
+    positions = graph.positions.detach().requires_grad_(True)
+    strain = torch.zeros_like(graph.cell, requires_grad=True)
+    symmetric = 0.5 * (strain + strain.transpose(1, 2))
+    strained = graph.replace(
+        positions=positions + torch.einsum("na,nab->nb", positions, symmetric[graph.batch]),
+        cell=graph.cell + torch.bmm(graph.cell, symmetric),
+    )
+    energy = torch.zeros(graph.n_graphs, dtype=torch.float64).index_add(0, graph.batch, model(strained))
+    forces, strain_gradient = torch.autograd.grad(energy.sum(), [positions, strain], allow_unused=True)
+    out = {"energy": energy.detach().numpy(), "forces": -forces.numpy()}
+    if stress:
+        volume = torch.linalg.det(graph.cell).abs()
+        safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+        value = torch.where((volume > 0)[:, None, None], strain_gradient / safe[:, None, None], 0.0)
+        out["stress"] = value.numpy()
+    return out
 
 
 def evaluate(force_field: ForceField, structures: list[Atoms], stress: bool = False) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ from helpers import ethanol, make_force_field, rss_mb, triclinic_cell
 from so3krates import So3kratesCalculator, atoms_to_graph, preset
 from so3krates.calculators.ase import UnsupportedStructureError
 from so3krates.model.checkpoint import save_checkpoint
+from so3krates.runtime import Planner
 
 
 @pytest.fixture(scope="module")
@@ -177,23 +178,36 @@ def test_memory_stays_constant_over_thousands_of_calls(model):
 
 
 def test_small_graphs_run_on_one_thread_and_the_setting_is_restored(model):
-    """single_thread_edges: ethanol (72 edges) on one thread, the triclinic cell on all; same numbers."""
+    """Planner.single_thread_edges: ethanol (72 edges) on one thread, the triclinic cell on all."""
     seen = []
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for limit, atoms, expected in [(1000, ethanol(), 1), (0, ethanol(), 2), (50, triclinic_cell(), 2)]:
-            calculator = So3kratesCalculator(model, single_thread_edges=limit)
-            evaluate = calculator._evaluate
-            calculator._evaluate = lambda *a, _f=evaluate, **k: (
-                seen.append(torch.get_num_threads()) or _f(*a, **k)
-            )
+            calculator = So3kratesCalculator(model, planner=Planner(single_thread_edges=limit))
+            evaluator = calculator.force_field.evaluator
+
+            def spy(plan, _evaluator=evaluator):
+                function = _evaluator(plan)
+                return lambda *a, **k: seen.append(torch.get_num_threads()) or function(*a, **k)
+
+            calculator.force_field.evaluator = spy
             atoms.calc = calculator
             forces = atoms.get_forces()
             assert seen[-1] == expected
             assert torch.get_num_threads() == 2
             reference = atoms.copy()
-            reference.calc = So3kratesCalculator(model, single_thread_edges=0)
+            reference.calc = So3kratesCalculator(model, planner=Planner(single_thread_edges=0))
             np.testing.assert_allclose(forces, reference.get_forces(), atol=1e-12)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_calculator_leaves_the_callers_model_trainable(model):
+    trainable = make_force_field(preset("tiny"), torch.float64).model
+    calculator = So3kratesCalculator(trainable)
+    atoms = ethanol()
+    atoms.calc = calculator
+    atoms.get_forces()
+    assert all(p.requires_grad for p in trainable.parameters())
+    assert not any(p.requires_grad for p in calculator.force_field.model.parameters())

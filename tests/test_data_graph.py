@@ -10,7 +10,7 @@ from ase.neighborlist import neighbor_list as ase_neighbor_list
 
 from helpers import ethanol, triclinic_cell, water
 from so3krates import atoms_to_graph, collate
-from so3krates.data.neighbors import neighbor_list
+from so3krates.data.neighbors import NeighborList, neighbor_list, pair_order
 
 
 def _edge_set(i, j, shifts):
@@ -74,3 +74,49 @@ def test_graph_to_casts_floats_only():
 def test_empty_structure():
     graph = atoms_to_graph(Atoms(), 5.0)
     assert graph.n_atoms == 0 and graph.n_edges == 0
+
+
+# --- pair order ---------------------------------------------------------------------------------------------
+
+
+def test_pair_order_holds_the_same_edges_and_each_reverse_half_way():
+    atoms = triclinic_cell()  # atoms see their own images: i = j edges pair up by the sign of the shift
+    full = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, 5.0)
+    ordered = pair_order(full)
+    assert _edge_set(*ordered) == _edge_set(*full)
+    half = len(ordered.idx_i) // 2
+    assert 2 * half == len(full.idx_i)
+    np.testing.assert_array_equal(ordered.idx_i[half:], ordered.idx_j[:half])
+    np.testing.assert_array_equal(ordered.idx_j[half:], ordered.idx_i[:half])
+    np.testing.assert_array_equal(ordered.shifts[half:], -ordered.shifts[:half])
+    assert (ordered.idx_i[:half] == ordered.idx_j[:half]).any()  # self-images are among the pairs
+    # A list that is not symmetric cannot be put in pair order.
+    assert pair_order(NeighborList(full.idx_i[1:], full.idx_j[1:], full.shifts[1:])) is None
+
+
+def test_atoms_to_graph_builds_the_pair_order_and_keeps_it_through_conversions():
+    atoms = triclinic_cell()
+    graph = atoms_to_graph(atoms, 4.0, pairs=True)
+    plain = atoms_to_graph(atoms, 4.0)
+    expected = pair_order(NeighborList(plain.idx_i.numpy(), plain.idx_j.numpy(), plain.shifts.long().numpy()))
+    assert graph.pairs and not plain.pairs
+    np.testing.assert_array_equal(graph.idx_i.numpy(), expected.idx_i)
+    np.testing.assert_array_equal(graph.idx_j.numpy(), expected.idx_j)
+    np.testing.assert_array_equal(graph.shifts.numpy(), expected.shifts)
+    assert graph.to(dtype=torch.float32).pairs
+
+
+def test_a_batch_of_graphs_in_pair_order_is_in_pair_order():
+    structures = [ethanol(), triclinic_cell(), Atoms("O", positions=[[0.0, 0.0, 0.0]]), ethanol(1)]
+    plain = collate([atoms_to_graph(atoms, 4.0) for atoms in structures])
+    ordered = collate([atoms_to_graph(atoms, 4.0, pairs=True) for atoms in structures])
+    assert ordered.pairs and not plain.pairs
+    half = ordered.n_edges // 2
+    torch.testing.assert_close(ordered.idx_i[half:], ordered.idx_j[:half])
+    torch.testing.assert_close(ordered.shifts[half:], -ordered.shifts[:half])
+    assert _edge_set(ordered.idx_i, ordered.idx_j, ordered.shifts) == _edge_set(
+        plain.idx_i, plain.idx_j, plain.shifts
+    )
+    # One graph in plain order makes the whole batch a plain list.
+    mixed = collate([atoms_to_graph(structures[0], 4.0, pairs=True), atoms_to_graph(structures[1], 4.0)])
+    assert not mixed.pairs

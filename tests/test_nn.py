@@ -9,8 +9,8 @@ import torch
 from helpers import random_rotation
 from so3krates.nn.cutoff import CUTOFF_FUNCTIONS
 from so3krates.nn.radial import RADIAL_BASES
-from so3krates.nn.scatter import scatter_sum
 from so3krates.nn.spherical import DegreeContraction, SphericalHarmonics, solid_harmonics
+from so3krates.ops.scatter import scatter_sum
 
 L_MAX = 6
 

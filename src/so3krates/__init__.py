@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 from so3krates.calculators.ase import So3kratesCalculator
 from so3krates.data.graph import Graph, atoms_to_graph, collate
 from so3krates.model.config import ModelConfig, preset
-from so3krates.model.derivatives import ForceField
 from so3krates.model.so3krates import So3krates
+from so3krates.runtime.force_field import ForceField
 
 __all__ = [
     "ForceField",

@@ -15,8 +15,8 @@ from so3krates.data.structure import Structure, unknown_elements
 from so3krates.errors import DataError
 from so3krates.files import atomic_path, save_figure
 from so3krates.model.checkpoint import load_model
-from so3krates.model.derivatives import ForceField
-from so3krates.model.inference import predict_batches
+from so3krates.runtime.force_field import ForceField
+from so3krates.runtime.predict import predict_batches
 from so3krates.train.metrics import ErrorAccumulator, format_table
 
 

@@ -1,9 +1,15 @@
 """ASE calculator for trained SO3krates models (energy, forces, stress, atomic energies).
 
+The calculator turns ASE atoms into graphs and hands them to a force field: a
+:class:`~so3krates.runtime.force_field.ForceField` of a checkpoint or model (which chooses how each call
+is evaluated and may compile), or an exported file (:func:`so3krates.export.load_exported`). It knows
+nothing of how either evaluates.
+
 The neighbour list is built with a skin and reused while no atom has moved more than half the skin and the
 cell, periodicity and elements are unchanged. Reuse is exact, not an approximation: every call passes the
 model only the list's edges that are shorter than r_c (edges between r_c and r_c + skin would carry
-φ(d) = 0 and φ'(d) = 0, add nothing, and cost a quarter of the work).
+φ(d) = 0 and φ'(d) = 0, add nothing, and cost a quarter of the work). The list is in pair order (edge
+k + n/2 is edge k reversed), which lets the force field evaluate the filters once per pair.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,20 +26,16 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from so3krates import keys
 from so3krates.data.graph import Graph
-from so3krates.data.neighbors import neighbor_list, paired_edges
+from so3krates.data.neighbors import neighbor_list, pair_order
 from so3krates.data.structure import unknown_elements
 from so3krates.errors import So3kratesError
-from so3krates.export.core import (
-    ExportedModel,
-    aoti_program_kind,
-    compiled_program,
-    graph_inputs,
-    load_exported,
-)
 from so3krates.memory import keep_freed_memory
 from so3krates.model.checkpoint import load_model
-from so3krates.model.derivatives import ForceField
-from so3krates.model.so3krates import So3krates, compile_model
+from so3krates.model.so3krates import So3krates
+from so3krates.runtime.force_field import ForceField
+from so3krates.runtime.plan import Planner
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 class UnsupportedStructureError(So3kratesError, ValueError):
@@ -41,99 +43,84 @@ class UnsupportedStructureError(So3kratesError, ValueError):
 
 
 class So3kratesCalculator(Calculator):
-    """ASE calculator of a SO3krates checkpoint or model.
+    """ASE calculator of a SO3krates checkpoint, model, exported file or force field.
 
     Args:
-        model: path to a checkpoint (``RUN/best.pt``) or a ``So3krates`` instance.
-        device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
-        dtype: ``"float64"`` (default, for MD and finite differences) or ``"float32"``.
+        model: a checkpoint (``RUN/best.pt``), a ``So3krates`` instance (copied: the caller's model stays
+            trainable), an exported ``.pt2`` file (``so3krates export``), or a ready force field
+            (``ForceField`` or ``load_exported(...)``).
+        device: torch device, e.g. ``"cpu"`` or ``"cuda"`` (checkpoints and models).
+        dtype: ``"float64"`` (default, for MD and finite differences) or ``"float32"`` (checkpoints and
+            models; an exported file has its own).
         skin: Å — neighbour-list skin; the list is rebuilt when an atom moved more than skin / 2.
         min_distance: Å — refuse structures with two atoms closer than this (an extrapolated number there
             would be meaningless); 0 turns the check off.
         species: atomic numbers the model may be asked about; default: those it was trained on.
-        compile: ``False`` (or ``"none"``): eager PyTorch. ``True`` (or ``"inductor"``): ``torch.compile``
-            with dynamic shapes; the first call compiles for about a minute, afterwards an ethanol step is
-            ~1.5× faster on a CPU. ``"aoti"``: forward and backward compiled ahead of time into one native
-            program by AOTInductor (so3krates.export), kept in ``~/.cache/so3krates`` (or
-            ``$SO3KRATES_CACHE_DIR``) so that only the first run with a model compiles (about a minute);
-            ~3× faster per ethanol step than eager on one CPU thread. CPU only. Worth it for long MD runs.
-            A float32 program reads the radial filters from their spline (``So3krates.tabulate``); graphs of
-            up to ``AOTI_FUSED_MAX_EDGES`` edges use the fused program, larger ones the per-equation one,
-            each compiled at its first use; a fused call on several threads takes the program with edge
-            slots (``so3krates.nn.slots``: no scatter-adds, every kernel threaded).
-        single_thread_edges: on a CPU, graphs of up to this many edges are evaluated on one thread even
-            when torch has more: for small molecules a second thread costs more in synchronisation than it
-            gains (paper model, AOTInductor, 2-core VM: ethanol 1.13 vs 1.49 ms, 3BPA 3.7 vs 4.4 ms; equal
-            at ~1700 edges; 6.3k edges 84 vs 102 ms in favour of two). 0 turns this off.
-        pair_edges: order the neighbour list by pairs (``so3krates.data.neighbors.paired_edges``) so that
-            the filters (radial and spherical; both symmetric), most of the model's arithmetic, are
-            evaluated once per pair of atoms instead of once per edge; same numbers to round-off.
-            ``False``: the plain list (for comparisons).
-
-    A model passed as an instance is copied: the calculator freezes its parameters (forces need gradients
-    only with respect to positions) and must not change the caller's model.
+        compile: ``False``/``"none"``: eager PyTorch. ``True``/``"inductor"``: ``torch.compile`` with
+            dynamic shapes; the first call compiles for about a minute. ``"aoti"``: forward and backward
+            compiled ahead of time into native CPU programs (:mod:`so3krates.runtime.programs`), kept in
+            ``~/.cache/so3krates`` (or ``$SO3KRATES_CACHE_DIR``) so that only the first run with a model
+            compiles (about a minute per program). Worth it for long MD runs.
+        pairs: build the neighbour list in pair order (``so3krates.data.neighbors.pair_order``);
+            ``False``: the plain list (for comparisons; the numbers are the same to round-off).
+        planner: the thresholds that choose how each call is evaluated (``so3krates.runtime.Planner``).
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(
         self,
-        model: str | os.PathLike | So3krates,
+        model: str | os.PathLike | So3krates | Any,
         device: str = "cpu",
         dtype: str = "float64",
         skin: float = 0.5,
         min_distance: float = 0.1,
         species: list[int] | None = None,
         compile: bool | str = False,
-        single_thread_edges: int = 1000,
-        pair_edges: bool = True,
+        pairs: bool = True,
+        planner: Planner | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.single_thread_edges = int(single_thread_edges)
-        self.pair_edges = bool(pair_edges)
-        torch_dtype = getattr(torch, dtype)
+        if dtype not in DTYPES:
+            raise So3kratesError(f"dtype must be float64 or float32, not {dtype!r}")
         mode = (
             {False: "none", True: "inductor"}.get(compile, compile) if isinstance(compile, bool) else compile
         )
-        if mode not in ("none", "inductor", "aoti"):
-            raise ValueError(f"compile must be False, True, 'none', 'inductor' or 'aoti', not {compile!r}")
-        if mode == "aoti" and torch.device(device).type != "cpu":
-            raise So3kratesError(
-                "compile='aoti' builds a CPU program; use compile='inductor' on other devices"
-            )
+        trained_species = None
         if isinstance(model, So3krates):
-            self.model = (
-                copy.deepcopy(model).to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
-            )
-            trained_species = None
-        else:
-            self.model, metadata = load_model(Path(model), device=device, dtype=torch_dtype)
-            trained_species = metadata.get("species")
-        self.force_field = ForceField(compile_model(self.model) if mode == "inductor" else self.model)
-        self._setup(float(self.model.cutoff), species, trained_species, device, skin, min_distance)
-        self.exported = None
-        self._aoti: dict[tuple[bool, bool, bool], ExportedModel] | None = {} if mode == "aoti" else None
+            network = copy.deepcopy(model).to(device=device, dtype=DTYPES[dtype])
+            self.force_field = ForceField(network, mode, frozen=True, planner=planner)
+        elif isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".pt2":
+            from so3krates.export import load_exported
 
-    def _setup(
-        self,
-        cutoff: float,
-        species: list[int] | None,
-        trained_species: list[int] | None,
-        device: str,
-        skin: float,
-        min_distance: float,
-    ) -> None:
+            if mode != "none":
+                raise So3kratesError(
+                    f"{model}: an exported program is already compiled (compile={compile!r})"
+                )
+            self.force_field = load_exported(model, planner)
+            trained_species = self.force_field.species
+            device = "cpu"
+        elif isinstance(model, (str, os.PathLike)):
+            network, metadata = load_model(Path(model), device=device, dtype=DTYPES[dtype])
+            self.force_field = ForceField(network, mode, frozen=True, planner=planner)
+            trained_species = metadata.get("species")
+        else:  # a ForceField or an exported model, used as it is
+            self.force_field = model
+            trained_species = getattr(model, "species", None)
+            if isinstance(model, ForceField):
+                device = str(next(model.model.parameters()).device)
         keep_freed_memory()  # once per process (so3krates.memory)
         self.species = set(species if species is not None else (trained_species or range(1, 119)))
         self.device = torch.device(device)
-        self.cutoff = cutoff
+        self.cutoff = float(self.force_field.cutoff)
         self.skin = float(skin)
         self.min_distance = float(min_distance)
+        self.pairs = bool(pairs)
         self.n_neighbor_list_builds = 0
         self._reference: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._paired = False  # the list is ordered by paired_edges
+        self._pairs = False  # the list is in pair order
         self._closest_at_build = 0.0  # Å, shortest edge when the neighbour list was built
         self._displacement = 0.0  # Å, largest displacement of an atom since then
 
@@ -158,9 +145,9 @@ class So3kratesCalculator(Calculator):
                     self._displacement = float(displacement)
                     return self._edges
         edges = neighbor_list(positions, cell, pbc, self.cutoff + self.skin)
-        paired = paired_edges(edges) if self.pair_edges else None
-        self._paired = paired is not None
-        edges = paired if paired is not None else edges
+        ordered = pair_order(edges) if self.pairs else None
+        self._pairs = ordered is not None
+        edges = ordered if ordered is not None else edges
         vectors = positions[edges.idx_j] - positions[edges.idx_i] + edges.shifts @ cell
         self._closest_at_build = float(np.min(np.linalg.norm(vectors, axis=1), initial=np.inf))
         self._displacement = 0.0
@@ -197,7 +184,7 @@ class So3kratesCalculator(Calculator):
         if self.skin > 0 and idx_i.shape[0] > 0:
             vectors = positions[idx_j] - positions[idx_i] + shifts @ cell
             inside = (vectors * vectors).sum(dim=1) < self.cutoff**2
-            if self._paired:  # keep or drop both directions of a pair together, by the first's length
+            if self._pairs:  # keep or drop both directions of a pair together, by the first's length
                 half = inside.shape[0] // 2
                 inside = torch.cat([inside[:half], inside[:half]])
             idx_i, idx_j, shifts = idx_i[inside], idx_j[inside], shifts[inside]
@@ -210,7 +197,7 @@ class So3kratesCalculator(Calculator):
             cell=cell.unsqueeze(0),
             pbc=torch.as_tensor(pbc, device=self.device).unsqueeze(0),
             batch=torch.zeros(len(atoms), dtype=torch.long, device=self.device),
-            paired=self._paired,
+            pairs=self._pairs,
         )
 
     def _check_distances(self, graph: Graph) -> None:
@@ -254,92 +241,14 @@ class So3kratesCalculator(Calculator):
         graph = self.graph(atoms)
         self._check_distances(graph)
         compute_stress = "stress" in properties and bool(atoms.pbc.any())
-        threads = torch.get_num_threads()
-        single = self.device.type == "cpu" and threads > 1 and graph.n_edges <= self.single_thread_edges
-        if single:
-            torch.set_num_threads(1)
-        try:
-            energy, energies, forces, stress = self._evaluate(
-                graph, compute_stress, threaded=threads > 1 and not single
-            )
-        finally:
-            if single:
-                torch.set_num_threads(threads)
-        self.results = {"energy": energy, "free_energy": energy, "forces": forces, "energies": energies}
-        if compute_stress:
-            self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]  # Voigt: xx yy zz yz xz xy
-
-    def _evaluate(
-        self, graph: Graph, compute_stress: bool, threaded: bool = False
-    ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray | None]:
-        """(energy eV, atomic energies eV, forces eV/Å, stress 3×3 eV/Å³ or None) of a one-structure graph."""
-        if self._aoti is not None:
-            # Programs compiled at their first use (which one: aoti_program_kind; tabulated radial
-            # filters in float32). All read the neighbour list in paired order (filters once per pair).
-            fused, slotted = aoti_program_kind(graph.n_edges, threaded)
-            kind = (fused, graph.paired, slotted)
-            if kind not in self._aoti:
-                dtype = self.model.embedding.table.weight.dtype
-                self._aoti[kind] = compiled_program(
-                    self.model, dtype, sorted(self.species), fused=kind[0], paired=kind[1], slotted=kind[2]
-                )
-            self.exported = self._aoti[kind]
-        if self.exported is not None:
-            return self._evaluate_exported(graph, compute_stress)
         out = self.force_field(graph, compute_forces=True, compute_stress=compute_stress)
         energy = float(out[keys.ENERGY].detach()[0])
-        energies = out[keys.ATOMIC_ENERGIES].detach().cpu().double().numpy()
-        forces = out[keys.FORCES].detach().cpu().double().numpy()
-        stress = out[keys.STRESS].detach().cpu().double().numpy()[0] if compute_stress else None
-        return energy, energies, forces, stress
-
-    def _evaluate_exported(
-        self, graph: Graph, compute_stress: bool
-    ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray | None]:
-        if self.exported.metadata.get("paired_edges") and not graph.paired:
-            raise So3kratesError(
-                "this export expects paired edges (pair_edges=True and a symmetric neighbour list)"
-            )
-        inputs = graph_inputs(graph, slots=bool(self.exported.metadata.get("edge_slots")))
-        energy, energies, forces, virial = self.exported(*inputs)
-        stress = None
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": out[keys.FORCES].detach().cpu().double().numpy(),
+            "energies": out[keys.ATOMIC_ENERGIES].detach().cpu().double().numpy(),
+        }
         if compute_stress:
-            volume = abs(float(torch.linalg.det(graph.cell[0])))
-            stress = -virial.detach().double().numpy() / volume
-        return (
-            float(energy),
-            energies.detach().double().numpy(),
-            forces.detach().double().numpy(),
-            stress,
-        )
-
-
-class ExportedCalculator(So3kratesCalculator):
-    """ASE calculator of a file written by ``so3krates export`` (``torchscript``, ``pt2`` or ``aoti``).
-
-    Same neighbour-list reuse and the same checks (elements, closest distance) as So3kratesCalculator; the
-    numbers come from the exported program alone, which is how an export is checked against its checkpoint.
-
-    Args:
-        path: the exported file.
-        skin, min_distance, species, single_thread_edges, pair_edges: as for So3kratesCalculator; species
-            default to the file's metadata.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        skin: float = 0.5,
-        min_distance: float = 0.1,
-        species: list[int] | None = None,
-        single_thread_edges: int = 1000,
-        pair_edges: bool = True,
-        **kwargs,
-    ) -> None:
-        Calculator.__init__(self, **kwargs)
-        self._aoti = None
-        self.single_thread_edges = int(single_thread_edges)
-        self.pair_edges = bool(pair_edges)
-        self.exported = load_exported(path)
-        self.metadata = self.exported.metadata
-        self._setup(self.exported.cutoff, species, self.metadata.get("species"), "cpu", skin, min_distance)
+            stress = out[keys.STRESS].detach().cpu().double().numpy()[0]
+            self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]  # Voigt: xx yy zz yz xz xy

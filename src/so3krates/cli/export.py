@@ -1,5 +1,5 @@
-"""``so3krates export``: a checkpoint → a file that runs without the training code (torchscript, pt2,
-aoti, lammps-mliap); the formats are described in :mod:`so3krates.export.core`."""
+"""``so3krates export``: a checkpoint → a file that runs without the training code (pt2, aoti,
+lammps-mliap); the formats are described in :mod:`so3krates.export.formats`."""
 
 from __future__ import annotations
 
@@ -7,37 +7,36 @@ import argparse
 
 from so3krates.cli import set_torch_threads
 
-FORMATS = (
-    "torchscript",
-    "pt2",
-    "aoti",
-    "lammps-mliap",
-)  # as so3krates.export.FORMATS, without importing torch
+FORMATS = ("pt2", "aoti", "lammps-mliap")  # as so3krates.export.FORMATS, without importing torch
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from so3krates.export import export_model
+    from so3krates.runtime.plan import Plan, Planner
 
     set_torch_threads(args.threads)
+    plan = None
+    if args.format != "lammps-mliap":
+        dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
+        plan = Planner().complete(dtype, args.layers, args.radial, args.pairs, args.slots)
+    elif args.layers != "modules" or args.radial or args.pairs or args.slots:
+        from so3krates.errors import DataError
+
+        raise DataError(
+            "a lammps-mliap model chooses its plan per call: --layers, --radial, --pairs and "
+            "--slots are for pt2 and aoti"
+        )
     metadata = export_model(
-        args.model,
-        args.out,
-        fmt=args.format,
-        dtype=args.dtype,
-        fused=args.fused,
-        species=args.species,
-        tabulate={"auto": None, "on": True, "off": False}[args.radial_table],
-        paired=args.paired_edges,
+        args.model, args.out, fmt=args.format, dtype=args.dtype, plan=plan, species=args.species
     )
+    plan_text = ""
+    if metadata["plan"] is not None:
+        plan_text = ", plan: " + Plan(**metadata["plan"]).describe()
     print(
         f"wrote {args.out}: {metadata['format']}, {metadata['dtype']}, cutoff {metadata['cutoff']:g} Å, "
-        f"receptive field {metadata['receptive_field']:g} Å, elements {metadata['species']}"
-        + (
-            f", radial filters tabulated ({metadata['radial_table_intervals']} intervals)"
-            if metadata.get("radial_table_intervals")
-            else ""
-        )
-        + (", inputs: paired edges" if metadata.get("paired_edges") else "")
+        f"receptive field {metadata['receptive_field']:g} Å, elements {metadata['species']}{plan_text}"
     )
     if args.format == "lammps-mliap":
         print(
@@ -50,8 +49,8 @@ def _run(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "export",
-        help="write a model file that runs without the training code (TorchScript, torch.export, "
-        "AOTInductor, LAMMPS ML-IAP)",
+        help="write a model file that runs without the training code (torch.export, AOTInductor, "
+        "LAMMPS ML-IAP)",
     )
     parser.add_argument("--model", required=True, help="checkpoint, e.g. RUN/best.pt")
     parser.add_argument("--format", required=True, choices=FORMATS)
@@ -60,22 +59,29 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="network dtype")
     parser.add_argument(
-        "--fused",
-        action="store_true",
-        help="fused layer evaluation: faster for molecules, slower for systems of thousands of atoms",
+        "--layers",
+        choices=["modules", "fused"],
+        default="modules",
+        help="pt2/aoti: fused layers are faster for molecules, the modules for thousands of atoms",
     )
     parser.add_argument(
-        "--radial-table",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="radial filters from their spline (auto: with --fused in float32; off: the exact network)",
+        "--radial",
+        choices=["network", "spline"],
+        help="pt2/aoti: radial filters from their network or from a spline of it (default: the spline for "
+        "--layers fused --dtype float32, else the network)",
     )
     parser.add_argument(
-        "--paired-edges",
+        "--pairs",
         action="store_true",
-        help="pt2/aoti: the program takes the neighbour list ordered by pairs (edge k + n/2 is edge k "
-        "reversed; so3krates.data.neighbors.paired_edges, as ExportedCalculator builds it) and evaluates "
-        "the filters once per pair",
+        help="pt2/aoti: the program takes the neighbour list in pair order (edge k + n/2 is edge k reversed; "
+        "so3krates.data.neighbors.pair_order, as So3kratesCalculator builds it) and evaluates the filters "
+        "once per pair",
+    )
+    parser.add_argument(
+        "--slots",
+        action="store_true",
+        help="pt2/aoti with --layers fused: two more inputs, the edge slots of idx_i and idx_j "
+        "(so3krates.ops.slots.build_slots): sums without scatter-adds, every kernel on all threads",
     )
     parser.add_argument(
         "--species", type=int, nargs="+", help="atomic numbers to allow (default: those of the checkpoint)"

@@ -63,8 +63,8 @@ def _command_info(args: argparse.Namespace) -> int:
         from ase.build import molecule
 
         dtype = getattr(torch, args.dtype)
-        force_field = ForceField(model).to(dtype).eval()
-        graph = atoms_to_graph(molecule("CH3CH2OH"), config.cutoff, dtype=dtype)
+        force_field = ForceField(model.to(dtype), frozen=True)  # inference, as the calculator runs it
+        graph = atoms_to_graph(molecule("CH3CH2OH"), config.cutoff, pairs=True)
         timings = []
         for _ in range(25):
             start = time.perf_counter()

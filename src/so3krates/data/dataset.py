@@ -45,9 +45,8 @@ class GraphDataset(torch.utils.data.Dataset):
     def graph(self, index: int) -> Graph:
         cached = self._graphs[index]
         if cached is None:
-            # Paired edges: the radial filters once per atom pair (2.4× faster training steps, so3krates
-            # paper model, batches of 16 alanine dipeptides, float32, 1 thread: 448 vs 1065 ms).
-            cached = atoms_to_graph(self.structures[index].to_atoms(), self.cutoff, paired=True)
+            # Pair order: the filters once per atom pair (faster training: benchmarks/results/thresholds.md).
+            cached = atoms_to_graph(self.structures[index].to_atoms(), self.cutoff, pairs=True)
             self._graphs[index] = cached
         return cached
 

@@ -15,7 +15,7 @@ import torch
 from ase import Atoms
 from torch import Tensor
 
-from so3krates.data.neighbors import neighbor_list, paired_edges
+from so3krates.data.neighbors import neighbor_list, pair_order
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ class Graph:
         cell: (n_graphs, 3, 3) float, Å — lattice vectors as rows; zeros for molecules.
         pbc: (n_graphs, 3) bool — periodicity along each lattice vector.
         batch: (n_atoms,) int64 — structure index of each atom, sorted ascending.
-        paired: the edges are ordered as by :func:`so3krates.data.neighbors.paired_edges` (edge k + n/2 is
-            edge k reversed), which lets the model evaluate its filters once per pair.
+        pairs: the edges are in pair order (:func:`so3krates.data.neighbors.pair_order`: edge k + n/2 is
+            edge k reversed), which lets the execution layer evaluate the filters once per pair.
     """
 
     positions: Tensor
@@ -43,7 +43,7 @@ class Graph:
     cell: Tensor
     pbc: Tensor
     batch: Tensor
-    paired: bool = False
+    pairs: bool = False
 
     @property
     def n_atoms(self) -> int:
@@ -82,7 +82,7 @@ class Graph:
 
 
 def atoms_to_graph(
-    atoms: Atoms, cutoff: float, dtype: torch.dtype | None = None, paired: bool = False
+    atoms: Atoms, cutoff: float, dtype: torch.dtype | None = None, pairs: bool = False
 ) -> Graph:
     """Builds the one-structure graph of ``atoms`` with a full neighbour list within ``cutoff`` Å.
 
@@ -91,16 +91,16 @@ def atoms_to_graph(
         cutoff: float, Å — the model's cutoff radius.
         dtype: floating-point dtype of positions, cell and shifts. Default float64, also for float32
             models: the model computes edge vectors in this dtype before casting to its own.
-        paired: order the edges by :func:`so3krates.data.neighbors.paired_edges` (``Graph.paired``), as
-            the ASE calculator does: the model then evaluates its filters once per pair.
+        pairs: put the edges in pair order (:func:`so3krates.data.neighbors.pair_order`, ``Graph.pairs``),
+            as the ASE calculator does: the filters are then evaluated once per pair.
     """
     dtype = dtype or torch.float64
     pbc = np.asarray(atoms.pbc, dtype=bool)
     cell = np.asarray(atoms.cell.array, dtype=np.float64)
     positions = atoms.get_positions()
     edges = neighbor_list(positions, cell, pbc, cutoff)
-    if paired:
-        edges = paired_edges(edges)
+    if pairs:
+        edges = pair_order(edges)
     n_atoms = len(atoms)
     return Graph(
         positions=torch.tensor(positions, dtype=dtype),
@@ -111,25 +111,25 @@ def atoms_to_graph(
         cell=torch.tensor(cell if pbc.any() else np.zeros((3, 3)), dtype=dtype).unsqueeze(0),
         pbc=torch.tensor(pbc).unsqueeze(0),
         batch=torch.zeros(n_atoms, dtype=torch.long),
-        paired=paired,
+        pairs=pairs,
     )
 
 
 def collate(graphs: Sequence[Graph]) -> Graph:
     """Concatenates graphs into one batch, offsetting edge indices and structure indices.
 
-    When every graph is paired (``Graph.paired``), so is the batch: the first halves of all graphs' edge
+    When every graph is in pair order (``Graph.pairs``), so is the batch: the first halves of all graphs' edge
     lists come first, then all second halves, in the same order.
     """
     if not graphs:
         raise ValueError("collate() needs at least one graph")
     atom_offsets = np.cumsum([0] + [g.n_atoms for g in graphs[:-1]])
     graph_offsets = np.cumsum([0] + [g.n_graphs for g in graphs[:-1]])
-    paired = all(g.paired for g in graphs)
+    pairs = all(g.pairs for g in graphs)
     idx_i = [g.idx_i + int(o) for g, o in zip(graphs, atom_offsets, strict=True)]
     idx_j = [g.idx_j + int(o) for g, o in zip(graphs, atom_offsets, strict=True)]
     shifts = [g.shifts for g in graphs]
-    if paired:
+    if pairs:
         idx_i, idx_j, shifts = _halves_first(idx_i), _halves_first(idx_j), _halves_first(shifts)
     return Graph(
         positions=torch.cat([g.positions for g in graphs]),
@@ -140,10 +140,10 @@ def collate(graphs: Sequence[Graph]) -> Graph:
         cell=torch.cat([g.cell for g in graphs]),
         pbc=torch.cat([g.pbc for g in graphs]),
         batch=torch.cat([g.batch + int(o) for g, o in zip(graphs, graph_offsets, strict=True)]),
-        paired=paired,
+        pairs=pairs,
     )
 
 
 def _halves_first(parts: list[Tensor]) -> list[Tensor]:
-    """[a1, a2, b1, b2] for edge lists [a, b] of paired graphs: first halves, then second halves."""
+    """[a1, a2, b1, b2] for edge lists [a, b] of graphs in pair order: first halves, then second halves."""
     return [t[: t.shape[0] // 2] for t in parts] + [t[t.shape[0] // 2 :] for t in parts]

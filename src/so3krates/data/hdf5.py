@@ -37,7 +37,7 @@ import torch
 from so3krates import __version__
 from so3krates.data.dataset import Labels
 from so3krates.data.graph import Graph
-from so3krates.data.neighbors import NeighborList, neighbor_list, paired_edges
+from so3krates.data.neighbors import NeighborList, neighbor_list, pair_order
 from so3krates.data.structure import Structure
 from so3krates.errors import ConfigError, DataError
 from so3krates.files import atomic_path
@@ -367,9 +367,9 @@ class HDF5Dataset(torch.utils.data.Dataset):
         if self._cutoff < self.file_cutoff:
             keep = _edge_lengths(rows["positions"], cell, idx_i, idx_j, shifts) < self._cutoff
             idx_i, idx_j, shifts = idx_i[keep], idx_j[keep], shifts[keep]
-        paired = paired_edges(NeighborList(idx_i, idx_j, shifts))  # radial filters once per atom pair
-        if paired is not None:
-            idx_i, idx_j, shifts = paired
+        ordered = pair_order(NeighborList(idx_i, idx_j, shifts))  # filters once per atom pair
+        if ordered is not None:
+            idx_i, idx_j, shifts = ordered
         n_atoms = len(rows["positions"])
         graph = Graph(
             positions=torch.from_numpy(rows["positions"]),
@@ -380,7 +380,7 @@ class HDF5Dataset(torch.utils.data.Dataset):
             cell=torch.from_numpy(cell).unsqueeze(0),
             pbc=torch.from_numpy(pbc).unsqueeze(0),
             batch=torch.zeros(n_atoms, dtype=torch.long),
-            paired=paired is not None,
+            pairs=ordered is not None,
         )
         labels = {
             "energy": torch.tensor([rows["energy"]], dtype=torch.float64),

@@ -99,11 +99,11 @@ def neighbor_list(
     return NeighborList(idx_i.astype(np.int64), idx_j.astype(np.int64), shifts.astype(np.int64))
 
 
-def paired_edges(edges: NeighborList) -> NeighborList | None:
+def pair_order(edges: NeighborList) -> NeighborList | None:
     """The same full list ordered as [one direction of every pair; the reverses in the same order].
 
     Edge k + n/2 is then edge k reversed, (j, i, −shift), which lets the model evaluate its filters once
-    per pair (``Graph.paired``). Which direction comes first: i < j, or for an atom and its own image
+    per pair (``Graph.pairs``). Which direction comes first: i < j, or for an atom and its own image
     (i = j), the shift whose first non-zero component is positive. Returns None when the list is not
     symmetric (never for a list of this module).
     """

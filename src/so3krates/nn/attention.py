@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from so3krates.nn.scatter import scatter_sum
+from so3krates.ops.scatter import scatter_sum
 
 
 class HeadwiseLinear(nn.Module):
@@ -25,6 +25,10 @@ class HeadwiseLinear(nn.Module):
         self.n_heads, self.head_dim = n_heads, head_dim
         bound = 1.0 / math.sqrt(head_dim)
         self.weight = nn.Parameter(torch.empty(n_heads, head_dim, head_dim).uniform_(-bound, bound))
+
+    def dense(self) -> Tensor:
+        """The same map as one (F, F) block-diagonal matrix, ``features @ dense()`` (differentiable)."""
+        return torch.block_diag(*self.weight.unbind(0))
 
     def forward(self, features: Tensor) -> Tensor:
         """features: (n, n_heads · head_dim) → (n, n_heads, head_dim)."""
@@ -50,6 +54,7 @@ class InvariantAttention(nn.Module):
         self.query = HeadwiseLinear(n_heads, head_dim)
         self.key = HeadwiseLinear(n_heads, head_dim)
         self.value = HeadwiseLinear(n_heads, head_dim)
+        self.use_qk_activation = use_qk_activation
         self.qk_activation = nn.SiLU() if use_qk_activation else nn.Identity()
         self.norm = float(norm)
 
@@ -82,6 +87,7 @@ class EuclideanAttention(nn.Module):
         head_dim = n_features // n_degrees
         self.query = HeadwiseLinear(n_degrees, head_dim)
         self.key = HeadwiseLinear(n_degrees, head_dim)
+        self.use_qk_activation = use_qk_activation
         self.qk_activation = nn.SiLU() if use_qk_activation else nn.Identity()
         self.norm = float(norm)
 

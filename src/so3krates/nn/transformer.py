@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from so3krates.nn.attention import EuclideanAttention, InvariantAttention
@@ -16,7 +15,7 @@ from so3krates.nn.spherical import DegreeContraction
 class EdgeFeatures(NamedTuple):
     """Geometry of the edges, computed once per forward pass and shared by all layers.
 
-    rbf: (n_edges, n_rbf) — radial basis K_ij; None when the radial filters are read from a table.
+    rbf: (n_edges, n_rbf) — radial basis K_ij.
     cutoff: (n_edges,) — φ(d_ij).
     sph: (n_edges, n_sph) — Y(r̂_ij).
     idx_i, idx_j: (n_edges,) int64 — centre and neighbour atoms.
@@ -31,14 +30,6 @@ class EdgeFeatures(NamedTuple):
     distances: Tensor
 
 
-def first_of_pairs(per_edge: Tensor) -> Tensor:
-    """The first half of a per-edge tensor in paired order (:func:`so3krates.data.neighbors.paired_edges`).
-
-    A view, not a slice: a slice would give an exported program a guard n_pairs ≥ 2.
-    """
-    return per_edge.view(2, per_edge.shape[0] // 2, *per_edge.shape[1:])[0]
-
-
 class TransformerLayer(nn.Module):
     """Updates invariant features h (n_atoms, F) and Euclidean variables x (n_atoms, n_sph).
 
@@ -46,6 +37,9 @@ class TransformerLayer(nn.Module):
     2. filters w_ij = MLP_r(K_ij) + MLP_s(s_ij), one network per branch (Eq. 20),
     3. invariant attention Δh (Eqs. 15, 21) and Euclidean attention Δx (Eq. 22), added as residuals,
     4. exchange block (Eqs. 24–25), optionally wrapped in residual MLPs; optional pre-LayerNorms on h.
+
+    ``forward`` is ``update(h, x, filters(x, edges), edges)``: steps 1–2 and steps 3–4 are separate so that
+    the execution layer can compute the filters in another arrangement and reuse the rest.
     """
 
     def __init__(
@@ -78,53 +72,28 @@ class TransformerLayer(nn.Module):
         self.mlp_before_exchange = ResidualMLP(n_features) if use_residual_mlp else nn.Identity()
         self.mlp_after_exchange = ResidualMLP(n_features) if use_residual_mlp else nn.Identity()
 
-    def forward(
-        self,
-        h: Tensor,
-        x: Tensor,
-        edges: EdgeFeatures,
-        radial: list[Tensor] | None = None,
-        paired: bool = False,
+    @property
+    def filter_nets(self) -> list[FilterNet]:
+        """The filter network of each branch: invariant first, then Euclidean (if there is one)."""
+        return [self.invariant_filter] + (
+            [self.euclidean_filter] if self.euclidean_filter is not None else []
+        )
+
+    def filters(self, x: Tensor, edges: EdgeFeatures) -> list[Tensor]:
+        """w_ij of each branch (Eq. 20), one (n_edges, n_features) tensor each, invariant branch first."""
+        sph_invariants = self.contraction(x.index_select(0, edges.idx_j) - x.index_select(0, edges.idx_i))
+        return [net(edges.rbf, sph_invariants) for net in self.filter_nets]
+
+    def update(
+        self, h: Tensor, x: Tensor, filters: list[Tensor], edges: EdgeFeatures
     ) -> tuple[Tensor, Tensor]:
-        """h: (n_atoms, n_features), x: (n_atoms, n_sph) → updated (h, x).
-
-        radial: this layer's MLP_r, one (n_edges, F) tensor per branch, read from the radial-filter table
-            (so3krates.nn.radial_table), MLP_s's output bias included; or None to evaluate MLP_r here.
-        paired: the edges are in the order of :func:`so3krates.data.neighbors.paired_edges` and ``radial``
-            holds the first half only. The filters are symmetric, w_ij = w_ji (d_ij = d_ji and
-            s_ij = c(x_j − x_i) = s_ji), so they are evaluated for the first half and repeated.
-        """
+        """Attention with the given filters, residuals and the exchange block → updated (h, x)."""
         idx_i, idx_j = edges.idx_i, edges.idx_j
-        first_i, first_j = idx_i, idx_j
-        if paired:
-            if radial is None:
-                raise ValueError("paired edges need this layer's radial filters for the first half (radial)")
-            first_i, first_j = first_of_pairs(idx_i), first_of_pairs(idx_j)
-        sph_invariants = self.contraction(x.index_select(0, first_j) - x.index_select(0, first_i))
-        if radial is not None:
-            invariant_filters = self.invariant_filter.from_radial(radial[0], sph_invariants)
-        else:
-            invariant_filters = self.invariant_filter(edges.rbf, sph_invariants)
-        if paired:
-            invariant_filters = torch.cat([invariant_filters, invariant_filters])
-
         h_normed = self.norm_attention(h)
-        dh = self.invariant_attention(h_normed, invariant_filters, edges.cutoff, idx_i, idx_j)
+        dh = self.invariant_attention(h_normed, filters[0], edges.cutoff, idx_i, idx_j)
         if self.euclidean_attention is not None:
-            if radial is not None:
-                euclidean_filters = self.euclidean_filter.from_radial(radial[1], sph_invariants)
-            else:
-                euclidean_filters = self.euclidean_filter(edges.rbf, sph_invariants)
-            if paired:
-                euclidean_filters = torch.cat([euclidean_filters, euclidean_filters])
             x = x + self.euclidean_attention(
-                h_normed,
-                euclidean_filters,
-                edges.cutoff,
-                edges.sph,
-                self.contraction.degree_index,
-                idx_i,
-                idx_j,
+                h_normed, filters[1], edges.cutoff, edges.sph, self.contraction.degree_index, idx_i, idx_j
             )
         h = h + dh
 
@@ -132,3 +101,7 @@ class TransformerLayer(nn.Module):
         dh, dx = self.exchange(self.norm_exchange(h), x)
         h, x = h + dh, x + dx
         return self.mlp_after_exchange(h), x
+
+    def forward(self, h: Tensor, x: Tensor, edges: EdgeFeatures) -> tuple[Tensor, Tensor]:
+        """h: (n_atoms, n_features), x: (n_atoms, n_sph) → updated (h, x)."""
+        return self.update(h, x, self.filters(x, edges), edges)

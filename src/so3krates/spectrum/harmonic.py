@@ -27,7 +27,7 @@ from so3krates.data.graph import atoms_to_graph
 from so3krates.data.structure import unknown_elements
 from so3krates.errors import DataError
 from so3krates.files import atomic_path, save_figure
-from so3krates.model.derivatives import ForceField
+from so3krates.runtime.force_field import ForceField
 
 #: sqrt(eV/Å²/amu) → cm⁻¹, the conversion of ``ase.vibrations.VibrationsData`` (ħω in eV, then / invcm).
 SQRT_EIGENVALUE_TO_CM1 = units._hbar * units.m / np.sqrt(units._e * units._amu) / units.invcm  # ≈ 521.47
@@ -58,13 +58,12 @@ def hessian(model: nn.Module, atoms: Atoms, dtype: torch.dtype = torch.float64) 
     """
     energy_model = model.model if isinstance(model, ForceField) else model
     parameter = next(energy_model.parameters())
-    if parameter.dtype != dtype or getattr(energy_model, "tabulate", False) is not False:
+    if parameter.dtype != dtype:
         energy_model = copy.deepcopy(energy_model).to(dtype)
-        # The exact network: the radial-filter spline has second derivatives that jump at its nodes.
-        if hasattr(energy_model, "tabulate"):
-            energy_model.tabulate = False
+    # create_graph below: the planner takes the exact radial network (the spline's second derivatives
+    # jump at its nodes).
     force_field = ForceField(energy_model).eval()
-    graph = atoms_to_graph(atoms, force_field.cutoff, paired=True).to(device=parameter.device)
+    graph = atoms_to_graph(atoms, force_field.cutoff, pairs=True).to(device=parameter.device)
     positions = graph.positions.detach().requires_grad_(True)
     out = force_field(graph.replace(positions=positions), compute_forces=True, create_graph=True)
     forces = out[keys.FORCES].reshape(-1)

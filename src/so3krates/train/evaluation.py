@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from so3krates.data.dataset import batches
-from so3krates.model.derivatives import ForceField
-from so3krates.model.inference import predict_batches
+from so3krates.runtime.force_field import ForceField
+from so3krates.runtime.predict import predict_batches
 from so3krates.train.config import LossConfig
 from so3krates.train.distributed import Distributed
 from so3krates.train.loss import compute_loss

@@ -32,8 +32,8 @@ from so3krates.files import atomic_path
 from so3krates.interrupt import stop_requests
 from so3krates.memory import keep_freed_memory
 from so3krates.model.checkpoint import load_checkpoint, save_checkpoint
-from so3krates.model.derivatives import ForceField
 from so3krates.model.so3krates import So3krates, count_parameters
+from so3krates.runtime.force_field import ForceField
 from so3krates.train.config import TrainConfig, dump_config
 from so3krates.train.data import prepare_data
 from so3krates.train.distributed import Distributed, ShardForceField, process_group, run_on_main

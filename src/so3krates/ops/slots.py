@@ -1,17 +1,17 @@
-"""Sums over edges without scatter-adds: every atom's edges listed in a padded table ("slots").
+"""Sums over edges without scatter-adds: every atom's edges listed in a padded table, its "slots".
 
 ``index_add`` sums rows into atoms by scattering; a compiled CPU program can run such a loop on several
 threads only with an atomic addition per element (inductor then emits ``atomic_add_vec``, a
-compare-and-swap loop), which made the 999-water program 2.3× slower in those kernels than on one thread
-(``benchmarks/results/profile``). With a table that lists, for every atom, the edges that point to it, the
-same sum is a gather followed by a reduction over the table's second axis: each output row is written by
+compare-and-swap loop), which is slower on two threads than the same loop on one (measured in
+``benchmarks/results/profile``). With a table that lists, for every atom, the edges that point to it, the
+same sum is a gather followed by a reduction over the table's first axis: each output row is written by
 one thread, and the kernels can be threaded without atomics.
 
 The two autograd functions below use the table for the sum in their forward pass (``sum_rows``) or in their
 backward pass (``gather_rows``: the gradient of ``x[index]`` is a sum into the rows of ``x``). They are
 differentiable once: enough for forces and stress of a frozen model, which is what the calculator's
 compiled program computes; training keeps ``index_add`` (the gradient of the forces needs the second
-derivative).
+derivative). :mod:`so3krates.runtime.plan` allows slots only where that holds.
 
 No library does this for us: ``torch_scatter``'s CSR segment sums are separate compiled kernels that a
 compiled program cannot fuse with the products around them, and PyTorch's ``segment_reduce`` runs on one
@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from so3krates.nn.scatter import scatter_sum
+from so3krates.ops.scatter import scatter_sum
 
 
-def edge_slots(index: Tensor, n_rows: int, min_width: int = 1) -> Tensor:
+def build_slots(index: Tensor, n_rows: int, min_width: int = 0) -> Tensor:
     """(K, n_rows) int64: column r lists the positions e with ``index[e] == r``, padded with len(index).
 
     K is the largest count (at least ``min_width``). Built outside the compiled program, once per
@@ -84,14 +84,14 @@ class _SumRows(torch.autograd.Function):
 
 
 def gather_rows(x: Tensor, index: Tensor, slots: Tensor | None = None) -> Tensor:
-    """``x[index]``; with ``slots = edge_slots(index, len(x))``, its gradient sums without scatter-adds."""
+    """``x[index]``; with ``slots = build_slots(index, len(x))``, its gradient sums without scatter-adds."""
     if slots is None:
         return x.index_select(0, index)
     return _GatherRows.apply(x, index, slots)
 
 
 def sum_rows(src: Tensor, index: Tensor, n_rows: int, slots: Tensor | None = None) -> Tensor:
-    """``out[r] = Σ_{e: index[e] = r} src[e]``; with ``slots = edge_slots(index, n_rows)``: no scatter."""
+    """``out[r] = Σ_{e: index[e] = r} src[e]``; with ``slots = build_slots(index, n_rows)``: no scatter."""
     if slots is None:
         return scatter_sum(src, index, n_rows)
     return _SumRows.apply(src, index, slots)

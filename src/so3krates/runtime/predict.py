@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from so3krates.data.dataset import Labels, batches, collate_batch
-from so3krates.model.derivatives import ForceField
+from so3krates.runtime.force_field import ForceField
 
 
 def predict_batches(

@@ -1,4 +1,4 @@
-"""Sums over edges and over atoms of a structure.
+"""Sums of rows into buckets: messages over edges into atoms, atomic energies into structures.
 
 Written with ``index_add`` rather than a scatter library: it is differentiable twice (training needs the
 gradient of the forces), runs on every backend, and is all the model needs.

@@ -1,0 +1,213 @@
+"""The model evaluated by one plan: an energy function built once, and graphs → energy, forces, virial.
+
+:class:`EnergyFunction` is built once from a model and a :class:`~so3krates.runtime.plan.Plan`: the plan
+picks, at construction, how the radial filters are made (network or spline) and which layer implementation
+runs (modules or fused); pairs and slots arrive as data in the :class:`~so3krates.runtime.layout.EdgeLayout`.
+Its forward has no branch on a speed flag. :class:`Evaluator` adds the derivatives
+(:func:`so3krates.runtime.derivatives.derivatives`) for batched graphs.
+
+Weights: by default the dense matrices of the fused layers and of the radial networks are assembled from the
+parameters on every call (a few small operations, differentiable: training uses them). ``frozen=True``
+assembles them, and the spline, once at construction — the caller promises that the weights do not change
+afterwards (:class:`so3krates.runtime.force_field.ForceField` keeps its own frozen copy of the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from so3krates import keys
+from so3krates.data.graph import Graph
+from so3krates.model.so3krates import So3krates
+from so3krates.nn.transformer import EdgeFeatures, TransformerLayer
+from so3krates.ops.scatter import scatter_sum
+from so3krates.ops.spline import Spline
+from so3krates.runtime.derivatives import derivatives, stress_from_virial
+from so3krates.runtime.fused import LayerWeights, fused_layer, layer_weights
+from so3krates.runtime.layout import EdgeLayout
+from so3krates.runtime.plan import Plan, PlanError
+from so3krates.runtime.radial import (
+    RadialWeights,
+    build_filter_spline,
+    network_filters,
+    radial_weights,
+    spline_filters,
+)
+
+
+class Weights(NamedTuple):
+    """What a plan reads from the parameters besides the modules (None where it reads nothing).
+
+    radial: the radial networks of all layers (network plans).
+    layers: per layer, the fused matrices (fused plans) or None (modules).
+    """
+
+    radial: RadialWeights | None
+    layers: tuple[LayerWeights | None, ...]
+
+
+def assemble(model: So3krates, plan: Plan) -> Weights:
+    """The matrices ``plan`` reads, assembled from the model's parameters."""
+    radial = radial_weights(model) if plan.radial == "network" else None
+    fused = plan.layers == "fused"
+    return Weights(radial, tuple(layer_weights(layer) if fused else None for layer in model.layers))
+
+
+def _constant(weights: Weights) -> Weights:
+    return weights
+
+
+def _network_filters(model: So3krates, weights: Weights, distances: Tensor) -> list[Tensor]:
+    return network_filters(model, weights.radial, distances)
+
+
+def _spline_filters(model: So3krates, spline: Spline, weights: Weights, distances: Tensor) -> list[Tensor]:
+    return spline_filters(model, spline, distances)
+
+
+def module_layer(
+    layer: TransformerLayer,
+    weights: LayerWeights | None,
+    radial: list[Tensor],
+    h: Tensor,
+    x: Tensor,
+    features: EdgeFeatures,
+    edges: EdgeLayout,
+) -> tuple[Tensor, Tensor]:
+    """One layer through its modules, with the radial parts of the filters given (one per branch)."""
+    filters = radial
+    if layer.euclidean_attention is not None:
+        invariants = layer.contraction(edges.difference(x))
+        # The spherical part MLP_s(s_ij) − b_s (b_s sits in the radial part, so3krates.runtime.radial).
+        filters = [
+            r + torch.mm(nn.functional.silu(net.spherical_in(invariants)), net.spherical_out.weight.T)
+            for r, net in zip(radial, layer.filter_nets, strict=True)
+        ]
+    return layer.update(h, x, [edges.both(w) for w in filters], features)
+
+
+def _fused_layer(
+    layer: TransformerLayer,
+    weights: LayerWeights | None,
+    radial: list[Tensor],
+    h: Tensor,
+    x: Tensor,
+    features: EdgeFeatures,
+    edges: EdgeLayout,
+) -> tuple[Tensor, Tensor]:
+    return fused_layer(layer, weights, radial, h, x, features.cutoff, features.sph, edges)
+
+
+class EnergyFunction(nn.Module):
+    """Atomic energies of the model as ``plan`` evaluates them: (vectors, atomic numbers, edges) → E_i.
+
+    Args:
+        model: the energy model (not copied: with ``frozen`` the caller keeps its weights fixed).
+        plan: how to evaluate it; refused with a :class:`~so3krates.runtime.plan.PlanError` when it cannot
+            run on these weights.
+        frozen: assemble the weights and the spline once, now (inference); otherwise on every call.
+    """
+
+    def __init__(self, model: So3krates, plan: Plan, frozen: bool = False) -> None:
+        super().__init__()
+        plan.check(frozen=frozen)
+        if frozen and any(p.requires_grad for p in model.parameters()):
+            raise PlanError(
+                "frozen=True needs a model whose parameters need no gradient (requires_grad_(False))"
+            )
+        self.model = model
+        self.plan = plan
+        self.frozen = frozen
+        # The choices of the plan, made once: where the weights come from, how the radial parts are
+        # made, which layer implementation runs.
+        if frozen:
+            with torch.no_grad():
+                self.weights = partial(_constant, assemble(model, plan))
+        else:
+            self.weights = partial(assemble, model, plan)
+        if plan.radial == "spline":
+            self.radial = partial(_spline_filters, model, build_filter_spline(model))
+        else:
+            self.radial = partial(_network_filters, model)
+        self.layer: Callable[..., tuple[Tensor, Tensor]] = (
+            _fused_layer if plan.layers == "fused" else module_layer
+        )
+
+    def forward(self, vectors: Tensor, atomic_numbers: Tensor, edges: EdgeLayout) -> Tensor:
+        """Args:
+            vectors: (n_edges, 3) float, Å — ``R_j − R_i`` (plus image offset) of each edge.
+            atomic_numbers: (n_atoms,) int64.
+            edges: the layout of the edges (pairs and slots as the plan expects them).
+
+        Returns:
+            (n_atoms,) float64, eV — atomic energies E_i.
+        """
+        model = self.model
+        weights = self.weights()
+        features = model.edge_features(vectors, edges.idx_i, edges.idx_j, with_rbf=False)
+        radial = self.radial(weights, edges.first(features.distances))  # T·B tensors, layer by layer
+        n_atoms = atomic_numbers.shape[0]
+        h = model.embedding(atomic_numbers)
+        x = model.initial_euclidean(features, n_atoms, edges.sum_i)
+        n_branches = len(radial) // max(len(model.layers), 1)
+        for k, layer in enumerate(model.layers):
+            branches = radial[k * n_branches : (k + 1) * n_branches]
+            h, x = self.layer(layer, weights.layers[k], branches, h, x, features, edges)
+        return model.readout(h, atomic_numbers)
+
+
+class Evaluator(nn.Module):
+    """Batched graphs → energy, atomic energies, forces, virial and stress, through one energy function.
+
+    Args:
+        energy: an :class:`EnergyFunction`, or the same compiled by ``torch.compile``.
+        plan: its plan (what the graph's layout must provide).
+    """
+
+    def __init__(self, energy: nn.Module, plan: Plan) -> None:
+        super().__init__()
+        self.energy = energy
+        self.plan = plan
+
+    def forward(
+        self,
+        graph: Graph,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+        create_graph: bool = False,
+    ) -> dict[str, Tensor]:
+        """The outputs of ``ForceField.forward`` (see there) for one plan."""
+        if self.plan.pairs and not graph.pairs:
+            raise PlanError(f"plan {self.plan.describe()} needs the edges in pair order (Graph.pairs)")
+        edges = EdgeLayout.build(graph.idx_i, graph.idx_j, graph.n_atoms, self.plan.pairs, self.plan.slots)
+        vectors = graph.edge_vectors()
+        derive = compute_forces or compute_stress
+        if derive and not vectors.requires_grad:  # positions without a gradient: differentiate from here
+            vectors.requires_grad_(True)
+        atomic_energies = self.energy(vectors, graph.atomic_numbers, edges)
+        energy = scatter_sum(atomic_energies, graph.batch, graph.n_graphs)
+        out = {keys.ENERGY: energy, keys.ATOMIC_ENERGIES: atomic_energies}
+        if not derive:
+            return out
+        result = derivatives(
+            energy,
+            vectors,
+            edges,
+            graph.n_atoms,
+            compute_forces=compute_forces,
+            compute_virial=compute_stress,
+            create_graph=create_graph,
+            edge_graph=graph.batch.index_select(0, graph.idx_i) if graph.n_graphs > 1 else None,
+            n_graphs=graph.n_graphs,
+        )
+        if compute_forces:
+            out[keys.FORCES] = result.forces
+        if compute_stress:
+            out[keys.VIRIAL] = result.virial
+            out[keys.STRESS] = stress_from_virial(result.virial, graph.cell)
+        return out

@@ -1,0 +1,146 @@
+"""The force field: a model and the way it runs, graphs → energy, atomic energies, forces, stress, virial.
+
+Every consumer of a model goes through :class:`ForceField`: training and evaluation (batched graphs,
+weights that change), the ASE calculator, MD and LAMMPS (one structure at a time, frozen weights, possibly
+compiled). For each call it asks its :class:`~so3krates.runtime.plan.Planner` for a plan and a thread
+count, and runs the evaluator of that plan, built at its first use: an
+:class:`~so3krates.runtime.evaluator.Evaluator` (eager, or ``torch.compile``) or a compiled AOTInductor
+:class:`~so3krates.runtime.programs.Program`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from so3krates.data.graph import Graph
+from so3krates.model.so3krates import So3krates
+from so3krates.runtime.evaluator import EnergyFunction, Evaluator
+from so3krates.runtime.plan import Plan, PlanError, Planner, check_compile_mode
+
+T = TypeVar("T")
+
+
+class ForceField(nn.Module):
+    """Wraps an energy model (``Graph → (n_atoms,)`` atomic energies, eV) into a force field.
+
+    Args:
+        model: the energy model; it must expose ``cutoff`` (Å), used to build neighbour lists.
+        compile: ``"none"`` (eager), ``"inductor"`` (``torch.compile``, dynamic shapes) or ``"aoti"``
+            (native CPU programs compiled ahead of time and cached on disk; needs ``frozen``).
+        frozen: for inference only (calculator, MD, export): the force field keeps its own frozen copy of
+            the model in its current dtype and device, and assembles what the evaluators read from the
+            weights once. This allows the radial spline, slots and compiled programs. Without it, the model
+            is used as it is, and weights that change between calls (training) are always current.
+        planner: the thresholds that choose a plan for each call (default ``Planner()``).
+    """
+
+    def __init__(
+        self,
+        model: So3krates,
+        compile: str = "none",
+        frozen: bool = False,
+        planner: Planner | None = None,
+    ) -> None:
+        super().__init__()
+        device = next(model.parameters()).device
+        check_compile_mode(compile, frozen, device)
+        if frozen:
+            model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = model
+        self.cutoff = float(model.cutoff)
+        self.compile = compile
+        self.frozen = frozen
+        self.planner = planner or Planner()
+        # Plan → evaluator, built at first use. A plain dict: the evaluators share self.model, whose
+        # parameters are registered once.
+        self._evaluators: dict[Plan, Callable[..., dict[str, Tensor]]] = {}
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .float(): evaluators of a frozen force field hold matrices of the old dtype and device.
+        self._evaluators = {}
+        return super()._apply(fn, recurse)
+
+    def plan(self, graph: Graph, create_graph: bool = False, threads: int | None = None) -> Plan:
+        """The plan of a call on ``graph`` (on ``threads`` threads; default: what the planner gives)."""
+        if threads is None:
+            threads = self.threads(graph)
+        return self.planner.plan(
+            graph.n_edges,
+            dtype=self.model.dtype,
+            frozen=self.frozen,
+            create_graph=create_graph,
+            pairs=graph.pairs,
+            threads=threads,
+            compile=self.compile,
+        )
+
+    def threads(self, graph: Graph) -> int:
+        """The number of threads a call on ``graph`` runs on."""
+        device = next(self.model.parameters()).device
+        return self.planner.threads(graph.n_edges, torch.get_num_threads(), device, self.frozen)
+
+    def energy_function(self, plan: Plan) -> nn.Module:
+        """The energy function of ``plan``, (vectors, atomic numbers, edges) → E_i (ML-IAP calls it)."""
+        if self.compile == "aoti":
+            raise PlanError("a force field of aoti programs has no separate energy function")
+        return self.evaluator(plan).energy
+
+    def evaluator(self, plan: Plan) -> Callable[..., dict[str, Tensor]]:
+        """The evaluator of ``plan`` in this force field's compile mode, built at its first use."""
+        evaluator = self._evaluators.get(plan)
+        if evaluator is None:
+            if self.compile == "aoti":
+                from so3krates.runtime.programs import cached_program
+
+                evaluator = cached_program(self.model, plan)
+            else:
+                energy: nn.Module = EnergyFunction(self.model, plan, frozen=self.frozen)
+                if self.compile == "inductor":
+                    from so3krates.runtime.programs import compile_energy
+
+                    energy = compile_energy(energy)
+                evaluator = Evaluator(energy, plan)
+            self._evaluators[plan] = evaluator
+        return evaluator
+
+    def forward(
+        self,
+        graph: Graph,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+        create_graph: bool = False,
+    ) -> dict[str, Tensor]:
+        """Evaluates the model and the derivatives asked for.
+
+        Args:
+            graph: a batch of structures (compiled programs: one structure).
+            compute_forces: also return forces.
+            compute_stress: also return stress and virial (zero stress for structures without a cell).
+            create_graph: keep the graph of the derivatives, as training on forces and Hessians need;
+                leave it off for inference, where it only costs memory.
+
+        Returns:
+            A dict with ``energy`` (n_graphs,) eV and ``atomic_energies`` (n_atoms,) eV, plus ``forces``
+            (n_atoms, 3) eV/Å, and ``stress`` (n_graphs, 3, 3) eV/Å³ and ``virial`` (n_graphs, 3, 3) eV when
+            asked for.
+        """
+        threads = self.threads(graph)
+        evaluator = self.evaluator(self.plan(graph, create_graph, threads))
+        return run_on_threads(threads, evaluator, graph, compute_forces, compute_stress, create_graph)
+
+
+def run_on_threads(threads: int, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` with torch on ``threads`` threads, restored afterwards."""
+    available = torch.get_num_threads()
+    if threads == available:
+        return function(*args)
+    torch.set_num_threads(threads)
+    try:
+        return function(*args)
+    finally:
+        torch.set_num_threads(available)

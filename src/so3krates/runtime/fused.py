@@ -1,0 +1,144 @@
+"""Fused layers: the equations of ``TransformerLayer`` in fewer and larger kernels.
+
+The modules (``attention.py``, ``filters.py``, ``transformer.py``) spell out Eqs. (15–25) one object per
+equation; that is the reference. For a 9-atom molecule each of their ~75 small operations per layer costs
+more in dispatch than in arithmetic, and the backward pass doubles it. Here the same parameters are
+assembled into a few dense matrices, so that one layer is about 30 operations:
+
+- every query, key and value projection of both branches is one product ``h @ W`` with a block-diagonal
+  ``W`` (F × 5F); the heads are blocks;
+- the spherical parts of the filters of both branches come from one small MLP (the radial parts are
+  computed for all layers at once, :mod:`so3krates.runtime.radial`);
+- the per-head sums of q·w·k of both branches are one product with a fixed head-indicator matrix that
+  also carries the 1/norm, and their expansion back to features (invariant branch) and spherical components
+  (Euclidean branch) is another;
+- Δh and Δx are summed over edges in one sum (``EdgeLayout.sum_i``: a scatter-add, or through slots).
+
+The weights are read through the modules' named interfaces only (``HeadwiseLinear.dense``,
+``FilterNet.spherical_in`` …); the layer norms, the exchange block and the residual MLPs are the modules
+themselves. The results equal the modules' to round-off (``tests/test_plans.py``, every model variant).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from so3krates.nn.transformer import TransformerLayer
+from so3krates.runtime.layout import EdgeLayout
+
+
+class LayerWeights(NamedTuple):
+    """The dense matrices of one transformer layer (n_branches B = 2 with Euclidean variables, else 1)."""
+
+    projection: Tensor  # (F, 2·B·F + F): queries of all branches | keys of all branches | values
+    spherical_in: tuple[Tensor, Tensor] | None  # first spherical layer of both branches: (D, B·F/4), (B·F/4,)
+    spherical_out: tuple[Tensor, ...]  # per branch: second spherical layer (F/4, F), no bias
+    head_sums: Tensor  # (B·F, H + D): 1/norm where feature f belongs to head k
+    head_expand: Tensor  # (H + D, F + n_sph): 1 where a head's coefficient multiplies a value component
+
+
+def layer_weights(layer: TransformerLayer) -> LayerWeights:
+    """Assembles the matrices of one layer from its parameters (differentiable: training can use them)."""
+    invariant, euclidean = layer.invariant_attention, layer.euclidean_attention
+    attentions = [invariant] + ([euclidean] if euclidean is not None else [])
+    projection = torch.cat(
+        [a.query.dense() for a in attentions]
+        + [a.key.dense() for a in attentions]
+        + [invariant.value.dense()],
+        dim=1,
+    )
+    nets = layer.filter_nets
+    # The second layers stay per branch: block-diagonal matrices would double their arithmetic.
+    spherical_in, spherical_out = None, ()
+    if euclidean is not None:
+        spherical_in = (
+            torch.cat([net.spherical_in.weight.T for net in nets], dim=1),
+            torch.cat([net.spherical_in.bias for net in nets]),
+        )
+        spherical_out = tuple(net.spherical_out.weight.T for net in nets)
+    dtype, device = projection.dtype, projection.device
+    n_features = invariant.query.n_heads * invariant.query.head_dim
+    n_heads = [a.query.n_heads for a in attentions]
+    n_sph = layer.contraction.n_sph
+    head_sums = torch.zeros(len(attentions) * n_features, sum(n_heads), dtype=dtype, device=device)
+    head_expand = torch.zeros(sum(n_heads), n_features + n_sph, dtype=dtype, device=device)
+    column = 0
+    for branch, attention in enumerate(attentions):
+        head_dim = attention.query.head_dim
+        for head in range(attention.query.n_heads):
+            rows = slice(branch * n_features + head * head_dim, branch * n_features + (head + 1) * head_dim)
+            head_sums[rows, column + head] = 1.0 / attention.norm
+        column += attention.query.n_heads
+    invariant_dim = invariant.query.head_dim
+    for head in range(n_heads[0]):
+        head_expand[head, head * invariant_dim : (head + 1) * invariant_dim] = 1.0
+    if euclidean is not None:
+        degree_index = layer.contraction.degree_index
+        head_expand[n_heads[0] + degree_index, n_features + torch.arange(n_sph, device=device)] = 1.0
+    return LayerWeights(projection, spherical_in, spherical_out, head_sums, head_expand)
+
+
+def fused_layer(
+    layer: TransformerLayer,
+    weights: LayerWeights,
+    radial: list[Tensor],
+    h: Tensor,
+    x: Tensor,
+    cutoff: Tensor,
+    sph: Tensor,
+    edges: EdgeLayout,
+) -> tuple[Tensor, Tensor]:
+    """One transformer layer (the computation of ``TransformerLayer.forward``) with fused weights.
+
+    Args:
+        layer: the TransformerLayer (for its layer norms, exchange block and MLPs).
+        weights: its fused matrices.
+        radial: per branch, the radial part of its filters (n_first, F) (:mod:`so3krates.runtime.radial`).
+        h, x: (n_atoms, F), (n_atoms, n_sph) — features and Euclidean variables.
+        cutoff: (n_edges,) φ(d_ij); sph: (n_edges, n_sph) Y(r̂_ij).
+        edges: the layout; with pairs, ``radial`` holds the first of each pair only.
+    """
+    n_features = h.shape[1]
+    n_branches = len(radial)
+    width = n_branches * n_features
+    filters = radial
+    if weights.spherical_in is not None:
+        # w_ij = radial part + MLP_s(s_ij) − b_s per branch (Eq. 20), the spherical part in one small MLP.
+        invariants = layer.contraction(edges.difference(x))
+        hidden = torch.nn.functional.silu(
+            torch.addmm(weights.spherical_in[1], invariants, weights.spherical_in[0])
+        )
+        hidden = hidden.split(hidden.shape[1] // n_branches, dim=1)
+        filters = [
+            torch.addmm(f, s, w) for f, s, w in zip(filters, hidden, weights.spherical_out, strict=True)
+        ]
+    filters = edges.both(torch.cat(filters, dim=1) if n_branches > 1 else filters[0])
+
+    projected = layer.norm_attention(h) @ weights.projection  # [q | k | v], (n_atoms, 2·B·F + F)
+    # Split, not slice: the backward of a split is one cat, that of a slice a zero-filled copy.
+    queries, keys_values = projected.split([width, width + n_features], dim=1)
+    if layer.invariant_attention.use_qk_activation:
+        keys, values = keys_values.split([width, n_features], dim=1)
+        queries = torch.nn.functional.silu(queries)
+        keys_values = torch.cat([torch.nn.functional.silu(keys), values], dim=1)
+    queries = edges.gather_i(queries)
+    keys, values = edges.gather_j(keys_values).split([width, n_features], dim=1)
+    # α_ij (invariant heads) and β_ij (one head per degree), Eqs. (21–22), in one product.
+    coefficients = ((queries * filters * keys) @ weights.head_sums) * cutoff[:, None]
+    if weights.spherical_in is not None:
+        values = torch.cat([values, sph], dim=1)
+    messages = (coefficients @ weights.head_expand) * values  # [α v_j | β Y_ij] per edge
+    updates = edges.sum_i(messages, h.shape[0])
+    if weights.spherical_in is not None:
+        dh, dx = updates.split([n_features, x.shape[1]], dim=1)
+        h, x = h + dh, x + dx
+    else:
+        h = h + updates
+
+    h = layer.mlp_before_exchange(h)
+    dh, dx = layer.exchange(layer.norm_exchange(h), x)
+    h, x = h + dh, x + dx
+    return layer.mlp_after_exchange(h), x

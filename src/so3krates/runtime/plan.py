@@ -1,0 +1,178 @@
+"""How one call is evaluated: the plan, the rules that make a plan legal, and the thresholds that choose it.
+
+A :class:`Plan` names one of the ways to compute the same energy (:mod:`so3krates.runtime.evaluator`):
+
+- ``layers``: ``"modules"`` evaluates each layer through the modules of :mod:`so3krates.nn`, one per
+  equation; ``"fused"`` through a few large products (:mod:`so3krates.runtime.fused`). Fewer, larger
+  kernels win on molecules, where dispatch dominates; on large graphs the fused layers' wider per-edge
+  tensors cost more memory traffic than they save.
+- ``radial``: the radial filters MLP_r(K(d)) of all layers from their ``"network"`` or read from a
+  ``"spline"`` of it in d (:mod:`so3krates.ops.spline`).
+- ``pairs``: the filters once per pair of atoms, for edges in pair order (:mod:`so3krates.runtime.layout`).
+- ``slots``: sums over edges through edge slots instead of scatter-adds, so that a compiled program can run
+  every kernel on all threads.
+
+Every legal plan gives the reference model's numbers (to round-off; the spline to its interpolation error,
+below float32 round-off) — the test matrix in ``tests/test_plans.py`` runs them all. :meth:`Plan.check`
+refuses the others with a message, and :class:`Planner` is the only place that chooses between them; the
+measurements behind its thresholds are in ``benchmarks/results/thresholds.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from so3krates.errors import So3kratesError
+
+LAYERS = ("modules", "fused")
+RADIAL = ("network", "spline")
+#: ``none``: eager PyTorch; ``inductor``: ``torch.compile`` of the energy function; ``aoti``: forward and
+#: backward compiled ahead of time into one native CPU program (:mod:`so3krates.runtime.programs`).
+COMPILE_MODES = ("none", "inductor", "aoti")
+
+
+class PlanError(So3kratesError, ValueError):
+    """A plan, or a way to run it, that cannot give the model's numbers."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One way to evaluate the model (see the module docstring)."""
+
+    layers: str = "modules"
+    radial: str = "network"
+    pairs: bool = False
+    slots: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layers not in LAYERS:
+            raise PlanError(f"plan: layers must be one of {', '.join(LAYERS)}, not {self.layers!r}")
+        if self.radial not in RADIAL:
+            raise PlanError(f"plan: radial must be one of {', '.join(RADIAL)}, not {self.radial!r}")
+
+    def problems(self, frozen: bool, create_graph: bool = False) -> list[str]:
+        """Why this plan cannot run on weights that are (not) ``frozen`` with(out) second derivatives."""
+        problems = []
+        if self.slots and self.layers != "fused":
+            problems.append("slots need the fused layers (layers='fused')")
+        if self.radial == "spline" and not frozen:
+            problems.append("a radial spline is built once from the weights: it needs frozen weights")
+        if self.slots and not frozen:
+            problems.append("slots are differentiable once: they need frozen weights, not training")
+        if create_graph and self.radial == "spline":
+            problems.append("the spline's second derivatives jump at its nodes: use radial='network'")
+        if create_graph and self.slots:
+            problems.append("slots are differentiable once: second derivatives need slots=False")
+        return problems
+
+    def check(self, frozen: bool, create_graph: bool = False) -> None:
+        """Raises :class:`PlanError`, naming every reason, when the plan is not legal here."""
+        problems = self.problems(frozen, create_graph)
+        if problems:
+            raise PlanError(f"plan {self.describe()} cannot run: {'; '.join(problems)}")
+
+    def describe(self) -> str:
+        """E.g. ``fused layers, spline, pairs, slots``."""
+        parts = [f"{self.layers} layers", "spline" if self.radial == "spline" else "network"]
+        return ", ".join(parts + [name for name in ("pairs", "slots") if getattr(self, name)])
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def every_plan() -> list[Plan]:
+    """All combinations of the four choices, legal or not (16)."""
+    return [
+        Plan(layers, radial, pairs, slots)
+        for layers, radial, pairs, slots in itertools.product(LAYERS, RADIAL, (False, True), (False, True))
+    ]
+
+
+def legal_plans(frozen: bool, create_graph: bool = False) -> list[Plan]:
+    """The plans that can run on (not) ``frozen`` weights with(out) second derivatives."""
+    return [plan for plan in every_plan() if not plan.problems(frozen, create_graph)]
+
+
+def check_compile_mode(compile: str, frozen: bool, device: torch.device | str) -> None:
+    """Refuses a compile mode that cannot run here."""
+    if compile not in COMPILE_MODES:
+        raise PlanError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {compile!r}")
+    if compile == "aoti" and torch.device(device).type != "cpu":
+        raise PlanError("compile='aoti' builds a CPU program; use compile='inductor' on other devices")
+    if compile == "aoti" and not frozen:
+        raise PlanError("compile='aoti' compiles the weights into the program: it needs frozen weights")
+
+
+@dataclass(frozen=True)
+class Planner:
+    """Chooses the plan of each call from the situation; every threshold of the execution layer is here.
+
+    Args:
+        fused_max_edges: fused layers up to this many edges in eager and ``inductor`` mode.
+        aoti_fused_max_edges: fused layers up to this many edges in ``aoti`` programs (beyond, the modules'
+            program for its smaller memory).
+        single_thread_edges: frozen CPU calls of up to this many edges run on one thread even when torch
+            has more: a second thread costs more in synchronisation than it gains. 0 turns this off.
+        spline: radial filters from the spline: ``None`` (default) for frozen float32 weights on the fused
+            layers, where its error is below float32 round-off; ``True`` wherever legal; ``False`` never.
+        pairs: use pair order when the edges come in it (it is a property of the neighbour list).
+    """
+
+    fused_max_edges: int = 2000
+    aoti_fused_max_edges: int = 200_000
+    single_thread_edges: int = 1000
+    spline: bool | None = None
+    pairs: bool = True
+
+    def threads(self, n_edges: int, available: int, device: torch.device | str, frozen: bool) -> int:
+        """The number of threads a call of ``n_edges`` edges should run on."""
+        small = frozen and torch.device(device).type == "cpu" and n_edges <= self.single_thread_edges
+        return 1 if small and available > 1 else available
+
+    def plan(
+        self,
+        n_edges: int,
+        dtype: torch.dtype,
+        frozen: bool,
+        create_graph: bool = False,
+        pairs: bool = False,
+        threads: int = 1,
+        compile: str = "none",
+    ) -> Plan:
+        """The plan for one call.
+
+        Args:
+            n_edges: edges of the graph.
+            dtype: the network's dtype.
+            frozen: the weights stay as they are (inference): spline and slots are possible.
+            create_graph: second derivatives are needed (training on forces, Hessians).
+            pairs: the edges are in pair order.
+            threads: threads the call runs on (see :meth:`threads`).
+            compile: the compile mode (``COMPILE_MODES``).
+        """
+        fused_max = self.aoti_fused_max_edges if compile == "aoti" else self.fused_max_edges
+        layers = "fused" if n_edges <= fused_max else "modules"
+        spline = self.spline if self.spline is not None else (dtype == torch.float32 and layers == "fused")
+        once = frozen and not create_graph
+        # Slots pay off only where the kernels are threaded, which only an aoti program does for us.
+        slots = compile == "aoti" and layers == "fused" and threads > 1
+        return Plan(layers, "spline" if spline and once else "network", pairs and self.pairs, slots and once)
+
+    def complete(
+        self,
+        dtype: torch.dtype,
+        layers: str = "modules",
+        radial: str | None = None,
+        pairs: bool = False,
+        slots: bool = False,
+    ) -> Plan:
+        """A plan for a file that will serve graphs of any size (``so3krates export``): ``radial`` None
+        takes the spline where :meth:`plan` would (float32, fused layers, ``spline`` not False)."""
+        if radial is None:
+            default = self.spline if self.spline is not None else dtype == torch.float32 and layers == "fused"
+            radial = "spline" if default else "network"
+        return Plan(layers, radial, pairs, slots)

@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     evaluator = Evaluator(EnergyFunction(force_field.model, executed_plan, frozen=True), executed_plan)
     with FlopCounterMode(display=False) as executed:
         energy = float(evaluator(graph)["energy"].detach()[0])
-    network_plan = Plan(plan.layers, "network")
+    # The eager choice for trainable weights (no spline, no pairs): the modules above 2,000 edges, which
+    # need less memory than the fused layers there.
+    network_plan = Planner().plan(graph.n_edges, dtype, frozen=False)
     network = Evaluator(EnergyFunction(force_field.model, network_plan, frozen=True), network_plan)
     with FlopCounterMode(display=False) as counter:
         network(atoms_to_graph(atoms, model.cutoff))

@@ -185,10 +185,12 @@ class Evaluator(nn.Module):
         if self.plan.pairs and not graph.pairs:
             raise PlanError(f"plan {self.plan.describe()} needs the edges in pair order (Graph.pairs)")
         edges = EdgeLayout.build(graph.idx_i, graph.idx_j, graph.n_atoms, self.plan.pairs, self.plan.slots)
-        vectors = graph.edge_vectors()
         derive = compute_forces or compute_stress
-        if derive and not vectors.requires_grad:  # positions without a gradient: differentiate from here
-            vectors.requires_grad_(True)
+        if derive and not graph.positions.requires_grad:
+            # The positions are the autograd leaf, the derivatives are taken at the edge vectors computed
+            # from them (a leaf as a module's input trips the hooks of profilers such as FlopCounterMode).
+            graph = graph.replace(positions=graph.positions.detach().requires_grad_(True))
+        vectors = graph.edge_vectors()
         atomic_energies = self.energy(vectors, graph.atomic_numbers, edges)
         energy = scatter_sum(atomic_energies, graph.batch, graph.n_graphs)
         out = {keys.ENERGY: energy, keys.ATOMIC_ENERGIES: atomic_energies}

@@ -52,6 +52,7 @@ class ForceField(nn.Module):
         if frozen:
             model = copy.deepcopy(model).eval().requires_grad_(False)
         self.model = model
+        self.device, self.dtype = device, model.dtype  # read on every call
         self.cutoff = float(model.cutoff)
         self.compile = compile
         self.frozen = frozen
@@ -63,7 +64,9 @@ class ForceField(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(), .float(): evaluators of a frozen force field hold matrices of the old dtype and device.
         self._evaluators = {}
-        return super()._apply(fn, recurse)
+        module = super()._apply(fn, recurse)
+        self.device, self.dtype = next(self.model.parameters()).device, self.model.dtype
+        return module
 
     def plan(self, graph: Graph, create_graph: bool = False, threads: int | None = None) -> Plan:
         """The plan of a call on ``graph`` (on ``threads`` threads; default: what the planner gives)."""
@@ -71,7 +74,7 @@ class ForceField(nn.Module):
             threads = self.threads(graph)
         return self.planner.plan(
             graph.n_edges,
-            dtype=self.model.dtype,
+            dtype=self.dtype,
             frozen=self.frozen,
             create_graph=create_graph,
             pairs=graph.pairs,
@@ -81,8 +84,7 @@ class ForceField(nn.Module):
 
     def threads(self, graph: Graph) -> int:
         """The number of threads a call on ``graph`` runs on."""
-        device = next(self.model.parameters()).device
-        return self.planner.threads(graph.n_edges, torch.get_num_threads(), device, self.frozen)
+        return self.planner.threads(graph.n_edges, torch.get_num_threads(), self.device, self.frozen)
 
     def energy_function(self, plan: Plan) -> nn.Module:
         """The energy function of ``plan``, (vectors, atomic numbers, edges) → E_i (ML-IAP calls it)."""

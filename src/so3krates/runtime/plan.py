@@ -21,6 +21,7 @@ measurements behind its thresholds are in ``benchmarks/results/thresholds.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -84,6 +85,12 @@ class Plan:
         return dataclasses.asdict(self)
 
 
+@functools.cache
+def _plan(layers: str, radial: str, pairs: bool, slots: bool) -> Plan:
+    """The one instance of each plan (``Planner.plan`` runs on every call; making a Plan takes µs)."""
+    return Plan(layers, radial, pairs, slots)
+
+
 def every_plan() -> list[Plan]:
     """All combinations of the four choices, legal or not (16)."""
     return [
@@ -129,8 +136,9 @@ class Planner:
     pairs: bool = True
 
     def threads(self, n_edges: int, available: int, device: torch.device | str, frozen: bool) -> int:
-        """The number of threads a call of ``n_edges`` edges should run on."""
-        small = frozen and torch.device(device).type == "cpu" and n_edges <= self.single_thread_edges
+        """The number of threads a call of ``n_edges`` edges should run on (``device``: e.g. ``"cpu"``)."""
+        on_cpu = (device if isinstance(device, str) else device.type).startswith("cpu")
+        small = frozen and on_cpu and n_edges <= self.single_thread_edges
         return 1 if small and available > 1 else available
 
     def plan(
@@ -160,7 +168,7 @@ class Planner:
         once = frozen and not create_graph
         # Slots pay off only where the kernels are threaded, which only an aoti program does for us.
         slots = compile == "aoti" and layers == "fused" and threads > 1
-        return Plan(layers, "spline" if spline and once else "network", pairs and self.pairs, slots and once)
+        return _plan(layers, "spline" if spline and once else "network", pairs and self.pairs, slots and once)
 
     def complete(
         self,

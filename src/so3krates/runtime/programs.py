@@ -66,8 +66,8 @@ class ProgramFunction(nn.Module):
         *slots: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         edges = EdgeLayout(idx_i, idx_j, self.pairs, *slots)
+        positions = positions.detach().requires_grad_(True)  # the leaf; derivatives at the edge vectors
         vectors = positions.index_select(0, idx_j) - positions.index_select(0, idx_i) + torch.mm(shifts, cell)
-        vectors = vectors.detach().requires_grad_(True)
         atomic_energies = self.energy(vectors, atomic_numbers, edges)
         energy = atomic_energies.sum()
         result = derivatives(energy, vectors, edges, positions.shape[0], compute_virial=True)

@@ -61,9 +61,8 @@ class So3kratesCalculator(Calculator):
             compiled ahead of time into native CPU programs (:mod:`so3krates.runtime.programs`), kept in
             ``~/.cache/so3krates`` (or ``$SO3KRATES_CACHE_DIR``) so that only the first run with a model
             compiles (about a minute per program). Worth it for long MD runs.
-        pairs: build the neighbour list in pair order (``so3krates.data.neighbors.pair_order``);
-            ``False``: the plain list (for comparisons; the numbers are the same to round-off).
-        planner: the thresholds that choose how each call is evaluated (``so3krates.runtime.Planner``).
+        planner: the thresholds that choose how each call is evaluated (``so3krates.runtime.Planner``;
+            e.g. ``Planner(pairs=False)`` evaluates the filters once per edge, for comparisons).
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -77,7 +76,6 @@ class So3kratesCalculator(Calculator):
         min_distance: float = 0.1,
         species: list[int] | None = None,
         compile: bool | str = False,
-        pairs: bool = True,
         planner: Planner | None = None,
         **kwargs,
     ) -> None:
@@ -116,7 +114,6 @@ class So3kratesCalculator(Calculator):
         self.cutoff = float(self.force_field.cutoff)
         self.skin = float(skin)
         self.min_distance = float(min_distance)
-        self.pairs = bool(pairs)
         self.n_neighbor_list_builds = 0
         self._reference: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -145,7 +142,7 @@ class So3kratesCalculator(Calculator):
                     self._displacement = float(displacement)
                     return self._edges
         edges = neighbor_list(positions, cell, pbc, self.cutoff + self.skin)
-        ordered = pair_order(edges) if self.pairs else None
+        ordered = pair_order(edges)  # None only for a list that is not symmetric
         self._pairs = ordered is not None
         edges = ordered if ordered is not None else edges
         vectors = positions[edges.idx_j] - positions[edges.idx_i] + edges.shifts @ cell

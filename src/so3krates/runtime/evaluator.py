@@ -41,33 +41,42 @@ from so3krates.runtime.radial import (
 
 
 class Weights(NamedTuple):
-    """What a plan reads from the parameters besides the modules (None where it reads nothing).
+    """What a plan reads from the parameters besides the modules, per layer (None where it reads nothing).
 
-    radial: the radial networks of all layers (network plans).
-    layers: per layer, the fused matrices (fused plans) or None (modules).
+    radial: the radial networks (network plans).
+    layers: the fused matrices (fused plans).
     """
 
-    radial: RadialWeights | None
+    radial: tuple[RadialWeights | None, ...]
     layers: tuple[LayerWeights | None, ...]
 
 
 def assemble(model: So3krates, plan: Plan) -> Weights:
     """The matrices ``plan`` reads, assembled from the model's parameters."""
-    radial = radial_weights(model) if plan.radial == "network" else None
-    fused = plan.layers == "fused"
-    return Weights(radial, tuple(layer_weights(layer) if fused else None for layer in model.layers))
+    network, fused = plan.radial == "network", plan.layers == "fused"
+    return Weights(
+        tuple(radial_weights(layer) if network else None for layer in model.layers),
+        tuple(layer_weights(layer) if fused else None for layer in model.layers),
+    )
 
 
 def _constant(weights: Weights) -> Weights:
     return weights
 
 
-def _network_filters(model: So3krates, weights: Weights, distances: Tensor) -> list[Tensor]:
-    return network_filters(model, weights.radial, distances)
+def _network_filters(model: So3krates, weights: Weights, distances: Tensor) -> Callable[[int], list[Tensor]]:
+    """Layer k → its radial parts, evaluated when the layer runs (the radial basis once for all)."""
+    rbf = model.radial_basis(distances)
+    return lambda k: network_filters(weights.radial[k], rbf)
 
 
-def _spline_filters(model: So3krates, spline: Spline, weights: Weights, distances: Tensor) -> list[Tensor]:
-    return spline_filters(model, spline, distances)
+def _spline_filters(
+    model: So3krates, spline: Spline, weights: Weights, distances: Tensor
+) -> Callable[[int], list[Tensor]]:
+    """Layer k → its radial parts, read for all layers at once (four row gathers per edge)."""
+    parts = spline_filters(model, spline, distances)
+    n_branches = len(parts) // len(model.layers)
+    return lambda k: parts[k * n_branches : (k + 1) * n_branches]
 
 
 def module_layer(
@@ -150,14 +159,12 @@ class EnergyFunction(nn.Module):
         model = self.model
         weights = self.weights()
         features = model.edge_features(vectors, edges.idx_i, edges.idx_j, with_rbf=False)
-        radial = self.radial(weights, edges.first(features.distances))  # T·B tensors, layer by layer
+        radial = self.radial(weights, edges.first(features.distances))  # layer k → its radial parts
         n_atoms = atomic_numbers.shape[0]
         h = model.embedding(atomic_numbers)
         x = model.initial_euclidean(features, n_atoms, edges.sum_i)
-        n_branches = len(radial) // max(len(model.layers), 1)
         for k, layer in enumerate(model.layers):
-            branches = radial[k * n_branches : (k + 1) * n_branches]
-            h, x = self.layer(layer, weights.layers[k], branches, h, x, features, edges)
+            h, x = self.layer(layer, weights.layers[k], radial(k), h, x, features, edges)
         return model.readout(h, atomic_numbers)
 
 

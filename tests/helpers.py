@@ -13,6 +13,7 @@ from ase.build import molecule
 
 from so3krates import ForceField, So3krates, atoms_to_graph, collate, preset
 from so3krates.model.config import ModelConfig
+from so3krates.runtime import Plan, legal_plans
 
 #: name → config. Together they exercise every option of ModelConfig at least once.
 VARIANTS: dict[str, ModelConfig] = {
@@ -35,6 +36,13 @@ VARIANTS: dict[str, ModelConfig] = {
     "tiny-invariant": preset("tiny", degrees=()),
     "paper": preset("paper"),
 }
+
+#: Every legal way to run a model (``so3krates.runtime.plan``), next to the variants: ``test_plans.py`` runs
+#: each plan of inference (frozen weights) on every variant in both dtypes against the reference path, and
+#: each plan of training (trainable weights, second derivatives) on the gradients of a loss. A new way to
+#: run the model becomes a new plan, and so joins this matrix.
+PLANS: list[Plan] = legal_plans(frozen=True)
+TRAINING_PLANS: list[Plan] = legal_plans(frozen=False, create_graph=True)
 
 #: Relative tolerance of exact symmetries per dtype (issue 2: < 1e-10 in float64, < 1e-5 in float32).
 SYMMETRY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}

@@ -1,11 +1,11 @@
 """Every way to run the model gives the reference model's numbers; every other way is refused.
 
-The matrix: every legal plan (``so3krates.runtime.plan.legal_plans``) × every model variant
-(``helpers.VARIANTS``) × float32 and float64, against the reference path (``So3krates.forward``, one module
-per equation, derivatives through positions and a strain: ``helpers.reference_outputs``). The plans of
-training (trainable weights, second derivatives) are checked on the gradients of a force-matching loss.
-Since the physics suite (``test_model_physics.py``) holds for the planner's choice, it holds for all of
-them.
+The matrix: every legal plan (``helpers.PLANS``, from ``so3krates.runtime.plan.legal_plans``) × every
+model variant (``helpers.VARIANTS``) × float32 and float64, against the reference path
+(``So3krates.forward``, one module per equation, derivatives through positions and a strain:
+``helpers.reference_outputs``). The plans of training (``helpers.TRAINING_PLANS``: trainable weights,
+second derivatives) are checked on the gradients of a force-matching loss. Since the physics suite
+(``test_model_physics.py``) holds for the planner's choice, it holds for all of them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import VARIANTS, ethanol, make_model, reference_outputs, triclinic_cell
+from helpers import PLANS, TRAINING_PLANS, VARIANTS, ethanol, make_model, reference_outputs, triclinic_cell
 from so3krates import atoms_to_graph, collate, preset
 from so3krates.runtime import (
     EnergyFunction,
@@ -49,7 +49,7 @@ def evaluate_plan(model, plan: Plan, structures, frozen: bool = True) -> dict[st
     return {key: out[key].detach().double().numpy() for key in ("energy", "forces", "stress")}
 
 
-@pytest.mark.parametrize("plan", legal_plans(frozen=True), ids=plan_id)
+@pytest.mark.parametrize("plan", PLANS, ids=plan_id)
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_legal_plan_gives_the_reference_numbers(variant, dtype, plan):
@@ -65,7 +65,7 @@ def test_every_legal_plan_gives_the_reference_numbers(variant, dtype, plan):
     np.testing.assert_allclose(got["stress"], expected["stress"], atol=10 * tolerance * stress_scale)
 
 
-@pytest.mark.parametrize("plan", legal_plans(frozen=False, create_graph=True), ids=plan_id)
+@pytest.mark.parametrize("plan", TRAINING_PLANS, ids=plan_id)
 @pytest.mark.parametrize("variant", ["tiny", "tiny-gaussian-exponential-qk-norm-mlp", "tiny-invariant"])
 def test_training_plans_give_the_reference_gradients(variant, plan):
     """The force-matching loss and its gradient with respect to every parameter (double backward)."""

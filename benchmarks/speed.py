@@ -219,9 +219,14 @@ def matmul_throughput(threads: int, size: int = 2048, repeats: int = 5) -> dict[
 
 def baseline_worktree(revision: str) -> tuple[str, Path]:
     """(short commit, folder) of a git worktree of ``revision`` under benchmarks/runs/, made once."""
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", revision], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "--verify", f"{revision}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if found.returncode != 0:
+        raise SystemExit(f"speed.py: --baseline {revision!r} is not a commit of this repository")
+    commit = found.stdout.strip()
     folder = BENCH / "runs" / f"baseline-{commit}"
     if not folder.is_dir():
         subprocess.run(

@@ -208,8 +208,16 @@ def test_export_command_and_its_errors(checkpoint, tmp_path, capsys):
     assert main([*mliap, "--pairs"]) == 2
     assert "chooses its plan per call" in capsys.readouterr().err
     missing = tmp_path / "nothing.pt"
-    assert main(["export", "--model", str(missing), "--format", "pt2", "--out", str(out)]) == 2
+    assert main(["export", "--model", str(missing), "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    # An existing file is not replaced without --overwrite.
+    before = out.read_bytes()
+    assert main(["export", "--model", str(checkpoint), "--format", "pt2", "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    assert (
+        main(["export", "--model", str(checkpoint), "--format", "pt2", "--out", str(out), "--overwrite"]) == 0
+    )
+    assert load_exported(out).metadata["plan"]["layers"] == "modules"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]  # no temporary files left
     with pytest.raises(DataError, match="inductor settings apply to aoti exports only"):
         export_model(checkpoint, tmp_path / "x.pt2", fmt="pt2", inductor_configs={"cpp.threads": 1})

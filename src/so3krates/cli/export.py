@@ -11,19 +11,22 @@ FORMATS = ("pt2", "aoti", "lammps-mliap")  # as so3krates.export.FORMATS, withou
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
+    from so3krates.errors import DataError
     from so3krates.export import export_model
     from so3krates.runtime.plan import Plan, Planner
 
+    if Path(args.out).exists() and not args.overwrite:
+        raise DataError(f"{args.out} exists; pass --overwrite to replace it")
     set_torch_threads(args.threads)
     plan = None
     if args.format != "lammps-mliap":
         dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
         plan = Planner().complete(dtype, args.layers, args.radial, args.pairs, args.slots)
     elif args.layers != "modules" or args.radial or args.pairs or args.slots:
-        from so3krates.errors import DataError
-
         raise DataError(
             "a lammps-mliap model chooses its plan per call: --layers, --radial, --pairs and "
             "--slots are for pt2 and aoti"
@@ -86,5 +89,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--species", type=int, nargs="+", help="atomic numbers to allow (default: those of the checkpoint)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--threads", type=int, help="torch threads")
     parser.set_defaults(run=_run)

@@ -1,4 +1,10 @@
-"""Errors that mean "the user's input is wrong". The CLI prints them as one line, with no traceback."""
+"""Errors that mean "the user's input is wrong", and the one policy that tells them from bugs.
+
+The CLI prints a user error as one line with no traceback and exits with status 2; anything else is a bug
+in this package and keeps its traceback, with a line asking to report it (:func:`user_error_message`).
+"""
+
+import errno
 
 
 class So3kratesError(Exception):
@@ -28,3 +34,37 @@ def format_validation_error(error, source: str) -> str:
 
 class TrainingError(So3kratesError):
     """Training cannot go on (e.g. a non-finite loss); the message says what to change."""
+
+
+#: Operating-system errors a user causes and can fix (a missing, unwritable or full place, a file where a
+#: folder is expected): reported as one line naming the path.
+USER_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EEXIST,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENOENT,
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EDQUOT,
+        errno.ENAMETOOLONG,
+    }
+)
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one line to show for an error the user caused, or None for a bug (which keeps its traceback).
+
+    User errors: this package's own errors (:class:`So3kratesError`; the CLI's usage errors subclass it),
+    file-system errors of :data:`USER_ERRNOS`, and running out of memory.
+    """
+    if isinstance(error, So3kratesError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in USER_ERRNOS:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror or error}{where}"
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return "out of memory: use a smaller batch (batch_size), fewer atoms, or a machine with more memory"
+    return None

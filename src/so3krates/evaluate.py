@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from so3krates.checks import check_device, check_output_dir, check_output_file
 from so3krates.data.dataset import GraphDataset
 from so3krates.data.io import read_structures, write_extxyz
 from so3krates.data.structure import Structure, unknown_elements
-from so3krates.errors import DataError
+from so3krates.errors import DataError, So3kratesError
 from so3krates.files import atomic_path, save_figure
 from so3krates.model.checkpoint import load_model
 from so3krates.runtime.force_field import ForceField
@@ -90,6 +91,11 @@ def parity_plot(path: Path, structures: list[Structure], predictions: dict[str, 
     save_figure(fig, path, dpi=110)
 
 
+def default_output_dir(model_path: str | os.PathLike, data_path: str | os.PathLike) -> Path:
+    """``RUN/eval_<data file stem>`` next to the checkpoint."""
+    return Path(model_path).parent / f"eval_{Path(data_path).stem}"
+
+
 def evaluate_file(
     model_path: str | os.PathLike,
     data_path: str | os.PathLike,
@@ -110,6 +116,13 @@ def evaluate_file(
 
     Everything is checked before anything is written, so bad input leaves no partial output.
     """
+    out_dir = Path(out_dir) if out_dir is not None else default_output_dir(model_path, data_path)
+    check_output_dir(out_dir, "--out-dir")
+    if json_path is not None:
+        check_output_file(json_path, "--json")
+    check_device(device)
+    if batch_size < 1:
+        raise So3kratesError(f"batch size must be at least 1, not {batch_size}")
     model, metadata = load_model(model_path, device=device, dtype=getattr(torch, dtype))
     structures = read_structures(
         data_path,
@@ -119,12 +132,9 @@ def evaluate_file(
         energy_unit=energy_unit,
         length_unit=length_unit,
     )
-    check_species(structures, metadata["species"], str(data_path))
+    check_species(structures, metadata.get("species") or list(range(1, 119)), str(data_path))
     compute_stress = any(s.stress is not None and s.pbc.any() for s in structures)
     predictions, metrics = predict(ForceField(model), structures, batch_size, device, compute_stress)
-    out_dir = (
-        Path(out_dir) if out_dir is not None else Path(model_path).parent / f"eval_{Path(data_path).stem}"
-    )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_extxyz(out_dir / "predictions.extxyz", structures, predictions)
     parity_plot(out_dir / "parity.png", structures, predictions)

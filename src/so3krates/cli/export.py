@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from so3krates.cli import set_torch_threads
+from so3krates.cli import atomic_number, positive_int, set_torch_threads
 
 FORMATS = ("pt2", "aoti", "lammps-mliap")  # as so3krates.export.FORMATS, without importing torch
 
@@ -87,8 +87,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         "(so3krates.ops.slots.build_slots): sums without scatter-adds, every kernel on all threads",
     )
     parser.add_argument(
-        "--species", type=int, nargs="+", help="atomic numbers to allow (default: those of the checkpoint)"
+        "--species",
+        type=atomic_number,
+        nargs="+",
+        help="atomic numbers to allow (default: those of the checkpoint)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    parser.add_argument("--threads", type=int, help="torch threads")
+    parser.add_argument("--threads", type=positive_int, help="torch threads")
     parser.set_defaults(run=_run)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,12 +17,21 @@ import yaml
 from pydantic import ValidationError
 
 from so3krates import __version__
-from so3krates.cli import explore, export, md, set_torch_threads, spectrum
-from so3krates.errors import So3kratesError, format_validation_error
+from so3krates.cli import (
+    Parser,
+    explore,
+    export,
+    md,
+    positive_float,
+    positive_int,
+    set_torch_threads,
+    spectrum,
+)
+from so3krates.errors import So3kratesError, format_validation_error, user_error_message
 from so3krates.memory import keep_freed_memory
 
 
-class UsageError(Exception):
+class UsageError(So3kratesError):
     """Bad input from the user: printed as one line, exit status 2, no traceback."""
 
 
@@ -108,8 +118,6 @@ def _command_train(args: argparse.Namespace) -> int:
 
     config = load_train_config(args.config, parse_overrides(args.set))
     placement = detect_placement()
-    if args.nproc is not None and args.nproc < 1:
-        raise UsageError(f"--nproc: expected at least 1 process, got {args.nproc}")
     if args.nproc is not None and args.nproc > 1:
         if placement.world_size > 1:
             raise UsageError(
@@ -161,7 +169,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="so3krates",
         description="SO3krates, the Euclidean transformer for fast and stable machine-learned force fields.",
     )
@@ -173,13 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     info.add_argument("--time", action="store_true", help="also time energy + forces on ethanol")
     info.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    info.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    info.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     info.set_defaults(run=_command_info)
 
     prepare = commands.add_parser("prepare", help="convert data files to one streamed HDF5 file for training")
     prepare.add_argument("--data", nargs="+", required=True, help="input files (extxyz, npz, ASE db, ...)")
     prepare.add_argument("--out", required=True, help="output .h5 file")
-    prepare.add_argument("--cutoff", type=float, required=True, help="neighbour-list cutoff, Å (≥ model's)")
+    prepare.add_argument(
+        "--cutoff", type=positive_float, required=True, help="neighbour-list cutoff, Å (≥ model's)"
+    )
     prepare.add_argument("--energy-key")
     prepare.add_argument("--forces-key")
     prepare.add_argument("--stress-key")
@@ -199,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in run_dir from last.pt")
     train.add_argument(
         "--nproc",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="train in N processes on this machine (torchrun; one GPU each with device cuda)",
     )
@@ -217,10 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--stress-key")
     evaluate.add_argument("--energy-unit", default="eV")
     evaluate.add_argument("--length-unit", default="Å")
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--batch-size", type=positive_int, default=32)
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    evaluate.add_argument("--threads", type=int, help="torch threads")
+    evaluate.add_argument("--threads", type=positive_int, help="torch threads")
     evaluate.set_defaults(run=_command_evaluate)
 
     md.register(commands)
@@ -239,12 +249,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
     try:
         return args.run(args)
-    except (UsageError, So3kratesError) as error:
-        print(f"so3krates {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"so3krates {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # the one error policy: so3krates.errors.user_error_message
+        message = user_error_message(error)
+        if message is None:
+            traceback.print_exc()
+            print(
+                f"so3krates {args.command}: this is a bug in so3krates, not a problem with your input; "
+                "please report it with the command line and the traceback above",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"so3krates {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from so3krates.cli import positive_int
+
 #: option → MDConfig key, for the options that map one to one (the stability ones go to ``stability.*``).
 _OPTIONS = {
     "model": "model",
@@ -84,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     md.add_argument("--restart", action="store_true", help="continue the run(s) in --out from restart.npz")
     md.add_argument("--dtype", choices=["float32", "float64"], help="network precision (float64)")
     md.add_argument("--device", help="torch device (cpu)")
-    md.add_argument("--threads", type=int, help="torch threads")
+    md.add_argument("--threads", type=positive_int, help="torch threads")
     md.add_argument("--skin", type=float, metavar="Å", help="neighbour-list skin (0.5)")
     md.add_argument(
         "--compile",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from so3krates.cli import set_torch_threads
+from so3krates.cli import non_negative_int, positive_float, positive_int, set_torch_threads
 
 
 def _run_harmonic(args: argparse.Namespace) -> int:
@@ -73,12 +73,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     harmonic.add_argument(
         "--optimize", action="store_true", help="relax the structure with the model first (recommended)"
     )
-    harmonic.add_argument("--fmax", type=float, default=1e-4, help="optimisation target, eV/Å (1e-4)")
-    harmonic.add_argument("--max-steps", type=int, default=1000, help="optimisation steps at most (1000)")
+    harmonic.add_argument(
+        "--fmax", type=positive_float, default=1e-4, help="optimisation target, eV/Å (1e-4)"
+    )
+    harmonic.add_argument(
+        "--max-steps", type=non_negative_int, default=1000, help="optimisation steps at most (1000)"
+    )
     harmonic.add_argument("--optimizer", choices=["BFGS", "FIRE"], default="BFGS")
     harmonic.add_argument("--out", default="spectrum", help="output folder (default: spectrum)")
     harmonic.add_argument("--device", default="cpu")
-    harmonic.add_argument("--threads", type=int, help="torch threads")
+    harmonic.add_argument("--threads", type=positive_int, help="torch threads")
     harmonic.set_defaults(run=_run_harmonic)
 
     vacf = modes.add_parser(
@@ -88,10 +92,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "power_spectrum.png. Uses the stored velocities, else finite differences of the positions.",
     )
     vacf.add_argument("--trajectory", required=True, help="MD trajectory (extxyz, ASE .traj, ...)")
-    vacf.add_argument("--timestep-fs", type=float, help="time between frames, fs (MD step × interval)")
-    vacf.add_argument("--skip", type=int, default=0, help="frames to drop at the start (equilibration)")
-    vacf.add_argument("--max-lag-fs", type=float, help="correlation length, fs (default: whole trajectory)")
+    vacf.add_argument(
+        "--timestep-fs", type=positive_float, help="time between frames, fs (MD step × interval)"
+    )
+    vacf.add_argument(
+        "--skip", type=non_negative_int, default=0, help="frames to drop at the start (equilibration)"
+    )
+    vacf.add_argument(
+        "--max-lag-fs", type=positive_float, help="correlation length, fs (default: whole trajectory)"
+    )
     vacf.add_argument("--window", choices=["hann", "blackman", "none"], default="hann")
-    vacf.add_argument("--max-wavenumber", type=float, default=4000.0, help="plot range, cm⁻¹ (4000)")
+    vacf.add_argument("--max-wavenumber", type=positive_float, default=4000.0, help="plot range, cm⁻¹ (4000)")
     vacf.add_argument("--out", default="spectrum", help="output folder (default: spectrum)")
     vacf.set_defaults(run=_run_vacf)

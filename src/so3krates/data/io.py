@@ -334,8 +334,12 @@ def _read_ase(name: str, energy_key: str, forces_key: str, stress_key: str, inde
         for atoms in ase.io.iread(name, index=index):
             images.append(atoms)
     except Exception as exc:
-        # Before the first frame, the file as a whole may be at fault (format, encoding): name no frame.
+        # Before the first frame, the file as a whole may be at fault (format, encoding): name no frame,
+        # unless an xyz file's atom-count lines show which frame is broken.
         where = _frame_labels(index, len(images) + 1)[-1] if images else None
+        located = None if images else _xyz_count_error(name)
+        if located is not None:
+            raise _error(name, located[0], None, located[1]) from None
         raise _error(name, where, None, f"ase.io.read failed: {type(exc).__name__}: {exc}") from exc
     labels = _frame_labels(index, len(images))
     keys = {"numbers": "species", "positions": "positions", "cell": "cell"}
@@ -418,8 +422,54 @@ def _numeric(name: str, key: str, value: object, where: str | None = None) -> np
     return array.astype(np.float64)
 
 
+def _xyz_count_error(name: str) -> tuple[str, str] | None:
+    """(frame, what) when an xyz file's frames do not follow their atom-count lines, else None.
+
+    ase names no frame when the count line of one frame is wrong: it scans the whole file for frame starts
+    before it returns any frame. This walk does the same and says where the count went wrong.
+    """
+    if Path(name).suffix.lower() not in (".xyz", ".extxyz"):
+        return None
+    try:
+        with open(name, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    line, frame, previous = 0, 0, None
+    while line < len(lines):
+        text = lines[line].strip()
+        if not text and all(not rest.strip() for rest in lines[line:]):
+            return None  # trailing blank lines
+        try:
+            count = int(text)
+        except ValueError:
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            where = f"frame {frame}"
+            what = f"line {line + 1}: expected the atom count of a frame, got {shown!r}"
+            if previous is not None:
+                count_line, atoms = previous[0] + 1, previous[1]
+                what += f" (frame {frame - 1} says {atoms} atoms on line {count_line}: check that count)"
+            return where, what
+        if count < 0 or line + count + 2 > len(lines):
+            return f"frame {frame}", f"line {line + 1}: {count} atoms, but the file ends before them"
+        previous = (line, count)
+        line += count + 2
+        frame += 1
+    return None
+
+
 def _check_labels_present(name: str, raw: _Raw, explicit: dict[str, bool]) -> None:
-    """A key the user named must be in some frame; a default key that is in none only earns a warning."""
+    """A key the user named must be in some frame; a default key that is in none only earns a warning;
+    frames without a label that others have are kept without it (masked) and counted in a warning."""
+    for role in ("energy", "forces"):
+        missing = [frame.where for frame in raw.frames if getattr(frame, role) is None]
+        if missing and len(missing) < len(raw.frames):
+            warnings.warn(
+                f"{name}: {len(missing)} of {len(raw.frames)} frames have no {role} label under key "
+                f"{raw.keys[role]!r} ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}); they are "
+                f"kept without it: masked in the loss, left out of the {role} metrics",
+                stacklevel=3,
+            )
     for role in ("energy", "forces", "stress"):
         if any(getattr(frame, role) is not None for frame in raw.frames):
             continue

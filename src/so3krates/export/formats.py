@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from so3krates import __version__
+from so3krates.checks import check_output_file
 from so3krates.data.graph import Graph
 from so3krates.errors import DataError
 from so3krates.files import atomic_path
@@ -129,12 +130,20 @@ def export_model(
     if fmt != "lammps-mliap":
         plan = plan or Planner().complete(DTYPES[dtype])
         plan.check(frozen=True)
+    check_output_file(out)
     if isinstance(model, So3krates):
         model = copy.deepcopy(model)
         trained_species = None
     else:
+        source = model
         model, checkpoint_metadata = load_model(model)
         trained_species = checkpoint_metadata.get("species")
+        unknown = sorted(set(species or []) - set(trained_species or range(1, 119)))
+        if unknown:
+            raise DataError(
+                f"species {unknown} are not among the elements {source} was trained on "
+                f"({sorted(trained_species)}): the model cannot describe them"
+            )
     # A bare model instance knows no training elements: allow all unless told otherwise.
     species = sorted(species or trained_species or range(1, 119))
     model = model.to(dtype=DTYPES[dtype]).eval().requires_grad_(False)

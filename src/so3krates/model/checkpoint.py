@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from so3krates import __version__
-from so3krates.errors import DataError
+from so3krates.errors import DataError, format_validation_error
 from so3krates.files import atomic_path
 from so3krates.model.config import ModelConfig
 from so3krates.model.so3krates import So3krates
@@ -57,12 +58,19 @@ def save_checkpoint(path: str | os.PathLike, model: So3krates, species: list[int
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a checkpoint safely (``weights_only=True``) and upgrades it to the current schema."""
     path = Path(path)
+    if path.is_dir():  # a run directory: its best checkpoint
+        if not (path / "best.pt").is_file():
+            raise DataError(f"{path} is a folder without best.pt; give the checkpoint file, e.g. RUN/best.pt")
+        path = path / "best.pt"
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or foreign files
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "weights_only" in message or "Weights only" in message:
+            # Never repeat torch's advice to load with weights_only=False: that runs code from the file.
+            message = "not a file of tensors and plain data written by torch.save, as checkpoints are"
         raise DataError(f"{path}: not a readable so3krates checkpoint ({message})") from None
     if not isinstance(payload, dict) or "schema_version" not in payload:
         raise DataError(f"{path}: not a so3krates checkpoint (no schema_version)")
@@ -78,10 +86,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
-def model_from_checkpoint(payload: dict[str, Any]) -> So3krates:
-    """Builds the model described by a loaded checkpoint and loads its weights."""
-    model = So3krates(ModelConfig.model_validate(payload["model_config"]))
-    model.load_state_dict(payload["state_dict"])
+def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -> So3krates:
+    """Builds the model described by a loaded checkpoint and loads its weights.
+
+    A payload without a config or weights, a config that does not validate, or weights that do not fit
+    the config are refused with one :class:`DataError` line naming ``source``.
+    """
+    missing = [key for key in ("model_config", "state_dict") if key not in payload]
+    if missing:
+        raise DataError(f"{source}: not a model checkpoint (no {' and no '.join(missing)})")
+    try:
+        config = ModelConfig.model_validate(payload["model_config"])
+    except ValidationError as error:
+        raise DataError(format_validation_error(error, f"{source}: model_config")) from None
+    model = So3krates(config)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:2]) if first else type(error).__name__
+        raise DataError(f"{source}: the weights do not fit the model config ({detail})") from None
     return model
 
 
@@ -91,8 +115,8 @@ def load_model(
     """The model of a checkpoint file for inference, and its metadata.
 
     The model is in eval mode on ``device`` and ``dtype`` with its parameters frozen (``requires_grad``
-    off): forces still flow to the positions, and the fused layers keep their weights between calls.
+    off): forces still flow to the positions. ``path`` may also be a run directory (its ``best.pt``).
     """
     payload = load_checkpoint(path)
-    model = model_from_checkpoint(payload).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return model, payload["metadata"]
+    model = model_from_checkpoint(payload, str(path)).to(device=device, dtype=dtype)
+    return model.eval().requires_grad_(False), payload.get("metadata", {})

@@ -177,6 +177,72 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
     return config
 
 
+#: What a resumed run may change: its budget, the learning-rate schedule (stateless but for the plateau
+#: counters, which carry over) and how it runs. Every other key describes what the run is — data and split,
+#: model, loss, optimiser, batches, precision, seeds — and the restored state depends on it.
+RESUMABLE_KEYS = frozenset(
+    "training." + key
+    for key in (
+        "max_epochs",
+        "max_time",
+        "early_stopping_patience",
+        "max_nonfinite_steps",
+        "learning_rate",
+        "warmup_steps",
+        "scheduler",
+        "decay_rate",
+        "decay_steps",
+        "plateau_factor",
+        "plateau_patience",
+        "min_learning_rate",
+        "grad_clip",
+        "valid_every",
+        "eval_batch_size",
+        "threads",
+        "progress",
+        "device",
+        "distributed_timeout",
+    )
+)
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(values, dict):
+        return {prefix: values}
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted key → (saved value, new value) for every key that differs.
+
+    ``model.avg_num_neighbors`` counts only when the new config sets it: otherwise training takes it from
+    the data, as the saved run did.
+    """
+    old, current = _flatten(saved.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    if "avg_num_neighbors" not in new.model.model_fields_set:
+        current["model.avg_num_neighbors"] = old.get("model.avg_num_neighbors")
+    keys = sorted(set(old) | set(current))
+    return {key: (old.get(key), current.get(key)) for key in keys if old.get(key) != current.get(key)}
+
+
+def check_resume(saved: TrainConfig, new: TrainConfig, source: str) -> dict[str, tuple[Any, Any]]:
+    """The changes a resumed run may apply; raises ConfigError naming those it may not (``source``: the
+    saved config's path)."""
+    changes = config_changes(saved, new)
+    refused = {key: change for key, change in changes.items() if key not in RESUMABLE_KEYS}
+    if refused:
+        listed = "; ".join(f"{key}: {old!r} → {value!r}" for key, (old, value) in refused.items())
+        raise ConfigError(
+            f"--resume cannot change what the run is ({listed}); undo the change (the run's config is "
+            f"{source}) or start a new run_dir. A resume may change the budget, the learning-rate schedule "
+            "and threads/device"
+        )
+    return changes
+
+
 def dump_config(config: TrainConfig) -> str:
     """The resolved config as YAML (every default written out)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -17,7 +17,7 @@ from so3krates.data.hdf5 import HDF5Dataset, open_hdf5
 from so3krates.data.hdf5_statistics import hdf5_statistics
 from so3krates.data.io import read_structures
 from so3krates.data.split import load_split, save_split, split_indices
-from so3krates.data.statistics import DatasetStatistics, compute_statistics
+from so3krates.data.statistics import DatasetStatistics, compute_statistics, elements
 from so3krates.data.structure import Structure
 from so3krates.errors import ConfigError
 from so3krates.train.config import DataConfig
@@ -76,6 +76,25 @@ def _split(config: DataConfig, n_structures: int, split_path: Path) -> dict:
     return split_indices(
         n_structures, n_train=n_train, n_valid=n_valid, n_test=n_test, seed=config.split_seed
     )
+
+
+def _dataset_elements(dataset: Dataset) -> set[int]:
+    if isinstance(dataset, GraphDataset):
+        return set(elements(dataset.structures)) if len(dataset) else set()
+    return {int(z) for k in range(len(dataset)) for z in np.unique(dataset.structure(k).atomic_numbers)}
+
+
+def _check_elements(config: DataConfig, datasets: dict[str, Dataset], trained: set[int]) -> None:
+    """Validation and test data with an element the training split lacks are refused: the model has no
+    energy shift and no learned embedding for it, and its errors there would be meaningless."""
+    for name, source in (("valid", config.valid_file), ("test", config.test_file)):
+        unknown = _dataset_elements(datasets[name]) - trained
+        if unknown:
+            where = source if source is not None else f"{config.train_file} ({name} split)"
+            raise ConfigError(
+                f"{where}: the {name} data contain elements {sorted(unknown)} that the training split "
+                f"({sorted(trained)}) does not; the model cannot describe them"
+            )
 
 
 def _isolated_energies(config: DataConfig) -> dict[int, float] | None:
@@ -145,8 +164,6 @@ def prepare_data(
             statistics = compute_statistics(
                 datasets["train"].structures, cutoff, isolated_atom_energies=isolated
             )
-    if not known_split:
-        save_split(split_path, split)
     if config.valid_file is not None:
         datasets["valid"] = _whole_file(config, config.valid_file, cutoff)
     if config.test_file is not None:
@@ -157,6 +174,9 @@ def prepare_data(
         raise ConfigError(
             f"{config.train_file}: no validation structures; set data.n_valid or data.valid_file"
         )
+    if not known_split:
+        _check_elements(config, datasets, set(statistics.elements))
+        save_split(split_path, split)  # only for data that passed every check
     sizes = ", ".join(f"{len(d)} {name}" for name, d in datasets.items())
     log(f"data: {sizes} structures" + (" (streamed from HDF5)" if is_hdf5(config.train_file) else ""))
     return PreparedData(datasets=datasets, statistics=statistics, split=split)

@@ -60,6 +60,7 @@ class ErrorAccumulator:
             out[f"{name}_mae_{unit}"] = 1e3 * abs_sum / count
             out[f"{name}_rmse_{unit}"] = 1e3 * math.sqrt(sq_sum / count)
         out["n_structures"] = self.n_structures
+        out["n_energy_labels"] = self.sums["energy"][2]  # structures in the energy metrics
         return out
 
 
@@ -80,4 +81,10 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
         cells = " ".join(f"{row[key]:>11.3f}" if key in row else f"{'—':>11s}" for _, key in columns)
         lines.append(f"{split:<6s} {int(row.get('n_structures', 0)):>6d} {cells}")
     lines.append("units: energy meV, energy per atom meV/atom, forces meV/Å (per component), stress meV/Å³")
+    for split, row in rows.items():
+        labelled, total = row.get("n_energy_labels"), int(row.get("n_structures", 0))
+        if labelled is not None and labelled < total and "energy_mae_meV" in row:
+            lines.append(
+                f"{split}: energy metrics over {labelled} of {total} structures (the rest have none)"
+            )
     return "\n".join(lines)

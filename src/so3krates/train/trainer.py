@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from so3krates.checks import check_device, check_output_dir
 from so3krates.data.dataset import collate_batch
 from so3krates.errors import ConfigError, TrainingError
 from so3krates.files import atomic_path
@@ -34,7 +35,7 @@ from so3krates.memory import keep_freed_memory
 from so3krates.model.checkpoint import load_checkpoint, save_checkpoint
 from so3krates.model.so3krates import So3krates, count_parameters
 from so3krates.runtime.force_field import ForceField
-from so3krates.train.config import TrainConfig, dump_config
+from so3krates.train.config import TrainConfig, check_resume, dump_config, load_train_config
 from so3krates.train.data import prepare_data
 from so3krates.train.distributed import Distributed, ShardForceField, process_group, run_on_main
 from so3krates.train.evaluation import evaluate_dataset
@@ -96,6 +97,11 @@ class Trainer:
             raise ConfigError(
                 f"{self.run_dir}: holds a training already; continue it with --resume or pick another run_dir"
             )
+        saved_path = self.run_dir / "config.yaml"
+        if self.resume and saved_path.is_file():
+            changes = check_resume(load_train_config(saved_path), self.config, str(saved_path))
+            for key, (old, new) in changes.items():
+                self.log(f"resume: {key} {old!r} → {new!r}")
 
     def _build(self) -> None:
         c = self.config
@@ -475,15 +481,14 @@ class Trainer:
 
             run_on_main(self.distributed, take_run_dir)
             self._build()
-            self.history = None
-            if main:
-                with atomic_path(self.run_dir / "config.yaml") as tmp:
-                    tmp.write_text(dump_config(self.config.model_copy(update={"model": self.model_config})))
-                self.history = History(self.run_dir)
+            self.history = History(self.run_dir) if main else None
             if self.resume:
                 self._restore()
                 if self.history is not None:
                     self.history.truncate(self.progress.epoch)
+            if main:  # a resumed run's config only once its checkpoint has been restored
+                with atomic_path(self.run_dir / "config.yaml") as tmp:
+                    tmp.write_text(dump_config(self.config.model_copy(update={"model": self.model_config})))
             try:
                 self._train()
             finally:
@@ -511,6 +516,8 @@ def train(config: TrainConfig, resume: bool = False, log=print) -> dict[str, dic
     ``train/distributed.py``); every rank returns the same numbers.
     """
     t = config.training
+    check_output_dir(config.run_dir, "run_dir")
+    check_device(t.device)
     keep_freed_memory()
     with process_group(t.device, t.distributed_timeout) as distributed:
         return Trainer(config, resume=resume, log=log, distributed=distributed).run()

@@ -181,7 +181,30 @@ def test_nan_and_inf_labels_become_nan_with_one_warning(tmp_path):
 def test_ase_read_failure_becomes_one_line_data_error(tmp_path):
     path = tmp_path / "truncated.xyz"
     path.write_text("3\nenergy=1.0\nH 0 0 0\nH 1 1 1\n")
-    raises_data_error(str(path), "ase.io.read failed", "XYZError", path=path)
+    raises_data_error(str(path), "frame 0: line 1: 3 atoms, but the file ends before them", path=path)
+    garbled = tmp_path / "garbled.xyz"  # the counts are right, a coordinate is not a number
+    garbled.write_text("2\nenergy=1.0\nH 0 0 0\nH x 1 1\n")
+    raises_data_error(str(garbled), "ase.io.read failed", path=garbled)
+
+
+def test_a_wrong_atom_count_line_names_its_frame(tmp_path):
+    frame = "2\nenergy=1.0\nH 0 0 0\nH 0 0 0.74\n"
+    path = tmp_path / "counts.xyz"
+    path.write_text(frame * 3 + frame.replace("2\n", "3\n", 1) + frame * 2)  # frame 3 claims 3 atoms
+    raises_data_error(
+        "frame 4: line 18: expected the atom count of a frame", "frame 3 says 3 atoms on line 13", path=path
+    )
+
+
+def test_frames_without_a_label_that_others_have_are_counted_in_a_warning(tmp_path):
+    frames = ["2\nenergy=-1.0\nH 0 0 0\nH 0 0 0.74\n"] * 3 + ["2\nnrg=-1.0\nH 0 0 0\nH 0 0 0.75\n"]
+    path = tmp_path / "some.extxyz"
+    path.write_text("".join(frames))
+    with pytest.warns(
+        UserWarning, match=r"1 of 4 frames have no energy label under key 'energy' \(frame 3\)"
+    ):
+        structures = read_structures(path)
+    assert len(structures) == 4 and np.isnan(structures[3].energy)
 
 
 def test_unknown_element_zero_atoms_nan_positions_in_extxyz(tmp_path):

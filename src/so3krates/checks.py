@@ -54,6 +54,18 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
     return path
 
 
+def check_results_folder(path: str | os.PathLike, names: list[str], overwrite: bool, what: str) -> Path:
+    """An output folder for the files ``names``: writable, and holding none of them unless ``overwrite``."""
+    path = check_output_dir(path, what)
+    existing = [name for name in names if (path / name).exists()]
+    if existing and not overwrite:
+        raise So3kratesError(
+            f"{what} {path} already holds {', '.join(existing)}; pass --overwrite to replace them, or choose "
+            "another folder"
+        )
+    return path
+
+
 def check_device(device: str) -> str:
     """``device`` names a device this torch can use (``cpu``, ``cuda``, ``cuda:1``, ``mps``); returns it."""
     import torch

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from so3krates.cli import non_negative_int, positive_float, positive_int
-
 #: Default budget when neither --steps nor --max-time is given.
 DEFAULT_STEPS = 100
 
@@ -33,12 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument(
         "--steps",
-        type=positive_int,
+        type=int,
         help=f"hopping steps of the whole search, earlier runs included (default {DEFAULT_STEPS})",
     )
-    budget.add_argument(
-        "--max-time", type=positive_float, metavar="SECONDS", help="wall-time budget of this run"
-    )
+    budget.add_argument("--max-time", type=float, metavar="SECONDS", help="wall-time budget of this run")
     parser.add_argument("--temperature", type=float, help="initial MD temperature, K (default 1000)")
     parser.add_argument("--fmax", type=float, help="optimisation convergence, eV/Å (default 0.01)")
     parser.add_argument("--timestep", type=float, help="MD time step, fs (default 1)")
@@ -66,23 +62,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, help="random seed of the MD velocities (default 0)")
     parser.add_argument("--out", default="explore", help="output folder (default: explore)")
-    parser.add_argument(
-        "--lowest", type=positive_int, default=10, help="minima in lowest_minima.extxyz (default 10)"
-    )
+    parser.add_argument("--lowest", type=int, default=10, help="minima in lowest_minima.extxyz (default 10)")
     parser.add_argument(
         "--reference",
         choices=["xtb"],
         help="re-optimise the lowest minima with GFN2-xTB (needs `pip install tblite`)",
     )
     parser.add_argument(
-        "--rescore",
-        type=non_negative_int,
-        metavar="K",
-        help="how many of the lowest minima to rescore (default 5)",
+        "--rescore", type=int, metavar="K", help="how many of the lowest minima to rescore (default 5)"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    parser.add_argument("--threads", type=positive_int, help="torch threads")
+    parser.add_argument("--threads", type=int, help="torch threads")
     parser.set_defaults(run=run)
     return parser
 
@@ -162,6 +153,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--rescore: needs a reference calculator (--reference xtb)")
     if args.rescore is not None and args.rescore < 1:
         raise ConfigError(f"--rescore: must be at least 1, got {args.rescore}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads: must be at least 1, got {args.threads}")
+    from so3krates.checks import check_device, check_output_dir
+
+    check_output_dir(args.out, "--out")
+    check_device(args.device)
     reference = reference_calculator(args.reference) if args.reference else None
     atoms = read_start(args.structure, args.frame)
 

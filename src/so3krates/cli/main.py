@@ -91,6 +91,10 @@ def _command_info(args: argparse.Namespace) -> int:
 def _command_prepare(args: argparse.Namespace) -> int:
     import itertools
 
+    from so3krates.checks import check_output_file
+
+    check_output_file(args.out, "--out")
+
     from so3krates.data.hdf5 import write_hdf5
     from so3krates.data.io import read_structures
 

@@ -24,6 +24,7 @@ def _run_harmonic(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         optimizer=args.optimizer,
         device=args.device,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -39,6 +40,7 @@ def _run_vacf(args: argparse.Namespace) -> int:
         max_lag_fs=args.max_lag_fs,
         window=args.window,
         max_wavenumber_cm1=args.max_wavenumber,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -81,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     harmonic.add_argument("--optimizer", choices=["BFGS", "FIRE"], default="BFGS")
     harmonic.add_argument("--out", default="spectrum", help="output folder (default: spectrum)")
+    harmonic.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     harmonic.add_argument("--device", default="cpu")
     harmonic.add_argument("--threads", type=positive_int, help="torch threads")
     harmonic.set_defaults(run=_run_harmonic)
@@ -104,4 +107,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vacf.add_argument("--window", choices=["hann", "blackman", "none"], default="hann")
     vacf.add_argument("--max-wavenumber", type=positive_float, default=4000.0, help="plot range, cm⁻¹ (4000)")
     vacf.add_argument("--out", default="spectrum", help="output folder (default: spectrum)")
+    vacf.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     vacf.set_defaults(run=_run_vacf)

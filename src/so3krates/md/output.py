@@ -160,8 +160,14 @@ def _pyplot():
     return plt
 
 
-def plot_thermo(path: Path, thermo: dict[str, np.ndarray], n_atoms: int, target_K: float | None) -> None:
-    """``thermo.png``: energies relative to the first row (meV/atom), and the temperature."""
+def plot_thermo(
+    path: Path, thermo: dict[str, np.ndarray], n_atoms: int, target_K: float | None, conserving: bool = True
+) -> None:
+    """``thermo.png``: energies relative to the first row (meV/atom), and the temperature.
+
+    ``conserving``: the ensemble has a conserved quantity (NVE, Nosé–Hoover, Bussi, NPT); for Langevin the
+    ``E_conserved_eV`` column is E_pot + E_kin, and the plot says so.
+    """
     if len(thermo.get("step", ())) == 0:
         return
     plt = _pyplot()
@@ -170,7 +176,7 @@ def plot_thermo(path: Path, thermo: dict[str, np.ndarray], n_atoms: int, target_
     for key, label in (
         ("E_pot_eV", "E_pot"),
         ("E_kin_eV", "E_kin"),
-        ("E_conserved_eV", "conserved"),
+        ("E_conserved_eV", "conserved" if conserving else "E_pot + E_kin (not conserved)"),
     ):
         axes[0].plot(time, 1e3 * (thermo[key] - thermo[key][0]) / n_atoms, label=label)
     axes[0].set_xlabel("time / ps")

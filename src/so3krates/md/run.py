@@ -27,7 +27,7 @@ from ase import Atoms
 from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
 from so3krates.calculators.ase import So3kratesCalculator, UnsupportedStructureError
-from so3krates.errors import ConfigError, DataError
+from so3krates.errors import ConfigError, DataError, So3kratesError
 from so3krates.interrupt import stop_requests
 from so3krates.md import output
 from so3krates.md.config import NON_CONSERVING_ENSEMBLES, MDConfig
@@ -50,6 +50,9 @@ from so3krates.md.summary import (
 )
 
 _STATE_JSON_KEYS = ("rng", "integrator")
+#: eV/Å — a start structure with larger forces is refused: no force field is trained on such structures, and
+#: an MD from there only produces numbers without meaning (e.g. a molecule larger than its periodic cell).
+MAX_START_FORCE = 1000.0
 
 
 def run_md(config: MDConfig, log: Callable[[str], None] = print, restart: bool = False) -> MDResult:
@@ -67,7 +70,11 @@ def run_md(config: MDConfig, log: Callable[[str], None] = print, restart: bool =
     """
     import torch
 
+    from so3krates.checks import check_device, check_output_dir
     from so3krates.model.checkpoint import load_model
+
+    check_output_dir(config.output_dir, "output_dir")
+    check_device(config.device)
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -158,6 +165,16 @@ def _check_start(config: MDConfig, atoms: Atoms, calculator: So3kratesCalculator
         energy, forces = probe.get_potential_energy(), probe.get_forces()
     except UnsupportedStructureError as error:
         raise DataError(f"{where}: {error}") from None
+    largest = float(np.abs(forces).max()) if np.isfinite(forces).all() else math.inf
+    if largest > MAX_START_FORCE:
+        cell = ""
+        if atoms.pbc.any():
+            lengths = ", ".join(f"{length:.3g}" for length in atoms.cell.lengths())
+            cell = f" (periodic cell of {lengths} Å: does the structure fit in it?)"
+        raise DataError(
+            f"{where}: the model gives forces up to {largest:.3g} eV/Å and E = {energy:.4g} eV at the "
+            f"start, far outside anything it can have been trained on{cell}"
+        )
     if config.stability.enabled:
         monitor = StabilityMonitor(
             atoms, bond_scale=config.stability.bond_scale, min_distance=config.stability.min_distance
@@ -235,6 +252,7 @@ class Trajectory:
             numbers=structure.numbers, positions=structure.positions, cell=structure.cell, pbc=structure.pbc
         )
         self.seed = int(state["seed"]) if state is not None else seed
+        self.restarted = state is not None
         if state is None:
             self.start_step = 0
             for name in ("thermo.csv", "trajectory.extxyz"):  # leftovers of a run that never saved a state
@@ -288,7 +306,7 @@ class Trajectory:
 
     def run(self) -> TrajectoryResult:
         config = self.config
-        if self.start_step == 0:
+        if not self.restarted:  # a restart from step 0 has these rows already
             self._write_thermo(0)
             self._write_frame(0)
             self.snapshot = self._take_snapshot(0)
@@ -305,7 +323,7 @@ class Trajectory:
                     step = self.dynamics.nsteps + 1
                     try:
                         self.dynamics.step()
-                    except UnsupportedStructureError as error:
+                    except So3kratesError as error:  # refused by the model, or a neighbour list of nonsense
                         failure = StabilityFailure(step, step * self.dt_ps, "model-refused", str(error))
                         break
                     self.dynamics.nsteps = step
@@ -451,6 +469,7 @@ class Trajectory:
             thermo,
             self.n_atoms,
             None if config.ensemble == "nve" else config.temperature_K,
+            conserving=config.ensemble not in NON_CONSERVING_ENSEMBLES,
         )
         done = steps_done - self.start_step
         result = TrajectoryResult(

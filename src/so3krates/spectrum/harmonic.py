@@ -299,6 +299,10 @@ def check_species(atoms: Atoms, species: list[int] | None, source: str) -> None:
         raise DataError(f"{source}: key 'numbers': {reason}")
 
 
+#: The files of ``spectrum harmonic``.
+HARMONIC_FILES = ["frequencies.csv", "modes.txt", "hessian.npy", "structure.extxyz", "stick_spectrum.png"]
+
+
 def write_harmonic(result: HarmonicAnalysis, out_dir: str | os.PathLike) -> list[Path]:
     """Writes ``frequencies.csv``, ``modes.txt``, ``hessian.npy``, ``structure.extxyz`` and
     ``stick_spectrum.png`` to ``out_dir``, each atomically. Returns the paths."""
@@ -308,10 +312,7 @@ def write_harmonic(result: HarmonicAnalysis, out_dir: str | os.PathLike) -> list
     kinds = ["rigid"] * result.n_rigid + [
         "imaginary" if f < 0 else "real" for f in result.vibrational_frequencies_cm1
     ]
-    paths = {
-        name: out_dir / name
-        for name in ("frequencies.csv", "modes.txt", "hessian.npy", "structure.extxyz", "stick_spectrum.png")
-    }
+    paths = {name: out_dir / name for name in HARMONIC_FILES}
     with atomic_path(paths["frequencies.csv"]) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["mode", "frequency_cm1", "energy_meV", "kind"])
@@ -377,11 +378,17 @@ def harmonic_file(
     max_steps: int = 1000,
     optimizer: str = "BFGS",
     device: str = "cpu",
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> HarmonicAnalysis:
     """``so3krates spectrum harmonic``: checkpoint + structure file → frequencies, modes and plots in
-    ``out_dir``. Inputs are checked and everything computed before anything is written."""
+    ``out_dir``. Inputs are checked and everything computed before anything is written; results already in
+    ``out_dir`` are replaced only with ``overwrite``."""
+    from so3krates.checks import check_device, check_results_folder
     from so3krates.model.checkpoint import load_model
+
+    check_results_folder(out_dir, HARMONIC_FILES, overwrite, "--out")
+    check_device(device)
 
     model, metadata = load_model(model_path, device=device, dtype=torch.float64)
     atoms = read_structure(structure_path, index)

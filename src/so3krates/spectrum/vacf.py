@@ -255,7 +255,7 @@ def write_power_spectrum(
     """Writes ``power_spectrum.csv`` (all wavenumbers up to Nyquist), ``vacf.csv`` and ``power_spectrum.png``
     (up to ``max_wavenumber_cm1``) to ``out_dir``, each atomically. Returns the paths."""
     out_dir = Path(out_dir)
-    paths = [out_dir / "power_spectrum.csv", out_dir / "vacf.csv", out_dir / "power_spectrum.png"]
+    paths = [out_dir / name for name in VACF_FILES]
     with atomic_path(paths[0]) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["wavenumber_cm1", "intensity"])
@@ -300,6 +300,10 @@ def plot_power_spectrum(
     save_figure(fig, path, dpi=110)
 
 
+#: The files of ``spectrum vacf``.
+VACF_FILES = ["power_spectrum.csv", "vacf.csv", "power_spectrum.png"]
+
+
 def power_spectrum_file(
     trajectory: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -309,9 +313,11 @@ def power_spectrum_file(
     max_lag_fs: float | None = None,
     window: str = "hann",
     max_wavenumber_cm1: float = 4000.0,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> PowerSpectrum:
-    """``so3krates spectrum vacf``: trajectory file → power spectrum CSV and PNG in ``out_dir``.
+    """``so3krates spectrum vacf``: trajectory file → power spectrum CSV and PNG in ``out_dir`` (results
+    already there are replaced only with ``overwrite``).
 
     Args:
         trajectory: extxyz, ASE .traj or any file ``ase.io.read`` reads with all frames.
@@ -323,6 +329,9 @@ def power_spectrum_file(
         raise ConfigError(f"key 'window': unknown window {window!r}; choose one of {', '.join(WINDOWS)}")
     if skip < 0:
         raise ConfigError(f"key 'skip': must be ≥ 0, got {skip}")
+    from so3krates.checks import check_results_folder
+
+    check_results_folder(out_dir, VACF_FILES, overwrite, "--out")
     frames = read_trajectory(trajectory, skip)
     data = trajectory_velocities(frames, timestep_fs, source=str(trajectory), first_frame=skip)
     log(f"{trajectory}: {len(frames)} frames of {len(frames[0])} atoms, {data.timestep_fs:g} fs apart")

@@ -104,7 +104,10 @@ def _periodic(n_atoms: int = 4, length: float = 6.0) -> Atoms:
 
 def _one_line_error(capsys, command: str, *needles: str) -> str:
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
+    # Warnings (one line each, "so3krates COMMAND: warning: ...") may come first; then one error line.
+    lines = [
+        line for line in captured.err.strip().splitlines() if f"so3krates {command}: warning: " not in line
+    ]
     assert len(lines) == 1, captured.err
     line = lines[0]
     assert line.startswith(f"so3krates {command}: error: "), line

@@ -207,6 +207,8 @@ def test_export_command_and_its_errors(checkpoint, tmp_path, capsys):
     ]
     assert main([*mliap, "--pairs"]) == 2
     assert "chooses its plan per call" in capsys.readouterr().err
+    assert main([*mliap, "--species", "1", "6", "7"]) == 2  # nitrogen was never in the training data
+    assert "species [7] are not among the elements" in capsys.readouterr().err
     missing = tmp_path / "nothing.pt"
     assert main(["export", "--model", str(missing), "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

@@ -275,6 +275,88 @@ def test_refusals(files, tmp_path):
     assert _config(files, tmp_path, time_ps=0.1, timestep_fs=0.25).total_steps == 400
 
 
+def test_a_start_far_outside_any_training_data_is_refused(files, tmp_path):
+    """E.g. a molecule in a periodic cell smaller than itself, where a trained model gave 10¹⁶ eV: forces
+    beyond 1000 eV/Å at the start are refused with the cell named, before anything is written. (The untrained
+    tiny model stays tame there, so its energy scale is blown up instead.)"""
+    model = make_force_field(preset("tiny"), torch.float64).model
+    with torch.no_grad():
+        model.readout.energy_scale.mul_(1e6)
+    save_checkpoint(tmp_path / "wild.pt", model, species=[1, 6, 8])
+    config = load_md_config(
+        {"model": tmp_path / "wild.pt", "structure": files["cell"], "output_dir": tmp_path / "run", **QUIET}
+    )
+    lengths = ", ".join(f"{length:.3g}" for length in triclinic_cell().cell.lengths())
+    with pytest.raises(
+        DataError, match=rf"forces up to .* eV/Å .* far outside .*periodic cell of {lengths} Å"
+    ):
+        run_md(config, log=_log([]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_error_in_the_middle_of_a_run_ends_it_with_its_records(files, tmp_path, monkeypatch):
+    """E.g. a neighbour list of atoms that flew to 10¹⁵ Å: status, summary.json, last_good.extxyz and a
+    restart state of the last good frame, not a traceback."""
+    from so3krates.calculators.ase import So3kratesCalculator
+
+    calculate = So3kratesCalculator.calculate
+    calls = {"n": 0}
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise DataError("neighbour list: a coordinate of 8.21e+14 Å is beyond ±1e+10 Å")
+        return calculate(self, *args, **kwargs)
+
+    monkeypatch.setattr(So3kratesCalculator, "calculate", failing)
+    (run,) = run_md(_config(files, tmp_path, n_steps=40, **NO_MONITOR), log=_log([])).runs
+    assert run.status == "unstable" and run.failure.kind == "model-refused"
+    assert "coordinate of 8.21e+14" in run.failure.reason
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "unstable"
+    assert (tmp_path / "run" / "last_good.extxyz").is_file()
+    assert int(load_state(tmp_path / "run" / "restart.npz")["step"]) == run.last_good_step
+
+
+def test_a_restart_from_step_zero_does_not_repeat_it(files, tmp_path):
+    """A run killed before its first restart interval left restart.npz of step 0 (with thermo row 0 and
+    frame 0 written): the continued run must not log step 0 twice."""
+    from so3krates import So3kratesCalculator
+    from so3krates.md.run import Trajectory, read_structure
+
+    config = _config(files, tmp_path, n_steps=20, restart_every=1000, thermo_every=5, **NO_MONITOR)
+    run_dir = tmp_path / "run"
+    uninterrupted = tmp_path / "straight"
+    run_md(config.model_copy(update={"output_dir": uninterrupted}), log=_log([]))
+    structure = read_structure(files["ethanol"], 0)
+    calculator = So3kratesCalculator(files["model"], min_distance=0.0)
+    started = Trajectory(config, structure, calculator, run_dir, 0, None, _log([]))
+    started.total = 0  # killed right after the start: row 0, frame 0 and restart.npz of step 0
+    started.run()
+    assert int(load_state(run_dir / "restart.npz")["step"]) == 0
+    run_md(config, log=_log([]), restart=True)
+    steps = [line.split(",")[0] for line in (run_dir / "thermo.csv").read_text().splitlines()[1:]]
+    assert steps == ["0", "5", "10", "15", "20"], steps
+    assert (run_dir / "thermo.csv").read_text() == (uninterrupted / "thermo.csv").read_text()
+
+
+def test_the_thermo_plot_does_not_call_langevin_energies_conserved(monkeypatch, tmp_path):
+    from so3krates.md import output
+
+    labels = {}
+
+    def keep(figure, path, dpi=110):
+        labels[path.name] = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+
+    monkeypatch.setattr(output, "save_figure", keep)
+    thermo = {key: np.arange(3.0) for key in ("time_ps", "E_pot_eV", "E_kin_eV", "E_conserved_eV", "T_K")}
+    thermo["step"] = np.arange(3)
+    output.plot_thermo(tmp_path / "nve.png", thermo, 9, None)
+    output.plot_thermo(tmp_path / "langevin.png", thermo, 9, 300.0, conserving=False)
+    assert labels["nve.png"][-1] == "conserved"
+    assert labels["langevin.png"][-1] == "E_pot + E_kin (not conserved)"
+
+
 # -- the stability monitor on its own ---------------------------------------------------------------------
 
 

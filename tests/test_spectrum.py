@@ -18,7 +18,7 @@ from ase.vibrations import Vibrations, VibrationsData
 from helpers import ethanol, make_force_field, random_rotation, water
 from so3krates import So3kratesCalculator, atoms_to_graph, preset
 from so3krates.cli.spectrum import register
-from so3krates.errors import ConfigError, DataError
+from so3krates.errors import ConfigError, DataError, So3kratesError
 from so3krates.model.checkpoint import save_checkpoint
 from so3krates.spectrum import (
     harmonic_analysis,
@@ -380,3 +380,31 @@ def test_cli_bad_input_is_one_line_naming_the_file(parser, checkpoint, tmp_path)
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         parser.parse_args(["spectrum"])  # a mode is required
+
+
+def test_cli_refuses_to_replace_results_without_overwrite(parser, tmp_path, capsys):
+    """As md refuses a run directory in use: results already in --out stay unless --overwrite is given."""
+    positions, _ = _oscillators()
+    trajectory = tmp_path / "md.extxyz"
+    ase.io.write(trajectory, [Atoms("C4", positions=p) for p in positions])
+    out = tmp_path / "out"
+    argv = [
+        "spectrum",
+        "vacf",
+        "--trajectory",
+        str(trajectory),
+        "--timestep-fs",
+        str(TIMESTEP_FS),
+        "--out",
+        str(out),
+    ]
+    assert _run(parser, argv) == 0
+    before = (out / "power_spectrum.csv").read_bytes()
+    with pytest.raises(
+        So3kratesError,
+        match=r"already holds power_spectrum.csv, vacf.csv, power_spectrum.png; pass --overwrite",
+    ):
+        _run(parser, [*argv, "--skip", "5"])
+    assert (out / "power_spectrum.csv").read_bytes() == before
+    assert _run(parser, [*argv, "--skip", "5", "--overwrite"]) == 0
+    assert (out / "power_spectrum.csv").read_bytes() != before

@@ -337,6 +337,72 @@ def test_evaluate_refuses_unseen_elements_before_writing(tmp_path, capsys):
     assert not out_dir.exists()
 
 
+def test_resume_refuses_changes_that_cannot_apply_and_keeps_the_runs_config(tmp_path):
+    """A changed model or split is refused naming the keys, before anything is written; the run's own
+    config.yaml stays as it was, so a plain resume still works; budget and schedule may change."""
+    run = tmp_path / "run"
+    train(_config(run, **{"training.max_epochs": 1}), log=_quiet)
+    saved = (run / "config.yaml").read_text()
+    changed = _config(run, **{"training.max_epochs": 2, "model.n_features": 36, "data.n_train": 30})
+    with pytest.raises(ConfigError) as error:
+        train(changed, resume=True, log=_quiet)
+    message = str(error.value)
+    assert "data.n_train: 40 → 30" in message and "model.n_features: 24 → 36" in message
+    assert "training.max_epochs" not in message and "\n" not in message
+    assert (run / "config.yaml").read_text() == saved
+    lines = []
+    train(
+        _config(run, **{"training.max_epochs": 2, "training.learning_rate": 1e-3}),
+        resume=True,
+        log=lines.append,
+    )
+    assert (
+        "resume: training.learning_rate 0.003 → 0.001" in lines
+        and "resume: training.max_epochs 1 → 2" in lines
+    )
+    resolved = load_train_config(run / "config.yaml")
+    assert resolved.training.max_epochs == 2 and resolved.training.learning_rate == 1e-3  # after the restore
+    assert load_checkpoint(run / "last.pt")["progress"]["epoch"] == 2
+
+
+def test_validation_and_test_data_with_elements_the_training_split_lacks_are_refused(tmp_path):
+    from ase.io import read, write
+
+    frames = read(EXAMPLE, index=":6")
+    frames[4].numbers[0] = 7
+    test_file = tmp_path / "test_with_n.extxyz"
+    write(test_file, frames)
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"test_with_n.extxyz: the test data contain elements \[7\]"):
+        train(_config(run, **{"data.test_file": str(test_file)}), log=_quiet)
+    assert not (run / "split.npz").exists() and not (run / "last.pt").exists()
+
+
+def test_a_run_directory_stands_for_its_best_checkpoint_and_bad_checkpoints_are_one_line(tmp_path, capsys):
+
+    run = tmp_path / "run"
+    train(_config(run, **{"training.max_epochs": 1}), log=_quiet)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(run), "--data", str(EXAMPLE), "--out-dir", str(out)]) == 0
+    assert (out / "metrics.json").is_file()
+    capsys.readouterr()
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint")
+    payload = load_checkpoint(run / "best.pt")
+    payload["model_config"]["n_features"] = 48  # weights of 24 features
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save(payload, mismatched)
+    for model, expected in [
+        (tmp_path, "is a folder without best.pt"),
+        (garbage, "not a readable so3krates checkpoint (not a file of tensors and plain data"),
+        (mismatched, "the weights do not fit the model config"),
+    ]:
+        argv = ["evaluate", "--model", str(model), "--data", str(EXAMPLE), "--out-dir", str(tmp_path / "e")]
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and "weights_only" not in lines[0], lines
+
+
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop(tmp_path, monkeypatch):
     """A NaN loss leaves weights, optimiser and EMA untouched; max_nonfinite_steps in a row end the run."""
     import so3krates.train.trainer as trainer_module

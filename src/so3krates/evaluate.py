@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from so3krates.checks import check_device, check_output_dir, check_output_file
+from so3krates.checks import check_device, check_output_file, check_results_folder
 from so3krates.data.dataset import GraphDataset
 from so3krates.data.io import read_structures, write_extxyz
 from so3krates.data.structure import Structure, unknown_elements
@@ -91,6 +91,10 @@ def parity_plot(path: Path, structures: list[Structure], predictions: dict[str, 
     save_figure(fig, path, dpi=110)
 
 
+#: The files ``evaluate`` writes to its output folder.
+EVALUATE_FILES = ["predictions.extxyz", "parity.png", "metrics.json"]
+
+
 def default_output_dir(model_path: str | os.PathLike, data_path: str | os.PathLike) -> Path:
     """``RUN/eval_<data file stem>`` next to the checkpoint."""
     return Path(model_path).parent / f"eval_{Path(data_path).stem}"
@@ -110,6 +114,7 @@ def evaluate_file(
     batch_size: int = 32,
     device: str = "cpu",
     dtype: str = "float64",
+    overwrite: bool = False,
     log=print,
 ) -> dict[str, float]:
     """Evaluates a checkpoint on a data file; writes predictions (extxyz), parity plot and metrics JSON.
@@ -117,9 +122,11 @@ def evaluate_file(
     Everything is checked before anything is written, so bad input leaves no partial output.
     """
     out_dir = Path(out_dir) if out_dir is not None else default_output_dir(model_path, data_path)
-    check_output_dir(out_dir, "--out-dir")
+    check_results_folder(out_dir, EVALUATE_FILES, overwrite, "--out-dir")
     if json_path is not None:
         check_output_file(json_path, "--json")
+        if Path(json_path).exists() and not overwrite:
+            raise So3kratesError(f"--json {json_path} exists; pass --overwrite to replace it")
     check_device(device)
     if batch_size < 1:
         raise So3kratesError(f"batch size must be at least 1, not {batch_size}")

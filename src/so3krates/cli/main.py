@@ -10,7 +10,9 @@ import argparse
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -94,6 +96,8 @@ def _command_prepare(args: argparse.Namespace) -> int:
     from so3krates.checks import check_output_file
 
     check_output_file(args.out, "--out")
+    if Path(args.out).exists() and not args.overwrite:
+        raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
 
     from so3krates.data.hdf5 import write_hdf5
     from so3krates.data.io import read_structures
@@ -168,6 +172,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -199,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--stress-key")
     prepare.add_argument("--energy-unit", default="eV")
     prepare.add_argument("--length-unit", default="Å")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     prepare.set_defaults(run=_command_prepare)
 
     train = commands.add_parser("train", help="train a model from a YAML config")
@@ -235,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     evaluate.add_argument("--threads", type=positive_int, help="torch threads")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace results already in --out-dir")
     evaluate.set_defaults(run=_command_evaluate)
 
     md.register(commands)
@@ -242,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     spectrum.register(commands)
     export.register(commands)
     return parser
+
+
+def _one_line_warning(command: str):
+    """A warning as one line, ``so3krates COMMAND: warning: …``, without Python's file and source line."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"so3krates {command}: warning: {message}", file=file or sys.stderr)
+
+    return show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     keep_freed_memory()
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return args.run(args)
     except KeyboardInterrupt:
         print(f"so3krates {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -50,6 +50,14 @@ def workspace(tmp_path_factory) -> Path:
     nitrogen = [atoms.copy() for atoms in frames]
     nitrogen[1].numbers[0] = 7
     ase.io.write(root / "nitrogen.extxyz", nitrogen)
+    positions = np.stack([atoms.positions for atoms in frames])
+    energies = np.array([atoms.get_potential_energy() for atoms in frames])
+    forces = np.stack([atoms.get_forces() for atoms in frames])
+    np.savez(
+        root / "shapes.npz", R=positions, z=frames[0].numbers, E=energies, F=forces[:, :5]
+    )  # wrong shape
+    np.savez(root / "no_forces_key.npz", R=positions, z=frames[0].numbers, E=energies)
+    (root / "no_data.yaml").write_text("model: {preset: tiny}\n")
     ase.io.write(root / "water.xyz", Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]))
     ase.io.write(root / "ethanol.xyz", ethanol())
     (root / "config.yaml").write_text(
@@ -69,7 +77,7 @@ def workspace(tmp_path_factory) -> Path:
 
 MODELS = ["good.pt", "missing.pt", "folder", "garbage.bin", "truncated.pt", "good.extxyz", "empty.xyz"]
 DATA = ["good.extxyz", "truncated.extxyz", "garbage.bin", "empty.xyz", "missing.xyz", "folder", "nan.extxyz"]
-DATA += ["nitrogen.extxyz"]
+DATA += ["nitrogen.extxyz", "shapes.npz", "no_forces_key.npz"]
 STRUCTURES = ["water.xyz", "ethanol.xyz", "nitrogen.extxyz", "missing.xyz", "garbage.bin", "folder"]
 FILE_OUTPUTS = ["new.json", "existing.json", "folder", "existing.json/inside.json", "new/deeper/out.json"]
 DIR_OUTPUTS = ["new_dir", "folder", "outputs", "existing.json", "existing.json/below"]
@@ -118,7 +126,10 @@ def command_lines(draw) -> list[str]:
         argv += optional(draw, "--set", ["n_layers=1", "cutoff=-1", "colour=blue", "cutoff", "degrees=[9]"])
         argv += optional(draw, "--threads", NUMBERS)
     else:
-        argv = ["train", pick(["config.yaml", "bad.yaml", "missing.yaml", "folder"])]
+        argv = [
+            "train",
+            pick(["config.yaml", "bad.yaml", "missing.yaml", "folder", "no_data.yaml", "garbage.bin"]),
+        ]
         argv += optional(
             draw,
             "--set",
@@ -129,6 +140,9 @@ def command_lines(draw) -> list[str]:
                 "data.n_train=999",
                 "training.batch_size=0",
                 "data.test_file=nitrogen.extxyz",
+                "data.train_file=shapes.npz",
+                "data.forces_key=F",
+                "model.n_features=[1]",
             ],
         )
     return argv

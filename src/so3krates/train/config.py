@@ -178,9 +178,12 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
 
 
 #: What a resumed run may change: its budget, the learning-rate schedule (stateless but for the plateau
-#: counters, which carry over) and how it runs. Every other key describes what the run is — data and split,
-#: model, loss, optimiser, batches, precision, seeds — and the restored state depends on it.
+#: counters, which carry over), how it runs, and where its files are (a project that moved: the run keeps
+#: its own split.npz). Every other key describes what the run is — data selection and split, model, loss,
+#: optimiser, batches, precision, seeds — and the restored state depends on it.
 RESUMABLE_KEYS = frozenset(
+    ["run_dir", "data.train_file", "data.valid_file", "data.test_file", "data.split_file"]
+) | frozenset(
     "training." + key
     for key in (
         "max_epochs",
@@ -237,8 +240,8 @@ def check_resume(saved: TrainConfig, new: TrainConfig, source: str) -> dict[str,
         listed = "; ".join(f"{key}: {old!r} → {value!r}" for key, (old, value) in refused.items())
         raise ConfigError(
             f"--resume cannot change what the run is ({listed}); undo the change (the run's config is "
-            f"{source}) or start a new run_dir. A resume may change the budget, the learning-rate schedule "
-            "and threads/device"
+            f"{source}) or start a new run_dir. A resume may change the budget, the learning-rate schedule, "
+            "threads, device and file locations"
         )
     return changes
 

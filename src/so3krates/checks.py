@@ -30,11 +30,14 @@ def _check_parent(path: Path, what: str) -> None:
         raise So3kratesError(f"{what} {path}: cannot write in {ancestor} (permission denied)")
 
 
-def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
-    """``path`` can be written as a file: not a folder, in a folder that exists or can be made, writable."""
+def check_output_file(path: str | os.PathLike, what: str = "output file", overwrite: bool = True) -> Path:
+    """``path`` can be written as a file: not a folder, in a folder that exists or can be made, writable;
+    without ``overwrite``, it must not exist yet."""
     path = Path(path)
     if path.is_dir():
         raise So3kratesError(f"{what} {path} is a folder, not a file")
+    if path.exists() and not overwrite:
+        raise So3kratesError(f"{what} {path} exists; pass --overwrite to replace it")
     if path.exists() and not os.access(path, os.W_OK):
         raise So3kratesError(f"{what} {path}: cannot replace it (permission denied)")
     _check_parent(path, what)

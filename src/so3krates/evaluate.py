@@ -124,9 +124,7 @@ def evaluate_file(
     out_dir = Path(out_dir) if out_dir is not None else default_output_dir(model_path, data_path)
     check_results_folder(out_dir, EVALUATE_FILES, overwrite, "--out-dir")
     if json_path is not None:
-        check_output_file(json_path, "--json")
-        if Path(json_path).exists() and not overwrite:
-            raise So3kratesError(f"--json {json_path} exists; pass --overwrite to replace it")
+        check_output_file(json_path, "--json", overwrite=overwrite)
     check_device(device)
     if batch_size < 1:
         raise So3kratesError(f"batch size must be at least 1, not {batch_size}")

@@ -11,16 +11,15 @@ FORMATS = ("pt2", "aoti", "lammps-mliap")  # as so3krates.export.FORMATS, withou
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     import torch
 
+    from so3krates.checks import check_output_file
     from so3krates.errors import DataError
     from so3krates.export import export_model
     from so3krates.runtime.plan import Plan, Planner
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise DataError(f"{args.out} exists; pass --overwrite to replace it")
+    check_output_file(args.out, "--out", overwrite=args.overwrite)
     set_torch_threads(args.threads)
     plan = None
     if args.format != "lammps-mliap":

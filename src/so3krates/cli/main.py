@@ -12,7 +12,6 @@ import time
 import traceback
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -95,9 +94,7 @@ def _command_prepare(args: argparse.Namespace) -> int:
 
     from so3krates.checks import check_output_file
 
-    check_output_file(args.out, "--out")
-    if Path(args.out).exists() and not args.overwrite:
-        raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
+    check_output_file(args.out, "--out", overwrite=args.overwrite)
 
     from so3krates.data.hdf5 import write_hdf5
     from so3krates.data.io import read_structures

@@ -63,9 +63,21 @@ class So3kratesCalculator(Calculator):
             compiles (about a minute per program). Worth it for long MD runs.
         planner: the thresholds that choose how each call is evaluated (``so3krates.runtime.Planner``;
             e.g. ``Planner(pairs=False)`` evaluates the filters once per edge, for comparisons).
+        total_charge, total_spin: for models that take them (SO3LR): the total charge (e) and total spin S
+            (ħ; 0 singlet, ½ doublet) of every structure. Default: ``atoms.info["charge"]`` and
+            ``atoms.info["total_spin"]``, else 0. SO3LR models also return ``charges`` (partial charges, e),
+            ``dipole`` (e·Å) and ``hirshfeld_ratios`` in ``results``.
     """
 
-    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress", "energies"]
+    implemented_properties: ClassVar[list[str]] = [
+        "energy",
+        "free_energy",
+        "forces",
+        "stress",
+        "energies",
+        "charges",
+        "dipole",
+    ]
 
     def __init__(
         self,
@@ -77,6 +89,8 @@ class So3kratesCalculator(Calculator):
         species: list[int] | None = None,
         compile: bool | str = False,
         planner: Planner | None = None,
+        total_charge: float | None = None,
+        total_spin: float | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -112,6 +126,8 @@ class So3kratesCalculator(Calculator):
         self.species = set(species if species is not None else (trained_species or range(1, 119)))
         self.device = torch.device(device)
         self.cutoff = float(self.force_field.cutoff)
+        self.long_range_cutoff = getattr(self.force_field, "long_range_cutoff", None)
+        self.total_charge, self.total_spin = total_charge, total_spin
         self.skin = float(skin)
         self.min_distance = float(min_distance)
         self.n_neighbor_list_builds = 0
@@ -141,7 +157,9 @@ class So3kratesCalculator(Calculator):
                 if displacement < 0.5 * self.skin:
                     self._displacement = float(displacement)
                     return self._edges
-        edges = neighbor_list(positions, cell, pbc, self.cutoff + self.skin)
+        edges = neighbor_list(
+            positions, cell, pbc, max(self.cutoff, self.long_range_cutoff or 0.0) + self.skin
+        )
         ordered = pair_order(edges)  # None only for a list that is not symmetric
         self._pairs = ordered is not None
         edges = ordered if ordered is not None else edges
@@ -178,13 +196,22 @@ class So3kratesCalculator(Calculator):
             device=self.device,
         )
         positions = torch.as_tensor(atoms.positions, dtype=torch.float64, device=self.device)
-        if self.skin > 0 and idx_i.shape[0] > 0:
+        long_range = {}
+        if (self.skin > 0 or self.long_range_cutoff is not None) and idx_i.shape[0] > 0:
             vectors = positions[idx_j] - positions[idx_i] + shifts @ cell
-            inside = (vectors * vectors).sum(dim=1) < self.cutoff**2
+            squared = (vectors * vectors).sum(dim=1)
+            if self.long_range_cutoff is not None:
+                lr = squared < self.long_range_cutoff**2
+                long_range = {"lr_idx_i": idx_i[lr], "lr_idx_j": idx_j[lr], "lr_shifts": shifts[lr]}
+            inside = squared < self.cutoff**2
             if self._pairs:  # keep or drop both directions of a pair together, by the first's length
                 half = inside.shape[0] // 2
                 inside = torch.cat([inside[:half], inside[:half]])
             idx_i, idx_j, shifts = idx_i[inside], idx_j[inside], shifts[inside]
+        elif self.long_range_cutoff is not None:  # no edges at all
+            long_range = {"lr_idx_i": idx_i, "lr_idx_j": idx_j, "lr_shifts": shifts}
+        charge = self.total_charge if self.total_charge is not None else atoms.info.get("charge", 0.0)
+        spin = self.total_spin if self.total_spin is not None else atoms.info.get("total_spin", 0.0)
         return Graph(
             positions=positions,
             atomic_numbers=torch.as_tensor(atoms.numbers, dtype=torch.long, device=self.device),
@@ -195,6 +222,9 @@ class So3kratesCalculator(Calculator):
             pbc=torch.as_tensor(pbc, device=self.device).unsqueeze(0),
             batch=torch.zeros(len(atoms), dtype=torch.long, device=self.device),
             pairs=self._pairs,
+            total_charge=torch.tensor([float(charge)], dtype=torch.float64, device=self.device),
+            total_spin=torch.tensor([float(spin)], dtype=torch.float64, device=self.device),
+            **long_range,
         )
 
     def _check_distances(self, graph: Graph) -> None:
@@ -227,9 +257,15 @@ class So3kratesCalculator(Calculator):
             and np.array_equal(previous.pbc, atoms.pbc)
             and np.array_equal(previous.get_initial_magnetic_moments(), atoms.get_initial_magnetic_moments())
             and np.array_equal(previous.get_initial_charges(), atoms.get_initial_charges())
+            and all(previous.info.get(key) == atoms.info.get(key) for key in ("charge", "total_spin"))
         ):
             return [] if np.array_equal(previous.positions, atoms.positions) else ["positions"]
-        return super().check_state(atoms, tol)
+        changes = super().check_state(atoms, tol)
+        if previous is not None and any(
+            previous.info.get(key) != atoms.info.get(key) for key in ("charge", "total_spin")
+        ):
+            changes.append("info")  # the total charge or spin of the structure (SO3LR models)
+        return changes
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
@@ -246,6 +282,13 @@ class So3kratesCalculator(Calculator):
             "forces": out[keys.FORCES].detach().cpu().double().numpy(),
             "energies": out[keys.ATOMIC_ENERGIES].detach().cpu().double().numpy(),
         }
+        for name, value in (
+            ("charges", out.get("charges")),
+            ("dipole", None if out.get("dipole") is None else out["dipole"][0]),
+            ("hirshfeld_ratios", out.get("hirshfeld_ratios")),
+        ):
+            if value is not None:
+                self.results[name] = value.detach().cpu().double().numpy()
         if compute_stress:
             stress = out[keys.STRESS].detach().cpu().double().numpy()[0]
             self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]  # Voigt: xx yy zz yz xz xy

@@ -33,6 +33,10 @@ class Graph:
         batch: (n_atoms,) int64 — structure index of each atom, sorted ascending.
         pairs: the edges are in pair order (:func:`so3krates.data.neighbors.pair_order`: edge k + n/2 is
             edge k reversed), which lets the execution layer evaluate the filters once per pair.
+        total_charge: (n_graphs,) float, e — total charge of each structure (SO3LR models; None: neutral).
+        total_spin: (n_graphs,) float — total spin S of each structure, ħ (0 singlet, ½ doublet; None: 0).
+        lr_idx_i, lr_idx_j, lr_shifts: the long-range edges (all pairs closer than the model's long-range
+            cutoff, both directions, images included), for models with long-range terms; None otherwise.
     """
 
     positions: Tensor
@@ -44,6 +48,11 @@ class Graph:
     pbc: Tensor
     batch: Tensor
     pairs: bool = False
+    total_charge: Tensor | None = None
+    total_spin: Tensor | None = None
+    lr_idx_i: Tensor | None = None
+    lr_idx_j: Tensor | None = None
+    lr_shifts: Tensor | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -59,11 +68,27 @@ class Graph:
 
     def edge_vectors(self) -> Tensor:
         """(n_edges, 3) float, Å — ``vec_ij = R[idx_j] − R[idx_i] + shifts_ij @ cell`` (SPEC §1)."""
+        return self._vectors(self.idx_i, self.idx_j, self.shifts)
+
+    def long_range_vectors(self) -> Tensor:
+        """(n_lr_edges, 3) float, Å — the vectors of the long-range edges (as :meth:`edge_vectors`)."""
+        if self.lr_idx_i is None:
+            raise ValueError("this graph has no long-range edges (build it with a long_range_cutoff)")
+        return self._vectors(self.lr_idx_i, self.lr_idx_j, self.lr_shifts)
+
+    def _vectors(self, idx_i: Tensor, idx_j: Tensor, shifts: Tensor) -> Tensor:
         # Always add the image term (zero shifts for molecules): no data-dependent branch, and the
         # derivative with respect to the cell that the stress needs is always there.
-        cell_per_edge = self.cell[self.batch[self.idx_i]]  # (n_edges, 3, 3)
-        offsets = torch.einsum("ek,ekc->ec", self.shifts, cell_per_edge)
-        return self.positions[self.idx_j] - self.positions[self.idx_i] + offsets
+        cell_per_edge = self.cell[self.batch[idx_i]]  # (n_edges, 3, 3)
+        offsets = torch.einsum("ek,ekc->ec", shifts, cell_per_edge)
+        return self.positions[idx_j] - self.positions[idx_i] + offsets
+
+    def charges_and_spins(self) -> tuple[Tensor, Tensor]:
+        """(total_charge, total_spin), each (n_graphs,) in the graph's float dtype; zeros where not given."""
+        zeros = self.positions.new_zeros(self.n_graphs)
+        charge = zeros if self.total_charge is None else self.total_charge.to(zeros.dtype)
+        spin = zeros if self.total_spin is None else self.total_spin.to(zeros.dtype)
+        return charge, spin
 
     def replace(self, **changes: Tensor) -> Graph:
         """A copy with some fields replaced (e.g. strained positions and cell)."""
@@ -82,7 +107,13 @@ class Graph:
 
 
 def atoms_to_graph(
-    atoms: Atoms, cutoff: float, dtype: torch.dtype | None = None, pairs: bool = False
+    atoms: Atoms,
+    cutoff: float,
+    dtype: torch.dtype | None = None,
+    pairs: bool = False,
+    long_range_cutoff: float | None = None,
+    total_charge: float | None = None,
+    total_spin: float | None = None,
 ) -> Graph:
     """Builds the one-structure graph of ``atoms`` with a full neighbour list within ``cutoff`` Å.
 
@@ -93,6 +124,9 @@ def atoms_to_graph(
             models: the model computes edge vectors in this dtype before casting to its own.
         pairs: put the edges in pair order (:func:`so3krates.data.neighbors.pair_order`, ``Graph.pairs``),
             as the ASE calculator does: the filters are then evaluated once per pair.
+        long_range_cutoff: Å — also build the long-range edges (models with long-range terms).
+        total_charge, total_spin: e and ħ — the structure's total charge and spin S (default:
+            ``atoms.info["charge"]`` and ``atoms.info["total_spin"]``, else 0).
     """
     dtype = dtype or torch.float64
     pbc = np.asarray(atoms.pbc, dtype=bool)
@@ -102,7 +136,20 @@ def atoms_to_graph(
     if pairs:
         edges = pair_order(edges)
     n_atoms = len(atoms)
+    long_range = {}
+    if long_range_cutoff is not None:
+        lr_edges = neighbor_list(positions, cell, pbc, long_range_cutoff)
+        long_range = {
+            "lr_idx_i": torch.from_numpy(lr_edges.idx_i),
+            "lr_idx_j": torch.from_numpy(lr_edges.idx_j),
+            "lr_shifts": torch.tensor(lr_edges.shifts, dtype=dtype),
+        }
+    charge = atoms.info.get("charge", 0.0) if total_charge is None else total_charge
+    spin = atoms.info.get("total_spin", 0.0) if total_spin is None else total_spin
     return Graph(
+        total_charge=torch.tensor([float(charge)], dtype=dtype),
+        total_spin=torch.tensor([float(spin)], dtype=dtype),
+        **long_range,
         positions=torch.tensor(positions, dtype=dtype),
         atomic_numbers=torch.tensor(atoms.numbers, dtype=torch.long),
         idx_i=torch.from_numpy(edges.idx_i),
@@ -131,7 +178,18 @@ def collate(graphs: Sequence[Graph]) -> Graph:
     shifts = [g.shifts for g in graphs]
     if pairs:
         idx_i, idx_j, shifts = _halves_first(idx_i), _halves_first(idx_j), _halves_first(shifts)
+    long_range = {}
+    if all(g.lr_idx_i is not None for g in graphs):
+        long_range = {
+            "lr_idx_i": torch.cat([g.lr_idx_i + int(o) for g, o in zip(graphs, atom_offsets, strict=True)]),
+            "lr_idx_j": torch.cat([g.lr_idx_j + int(o) for g, o in zip(graphs, atom_offsets, strict=True)]),
+            "lr_shifts": torch.cat([g.lr_shifts for g in graphs]),
+        }
+    charges_spins = [g.charges_and_spins() for g in graphs]
     return Graph(
+        total_charge=torch.cat([c for c, _ in charges_spins]),
+        total_spin=torch.cat([s for _, s in charges_spins]),
+        **long_range,
         positions=torch.cat([g.positions for g in graphs]),
         atomic_numbers=torch.cat([g.atomic_numbers for g in graphs]),
         idx_i=torch.cat(idx_i),

@@ -18,6 +18,7 @@ from so3krates.errors import DataError, format_validation_error
 from so3krates.files import atomic_path
 from so3krates.model.config import ModelConfig
 from so3krates.model.so3krates import So3krates
+from so3krates.model.so3lr import build_model
 
 SCHEMA_VERSION = 1
 
@@ -99,7 +100,7 @@ def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -
         config = ModelConfig.model_validate(payload["model_config"])
     except ValidationError as error:
         raise DataError(format_validation_error(error, f"{source}: model_config")) from None
-    model = So3krates(config)
+    model = build_model(config)
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as error:

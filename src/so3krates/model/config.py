@@ -24,7 +24,7 @@ class ModelConfig(BaseModel):
     )
     n_layers: int = Field(3, ge=1, description="T, number of transformer layers (no weight sharing)")
     cutoff: float = Field(5.0, gt=0.0, description="r_c in Å")
-    cutoff_fn: Literal["cosine", "polynomial", "exponential"] = "cosine"
+    cutoff_fn: Literal["cosine", "polynomial", "exponential", "physnet"] = "cosine"
     radial_basis: Literal["physnet", "bernstein", "gaussian", "bessel"] = "physnet"
     n_rbf: int = Field(32, ge=1, description="K, number of radial basis functions")
     n_readout_features: int = Field(66, ge=1, description="F_r, hidden width of the energy readout")
@@ -34,11 +34,32 @@ class ModelConfig(BaseModel):
     use_qk_activation: bool = Field(False, description="SiLU on queries and keys")
     use_layer_norm: bool = Field(False, description="LayerNorm on h before attention and before exchange")
     use_residual_mlp: bool = Field(False, description="residual MLPs before and after the exchange block")
+    layer_norm_position: Literal["before", "after"] = Field(
+        "before",
+        description="LayerNorms on h before attention and exchange, or after their residual sums (SO3LR)",
+    )
     message_normalization: Literal["sqrt_head_dim", "avg_num_neighbors"] = Field(
         "sqrt_head_dim", description="divide attention coefficients by √(head width) or by N̄"
     )
     avg_num_neighbors: float = Field(
         1.0, gt=0.0, description="N̄, mean neighbour count of the training set (set by data statistics)"
+    )
+    # SO3LR (Kabylda et al. 2024, SPEC §3): inputs and physical energy terms beyond the local model.
+    charge_spin_embedding: bool = Field(
+        False, description="embed the total charge and spin of each structure into h (SpookyNet-style)"
+    )
+    zbl: bool = Field(False, description="add Ziegler–Biersack–Littmark nuclear repulsion within r_c")
+    electrostatics: bool = Field(
+        False, description="add erf-damped Coulomb energy of predicted charge-conserving partial charges"
+    )
+    dispersion: bool = Field(
+        False, description="add vdW-QDO dispersion with free-atom data scaled by predicted Hirshfeld ratios"
+    )
+    long_range_cutoff: float = Field(12.0, gt=0.0, description="r_lr in Å, cutoff of both long-range terms")
+    electrostatics_width: float = Field(4.0, gt=0.0, description="σ in Å of the erf(r/σ)/r Coulomb damping")
+    dispersion_scale: float = Field(1.2, gt=0.0, description="scale of the vdW-QDO damping radius")
+    dispersion_switch_width: float = Field(
+        2.0, gt=0.0, description="Å; the dispersion energy is switched off over [r_lr − width, r_lr]"
     )
 
     @field_validator("degrees")
@@ -64,6 +85,25 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"n_features = {f} must be divisible by {what} ({divisor})")
         return self
 
+    @model_validator(mode="after")
+    def _check_long_range(self) -> ModelConfig:
+        if self.long_range and self.dispersion_switch_width >= self.long_range_cutoff:
+            raise ValueError(
+                f"dispersion_switch_width = {self.dispersion_switch_width} Å must be smaller than "
+                f"long_range_cutoff = {self.long_range_cutoff} Å"
+            )
+        return self
+
+    @property
+    def so3lr(self) -> bool:
+        """The model needs SO3LR's inputs or terms (total charge and spin, long-range edges)."""
+        return self.charge_spin_embedding or self.zbl or self.long_range
+
+    @property
+    def long_range(self) -> bool:
+        """The model has a term that needs the long-range edges (r < ``long_range_cutoff``)."""
+        return self.electrostatics or self.dispersion
+
     @property
     def n_degrees(self) -> int:
         """D, number of degrees."""
@@ -86,6 +126,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_rbf": 8,
         "n_readout_features": 12,
         "cutoff": 4.0,
+    },
+    # SO3LR (Kabylda et al. 2024): the size and settings of the published pretrained model.
+    "so3lr": {
+        "n_features": 128,
+        "n_heads": 4,
+        "degrees": (1, 2, 3, 4),
+        "n_layers": 3,
+        "cutoff": 4.5,
+        "cutoff_fn": "physnet",
+        "radial_basis": "bernstein",
+        "n_rbf": 32,
+        "n_readout_features": 128,
+        "use_layer_norm": True,
+        "use_residual_mlp": True,
+        "layer_norm_position": "after",
+        "message_normalization": "avg_num_neighbors",
+        "charge_spin_embedding": True,
+        "zbl": True,
+        "electrostatics": True,
+        "dispersion": True,
     },
 }
 

@@ -62,6 +62,7 @@ class So3krates(nn.Module):
                 use_qk_activation=config.use_qk_activation,
                 use_layer_norm=config.use_layer_norm,
                 use_residual_mlp=config.use_residual_mlp,
+                layer_norm_position=config.layer_norm_position,
             )
             for _ in range(config.n_layers)
         )

@@ -65,8 +65,26 @@ class ExponentialCutoff(nn.Module):
         return torch.where(inside, value, torch.zeros_like(value))
 
 
+class PhysNetCutoff(nn.Module):
+    """φ(x) = 1 − 6x⁵ + 15x⁴ − 10x³ with x = d / r_c, else 0 (Unke & Meuwly, PhysNet, JCTC 2019; SO3LR).
+
+    C² at the cutoff: φ, φ' and φ'' vanish at x = 1.
+    """
+
+    def __init__(self, cutoff: float) -> None:
+        super().__init__()
+        self.cutoff = float(cutoff)
+
+    def forward(self, distances: Tensor) -> Tensor:
+        """distances: (n_edges,) float, Å → (n_edges,) float, dimensionless."""
+        x = distances / self.cutoff
+        value = 1.0 + x**3 * (-10.0 + x * (15.0 - 6.0 * x))
+        return torch.where(distances < self.cutoff, value, torch.zeros_like(value))
+
+
 CUTOFF_FUNCTIONS = {
     "cosine": CosineCutoff,
+    "physnet": PhysNetCutoff,
     "polynomial": PolynomialCutoff,
     "exponential": ExponentialCutoff,
 }

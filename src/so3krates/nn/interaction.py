@@ -31,13 +31,16 @@ class ExchangeBlock(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    """h ← h + Linear(SiLU(Linear(h))), the optional feature refinement of later SO3krates versions."""
+    """h ← h + Linear(SiLU(Linear(h))), the optional feature refinement of later SO3krates versions.
 
-    def __init__(self, n_features: int) -> None:
+    ``pre_activation``: h ← h + Linear(SiLU(Linear(SiLU(h)))), the form SO3LR uses after its first
+    LayerNorm (Kabylda et al. 2024).
+    """
+
+    def __init__(self, n_features: int, pre_activation: bool = False) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(n_features, n_features), nn.SiLU(), nn.Linear(n_features, n_features)
-        )
+        layers = [nn.Linear(n_features, n_features), nn.SiLU(), nn.Linear(n_features, n_features)]
+        self.mlp = nn.Sequential(*([nn.SiLU()] if pre_activation else []), *layers)
 
     def forward(self, h: Tensor) -> Tensor:
         """h: (n_atoms, n_features) → (n_atoms, n_features)."""

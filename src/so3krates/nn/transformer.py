@@ -36,7 +36,9 @@ class TransformerLayer(nn.Module):
     1. s_ij = c(x_j − x_i) (spherical invariants of the neighbourhood),
     2. filters w_ij = MLP_r(K_ij) + MLP_s(s_ij), one network per branch (Eq. 20),
     3. invariant attention Δh (Eqs. 15, 21) and Euclidean attention Δx (Eq. 22), added as residuals,
-    4. exchange block (Eqs. 24–25), optionally wrapped in residual MLPs; optional pre-LayerNorms on h.
+    4. exchange block (Eqs. 24–25), optionally wrapped in residual MLPs; optional LayerNorms on h, either
+       before attention and exchange (``layer_norm_position="before"``) or after their residual sums
+       (``"after"``, SO3LR).
 
     ``forward`` is ``update(h, x, filters(x, edges), edges)``: steps 1–2 and steps 3–4 are separate so that
     the execution layer can compute the filters in another arrangement and reuse the rest.
@@ -53,6 +55,7 @@ class TransformerLayer(nn.Module):
         use_qk_activation: bool = False,
         use_layer_norm: bool = False,
         use_residual_mlp: bool = False,
+        layer_norm_position: str = "before",
     ) -> None:
         super().__init__()
         n_degrees = contraction.n_degrees
@@ -67,10 +70,21 @@ class TransformerLayer(nn.Module):
             else None
         )
         self.exchange = ExchangeBlock(n_features, contraction)
-        self.norm_attention = nn.LayerNorm(n_features) if use_layer_norm else nn.Identity()
-        self.norm_exchange = nn.LayerNorm(n_features) if use_layer_norm else nn.Identity()
-        self.mlp_before_exchange = ResidualMLP(n_features) if use_residual_mlp else nn.Identity()
-        self.mlp_after_exchange = ResidualMLP(n_features) if use_residual_mlp else nn.Identity()
+        self.norm_after = layer_norm_position == "after"
+        if self.norm_after:
+            # SO3LR (Kabylda et al. 2024): LayerNorm after each residual sum (ε = 10⁻⁶, Flax's default), one
+            # pre-activated residual MLP between attention and exchange.
+            self.norm_attention = nn.LayerNorm(n_features, eps=1e-6) if use_layer_norm else nn.Identity()
+            self.norm_exchange = nn.LayerNorm(n_features, eps=1e-6) if use_layer_norm else nn.Identity()
+            self.mlp_before_exchange = (
+                ResidualMLP(n_features, pre_activation=True) if use_residual_mlp else nn.Identity()
+            )
+            self.mlp_after_exchange = nn.Identity()
+        else:
+            self.norm_attention = nn.LayerNorm(n_features) if use_layer_norm else nn.Identity()
+            self.norm_exchange = nn.LayerNorm(n_features) if use_layer_norm else nn.Identity()
+            self.mlp_before_exchange = ResidualMLP(n_features) if use_residual_mlp else nn.Identity()
+            self.mlp_after_exchange = ResidualMLP(n_features) if use_residual_mlp else nn.Identity()
 
     @property
     def filter_nets(self) -> list[FilterNet]:
@@ -84,23 +98,36 @@ class TransformerLayer(nn.Module):
         sph_invariants = self.contraction(x.index_select(0, edges.idx_j) - x.index_select(0, edges.idx_i))
         return [net(edges.rbf, sph_invariants) for net in self.filter_nets]
 
+    def attention_input(self, h: Tensor) -> Tensor:
+        """The features that queries, keys and values are computed from."""
+        return h if self.norm_after else self.norm_attention(h)
+
+    def finish(self, h: Tensor, x: Tensor, dh: Tensor, dx: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Attention updates (Δh, Δx; Δx None without Euclidean branch) → residuals, norms, MLPs, exchange."""
+        h = h + dh
+        if dx is not None:
+            x = x + dx
+        if self.norm_after:
+            h = self.mlp_before_exchange(self.norm_attention(h))
+            da, db = self.exchange(h, x)
+            return self.norm_exchange(h + da), x + db
+        h = self.mlp_before_exchange(h)
+        da, db = self.exchange(self.norm_exchange(h), x)
+        return self.mlp_after_exchange(h + da), x + db
+
     def update(
         self, h: Tensor, x: Tensor, filters: list[Tensor], edges: EdgeFeatures
     ) -> tuple[Tensor, Tensor]:
         """Attention with the given filters, residuals and the exchange block → updated (h, x)."""
         idx_i, idx_j = edges.idx_i, edges.idx_j
-        h_normed = self.norm_attention(h)
-        dh = self.invariant_attention(h_normed, filters[0], edges.cutoff, idx_i, idx_j)
+        h_in = self.attention_input(h)
+        dh = self.invariant_attention(h_in, filters[0], edges.cutoff, idx_i, idx_j)
+        dx = None
         if self.euclidean_attention is not None:
-            x = x + self.euclidean_attention(
-                h_normed, filters[1], edges.cutoff, edges.sph, self.contraction.degree_index, idx_i, idx_j
+            dx = self.euclidean_attention(
+                h_in, filters[1], edges.cutoff, edges.sph, self.contraction.degree_index, idx_i, idx_j
             )
-        h = h + dh
-
-        h = self.mlp_before_exchange(h)
-        dh, dx = self.exchange(self.norm_exchange(h), x)
-        h, x = h + dh, x + dx
-        return self.mlp_after_exchange(h), x
+        return self.finish(h, x, dh, dx)
 
     def forward(self, h: Tensor, x: Tensor, edges: EdgeFeatures) -> tuple[Tensor, Tensor]:
         """h: (n_atoms, n_features), x: (n_atoms, n_sph) → updated (h, x)."""

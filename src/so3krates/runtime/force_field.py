@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 from so3krates.data.graph import Graph
 from so3krates.model.so3krates import So3krates
+from so3krates.model.so3lr import So3lr
 from so3krates.runtime.evaluator import EnergyFunction, Evaluator
+from so3krates.runtime.long_range import REFERENCE_PLAN, LongRangeEvaluator
 from so3krates.runtime.plan import Plan, PlanError, Planner, check_compile_mode
 
 T = TypeVar("T")
@@ -49,11 +51,15 @@ class ForceField(nn.Module):
         super().__init__()
         device = next(model.parameters()).device
         check_compile_mode(compile, frozen, device)
+        if isinstance(model, So3lr) and compile != "none":
+            raise PlanError(f"SO3LR models run eagerly for now (compile='none'), not compile={compile!r}")
         if frozen:
             model = copy.deepcopy(model).eval().requires_grad_(False)
         self.model = model
         self.device, self.dtype = device, model.dtype  # read on every call
         self.cutoff = float(model.cutoff)
+        #: Å, cutoff of the long-range edges the model needs in its graphs; None for local models.
+        self.long_range_cutoff = getattr(model, "long_range_cutoff", None)
         self.compile = compile
         self.frozen = frozen
         self.planner = planner or Planner()
@@ -70,6 +76,8 @@ class ForceField(nn.Module):
 
     def plan(self, graph: Graph, create_graph: bool = False, threads: int | None = None) -> Plan:
         """The plan of a call on ``graph`` (on ``threads`` threads; default: what the planner gives)."""
+        if isinstance(self.model, So3lr):
+            return REFERENCE_PLAN
         if threads is None:
             threads = self.threads(graph)
         return self.planner.plan(
@@ -88,15 +96,19 @@ class ForceField(nn.Module):
 
     def energy_function(self, plan: Plan) -> nn.Module:
         """The energy function of ``plan``, (vectors, atomic numbers, edges) → E_i (ML-IAP calls it)."""
-        if self.compile == "aoti":
-            raise PlanError("a force field of aoti programs has no separate energy function")
+        if self.compile == "aoti" or isinstance(self.model, So3lr):
+            raise PlanError(
+                "a force field of aoti programs or of an SO3LR model has no separate energy function"
+            )
         return self.evaluator(plan).energy
 
     def evaluator(self, plan: Plan) -> Callable[..., dict[str, Tensor]]:
         """The evaluator of ``plan`` in this force field's compile mode, built at its first use."""
         evaluator = self._evaluators.get(plan)
         if evaluator is None:
-            if self.compile == "aoti":
+            if isinstance(self.model, So3lr):
+                evaluator = LongRangeEvaluator(self.model)
+            elif self.compile == "aoti":
                 from so3krates.runtime.programs import cached_program
 
                 evaluator = cached_program(self.model, plan)

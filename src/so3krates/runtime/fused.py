@@ -117,7 +117,7 @@ def fused_layer(
         ]
     filters = edges.both(torch.cat(filters, dim=1) if n_branches > 1 else filters[0])
 
-    projected = layer.norm_attention(h) @ weights.projection  # [q | k | v], (n_atoms, 2·B·F + F)
+    projected = layer.attention_input(h) @ weights.projection  # [q | k | v], (n_atoms, 2·B·F + F)
     # Split, not slice: the backward of a split is one cat, that of a slice a zero-filled copy.
     queries, keys_values = projected.split([width, width + n_features], dim=1)
     if layer.invariant_attention.use_qk_activation:
@@ -134,11 +134,5 @@ def fused_layer(
     updates = edges.sum_i(messages, h.shape[0])
     if weights.spherical_in is not None:
         dh, dx = updates.split([n_features, x.shape[1]], dim=1)
-        h, x = h + dh, x + dx
-    else:
-        h = h + updates
-
-    h = layer.mlp_before_exchange(h)
-    dh, dx = layer.exchange(layer.norm_exchange(h), x)
-    h, x = h + dh, x + dx
-    return layer.mlp_after_exchange(h), x
+        return layer.finish(h, x, dh, dx)
+    return layer.finish(h, x, updates, None)

@@ -1,0 +1,99 @@
+"""Evaluation of SO3LR models (:class:`~so3krates.model.so3lr.So3lr`): the reference computation over the
+short- and long-range edges, with forces and virial from one differentiation.
+
+The energy depends on the positions through two sets of edge vectors (r < r_c for the network and ZBL,
+r < r_lr for electrostatics and dispersion). Both are handed to :func:`~so3krates.runtime.derivatives.
+derivatives` as one concatenated edge list, so forces and virial come out of the same function as for every
+other model. The fused layers, spline, pairs, slots and compiled programs of the other plans are not
+available for SO3LR models yet: they run as plan ``modules/network``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from so3krates import keys
+from so3krates.data.graph import Graph
+from so3krates.model.so3lr import So3lr
+from so3krates.nn.physics import dipole_moment
+from so3krates.ops.scatter import scatter_sum
+from so3krates.runtime.derivatives import derivatives, stress_from_virial
+from so3krates.runtime.layout import EdgeLayout
+from so3krates.runtime.plan import Plan
+
+#: The only plan of SO3LR models.
+REFERENCE_PLAN = Plan()
+
+
+class LongRangeEvaluator(nn.Module):
+    """Graphs with long-range edges → energy, atomic energies, forces, virial, stress, and SO3LR's own
+    outputs: partial ``charges`` (n_atoms,) e, ``dipole`` (n_graphs, 3) e·Å, ``hirshfeld_ratios``
+    (n_atoms,), and the atomic energies of each term (``energy_terms``: name → (n_atoms,) eV)."""
+
+    def __init__(self, model: So3lr) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        graph: Graph,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+        create_graph: bool = False,
+    ) -> dict[str, Tensor]:
+        model = self.model
+        long_range = model.long_range_cutoff is not None
+        if long_range and graph.lr_idx_i is None:
+            raise ValueError(
+                "an SO3LR model needs graphs with long-range edges: atoms_to_graph(..., "
+                f"long_range_cutoff={model.long_range_cutoff})"
+            )
+        derive = compute_forces or compute_stress
+        if derive and not graph.positions.requires_grad:
+            graph = graph.replace(positions=graph.positions.detach().requires_grad_(True))
+        n_short = graph.n_edges
+        if long_range:
+            idx_i = torch.cat([graph.idx_i, graph.lr_idx_i])
+            idx_j = torch.cat([graph.idx_j, graph.lr_idx_j])
+            vectors = graph.replace(
+                idx_i=idx_i, idx_j=idx_j, shifts=torch.cat([graph.shifts, graph.lr_shifts])
+            )
+            vectors = vectors.edge_vectors()
+            short, lr = vectors[:n_short], vectors[n_short:]
+        else:
+            idx_i, idx_j = graph.idx_i, graph.idx_j
+            vectors = short = graph.edge_vectors()
+            lr = None
+        outputs = model.outputs(graph, short, lr)
+        energy = scatter_sum(outputs.atomic_energies, graph.batch, graph.n_graphs)
+        out = {
+            keys.ENERGY: energy,
+            keys.ATOMIC_ENERGIES: outputs.atomic_energies,
+            "energy_terms": outputs.terms,
+        }
+        if outputs.charges is not None:
+            out["charges"] = outputs.charges
+            out["dipole"] = dipole_moment(outputs.charges, graph.positions, graph.batch, graph.n_graphs)
+        if outputs.hirshfeld_ratios is not None:
+            out["hirshfeld_ratios"] = outputs.hirshfeld_ratios
+        if not derive:
+            return out
+        edges = EdgeLayout.build(idx_i, idx_j, graph.n_atoms, False, False)
+        result = derivatives(
+            energy,
+            vectors,
+            edges,
+            graph.n_atoms,
+            compute_forces=compute_forces,
+            compute_virial=compute_stress,
+            create_graph=create_graph,
+            edge_graph=graph.batch.index_select(0, idx_i) if graph.n_graphs > 1 else None,
+            n_graphs=graph.n_graphs,
+        )
+        if compute_forces:
+            out[keys.FORCES] = result.forces
+        if compute_stress:
+            out[keys.VIRIAL] = result.virial
+            out[keys.STRESS] = stress_from_virial(result.virial, graph.cell)
+        return out

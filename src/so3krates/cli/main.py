@@ -53,8 +53,9 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 def _command_info(args: argparse.Namespace) -> int:
     import torch
 
-    from so3krates import ForceField, So3krates, atoms_to_graph, preset
+    from so3krates import ForceField, atoms_to_graph, preset
     from so3krates.model.so3krates import count_parameters
+    from so3krates.model.so3lr import build_model
 
     try:
         config = preset(args.preset, **parse_overrides(args.set))
@@ -63,7 +64,7 @@ def _command_info(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     torch.set_num_threads(args.threads)
-    model = So3krates(config)
+    model = build_model(config)
     print(f"so3krates {__version__} — preset {args.preset!r}")
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip())
     print("\nparameters:")
@@ -75,7 +76,12 @@ def _command_info(args: argparse.Namespace) -> int:
 
         dtype = getattr(torch, args.dtype)
         force_field = ForceField(model.to(dtype), frozen=True)  # inference, as the calculator runs it
-        graph = atoms_to_graph(molecule("CH3CH2OH"), config.cutoff, pairs=True)
+        graph = atoms_to_graph(
+            molecule("CH3CH2OH"),
+            config.cutoff,
+            pairs=True,
+            long_range_cutoff=config.long_range_cutoff if config.long_range else None,
+        )
         timings = []
         for _ in range(25):
             start = time.perf_counter()

@@ -32,11 +32,17 @@ def structure_labels(structure: Structure) -> Labels:
 
 
 class GraphDataset(torch.utils.data.Dataset):
-    """Indexable (graph, labels) pairs of a list of structures at a given cutoff (Å)."""
+    """Indexable (graph, labels) pairs of a list of structures at a given cutoff (Å).
 
-    def __init__(self, structures: Sequence[Structure], cutoff: float) -> None:
+    ``long_range_cutoff`` (Å): also build the long-range edges, for models with long-range terms (SO3LR).
+    """
+
+    def __init__(
+        self, structures: Sequence[Structure], cutoff: float, long_range_cutoff: float | None = None
+    ) -> None:
         self.structures = list(structures)
         self.cutoff = float(cutoff)
+        self.long_range_cutoff = long_range_cutoff
         self._graphs: list[Graph | None] = [None] * len(self.structures)
 
     def __len__(self) -> int:
@@ -46,7 +52,12 @@ class GraphDataset(torch.utils.data.Dataset):
         cached = self._graphs[index]
         if cached is None:
             # Pair order: the filters once per atom pair (faster training: benchmarks/results/thresholds.md).
-            cached = atoms_to_graph(self.structures[index].to_atoms(), self.cutoff, pairs=True)
+            cached = atoms_to_graph(
+                self.structures[index].to_atoms(),
+                self.cutoff,
+                pairs=True,
+                long_range_cutoff=self.long_range_cutoff,
+            )
             self._graphs[index] = cached
         return cached
 

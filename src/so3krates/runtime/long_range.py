@@ -29,7 +29,7 @@ REFERENCE_PLAN = Plan()
 class LongRangeEvaluator(nn.Module):
     """Graphs with long-range edges → energy, atomic energies, forces, virial, stress, and SO3LR's own
     outputs: partial ``charges`` (n_atoms,) e, ``dipole`` (n_graphs, 3) e·Å, ``hirshfeld_ratios``
-    (n_atoms,), and the atomic energies of each term (``energy_terms``: name → (n_atoms,) eV)."""
+    (n_atoms,). The atomic energies of each term separately: ``model.outputs(...).terms``."""
 
     def __init__(self, model: So3lr) -> None:
         super().__init__()
@@ -67,11 +67,7 @@ class LongRangeEvaluator(nn.Module):
             lr = None
         outputs = model.outputs(graph, short, lr)
         energy = scatter_sum(outputs.atomic_energies, graph.batch, graph.n_graphs)
-        out = {
-            keys.ENERGY: energy,
-            keys.ATOMIC_ENERGIES: outputs.atomic_energies,
-            "energy_terms": outputs.terms,
-        }
+        out = {keys.ENERGY: energy, keys.ATOMIC_ENERGIES: outputs.atomic_energies}
         if outputs.charges is not None:
             out["charges"] = outputs.charges
             out["dipole"] = dipole_moment(outputs.charges, graph.positions, graph.batch, graph.n_graphs)

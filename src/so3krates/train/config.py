@@ -97,6 +97,15 @@ class TrainingConfig(_Section):
     early_stopping_patience: int | None = Field(None, ge=1, description="validations without improvement")
     valid_every: int = Field(1, ge=1, description="validate every N epochs")
     seed: int = 0
+    init_from: Literal["so3lr"] | None = Field(
+        None,
+        description="start from pretrained weights: 'so3lr' (the model section must then stay empty; the "
+        "per-element energy shift is refitted to the training data's level of theory)",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="parameters kept fixed, by name or name prefix, e.g. [embedding, layers.0, layers.1]",
+    )
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, description="torch threads; default: torch's choice")
@@ -222,11 +231,14 @@ def config_changes(saved: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any,
     """Dotted key → (saved value, new value) for every key that differs.
 
     ``model.avg_num_neighbors`` counts only when the new config sets it: otherwise training takes it from
-    the data, as the saved run did.
+    the data, as the saved run did. With ``training.init_from`` the model section counts only when set.
     """
     old, current = _flatten(saved.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
     if "avg_num_neighbors" not in new.model.model_fields_set:
         current["model.avg_num_neighbors"] = old.get("model.avg_num_neighbors")
+    if new.training.init_from is not None and not new.model.model_fields_set:
+        # The model of a run started from pretrained weights comes from them, not from the config file.
+        current.update({key: value for key, value in old.items() if key.startswith("model.")})
     keys = sorted(set(old) | set(current))
     return {key: (old.get(key), current.get(key)) for key in keys if old.get(key) != current.get(key)}
 

@@ -51,8 +51,19 @@ def _read(config: DataConfig, path: Path) -> list[Structure]:
     )
 
 
-def _whole_file(config: DataConfig, path: Path, cutoff: float) -> Dataset:
-    return HDF5Dataset(path, cutoff=cutoff) if is_hdf5(path) else GraphDataset(_read(config, path), cutoff)
+def _whole_file(config: DataConfig, path: Path, cutoff: float, long_range_cutoff: float | None) -> Dataset:
+    if is_hdf5(path):
+        _no_long_range_hdf5(path, long_range_cutoff)
+        return HDF5Dataset(path, cutoff=cutoff)
+    return GraphDataset(_read(config, path), cutoff, long_range_cutoff)
+
+
+def _no_long_range_hdf5(path: Path, long_range_cutoff: float | None) -> None:
+    if long_range_cutoff is not None:
+        raise ConfigError(
+            f"{path}: HDF5 datasets have no long-range edges yet; train models with long-range terms "
+            "(SO3LR) from an extxyz/ASE-readable file"
+        )
 
 
 def _split(config: DataConfig, n_structures: int, split_path: Path) -> dict:
@@ -112,6 +123,7 @@ def prepare_data(
     *,
     split: dict[str, np.ndarray] | None = None,
     statistics: DatasetStatistics | None = None,
+    long_range_cutoff: float | None = None,
 ) -> PreparedData:
     """Reads (or opens) the data, splits ``train_file`` (indices to ``RUN/split.npz``), computes statistics.
 
@@ -120,11 +132,13 @@ def prepare_data(
 
     ``split`` and ``statistics`` given (rank 0's, on the other ranks of a multi-process training): the data
     is only opened; nothing is computed, and nothing is read from or written to ``run_dir``.
+    ``long_range_cutoff`` (Å): the graphs also get long-range edges (models with long-range terms).
     """
     split_path = Path(run_dir) / "split.npz"
     known_split = split is not None
     isolated = _isolated_energies(config)
     if is_hdf5(config.train_file):
+        _no_long_range_hdf5(config.train_file, long_range_cutoff)
         reader_options = {
             key: getattr(config, key)
             for key in ("energy_key", "forces_key", "stress_key")
@@ -158,16 +172,17 @@ def prepare_data(
         if split is None:
             split = _split(config, len(pool), split_path)
         datasets = {
-            name: GraphDataset([pool[i] for i in split[name]], cutoff) for name in ("train", "valid", "test")
+            name: GraphDataset([pool[i] for i in split[name]], cutoff, long_range_cutoff)
+            for name in ("train", "valid", "test")
         }
         if statistics is None:
             statistics = compute_statistics(
                 datasets["train"].structures, cutoff, isolated_atom_energies=isolated
             )
     if config.valid_file is not None:
-        datasets["valid"] = _whole_file(config, config.valid_file, cutoff)
+        datasets["valid"] = _whole_file(config, config.valid_file, cutoff, long_range_cutoff)
     if config.test_file is not None:
-        datasets["test"] = _whole_file(config, config.test_file, cutoff)
+        datasets["test"] = _whole_file(config, config.test_file, cutoff, long_range_cutoff)
     if len(datasets["train"]) == 0:
         raise ConfigError(f"{config.train_file}: no training structures left after the split")
     if len(datasets["valid"]) == 0:

@@ -19,21 +19,24 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from ase.data import chemical_symbols
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from so3krates.checks import check_device, check_output_dir
-from so3krates.data.dataset import collate_batch
+from so3krates.data.dataset import batches, collate_batch
+from so3krates.data.statistics import energy_shifts
 from so3krates.errors import ConfigError, TrainingError
 from so3krates.files import atomic_path
 from so3krates.interrupt import stop_requests
 from so3krates.memory import keep_freed_memory
 from so3krates.model.checkpoint import load_checkpoint, save_checkpoint
 from so3krates.model.so3krates import So3krates, count_parameters
+from so3krates.model.so3lr import build_model
 from so3krates.runtime.force_field import ForceField
 from so3krates.train.config import TrainConfig, check_resume, dump_config, load_train_config
 from so3krates.train.data import prepare_data
@@ -108,22 +111,31 @@ class Trainer:
         if c.training.threads:
             torch.set_num_threads(c.training.threads)
         torch.manual_seed(c.training.seed)
-        prepared = self._prepare_data()
+        pretrained = self._pretrained()
+        model_config = pretrained.config if pretrained is not None else c.model
+        prepared = self._prepare_data(model_config)
         self.datasets = prepared.datasets
         stats = self.statistics = prepared.statistics
-        model_config = c.model
-        if "avg_num_neighbors" not in c.model.model_fields_set:
-            model_config = model_config.model_copy(update={"avg_num_neighbors": stats.avg_num_neighbors})
+        if pretrained is not None:
+            self.model = pretrained.to(device=self.device, dtype=self.dtype)
+            self._refit_energy_shift()
+        else:
+            if "avg_num_neighbors" not in c.model.model_fields_set:
+                model_config = model_config.model_copy(update={"avg_num_neighbors": stats.avg_num_neighbors})
+            self.model = build_model(model_config)
+            self.model.readout.set_statistics(stats.energy_shifts, stats.force_rms)
+            self.model.to(device=self.device, dtype=self.dtype)
         self.model_config = model_config
-        self.model = So3krates(model_config)
-        self.model.readout.set_statistics(stats.energy_shifts, stats.force_rms)
-        self.model.to(device=self.device, dtype=self.dtype)
+        self._freeze()
         self.species = list(stats.elements)
         self.force_field = ForceField(self.model)
         t = c.training
         optimizer_class = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_class(
-            self.model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, amsgrad=t.amsgrad
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=t.learning_rate,
+            weight_decay=t.weight_decay,
+            amsgrad=t.amsgrad,
         )
         self.schedule = LearningRateSchedule(self.optimizer, t)
         self.ema = None
@@ -153,23 +165,95 @@ class Trainer:
                 gradient_as_bucket_view=True,
             )
 
-    def _prepare_data(self):
+    def _pretrained(self) -> So3krates | None:
+        """The pretrained model that ``training.init_from`` names, trainable; None without one."""
+        c = self.config
+        if c.training.init_from is None:
+            return None
+        if c.model.model_fields_set:
+            raise ConfigError(
+                f"training.init_from: {c.training.init_from} takes the model from the pretrained weights; "
+                f"remove the model section (it sets {', '.join(sorted(c.model.model_fields_set))})"
+            )
+        from so3krates.pretrained import so3lr
+
+        model = so3lr(dtype=self.dtype)
+        self.log(f"init_from: {c.training.init_from} (pretrained weights)")
+        return model.train().requires_grad_(True)
+
+    def _refit_energy_shift(self) -> None:
+        """Adds to the pretrained per-element shift μ_Z the least-squares fit of the training energies'
+        residuals on element counts: the pretrained model's energies refer to its own level of theory and
+        reference energies, the data's to theirs; a per-element offset absorbs most of the difference."""
+        if self.resume:
+            return  # the shift is in the checkpoint that the run resumes from
+        train = self.datasets["train"]
+        force_field = ForceField(self.model)
+        residual = []
+        with torch.no_grad():
+            for indices in batches(train, self.config.training.eval_batch_size):
+                graph, labels = collate_batch([train[k] for k in indices])
+                graph, labels = _device_batch(graph, labels, self.device)
+                predicted = force_field(graph, compute_forces=False)["energy"].double().cpu().numpy()
+                residual += list(labels["energy"].double().cpu().numpy() - predicted)
+        structures = train.structures  # a GraphDataset: models with long-range terms refuse HDF5 data
+        shifts = energy_shifts(
+            [replace(s, energy=float(r)) for s, r in zip(structures, residual, strict=True)]
+        )
+        with torch.no_grad():
+            for z, value in shifts.items():
+                self.model.readout.energy_shift[int(z)] += value
+        before = np.sqrt(np.nanmean(np.square(residual)))
+        self.log(
+            f"energy shift refitted on {len(residual)} training structures (energy RMSE of the pretrained "
+            f"model {before:.3f} eV before the refit): "
+            + ", ".join(f"{chemical_symbols[z]} {v:+.4f} eV" for z, v in sorted(shifts.items()))
+        )
+
+    def _freeze(self) -> None:
+        prefixes = self.config.training.freeze
+        if not prefixes:
+            return
+        names = [name for name, _ in self.model.named_parameters()]
+        for prefix in prefixes:
+            if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+                tops = sorted({name.split(".")[0] for name in names})
+                raise ConfigError(
+                    f"training.freeze: no parameter is named {prefix!r} or starts with '{prefix}.'; the "
+                    f"model's parts are {', '.join(tops)} (and layers.0, layers.1, …)"
+                )
+        frozen = 0
+        for name, parameter in self.model.named_parameters():
+            if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
+                parameter.requires_grad_(False)
+                frozen += parameter.numel()
+        self.log(f"freeze: {frozen:,d} parameters kept fixed ({', '.join(prefixes)})")
+
+    def _prepare_data(self, model_config):
         """``prepare_data`` on rank 0 (the only one writing the split); the others open the same data with
         rank 0's split and statistics."""
         c = self.config
+        cutoff = model_config.cutoff
+        long_range = model_config.long_range_cutoff if model_config.long_range else None
         if not self.distributed.enabled:
-            return prepare_data(c.data, self.run_dir, c.model.cutoff, log=self.log)
+            return prepare_data(c.data, self.run_dir, cutoff, log=self.log, long_range_cutoff=long_range)
         prepared = None
 
         def on_main():
             nonlocal prepared
-            prepared = prepare_data(c.data, self.run_dir, c.model.cutoff, log=self.log)
+            prepared = prepare_data(c.data, self.run_dir, cutoff, log=self.log, long_range_cutoff=long_range)
             return prepared.split, prepared.statistics
 
         split, statistics = run_on_main(self.distributed, on_main)
         if prepared is None:
             prepared = prepare_data(
-                c.data, self.run_dir, c.model.cutoff, log=self.log, split=split, statistics=statistics
+                c.data,
+                self.run_dir,
+                cutoff,
+                log=self.log,
+                split=split,
+                statistics=statistics,
+                long_range_cutoff=long_range,
             )
         return prepared
 
@@ -454,7 +538,7 @@ class Trainer:
             self.distributed, lambda: load_checkpoint(best)["state_dict"] if best.is_file() else None
         )
         if state is not None:
-            model = So3krates(self.model_config)
+            model = build_model(self.model_config)
             model.load_state_dict(state)
             model.to(device=self.device, dtype=self.dtype)
         force_field = ForceField(model.eval())

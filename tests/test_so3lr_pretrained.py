@@ -247,5 +247,5 @@ def test_fine_tuning_refuses_a_model_section_and_unknown_frozen_parts(tmp_path):
 
     with pytest.raises(ConfigError, match="remove the model section"):
         train(_fine_tune_config(tmp_path / "a", **{"model.n_layers": 2}), log=lambda *a: None)
-    with pytest.raises(ConfigError, match="no parameter is named 'layer.0'"):
+    with pytest.raises(ConfigError, match=r"no parameter is named 'layer\.0'"):
         train(_fine_tune_config(tmp_path / "b", **{"training.freeze": ["layer.0"]}), log=lambda *a: None)

@@ -106,6 +106,22 @@ MODELS = {
         "so3krates-torch 0.2.1, the same hyper-parameters",
         None,
     ),
+    # Issue 17: the pretrained SO3LR, ours (converted) against the package that ships the weights. Not in the
+    # default set (ask for them with --models so3lr,so3lr-torch); ratios in the report are to "so3lr".
+    "so3lr": (
+        None,
+        "speed_so3lr.py",
+        [],
+        "ours, pretrained SO3LR converted from so3krates-torch (F=128, l=1-4, r_c 4.5 Å, r_lr 12 Å), eager",
+        None,
+    ),
+    "so3lr-torch": (
+        "so3krates-torch",
+        "speed_so3lr_torch.py",
+        [],
+        "so3krates-torch 0.2.1 SO3LRCalculator's model (the same weights)",
+        None,
+    ),
     "mace-small": (
         "mace-torch",
         "speed_mace.py",
@@ -339,6 +355,8 @@ def markdown(results: dict) -> str:
     # The ratios' reference: our eager model, or the first of our variants in the run.
     candidates = [m for m in models if m.startswith("so3krates") and m != "so3krates-torch" and "@" not in m]
     ours = "so3krates" if "so3krates" in models else (candidates[0] if candidates else "so3krates")
+    if "so3lr" in models and "so3krates" not in models:
+        ours = "so3lr"
     lines = [
         f"# Speed: energy + forces and MD on {results['machine']['cpu']}",
         "",

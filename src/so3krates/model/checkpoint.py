@@ -22,6 +22,10 @@ from so3krates.model.so3lr import build_model
 
 SCHEMA_VERSION = 1
 
+#: Names that ``load_model`` (and with it the calculator and every command's ``--model``) reads as the
+#: pretrained model of :mod:`so3krates.pretrained`, unless a file of that name exists.
+PRETRAINED = ("so3lr",)
+
 #: schema version → function that turns a payload of that version into one of the next version.
 _UPGRADES: dict[int, Any] = {}
 
@@ -113,11 +117,18 @@ def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
 ) -> tuple[So3krates, dict[str, Any]]:
-    """The model of a checkpoint file for inference, and its metadata.
+    """The model of a checkpoint file (or of a pretrained model's name: ``"so3lr"``) for inference, and its
+    metadata.
 
     The model is in eval mode on ``device`` and ``dtype`` with its parameters frozen (``requires_grad``
     off): forces still flow to the positions. ``path`` may also be a run directory (its ``best.pt``).
     """
+    if str(path) in PRETRAINED and not Path(path).exists():
+        from so3krates.pretrained import so3lr
+        from so3krates.pretrained.so3lr import SO3LR_SPECIES
+
+        model = so3lr(device=device, dtype=dtype)
+        return model, model_metadata(model, SO3LR_SPECIES)
     payload = load_checkpoint(path)
     model = model_from_checkpoint(payload, str(path)).to(device=device, dtype=dtype)
     return model.eval().requires_grad_(False), payload.get("metadata", {})

@@ -178,11 +178,11 @@ def test_partial_charges_sum_to_the_total_charge_per_structure():
     numbers = torch.tensor([1, 6, 8, 1, 1, 7, 8])
     batch = torch.tensor([0, 0, 0, 1, 1, 1, 1])
     total = torch.tensor([-1.0, 2.0], dtype=torch.float64)
-    q = head(h, numbers, total, batch, 2)
+    q = head(h, numbers, total, batch, 2).detach()
     assert float(q[:3].sum()) == pytest.approx(-1.0, abs=1e-14)
     assert float(q[3:].sum()) == pytest.approx(2.0, abs=1e-14)
     # The dipole of a neutral structure does not depend on the origin.
-    neutral = head(h[:3], numbers[:3], torch.zeros(1, dtype=torch.float64), batch[:3], 1)
+    neutral = head(h[:3], numbers[:3], torch.zeros(1, dtype=torch.float64), batch[:3], 1).detach()
     positions = torch.randn(3, 3, dtype=torch.float64)
     mu = dipole_moment(neutral, positions, batch[:3], 1)
     shifted = dipole_moment(

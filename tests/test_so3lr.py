@@ -14,7 +14,7 @@ import pytest
 import torch
 from ase import Atoms
 
-from helpers import ethanol, random_rotation, triclinic_cell, water
+from helpers import PLANS, ethanol, random_rotation, triclinic_cell, water
 from so3krates import ForceField, atoms_to_graph, collate, preset
 from so3krates.model.so3lr import So3lr, build_model
 from so3krates.nn.embedding import ChargeSpinEmbedding
@@ -30,7 +30,8 @@ from so3krates.nn.physics import (
     dipole_moment,
     smooth_switch,
 )
-from so3krates.runtime import PlanError
+from so3krates.runtime import EnergyFunction, PlanError
+from so3krates.runtime.long_range import LongRangeEvaluator
 
 TINY_SO3LR = preset(
     "so3lr",
@@ -45,7 +46,8 @@ TINY_SO3LR = preset(
     dispersion_switch_width=1.5,
     avg_num_neighbors=4.0,
 )
-PAIR = (torch.tensor([0, 1]), torch.tensor([1, 0]))  # both directions of the one pair of a dimer
+PAIR = (torch.tensor([0, 1]), torch.tensor([1, 0]))  # both directions of a dimer's pair (short range)
+ONCE = (torch.tensor([0]), torch.tensor([1]))  # the pair listed once (long range)
 
 
 def make_so3lr(dtype=torch.float64, seed=0) -> So3lr:
@@ -121,8 +123,8 @@ def test_electrostatics_two_atoms_by_hand_and_smooth_at_the_cutoff():
     charges = torch.tensor([0.4, -0.3], dtype=torch.float64)
 
     def energy(r):
-        d = torch.tensor([r, r], dtype=torch.float64, requires_grad=True)
-        e = term(d, charges, *PAIR).sum()
+        d = torch.tensor([r], dtype=torch.float64, requires_grad=True)
+        e = term(d, charges, *ONCE).sum()
         (g,) = torch.autograd.grad(e, d)
         return float(e.detach()), float(g.sum())
 
@@ -145,8 +147,8 @@ def test_dispersion_two_atoms_by_hand_and_smooth_at_the_cutoff():
     numbers = torch.tensor([6, 6])
 
     def energy(r):
-        d = torch.tensor([r, r], dtype=torch.float64, requires_grad=True)
-        e = term(d, ratios, numbers, *PAIR).sum()
+        d = torch.tensor([r], dtype=torch.float64, requires_grad=True)
+        e = term(d, ratios, numbers, *ONCE).sum()
         (g,) = torch.autograd.grad(e, d)
         return float(e.detach()), float(g.sum())
 
@@ -333,12 +335,12 @@ def test_each_term_force_equals_finite_differences(term):
     dispersion = Dispersion(scale=1.2, cutoff=12.0, switch_width=2.0)
 
     def energy(r: torch.Tensor) -> torch.Tensor:
-        d = torch.stack([r, r])
         if term == "zbl":
+            d = torch.stack([r, r])
             return zbl(d, torch.ones_like(d), numbers, *PAIR).sum()
         if term == "electrostatics":
-            return coulomb(d, charges, *PAIR).sum()
-        return dispersion(d, ratios, numbers, *PAIR).sum()
+            return coulomb(r[None], charges, *ONCE).sum()
+        return dispersion(r[None], ratios, numbers, *ONCE).sum()
 
     for r0 in (0.3, 0.8, 1.2, 1.45) if term == "zbl" else (1.0, 3.0, 5.5, 8.0, 10.5, 11.9):
         r = torch.tensor(r0, dtype=torch.float64, requires_grad=True)
@@ -350,3 +352,59 @@ def test_each_term_force_equals_finite_differences(term):
                 - energy(torch.tensor(r0 - h, dtype=torch.float64))
             ) / (2 * h)
         assert float(slope) == pytest.approx(float(numerical), rel=1e-6, abs=1e-10), (term, r0)
+
+
+# --- every plan of the execution layer on the SO3LR backbone ------------------------------------------------
+
+PLAN_TOLERANCE = {("float64", "network"): 1e-10, ("float64", "spline"): 1e-6, ("float32", "network"): 2e-5}
+PLAN_TOLERANCE[("float32", "spline")] = PLAN_TOLERANCE[("float32", "network")]
+
+
+@pytest.mark.parametrize("plan", [p for p in PLANS if not p.slots], ids=lambda p: p.describe())
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_plan_gives_the_reference_numbers(plan, dtype):
+    """The backbone through each plan (fused layers, spline, pairs), heads and terms after it, against the
+    model's own reference evaluation (``So3lr.outputs``) differentiated with respect to the positions."""
+    model = make_so3lr(getattr(torch, dtype)).requires_grad_(False)
+    structures, charges = [ethanol(), triclinic_cell()], [1.0, 0.0]
+    graph = collate(
+        [
+            atoms_to_graph(
+                a, model.cutoff, pairs=True, long_range_cutoff=model.long_range_cutoff, total_charge=q
+            )
+            for a, q in zip(structures, charges, strict=True)
+        ]
+    )
+    positions = graph.positions.detach().requires_grad_(True)
+    reference_graph = graph.replace(positions=positions)
+    outputs = model.outputs(
+        reference_graph, reference_graph.edge_vectors(), reference_graph.long_range_vectors()
+    )
+    energy = torch.zeros(2, dtype=torch.float64).index_add(0, graph.batch, outputs.atomic_energies)
+    (gradient,) = torch.autograd.grad(energy.sum(), positions)
+    got = LongRangeEvaluator(EnergyFunction(model, plan, frozen=True), plan)(graph)
+    tolerance = PLAN_TOLERANCE[(dtype, plan.radial)]
+    scale = max(float(gradient.abs().max()), 1.0)
+    np.testing.assert_allclose(
+        got["energy"].detach().numpy(), energy.detach().numpy(), rtol=tolerance, atol=tolerance * scale
+    )
+    np.testing.assert_allclose(got["forces"].detach().numpy(), -gradient.numpy(), atol=tolerance * scale)
+    np.testing.assert_allclose(
+        got["charges"].detach().numpy(), outputs.charges.detach().numpy(), atol=tolerance
+    )
+
+
+def test_long_range_edges_hold_every_pair_once():
+    from so3krates.data.neighbors import neighbor_list
+
+    atoms = triclinic_cell()
+    graph = atoms_to_graph(atoms, 3.5, long_range_cutoff=7.0)
+    full = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, 7.0)
+    assert 2 * graph.lr_idx_i.shape[0] == len(full.idx_i)
+    seen = set()
+    for i, j, shift in zip(
+        graph.lr_idx_i.tolist(), graph.lr_idx_j.tolist(), graph.lr_shifts.tolist(), strict=True
+    ):
+        key, reverse = (i, j, tuple(shift)), (j, i, tuple(-s for s in shift))
+        assert key not in seen and reverse not in seen
+        seen.add(key)

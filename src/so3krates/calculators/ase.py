@@ -201,7 +201,11 @@ class So3kratesCalculator(Calculator):
             vectors = positions[idx_j] - positions[idx_i] + shifts @ cell
             squared = (vectors * vectors).sum(dim=1)
             if self.long_range_cutoff is not None:
-                lr = squared < self.long_range_cutoff**2
+                if not self._pairs:
+                    raise So3kratesError("long-range terms need a symmetric neighbour list (pair order)")
+                # Every pair once: the first half of the pair-ordered list.
+                half = squared.shape[0] // 2
+                lr = torch.nonzero(squared[:half] < self.long_range_cutoff**2).squeeze(1)
                 long_range = {"lr_idx_i": idx_i[lr], "lr_idx_j": idx_j[lr], "lr_shifts": shifts[lr]}
             inside = squared < self.cutoff**2
             if self._pairs:  # keep or drop both directions of a pair together, by the first's length

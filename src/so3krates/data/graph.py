@@ -15,7 +15,7 @@ import torch
 from ase import Atoms
 from torch import Tensor
 
-from so3krates.data.neighbors import neighbor_list, pair_order
+from so3krates.data.neighbors import neighbor_list, one_per_pair, pair_order
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,9 @@ class Graph:
             edge k reversed), which lets the execution layer evaluate the filters once per pair.
         total_charge: (n_graphs,) float, e — total charge of each structure (SO3LR models; None: neutral).
         total_spin: (n_graphs,) float — total spin S of each structure, ħ (0 singlet, ½ doublet; None: 0).
-        lr_idx_i, lr_idx_j, lr_shifts: the long-range edges (all pairs closer than the model's long-range
-            cutoff, both directions, images included), for models with long-range terms; None otherwise.
+        lr_idx_i, lr_idx_j, lr_shifts: the long-range edges, for models with long-range terms (None
+            otherwise): every pair of atoms (or of an atom and a periodic image) closer than the model's
+            long-range cutoff, once (:func:`so3krates.data.neighbors.one_per_pair`).
     """
 
     positions: Tensor
@@ -138,7 +139,7 @@ def atoms_to_graph(
     n_atoms = len(atoms)
     long_range = {}
     if long_range_cutoff is not None:
-        lr_edges = neighbor_list(positions, cell, pbc, long_range_cutoff)
+        lr_edges = one_per_pair(neighbor_list(positions, cell, pbc, long_range_cutoff))
         long_range = {
             "lr_idx_i": torch.from_numpy(lr_edges.idx_i),
             "lr_idx_j": torch.from_numpy(lr_edges.idx_j),

@@ -116,6 +116,16 @@ def pair_order(edges: NeighborList) -> NeighborList | None:
     return NeighborList(np.concatenate([fi, fj]), np.concatenate([fj, fi]), np.concatenate([fs, -fs]))
 
 
+def one_per_pair(edges: NeighborList) -> NeighborList:
+    """Every pair of a full list once: the first half of its pair order (i < j, or for an atom and its own
+    image the shift whose first non-zero component is positive). The long-range terms of SO3LR use it."""
+    ordered = pair_order(edges)
+    if ordered is None:
+        raise ValueError("one_per_pair needs a symmetric (full) neighbour list")
+    half = len(ordered.idx_i) // 2
+    return NeighborList(ordered.idx_i[:half], ordered.idx_j[:half], ordered.shifts[:half])
+
+
 def _check_periodic_cell(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> None:
     """Refuses periodic cells vesin cannot search: degenerate, absurdly large, or too many images."""
     if cell.shape != (3, 3) or not np.isfinite(cell).all():

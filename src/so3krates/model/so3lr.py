@@ -94,6 +94,13 @@ class So3lr(So3krates):
         x = self.initial_euclidean(edges, atomic_numbers.shape[0])
         for layer in self.layers:
             h, x = layer(h, x, edges)
+        return self.heads(h, graph, vectors, lr_vectors)
+
+    def heads(self, h: Tensor, graph: Graph, vectors: Tensor, lr_vectors: Tensor | None) -> So3lrOutputs:
+        """From the final features h (n_atoms, F) and the edge vectors: the local energy, the physical terms,
+        charges and Hirshfeld ratios (the part after the backbone, which the execution layer may evaluate
+        by any plan)."""
+        atomic_numbers, idx_i, idx_j = graph.atomic_numbers, graph.idx_i, graph.idx_j
         terms = {"local": self.readout(h, atomic_numbers)}
         if self.zbl is not None:
             distances = torch.linalg.vector_norm(vectors, dim=-1)

@@ -8,8 +8,10 @@ and universal pairwise force fields", 2024; SPEC §3), each a function of edge l
 - :class:`HirshfeldRatios` / :class:`Dispersion` — vdW-QDO dispersion (Khabibrakhmanov, Fedorov & Tkatchenko,
   J. Chem. Theory Comput. 19, 7895, 2023) from free-atom data scaled by predicted Hirshfeld volume ratios.
 
-Pair terms receive both directions of every pair (a full neighbour list) and count each direction half. They
-are evaluated in the dtype of the distances (float64 geometry in this package), whatever the network's dtype.
+ZBL acts on the short-range edges, which hold both directions of every pair (the network's full neighbour
+list): each direction counts half. The long-range terms act on a list with every pair once (half the
+edges) and give each atom half of every pair energy. All terms are evaluated in the dtype of the distances
+(float64 geometry in this package), whatever the network's dtype.
 """
 
 from __future__ import annotations
@@ -114,13 +116,18 @@ class PartialCharges(nn.Module):
         return raw + excess.index_select(0, batch)
 
 
+def split_between_atoms(pair: Tensor, idx_i: Tensor, idx_j: Tensor, n_atoms: int) -> Tensor:
+    """Atomic energies (n_atoms,) from the energies of pairs listed once: half of each to either atom."""
+    return 0.5 * (scatter_sum(pair, idx_i, n_atoms) + scatter_sum(pair, idx_j, n_atoms))
+
+
 def dipole_moment(charges: Tensor, positions: Tensor, batch: Tensor, n_graphs: int) -> Tensor:
     """μ = Σ_i q_i R_i per structure: (n_graphs, 3), e · Å (origin-independent for neutral structures)."""
     return scatter_sum(charges[:, None] * positions.to(charges.dtype), batch, n_graphs)
 
 
 class Electrostatics(nn.Module):
-    """E_i = ½ Σ_j k_e q_i q_j V_sf(d_ij) over edges with d < r_lr, V(d) = erf(d/σ) / d.
+    """E_ij = k_e q_i q_j V_sf(d_ij) for every pair with d < r_lr (listed once), V(d) = erf(d/σ) / d.
 
     V_sf(d) = s(d) [V(d) − V(r_lr)] + (1 − s(d)) [V(d) − V(r_lr) − V'(r_lr)(d − r_lr)], with the switch s
     going from 1 at 0.45 r_lr to 0 at r_lr: the plain (shifted) potential at short range, the shifted-force
@@ -142,16 +149,14 @@ class Electrostatics(nn.Module):
         ) / r**2
 
     def forward(self, distances: Tensor, charges: Tensor, idx_i: Tensor, idx_j: Tensor) -> Tensor:
-        """distances: (n_edges,) Å of the long-range edges; charges: (n_atoms,) e → (n_atoms,) eV."""
+        """distances: (n_pairs,) Å of the long-range pairs; charges: (n_atoms,) e → (n_atoms,) eV."""
         inside = distances < self.cutoff
         d = torch.where(inside, distances, torch.full_like(distances, self.cutoff)).clamp_min(1e-12)
         potential = torch.erf(d / self.width) / d - self.value_at_cutoff
         switch = smooth_switch(d, self.SWITCH_ON * self.cutoff, self.cutoff)
-        shifted = potential - switch.new_tensor(self.slope_at_cutoff) * (d - self.cutoff) * (1.0 - switch)
-        pair = (
-            0.5 * COULOMB_CONSTANT * charges.index_select(0, idx_i) * charges.index_select(0, idx_j) * shifted
-        )
-        return scatter_sum(torch.where(inside, pair, 0.0), idx_i, charges.shape[0])
+        shifted = potential - self.slope_at_cutoff * (d - self.cutoff) * (1.0 - switch)
+        pair = COULOMB_CONSTANT * charges.index_select(0, idx_i) * charges.index_select(0, idx_j) * shifted
+        return split_between_atoms(torch.where(inside, pair, 0.0), idx_i, idx_j, charges.shape[0])
 
 
 class HirshfeldRatios(nn.Module):
@@ -177,7 +182,8 @@ class HirshfeldRatios(nn.Module):
 
 
 class Dispersion(nn.Module):
-    """vdW-QDO dispersion: E_i = ½ Σ_j s(d_ij) E_QDO(d_ij) over edges with d < r_lr (Khabibrakhmanov et al.).
+    """vdW-QDO dispersion: E_ij = s(d_ij) E_QDO(d_ij) for every pair with d < r_lr (listed once;
+    Khabibrakhmanov et al. 2023).
 
     Per atom α_i = α⁰_Z v_i and C₆,i = C₆,Z v_i² (free-atom data in :mod:`so3krates.nn.free_atoms`, v the
     Hirshfeld ratio); per pair α_ij = (α_i + α_j)/2 and C₆,ij = 2 C₆,i C₆,j α_i α_j / (α_i² C₆,j + α_j² C₆,i);
@@ -212,7 +218,7 @@ class Dispersion(nn.Module):
     def forward(
         self, distances: Tensor, ratios: Tensor, atomic_numbers: Tensor, idx_i: Tensor, idx_j: Tensor
     ) -> Tensor:
-        """distances: (n_edges,) Å of the long-range edges; ratios: (n_atoms,) → (n_atoms,) eV."""
+        """distances: (n_pairs,) Å of the long-range pairs; ratios: (n_atoms,) → (n_atoms,) eV."""
         dtype = distances.dtype
         ratios = ratios.to(dtype)
         alpha = self.free_polarizability.to(dtype).index_select(0, atomic_numbers) * ratios
@@ -221,15 +227,20 @@ class Dispersion(nn.Module):
         c6_i, c6_j = c6.index_select(0, idx_i), c6.index_select(0, idx_j)
         alpha_ij = 0.5 * (alpha_i + alpha_j)
         c6_ij = 2.0 * c6_i * c6_j * alpha_i * alpha_j / (alpha_i**2 * c6_j + alpha_j**2 * c6_i)
-        radius = FINE_STRUCTURE ** (-4.0 / 21.0) * alpha_ij ** (1.0 / 7.0)
+        seventh_root = alpha_ij ** (1.0 / 7.0)
+        radius = FINE_STRUCTURE ** (-4.0 / 21.0) * seventh_root
         b0, b1, b2, b3 = self.SIGMA_FIT
         sigma = b0 + radius * (b1 + radius * (b2 + radius * b3))
-        gamma = 0.5 / sigma**2
-        c8 = 5.0 * c6_ij / gamma
-        c10 = 245.0 / 8.0 * c6_ij / gamma**2
-        rho = self.scale * 2.0 * 2.54 * alpha_ij ** (1.0 / 7.0)
-        r = distances / BOHR
-        energy = -(c6_ij / (r**6 + rho**6) + c8 / (r**8 + rho**8) + c10 / (r**10 + rho**10))
+        inverse_gamma = 2.0 * sigma**2  # 1/γ
+        rho2 = (self.scale * 2.0 * 2.54 * seventh_root) ** 2
+        rho6 = rho2**3
+        r2 = (distances / BOHR) ** 2
+        r6 = r2**3
+        energy = -c6_ij * (
+            1.0 / (r6 + rho6)
+            + 5.0 * inverse_gamma / (r6 * r2 + rho6 * rho2)
+            + 245.0 / 8.0 * inverse_gamma**2 / (r6 * r2 * r2 + rho6 * rho2 * rho2)
+        )
         switch = smooth_switch(distances, self.cutoff - self.switch_width, self.cutoff)
-        pair = 0.5 * HARTREE * energy * switch
-        return scatter_sum(torch.where(distances < self.cutoff, pair, 0.0), idx_i, ratios.shape[0])
+        pair = torch.where(distances < self.cutoff, HARTREE * energy * switch, 0.0)
+        return split_between_atoms(pair, idx_i, idx_j, ratios.shape[0])

@@ -156,16 +156,24 @@ class EnergyFunction(nn.Module):
         Returns:
             (n_atoms,) float64, eV — atomic energies E_i.
         """
+        return self.model.readout(self.features(vectors, atomic_numbers, edges), atomic_numbers)
+
+    def features(
+        self, vectors: Tensor, atomic_numbers: Tensor, edges: EdgeLayout, h: Tensor | None = None
+    ) -> Tensor:
+        """The invariant features h after the last layer, (n_atoms, F); ``h``: those at input (default: the
+        element embedding; SO3LR adds its charge and spin embeddings)."""
         model = self.model
         weights = self.weights()
         features = model.edge_features(vectors, edges.idx_i, edges.idx_j, with_rbf=False)
         radial = self.radial(weights, edges.first(features.distances))  # layer k → its radial parts
         n_atoms = atomic_numbers.shape[0]
-        h = model.embedding(atomic_numbers)
+        if h is None:
+            h = model.embedding(atomic_numbers)
         x = model.initial_euclidean(features, n_atoms, edges.sum_i)
         for k, layer in enumerate(model.layers):
             h, x = self.layer(layer, weights.layers[k], radial(k), h, x, features, edges)
-        return model.readout(h, atomic_numbers)
+        return h
 
 
 class Evaluator(nn.Module):

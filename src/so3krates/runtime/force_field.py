@@ -21,7 +21,7 @@ from so3krates.data.graph import Graph
 from so3krates.model.so3krates import So3krates
 from so3krates.model.so3lr import So3lr
 from so3krates.runtime.evaluator import EnergyFunction, Evaluator
-from so3krates.runtime.long_range import REFERENCE_PLAN, LongRangeEvaluator
+from so3krates.runtime.long_range import LongRangeEvaluator
 from so3krates.runtime.plan import Plan, PlanError, Planner, check_compile_mode
 
 T = TypeVar("T")
@@ -76,8 +76,6 @@ class ForceField(nn.Module):
 
     def plan(self, graph: Graph, create_graph: bool = False, threads: int | None = None) -> Plan:
         """The plan of a call on ``graph`` (on ``threads`` threads; default: what the planner gives)."""
-        if isinstance(self.model, So3lr):
-            return REFERENCE_PLAN
         if threads is None:
             threads = self.threads(graph)
         return self.planner.plan(
@@ -107,7 +105,7 @@ class ForceField(nn.Module):
         evaluator = self._evaluators.get(plan)
         if evaluator is None:
             if isinstance(self.model, So3lr):
-                evaluator = LongRangeEvaluator(self.model)
+                evaluator = LongRangeEvaluator(EnergyFunction(self.model, plan, frozen=self.frozen), plan)
             elif self.compile == "aoti":
                 from so3krates.runtime.programs import cached_program
 

@@ -92,8 +92,9 @@ def markdown(results: dict) -> str:
     for name, entry in results["models"].items():
         t300, t600 = entry["test"]["300K"], entry["test"]["600K"]
         lines.append(
-            f"| {name} | {entry['epochs']} | {t300['energy_mae_meV']:.1f} | {t300['forces_mae_meV_per_A']:.1f} "
-            f"| {t600['energy_mae_meV']:.1f} | {t600['forces_mae_meV_per_A']:.1f} |"
+            f"| {name} | {entry['epochs']} | {t300['energy_mae_meV']:.1f} "
+            f"| {t300['forces_mae_meV_per_A']:.1f} | {t600['energy_mae_meV']:.1f} "
+            f"| {t600['forces_mae_meV_per_A']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -159,6 +159,14 @@ def test_conversion_is_cached_and_gives_the_same_numbers(cache_dir):
     assert ours - 3 * 128 - 19 * 66 + 2 * 118 == 529_852
 
 
+def test_the_published_species_are_those_with_trained_energy_scales():
+    from so3krates.pretrained.so3lr import SO3LR_SPECIES
+
+    scale = so3lr(dtype=torch.float64).readout.energy_scale
+    trained = [z for z in range(1, 119) if abs(float(scale[z]) - 1.0) > 1e-7]
+    assert trained == SO3LR_SPECIES
+
+
 def test_converter_refuses_what_it_does_not_know():
     source = _load_source(source_path())
     source.residual_mlp_2 = True
@@ -249,3 +257,34 @@ def test_fine_tuning_refuses_a_model_section_and_unknown_frozen_parts(tmp_path):
         train(_fine_tune_config(tmp_path / "a", **{"model.n_layers": 2}), log=lambda *a: None)
     with pytest.raises(ConfigError, match=r"no parameter is named 'layer\.0'"):
         train(_fine_tune_config(tmp_path / "b", **{"training.freeze": ["layer.0"]}), log=lambda *a: None)
+
+
+# --- the commands with --model so3lr ---------------------------------------------------------------------
+
+
+def test_commands_take_so3lr_as_the_model(tmp_path, capsys):
+    from ase.io import write
+
+    from so3krates.cli.main import main
+
+    structure = tmp_path / "acetic_acid.xyz"
+    atoms = molecule("CH3COOH")
+    write(structure, atoms)
+    md = ["md", "--model", "so3lr", "--structure", str(structure), "--out", str(tmp_path / "md")]
+    assert main([*md, "--steps", "10", "--timestep", "0.5", "--no-progress", "--threads", "1"]) == 0
+    assert "completed 10 steps" in capsys.readouterr().out
+    harmonic = ["spectrum", "harmonic", "--model", "so3lr", "--structure", str(structure)]
+    assert main([*harmonic, "--optimize", "--out", str(tmp_path / "modes")]) == 0
+    import csv
+
+    with open(tmp_path / "modes" / "frequencies.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["kind"] != "rigid"]
+    frequencies = np.array([float(row["frequency_cm1"]) for row in rows])
+    # Acetic acid: 18 vibrations, all real at the optimised geometry, the O–H stretch highest (~3500 cm⁻¹).
+    assert len(frequencies) == 18 and frequencies.min() > 0 and 3000 < frequencies.max() < 4000
+    # Elements outside the published training set are refused in one line; export refuses SO3LR.
+    write(tmp_path / "licl.xyz", Atoms("LiCl", positions=[[0, 0, 0], [2.1, 0, 0]]))
+    assert main(["md", "--model", "so3lr", "--structure", str(tmp_path / "licl.xyz"), "--steps", "2"]) == 2
+    assert main(["export", "--model", "so3lr", "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert "Li" in err and "cannot be exported yet" in err

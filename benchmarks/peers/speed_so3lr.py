@@ -1,4 +1,4 @@
-"""Our side of the SO3LR comparison in `benchmarks/speed.py`: the pretrained SO3LR converted into this package.
+"""Our side of the SO3LR comparison in `benchmarks/speed.py`: the pretrained SO3LR, converted into ours.
 
 Runs in the project environment (with the `so3lr` extra), under the protocol of `speed_protocol.py`:
 

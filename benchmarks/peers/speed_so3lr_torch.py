@@ -26,7 +26,6 @@ import speed_protocol as protocol
 def main(argv: list[str] | None = None) -> None:
     args = protocol.common_arguments(__doc__.splitlines()[0]).parse_args(argv)
     protocol.limit_threads(args.threads)
-    import torch
     from so3krates_torch.calculator.so3 import SO3LRCalculator
     from so3krates_torch.tools.utils import create_dataloader_from_list
 

@@ -144,6 +144,11 @@ def export_model(
                 f"species {unknown} are not among the elements {source} was trained on "
                 f"({sorted(trained_species)}): the model cannot describe them"
             )
+    if model.config.so3lr:
+        raise DataError(
+            "SO3LR models (total charge and spin inputs, long-range terms) cannot be exported yet; run them "
+            "through the ASE calculator (so3krates md, explore, spectrum, or So3kratesCalculator)"
+        )
     # A bare model instance knows no training elements: allow all unless told otherwise.
     species = sorted(species or trained_species or range(1, 119))
     model = model.to(dtype=DTYPES[dtype]).eval().requires_grad_(False)

@@ -63,7 +63,9 @@ def hessian(model: nn.Module, atoms: Atoms, dtype: torch.dtype = torch.float64) 
     # create_graph below: the planner takes the exact radial network (the spline's second derivatives
     # jump at its nodes).
     force_field = ForceField(energy_model).eval()
-    graph = atoms_to_graph(atoms, force_field.cutoff, pairs=True).to(device=parameter.device)
+    graph = atoms_to_graph(
+        atoms, force_field.cutoff, pairs=True, long_range_cutoff=force_field.long_range_cutoff
+    ).to(device=parameter.device)
     positions = graph.positions.detach().requires_grad_(True)
     out = force_field(graph.replace(positions=positions), compute_forces=True, create_graph=True)
     forces = out[keys.FORCES].reshape(-1)

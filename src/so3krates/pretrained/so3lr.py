@@ -25,9 +25,9 @@ from so3krates.nn.embedding import N_ELEMENTS
 
 SOURCE_PACKAGE = "so3krates-torch"
 SOURCE_FILE = ("so3krates_torch.pretrained.so3lr", "so3lr.model")
-#: Elements the published model has demonstrably been trained on: those whose per-element energy scale moved
-#: from its initial value 1 (H, C, N, O, F, P, S, Cl; ``tests/test_so3lr_pretrained.py`` checks this against
-#: the file). Checkpoint commands refuse other elements; ``So3kratesCalculator(..., species=[...])`` overrides.
+#: Elements the published model has demonstrably been trained on: those whose per-element energy scale
+#: moved from its initial value 1 (H, C, N, O, F, P, S, Cl; ``tests/test_so3lr_pretrained.py`` checks this
+#: against the file). Checkpoint commands refuse other elements; the calculator's ``species=`` overrides.
 SO3LR_SPECIES = [1, 6, 7, 8, 9, 15, 16, 17]
 #: Source buffers that are fixed functions of the hyper-parameters (checked through those), not weights.
 DERIVED = (

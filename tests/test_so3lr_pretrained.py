@@ -49,6 +49,15 @@ def cache_dir(tmp_path_factory):
         os.environ["SO3KRATES_CACHE_DIR"] = old
 
 
+@pytest.fixture(autouse=True)
+def restore_default_dtype():
+    """so3krates-torch's calculator sets torch's default dtype for the whole process; later tests build
+    their random models in the default dtype, so put it back."""
+    default = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(default)
+
+
 def peer_calculator(dtype: str):
     from so3krates_torch.calculator.so3 import SO3LRCalculator
 

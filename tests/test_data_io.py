@@ -514,3 +514,38 @@ def test_shared_so3krates_torch_xyz_with_bare_key():
     assert all(-4216 < s.energy < -4213 and s.forces.shape == (9, 3) for s in structures)
     bare_key = next(k for k in ase.io.read(path, index=0).info if k != "REF_energy")  # "-97191.7...": a flag
     raises_data_error("frame 0", "bare key", path=path, energy_key=bare_key)
+
+
+def test_total_charge_and_spin_are_read_written_and_checked(tmp_path):
+    charged = ethanol()
+    charged.info.update(charge=-1, total_spin=0.5)
+    path = tmp_path / "charged.extxyz"
+    ase.io.write(path, [charged, water()])
+    structures = read_structures(path)
+    assert [(s.total_charge, s.total_spin) for s in structures] == [(-1.0, 0.5), (0.0, 0.0)]
+    write_extxyz(tmp_path / "again.extxyz", structures)
+    again = read_structures(tmp_path / "again.extxyz")
+    assert [(s.total_charge, s.total_spin) for s in again] == [(-1.0, 0.5), (0.0, 0.0)]
+    assert structures[0].to_atoms().info == {"charge": -1.0, "total_spin": 0.5}
+    db = ase.db.connect(tmp_path / "charged.db")
+    in_db = ethanol()
+    in_db.set_initial_charges([2.0] + [0.0] * (len(in_db) - 1))  # ASE databases: charge = Σ initial charges
+    db.write(in_db, total_spin=1.0)
+    assert [(s.total_charge, s.total_spin) for s in read_structures(tmp_path / "charged.db")] == [(2.0, 1.0)]
+    for info, message in (({"total_spin": -0.5}, "total spin S is ≥ 0"), ({"charge": "x"}, "charge")):
+        bad = ethanol()
+        bad.info.update(info)
+        ase.io.write(tmp_path / "bad.extxyz", [water(), bad])
+        with pytest.raises(DataError, match=message) as error:
+            read_structures(tmp_path / "bad.extxyz")
+        assert "frame 1" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_hdf5_refuses_structures_with_a_total_charge(tmp_path):
+    from so3krates.data.hdf5 import write_hdf5
+
+    structure = Structure.from_atoms(ethanol())
+    structure.total_charge = 1.0
+    with pytest.raises(DataError, match="does not store total charges"):
+        write_hdf5(tmp_path / "x.h5", [structure], cutoff=4.0)
+    assert not (tmp_path / "x.h5").exists()

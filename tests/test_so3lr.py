@@ -408,3 +408,44 @@ def test_long_range_edges_hold_every_pair_once():
         key, reverse = (i, j, tuple(shift)), (j, i, tuple(-s for s in shift))
         assert key not in seen and reverse not in seen
         seen.add(key)
+
+
+def test_calculator_takes_the_total_charge_and_spin_and_refuses_them_for_local_models():
+    from helpers import make_model
+    from so3krates import So3kratesCalculator
+    from so3krates.errors import So3kratesError
+
+    model = make_so3lr()
+    energies = []
+    for kwargs in ({"total_charge": 1.0, "total_spin": 0.5}, {"total_charge": 1.0, "spin": 0.5}):
+        atoms = ethanol()
+        atoms.calc = So3kratesCalculator(model, **kwargs)
+        energies.append(atoms.get_potential_energy())
+        assert atoms.calc.results["charges"].sum() == pytest.approx(1.0, abs=1e-12)
+    assert energies[0] == energies[1]
+    # The structure's own charge and spin (atoms.info) when the calculator is not given any.
+    atoms = ethanol()
+    atoms.info.update(charge=1.0, total_spin=0.5)
+    atoms.calc = So3kratesCalculator(model)
+    assert atoms.get_potential_energy() == energies[0]
+    atoms.info["charge"] = 0.0  # a change of charge alone triggers a new calculation
+    assert atoms.get_potential_energy() != energies[0]
+    with pytest.raises(So3kratesError, match="disagree"):
+        So3kratesCalculator(model, total_spin=0.5, spin=1.0)
+    with pytest.raises(So3kratesError, match="takes no total charge"):
+        So3kratesCalculator(make_model(preset("tiny"), torch.float64), total_charge=1.0)
+
+
+def test_training_graphs_carry_the_structures_charge_spin_and_long_range_edges():
+    from so3krates.data.dataset import GraphDataset, collate_batch
+    from so3krates.data.structure import Structure
+
+    charged = Structure.from_atoms(ethanol(), energy=-1.0)
+    charged.total_charge, charged.total_spin = -1.0, 0.5
+    dataset = GraphDataset([charged, Structure.from_atoms(water(), energy=-2.0)], 3.5, long_range_cutoff=7.0)
+    graph, _ = collate_batch([dataset[0], dataset[1]])
+    assert graph.total_charge.tolist() == [-1.0, 0.0] and graph.total_spin.tolist() == [0.5, 0.0]
+    assert graph.lr_idx_i is not None and graph.pairs
+    out = ForceField(make_so3lr())(graph)
+    sums = torch.zeros(2, dtype=torch.float64).index_add(0, graph.batch, out["charges"].detach())
+    torch.testing.assert_close(sums, torch.tensor([-1.0, 0.0], dtype=torch.float64))

@@ -65,7 +65,8 @@ class So3kratesCalculator(Calculator):
             e.g. ``Planner(pairs=False)`` evaluates the filters once per edge, for comparisons).
         total_charge, total_spin: for models that take them (SO3LR): the total charge (e) and total spin S
             (ħ; 0 singlet, ½ doublet) of every structure. Default: ``atoms.info["charge"]`` and
-            ``atoms.info["total_spin"]``, else 0. SO3LR models also return ``charges`` (partial charges, e),
+            ``atoms.info["total_spin"]``, else 0; ``spin`` is accepted for ``total_spin``. SO3LR models also
+            return ``charges`` (partial charges, e),
             ``dipole`` (e·Å) and ``hirshfeld_ratios`` in ``results``.
     """
 
@@ -91,8 +92,15 @@ class So3kratesCalculator(Calculator):
         planner: Planner | None = None,
         total_charge: float | None = None,
         total_spin: float | None = None,
+        spin: float | None = None,
         **kwargs,
     ) -> None:
+        if spin is not None:
+            if total_spin is not None and float(total_spin) != float(spin):
+                raise So3kratesError(
+                    f"spin = {spin} and total_spin = {total_spin} disagree; give one of them"
+                )
+            total_spin = spin
         super().__init__(**kwargs)
         if dtype not in DTYPES:
             raise So3kratesError(f"dtype must be float64 or float32, not {dtype!r}")
@@ -128,6 +136,14 @@ class So3kratesCalculator(Calculator):
         self.cutoff = float(self.force_field.cutoff)
         self.long_range_cutoff = getattr(self.force_field, "long_range_cutoff", None)
         self.total_charge, self.total_spin = total_charge, total_spin
+        config = getattr(getattr(self.force_field, "model", None), "config", None)
+        if not getattr(config, "so3lr", False) and any(
+            v not in (None, 0) for v in (total_charge, total_spin)
+        ):
+            raise So3kratesError(
+                "this model takes no total charge or spin (only SO3LR models do); leave total_charge and "
+                "total_spin unset"
+            )
         self.skin = float(skin)
         self.min_distance = float(min_distance)
         self.n_neighbor_list_builds = 0

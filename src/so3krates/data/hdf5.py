@@ -156,6 +156,12 @@ def write_hdf5(
 def _structure_rows(name: str, k: int, structure: Structure, cutoff: float) -> dict[str, object]:
     """The rows one structure adds to each dataset, checked."""
     where = f"{name}: structure {k}"
+    if structure.total_charge or structure.total_spin:
+        # Not stored yet: refuse rather than lose them (only models with charge inputs would read them).
+        raise DataError(
+            f"{where}: total charge {structure.total_charge:g} / spin {structure.total_spin:g}; the HDF5 "
+            "format does not store total charges and spins yet (train from the extxyz file)"
+        )
     positions = np.asarray(structure.positions, dtype=np.float64)
     n_atoms = len(positions)
     if positions.shape != (n_atoms, 3):

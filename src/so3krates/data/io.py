@@ -178,6 +178,8 @@ class _Frame:
     energy: float | None = None  # energy_unit; None: key absent
     forces: np.ndarray | None = None  # (n_atoms, 3) energy_unit/length_unit
     stress: np.ndarray | None = None  # (3, 3) energy_unit/length_unit³
+    total_charge: float = 0.0  # e
+    total_spin: float = 0.0  # ħ
 
 
 @dataclass
@@ -316,6 +318,8 @@ def _read_db(name: str, energy_key: str, forces_key: str, stress_key: str, index
                 energy=_energy(name, where, energy_key, _db_value(row, energy_key)),
                 forces=_forces(name, where, forces_key, _db_value(row, forces_key), len(atoms)),
                 stress=_stress(name, where, stress_key, _db_value(row, stress_key)),
+                # ASE databases keep a row's total charge as the sum of its initial charges (``charge``).
+                **_charge_and_spin(name, where, {k: _db_value(row, k) for k in ("charge", "total_spin")}),
             )
         )
     return _Raw(frames, keys, available)
@@ -361,6 +365,7 @@ def _read_ase(name: str, energy_key: str, forces_key: str, stress_key: str, inde
                 energy=_energy(name, where, energy_key, energy),
                 forces=_forces(name, where, forces_key, forces, len(atoms)),
                 stress=_stress(name, where, stress_key, stress),
+                **_charge_and_spin(name, where, atoms.info),
             )
         )
     first = images[0] if images else None
@@ -376,6 +381,26 @@ def _read_ase(name: str, energy_key: str, forces_key: str, stress_key: str, inde
 
 # ---------------------------------------------------------------------------------------------------------
 # Labels and checks.
+
+
+def _charge_and_spin(name: str, where: str, info: dict) -> dict[str, float]:
+    """The frame's total charge (key ``charge``, e) and total spin S (``total_spin``, ħ; ≥ 0), 0 if absent."""
+    values = {}
+    for key, field_name in (("charge", "total_charge"), ("total_spin", "total_spin")):
+        value = info.get(key)
+        if value is not None:
+            array = _numeric(name, key, value, where)
+            if array.size != 1:
+                raise _error(name, where, key, f"{key} has shape {array.shape}, expected a single number")
+            value = float(array.reshape(()))
+        if value is not None and not np.isfinite(value):
+            raise _error(name, where, key, f"{key} is {value}, expected a finite number")
+        if key == "total_spin" and value is not None and value < 0:
+            raise _error(
+                name, where, key, f"total_spin is {value}; the total spin S is ≥ 0 (½ for a doublet)"
+            )
+        values[field_name] = 0.0 if value is None else float(value)
+    return values
 
 
 def _energy(name: str, where: str, key: str, value: object) -> float | None:
@@ -535,7 +560,17 @@ def _to_structures(
         forces = _masked(frame.forces, forces_factor, masked, "force components")
         stress = _masked(frame.stress, stress_factor, masked, "stress components")
         structures.append(
-            Structure(positions, numbers.astype(np.int64), cell, pbc, float(energy), forces, stress)
+            Structure(
+                positions,
+                numbers.astype(np.int64),
+                cell,
+                pbc,
+                float(energy),
+                forces,
+                stress,
+                total_charge=frame.total_charge,
+                total_spin=frame.total_spin,
+            )
         )
     if any(masked.values()):
         counts = ", ".join(f"{count} {what}" for what, count in masked.items() if count)

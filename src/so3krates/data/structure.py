@@ -22,6 +22,8 @@ class Structure:
         energy: float, eV — total energy; NaN when the frame has no energy label.
         forces: (n_atoms, 3) float64, eV/Å, or None — NaN entries are masked in the loss.
         stress: (3, 3) float64, eV/Å³, or None — ASE sign convention (positive = tensile).
+        total_charge: float, e — total charge (read from ``charge``; models with a charge input use it).
+        total_spin: float, ħ — total spin S (read from ``total_spin``; 0 singlet, ½ doublet).
     """
 
     positions: np.ndarray
@@ -31,14 +33,22 @@ class Structure:
     energy: float = float("nan")
     forces: np.ndarray | None = None
     stress: np.ndarray | None = None
+    total_charge: float = 0.0
+    total_spin: float = 0.0
 
     @property
     def n_atoms(self) -> int:
         return len(self.atomic_numbers)
 
     def to_atoms(self) -> Atoms:
-        """An ASE ``Atoms`` with the same geometry (labels are not attached)."""
-        return Atoms(numbers=self.atomic_numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+        """An ASE ``Atoms`` with the same geometry, and its total charge and spin in ``info`` when not zero
+        (labels are not attached)."""
+        atoms = Atoms(numbers=self.atomic_numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+        if self.total_charge:
+            atoms.info["charge"] = float(self.total_charge)
+        if self.total_spin:
+            atoms.info["total_spin"] = float(self.total_spin)
+        return atoms
 
     @classmethod
     def from_atoms(

@@ -137,9 +137,8 @@ class So3kratesCalculator(Calculator):
         self.long_range_cutoff = getattr(self.force_field, "long_range_cutoff", None)
         self.total_charge, self.total_spin = total_charge, total_spin
         config = getattr(getattr(self.force_field, "model", None), "config", None)
-        if not getattr(config, "so3lr", False) and any(
-            v not in (None, 0) for v in (total_charge, total_spin)
-        ):
+        self._charge_and_spin_inputs = bool(getattr(config, "so3lr", False))
+        if not self._charge_and_spin_inputs and any(v not in (None, 0) for v in (total_charge, total_spin)):
             raise So3kratesError(
                 "this model takes no total charge or spin (only SO3LR models do); leave total_charge and "
                 "total_spin unset"
@@ -212,7 +211,7 @@ class So3kratesCalculator(Calculator):
             device=self.device,
         )
         positions = torch.as_tensor(atoms.positions, dtype=torch.float64, device=self.device)
-        long_range = {}
+        long_range = {}  # the inputs of SO3LR models: long-range edges, total charge and spin
         if (self.skin > 0 or self.long_range_cutoff is not None) and idx_i.shape[0] > 0:
             vectors = positions[idx_j] - positions[idx_i] + shifts @ cell
             squared = (vectors * vectors).sum(dim=1)
@@ -230,8 +229,13 @@ class So3kratesCalculator(Calculator):
             idx_i, idx_j, shifts = idx_i[inside], idx_j[inside], shifts[inside]
         elif self.long_range_cutoff is not None:  # no edges at all
             long_range = {"lr_idx_i": idx_i, "lr_idx_j": idx_j, "lr_shifts": shifts}
-        charge = self.total_charge if self.total_charge is not None else atoms.info.get("charge", 0.0)
-        spin = self.total_spin if self.total_spin is not None else atoms.info.get("total_spin", 0.0)
+        if self._charge_and_spin_inputs:
+            charge = self.total_charge if self.total_charge is not None else atoms.info.get("charge", 0.0)
+            spin = self.total_spin if self.total_spin is not None else atoms.info.get("total_spin", 0.0)
+            long_range["total_charge"] = torch.tensor(
+                [float(charge)], dtype=torch.float64, device=self.device
+            )
+            long_range["total_spin"] = torch.tensor([float(spin)], dtype=torch.float64, device=self.device)
         return Graph(
             positions=positions,
             atomic_numbers=torch.as_tensor(atoms.numbers, dtype=torch.long, device=self.device),
@@ -242,8 +246,6 @@ class So3kratesCalculator(Calculator):
             pbc=torch.as_tensor(pbc, device=self.device).unsqueeze(0),
             batch=torch.zeros(len(atoms), dtype=torch.long, device=self.device),
             pairs=self._pairs,
-            total_charge=torch.tensor([float(charge)], dtype=torch.float64, device=self.device),
-            total_spin=torch.tensor([float(spin)], dtype=torch.float64, device=self.device),
             **long_range,
         )
 

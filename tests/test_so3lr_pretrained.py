@@ -176,6 +176,17 @@ def test_the_published_species_are_those_with_trained_energy_scales():
     assert trained == SO3LR_SPECIES
 
 
+def test_the_calculator_refuses_untrained_elements_unless_told_otherwise():
+    from so3krates.calculators.ase import UnsupportedStructureError
+
+    salt = Atoms("LiCl", positions=[[0, 0, 0], [2.1, 0, 0]])
+    salt.calc = So3kratesCalculator(so3lr())
+    with pytest.raises(UnsupportedStructureError, match=r"Li \(Z=3\)"):
+        salt.get_potential_energy()
+    salt.calc = So3kratesCalculator(so3lr(), species=[3, 17])
+    assert np.isfinite(salt.get_potential_energy())
+
+
 def test_converter_refuses_what_it_does_not_know():
     source = _load_source(source_path())
     source.residual_mlp_2 = True

@@ -111,6 +111,7 @@ class So3kratesCalculator(Calculator):
         if isinstance(model, So3krates):
             network = copy.deepcopy(model).to(device=device, dtype=DTYPES[dtype])
             self.force_field = ForceField(network, mode, frozen=True, planner=planner)
+            trained_species = getattr(model, "species", None)  # pretrained models carry theirs
         elif isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".pt2":
             from so3krates.export import load_exported
 

@@ -71,7 +71,9 @@ def so3lr(
         device, dtype: where and in which precision the network runs (published: float32).
         long_range_cutoff: Å, r_lr of electrostatics and dispersion (the published default, 12 Å).
 
-    Use it with the ASE calculator: ``So3kratesCalculator(so3lr(), total_charge=0, total_spin=0)``.
+    Use it with the ASE calculator: ``So3kratesCalculator(so3lr(), total_charge=0, total_spin=0)``; the
+    model's ``species`` attribute (:data:`SO3LR_SPECIES`) makes the calculator refuse other elements unless
+    it is given ``species=[...]``.
     """
     path = source_path()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -91,7 +93,9 @@ def so3lr(
         resized = So3lr(config)
         resized.load_state_dict(model.state_dict())
         model = resized
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.species = list(SO3LR_SPECIES)  # read by the calculator: other elements are refused by default
+    return model
 
 
 def _load_source(path: Path) -> torch.nn.Module:

@@ -12,9 +12,10 @@ E = Σ_i E_i^local + E_ZBL + E_electrostatics + E_dispersion, where
   dispersion scaled by the Hirshfeld ratios act on the long-range edges (r < r_lr), see
   :mod:`so3krates.nn.physics`.
 
-Each physical term is switched by its own config flag. The model evaluates as one reference computation; it
-needs graphs with long-range edges and total charges/spins (``atoms_to_graph(..., long_range_cutoff=...)``,
-the ASE calculator builds them itself).
+Each physical term is switched by its own config flag. ``model(graph)`` is the reference computation; the
+execution layer (:mod:`so3krates.runtime.long_range`) evaluates the backbone by any plan and then calls
+:meth:`So3lr.heads`. Graphs need long-range edges and total charges/spins (``atoms_to_graph(...,
+long_range_cutoff=...)``; the ASE calculator builds them itself).
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from so3krates import keys
+from so3krates.data.graph import Graph
 from so3krates.ops.scatter import scatter_sum
 from so3krates.runtime.layout import EdgeLayout
 
@@ -80,3 +82,34 @@ def stress_from_virial(virial: Tensor, cell: Tensor) -> Tensor:
     volume = torch.linalg.det(cell).abs()  # (n_graphs,), Å³; 0 for molecules
     safe_volume = torch.where(volume > 0, volume, torch.ones_like(volume))
     return torch.where((volume > 0)[:, None, None], -virial / safe_volume[:, None, None], 0.0)
+
+
+def graph_derivatives(
+    energy: Tensor,
+    vectors: Tensor,
+    edges: EdgeLayout,
+    graph: Graph,
+    compute_forces: bool,
+    compute_stress: bool,
+    create_graph: bool,
+) -> dict[str, Tensor]:
+    """:func:`derivatives` of a batch's energies (n_graphs,) at the edge vectors of ``edges`` (whose
+    ``idx_i`` index ``graph``'s atoms): ``forces`` and/or ``virial`` and ``stress``, under their keys."""
+    result = derivatives(
+        energy,
+        vectors,
+        edges,
+        graph.n_atoms,
+        compute_forces=compute_forces,
+        compute_virial=compute_stress,
+        create_graph=create_graph,
+        edge_graph=graph.batch.index_select(0, edges.idx_i) if graph.n_graphs > 1 else None,
+        n_graphs=graph.n_graphs,
+    )
+    out = {}
+    if compute_forces:
+        out[keys.FORCES] = result.forces
+    if compute_stress:
+        out[keys.VIRIAL] = result.virial
+        out[keys.STRESS] = stress_from_virial(result.virial, graph.cell)
+    return out

@@ -27,7 +27,7 @@ from so3krates.model.so3krates import So3krates
 from so3krates.nn.transformer import EdgeFeatures, TransformerLayer
 from so3krates.ops.scatter import scatter_sum
 from so3krates.ops.spline import Spline
-from so3krates.runtime.derivatives import derivatives, stress_from_virial
+from so3krates.runtime.derivatives import graph_derivatives
 from so3krates.runtime.fused import LayerWeights, fused_layer, layer_weights
 from so3krates.runtime.layout import EdgeLayout
 from so3krates.runtime.plan import Plan, PlanError
@@ -211,20 +211,7 @@ class Evaluator(nn.Module):
         out = {keys.ENERGY: energy, keys.ATOMIC_ENERGIES: atomic_energies}
         if not derive:
             return out
-        result = derivatives(
-            energy,
-            vectors,
-            edges,
-            graph.n_atoms,
-            compute_forces=compute_forces,
-            compute_virial=compute_stress,
-            create_graph=create_graph,
-            edge_graph=graph.batch.index_select(0, graph.idx_i) if graph.n_graphs > 1 else None,
-            n_graphs=graph.n_graphs,
+        out.update(
+            graph_derivatives(energy, vectors, edges, graph, compute_forces, compute_stress, create_graph)
         )
-        if compute_forces:
-            out[keys.FORCES] = result.forces
-        if compute_stress:
-            out[keys.VIRIAL] = result.virial
-            out[keys.STRESS] = stress_from_virial(result.virial, graph.cell)
         return out

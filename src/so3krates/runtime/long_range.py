@@ -20,7 +20,7 @@ from so3krates.data.graph import Graph
 from so3krates.model.so3lr import So3lr
 from so3krates.nn.physics import dipole_moment
 from so3krates.ops.scatter import scatter_sum
-from so3krates.runtime.derivatives import derivatives, stress_from_virial
+from so3krates.runtime.derivatives import graph_derivatives
 from so3krates.runtime.evaluator import EnergyFunction
 from so3krates.runtime.layout import EdgeLayout
 from so3krates.runtime.plan import Plan, PlanError
@@ -90,20 +90,7 @@ class LongRangeEvaluator(nn.Module):
         if not derive:
             return out
         edges = EdgeLayout.build(idx_i, idx_j, graph.n_atoms, False, False)
-        result = derivatives(
-            energy,
-            vectors,
-            edges,
-            graph.n_atoms,
-            compute_forces=compute_forces,
-            compute_virial=compute_stress,
-            create_graph=create_graph,
-            edge_graph=graph.batch.index_select(0, idx_i) if graph.n_graphs > 1 else None,
-            n_graphs=graph.n_graphs,
+        out.update(
+            graph_derivatives(energy, vectors, edges, graph, compute_forces, compute_stress, create_graph)
         )
-        if compute_forces:
-            out[keys.FORCES] = result.forces
-        if compute_stress:
-            out[keys.VIRIAL] = result.virial
-            out[keys.STRESS] = stress_from_virial(result.virial, graph.cell)
         return out

@@ -111,6 +111,35 @@ def evaluate(force_field: ForceField, structures: list[Atoms], stress: bool = Fa
     return {k: v.detach().double().numpy() for k, v in out.items()}
 
 
+def numerical_forces(energy, atoms: Atoms, step: float = 1e-5) -> np.ndarray:
+    """−∂E/∂R by central differences, (n_atoms, 3); ``energy(atoms)`` returns a float, eV."""
+    numerical = np.zeros((len(atoms), 3))
+    for a in range(len(atoms)):
+        for c in range(3):
+            plus, minus = atoms.copy(), atoms.copy()
+            plus.positions[a, c] += step
+            minus.positions[a, c] -= step
+            numerical[a, c] = -(energy(plus) - energy(minus)) / (2 * step)
+    return numerical
+
+
+def numerical_stress(energy, atoms: Atoms, step: float = 1e-5) -> np.ndarray:
+    """(1/V) ∂E/∂ε by central differences of a symmetric strain of positions and cell, (3, 3) eV/Å³."""
+    numerical = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            energies = []
+            for sign in (1.0, -1.0):
+                strain = np.zeros((3, 3))
+                strain[a, b] += 0.5 * sign * step
+                strain[b, a] += 0.5 * sign * step
+                strained = atoms.copy()
+                strained.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+                energies.append(energy(strained))
+            numerical[a, b] = (energies[0] - energies[1]) / (2 * step) / atoms.get_volume()
+    return numerical
+
+
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
     """A uniformly random proper rotation matrix (3, 3)."""
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))

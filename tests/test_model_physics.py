@@ -19,6 +19,8 @@ from helpers import (
     ethanol,
     evaluate,
     make_force_field,
+    numerical_forces,
+    numerical_stress,
     random_rotation,
     triclinic_cell,
     water,
@@ -109,14 +111,7 @@ def _energy(force_field, atoms):
 def test_forces_equal_finite_differences(force_field64, make_structure):
     atoms = make_structure()
     forces = evaluate(force_field64, [atoms])["forces"]
-    step = 1e-5
-    numerical = np.zeros_like(forces)
-    for a in range(len(atoms)):
-        for c in range(3):
-            plus, minus = atoms.copy(), atoms.copy()
-            plus.positions[a, c] += step
-            minus.positions[a, c] -= step
-            numerical[a, c] = -(_energy(force_field64, plus) - _energy(force_field64, minus)) / (2 * step)
+    numerical = numerical_forces(lambda a: _energy(force_field64, a), atoms)
     np.testing.assert_allclose(forces, numerical, rtol=1e-6, atol=1e-8)
 
 
@@ -124,19 +119,7 @@ def test_stress_equals_finite_strain_derivative(force_field64):
     atoms = triclinic_cell()
     out = evaluate(force_field64, [atoms], stress=True)
     volume = atoms.get_volume()
-    step = 1e-5
-    numerical = np.zeros((3, 3))
-    for a in range(3):
-        for b in range(3):
-            energies = []
-            for sign in (1.0, -1.0):
-                strain = np.zeros((3, 3))
-                strain[a, b] += 0.5 * sign * step
-                strain[b, a] += 0.5 * sign * step
-                strained = atoms.copy()
-                strained.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
-                energies.append(_energy(force_field64, strained))
-            numerical[a, b] = (energies[0] - energies[1]) / (2 * step) / volume
+    numerical = numerical_stress(lambda a: _energy(force_field64, a), atoms)
     np.testing.assert_allclose(out["stress"][0], numerical, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(out["virial"][0], -numerical * volume, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(out["stress"][0], out["stress"][0].T, atol=1e-12)

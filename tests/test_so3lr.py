@@ -14,15 +14,20 @@ import pytest
 import torch
 from ase import Atoms
 
-from helpers import PLANS, ethanol, random_rotation, triclinic_cell, water
+from helpers import (
+    PLANS,
+    ethanol,
+    numerical_forces,
+    numerical_stress,
+    random_rotation,
+    triclinic_cell,
+    water,
+)
 from so3krates import ForceField, atoms_to_graph, collate, preset
 from so3krates.model.so3lr import So3lr, build_model
 from so3krates.nn.embedding import ChargeSpinEmbedding
 from so3krates.nn.free_atoms import FREE_ATOM_C6, FREE_ATOM_POLARIZABILITY
 from so3krates.nn.physics import (
-    BOHR,
-    COULOMB_CONSTANT,
-    HARTREE,
     Dispersion,
     Electrostatics,
     PartialCharges,
@@ -32,6 +37,7 @@ from so3krates.nn.physics import (
 )
 from so3krates.runtime import EnergyFunction, PlanError
 from so3krates.runtime.long_range import LongRangeEvaluator
+from so3krates.units import BOHR, COULOMB_CONSTANT, FINE_STRUCTURE, HARTREE
 
 TINY_SO3LR = preset(
     "so3lr",
@@ -155,7 +161,7 @@ def test_dispersion_two_atoms_by_hand_and_smooth_at_the_cutoff():
     # Two free carbon atoms (v = 1) at 5 Å: α = 12 bohr³, C6 = 46.6 hartree bohr⁶ (tables, Z = 6).
     alpha, c6 = FREE_ATOM_POLARIZABILITY[5], FREE_ATOM_C6[5]
     assert (alpha, c6) == (12.0, 46.6)
-    radius = 0.0072973525693 ** (-4 / 21) * alpha ** (1 / 7)
+    radius = FINE_STRUCTURE ** (-4 / 21) * alpha ** (1 / 7)
     sigma = -0.00433008 + 0.24428889 * radius + 0.04125273 * radius**2 - 0.00078893 * radius**3
     gamma = 1 / (2 * sigma**2)
     rho = 1.2 * 2 * 2.54 * alpha ** (1 / 7)
@@ -228,34 +234,14 @@ def test_rotation_translation_and_reflection(force_field):
 def test_forces_equal_finite_differences(force_field, make_structure):
     atoms = make_structure()
     forces = run(force_field, [atoms], charges=[-1.0])["forces"]
-    step = 1e-5
-    numerical = np.zeros_like(forces)
-    for a in range(len(atoms)):
-        for c in range(3):
-            energies = []
-            for sign in (1, -1):
-                moved = atoms.copy()
-                moved.positions[a, c] += sign * step
-                energies.append(run(force_field, [moved], charges=[-1.0])["energy"][0])
-            numerical[a, c] = -(energies[0] - energies[1]) / (2 * step)
+    numerical = numerical_forces(lambda a: run(force_field, [a], charges=[-1.0])["energy"][0], atoms)
     np.testing.assert_allclose(forces, numerical, rtol=1e-6, atol=1e-8)
 
 
 def test_stress_equals_finite_strain_derivative(force_field):
     atoms = triclinic_cell()
     out = run(force_field, [atoms], stress=True)
-    step, numerical = 1e-5, np.zeros((3, 3))
-    for a in range(3):
-        for b in range(3):
-            energies = []
-            for sign in (1.0, -1.0):
-                strain = np.zeros((3, 3))
-                strain[a, b] += 0.5 * sign * step
-                strain[b, a] += 0.5 * sign * step
-                strained = atoms.copy()
-                strained.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
-                energies.append(run(force_field, [strained])["energy"][0])
-            numerical[a, b] = (energies[0] - energies[1]) / (2 * step) / atoms.get_volume()
+    numerical = numerical_stress(lambda a: run(force_field, [a])["energy"][0], atoms)
     np.testing.assert_allclose(out["stress"][0], numerical, rtol=1e-6, atol=1e-9)
 
 

@@ -9,6 +9,8 @@ from ase import units as _ase_units
 KCAL_PER_MOL = _ase_units.kcal / _ase_units.mol  # eV — 1 kcal/mol ≈ 0.0433641 eV
 HARTREE = _ase_units.Hartree  # eV — ≈ 27.211386 eV
 BOHR = _ase_units.Bohr  # Å — ≈ 0.529177 Å
+COULOMB_CONSTANT = HARTREE * BOHR  # eV·Å — e² / (4π ε₀) ≈ 14.399645 eV·Å
+FINE_STRUCTURE = _ase_units.alpha  # dimensionless — α ≈ 1/137.036
 MEV = 1e-3  # eV — metrics are printed in meV and meV/Å
 
 ENERGY_UNITS = {"eV": 1.0, "meV": MEV, "kcal/mol": KCAL_PER_MOL, "Hartree": HARTREE}  # → eV

@@ -23,16 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from so3krates.nn.embedding import N_ELEMENTS
 from so3krates.nn.free_atoms import FREE_ATOM_C6, FREE_ATOM_POLARIZABILITY
 from so3krates.ops.scatter import scatter_sum
-
-#: Coulomb constant e² / (4π ε₀) in eV · Å.
-COULOMB_CONSTANT = 14.399645351950548
-#: Bohr radius in Å and hartree in eV (CODATA 2018).
-BOHR = 0.5291772105638411
-HARTREE = 27.211386245988
-#: Fine-structure constant (CODATA 2018).
-FINE_STRUCTURE = 0.0072973525693
+from so3krates.units import BOHR, COULOMB_CONSTANT, FINE_STRUCTURE, HARTREE
 
 
 def smooth_switch(distances: Tensor, switch_on: float, switch_off: float) -> Tensor:
@@ -103,7 +97,7 @@ class PartialCharges(nn.Module):
 
     def __init__(self, n_features: int, n_hidden: int) -> None:
         super().__init__()
-        self.element = nn.Embedding(119, 1)  # q_Z, row Z
+        self.element = nn.Embedding(N_ELEMENTS, 1)  # q_Z, row Z
         self.mlp = nn.Sequential(nn.Linear(n_features, n_hidden), nn.SiLU(), nn.Linear(n_hidden, 1))
 
     def forward(
@@ -168,8 +162,8 @@ class HirshfeldRatios(nn.Module):
 
     def __init__(self, n_features: int, n_hidden: int) -> None:
         super().__init__()
-        self.shift = nn.Embedding(119, 1)  # v_Z, row Z
-        self.query = nn.Embedding(119, n_features // 2)  # q_Z, row Z
+        self.shift = nn.Embedding(N_ELEMENTS, 1)  # v_Z, row Z
+        self.query = nn.Embedding(N_ELEMENTS, n_features // 2)  # q_Z, row Z
         self.mlp = nn.Sequential(
             nn.Linear(n_features, n_hidden // 2), nn.SiLU(), nn.Linear(n_hidden // 2, n_features // 2)
         )

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from so3krates.errors import So3kratesError
 from so3krates.model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from so3krates.model.config import preset
+from so3krates.model.config import ModelConfig, preset
 from so3krates.model.so3lr import So3lr
 from so3krates.nn.embedding import N_ELEMENTS
 
@@ -31,6 +31,7 @@ SOURCE_FILE = ("so3krates_torch.pretrained.so3lr", "so3lr.model")
 SO3LR_SPECIES = [1, 6, 7, 8, 9, 15, 16, 17]
 #: Source buffers that are fixed functions of the hyper-parameters (checked through those), not weights.
 DERIVED = (
+    "radial_basis_fn.gamma",  # checked against ours in _hyperparameters
     "radial_basis_fn.b",
     "radial_basis_fn.k",
     "radial_basis_fn.k_rev",
@@ -88,8 +89,9 @@ def so3lr(
             cached, model, SO3LR_SPECIES, source=f"{SOURCE_PACKAGE}: {path.name}, sha256 {digest}"
         )
     if long_range_cutoff != model.config.long_range_cutoff:
-        config = model.config.model_copy(update={"long_range_cutoff": float(long_range_cutoff)})
-        config = type(config).model_validate(config.model_dump())
+        config = ModelConfig.model_validate(
+            {**model.config.model_dump(), "long_range_cutoff": long_range_cutoff}
+        )
         resized = So3lr(config)
         resized.load_state_dict(model.state_dict())
         model = resized
@@ -239,7 +241,6 @@ def convert_so3krates_torch(source: torch.nn.Module) -> So3lr:
     state["hirshfeld_ratios.query.weight"] = by_element("hirshfeld_output_block.q_embedding.weight", 0)
 
     unused = [name for name in weights if name not in used and not name.endswith(DERIVED)]
-    unused = [name for name in unused if not name.endswith("radial_basis_fn.gamma")]
     if unused:
         raise PretrainedError(f"source model: weights the converter does not map: {', '.join(unused[:5])}")
     ours = model.state_dict()

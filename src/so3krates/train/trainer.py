@@ -118,7 +118,6 @@ class Trainer:
         stats = self.statistics = prepared.statistics
         if pretrained is not None:
             self.model = pretrained.to(device=self.device, dtype=self.dtype)
-            self._refit_energy_shift()
         else:
             if "avg_num_neighbors" not in c.model.model_fields_set:
                 model_config = model_config.model_copy(update={"avg_num_neighbors": stats.avg_num_neighbors})
@@ -129,6 +128,8 @@ class Trainer:
         self._freeze()
         self.species = list(stats.elements)
         self.force_field = ForceField(self.model)
+        if pretrained is not None:
+            self._refit_energy_shift()
         t = c.training
         optimizer_class = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_class(
@@ -188,13 +189,12 @@ class Trainer:
         if self.resume:
             return  # the shift is in the checkpoint that the run resumes from
         train = self.datasets["train"]
-        force_field = ForceField(self.model)
         residual = []
         with torch.no_grad():
             for indices in batches(train, self.config.training.eval_batch_size):
                 graph, labels = collate_batch([train[k] for k in indices])
                 graph, labels = _device_batch(graph, labels, self.device)
-                predicted = force_field(graph, compute_forces=False)["energy"].double().cpu().numpy()
+                predicted = self.force_field(graph, compute_forces=False)["energy"].double().cpu().numpy()
                 residual += list(labels["energy"].double().cpu().numpy() - predicted)
         structures = train.structures  # a GraphDataset: models with long-range terms refuse HDF5 data
         shifts = energy_shifts(

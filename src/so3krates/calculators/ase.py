@@ -25,6 +25,13 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from so3krates import keys
+from so3krates.committee import (
+    ENERGY_UNCERTAINTY,
+    FORCES_UNCERTAINTY,
+    Committee,
+    load_committee,
+    member_paths,
+)
 from so3krates.data.graph import Graph
 from so3krates.data.neighbors import neighbor_list, pair_order
 from so3krates.data.structure import unknown_elements
@@ -48,7 +55,11 @@ class So3kratesCalculator(Calculator):
     Args:
         model: a checkpoint (``RUN/best.pt``), a ``So3krates`` instance (copied: the caller's model stays
             trainable), an exported ``.pt2`` file (``so3krates export``), or a ready force field
-            (``ForceField`` or ``load_exported(...)``).
+            (``ForceField`` or ``load_exported(...)``). A committee: a list of checkpoints or models, a
+            directory of ``member_*/best.pt`` (``so3krates learn``), or a ``Committee``; the results are the
+            members' mean, plus ``energy_uncertainty`` (eV, the members' standard deviation) and
+            ``forces_uncertainty`` (eV/Å per atom, the length of the per-component standard deviation), see
+            :mod:`so3krates.committee`.
         device: torch device, e.g. ``"cpu"`` or ``"cuda"`` (checkpoints and models).
         dtype: ``"float64"`` (default, for MD and finite differences) or ``"float32"`` (checkpoints and
             models; an exported file has its own).
@@ -78,6 +89,8 @@ class So3kratesCalculator(Calculator):
         "energies",
         "charges",
         "dipole",
+        "energy_uncertainty",
+        "forces_uncertainty",
     ]
 
     def __init__(
@@ -108,7 +121,21 @@ class So3kratesCalculator(Calculator):
             {False: "none", True: "inductor"}.get(compile, compile) if isinstance(compile, bool) else compile
         )
         trained_species = None
-        if isinstance(model, So3krates):
+        if isinstance(model, (list, tuple)) and len(model) == 1:
+            model = model[0]
+        directory_members = member_paths(model) if isinstance(model, (str, os.PathLike)) else None
+        if isinstance(model, (list, tuple)) and all(isinstance(m, So3krates) for m in model):
+            members = [
+                ForceField(copy.deepcopy(m).to(device=device, dtype=DTYPES[dtype]), mode, True, planner)
+                for m in model
+            ]
+            self.force_field = Committee(members, getattr(model[0], "species", None))
+            trained_species = self.force_field.species
+        elif isinstance(model, (list, tuple)) or directory_members is not None:
+            paths = directory_members or [Path(p) for p in model]
+            self.force_field, metadata = load_committee(paths, device, DTYPES[dtype], mode, planner)
+            trained_species = metadata.get("species")
+        elif isinstance(model, So3krates):
             network = copy.deepcopy(model).to(device=device, dtype=DTYPES[dtype])
             self.force_field = ForceField(network, mode, frozen=True, planner=planner)
             trained_species = getattr(model, "species", None)  # pretrained models carry theirs
@@ -312,6 +339,9 @@ class So3kratesCalculator(Calculator):
         ):
             if value is not None:
                 self.results[name] = value.detach().cpu().double().numpy()
+        if FORCES_UNCERTAINTY in out:
+            self.results[ENERGY_UNCERTAINTY] = float(out[ENERGY_UNCERTAINTY][0])
+            self.results[FORCES_UNCERTAINTY] = out[FORCES_UNCERTAINTY].cpu().double().numpy()
         if compute_stress:
             stress = out[keys.STRESS].detach().cpu().double().numpy()[0]
             self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]  # Voigt: xx yy zz yz xz xy

@@ -34,6 +34,8 @@ _OPTIONS = {
     "skin": "skin",
     "compile": "compile",
     "replicas": "replicas",
+    "uncertainty_threshold": "uncertainty_threshold",
+    "uncertainty_action": "uncertainty_action",
 }
 _STABILITY_OPTIONS = {
     "check_every": "check_every",
@@ -53,7 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "trajectory.extxyz, thermo.png, restart.npz and summary.json to the output directory; a run "
         "that broke apart stops cleanly with last_good.extxyz.",
     )
-    md.add_argument("--model", required=True, help="checkpoint, e.g. RUN/best.pt")
+    md.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint, e.g. RUN/best.pt, or a committee: a directory of member_*/best.pt",
+    )
     md.add_argument("--structure", required=True, help="start structure (extxyz, xyz, cif, … — ase.io.read)")
     md.add_argument("--frame", type=int, help="frame of the structure file (default 0; -1: the last)")
     md.add_argument(
@@ -99,6 +105,18 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "model (cached in ~/.cache/so3krates), then ~3× faster steps on CPUs",
     )
     md.add_argument("--no-progress", action="store_true", help="no progress bar")
+    committee = md.add_argument_group("committees (--model DIR with member_*/best.pt)")
+    committee.add_argument(
+        "--uncertainty-threshold",
+        type=float,
+        metavar="EV_PER_A",
+        help="flag (or stop at) frames whose largest atomic force uncertainty exceeds this",
+    )
+    committee.add_argument(
+        "--uncertainty-action",
+        choices=["flag", "stop"],
+        help="flag: write such frames to flagged.extxyz and go on (default); stop: end the run there",
+    )
     stability = md.add_argument_group("stability monitor (Fu et al. 2023, arXiv:2210.07237)")
     stability.add_argument("--no-stability", action="store_true", help="do not stop runs that broke apart")
     stability.add_argument("--check-every", type=int, metavar="N", help="steps between checks (10)")

@@ -132,10 +132,12 @@ def write_extxyz(
         path: the output file.
         structures: the structures, in internal units.
         predictions: ``{"energy": (n_structures,) eV, "forces": n_structures × (n_atoms, 3) eV/Å,
-            "stress": n_structures × (3, 3) eV/Å³ (optional)}``.
+            "stress": n_structures × (3, 3) eV/Å³ (optional)}``; a committee's ``energy_uncertainty``
+            (n_structures,) eV and ``forces_uncertainty`` n_structures × (n_atoms,) eV/Å go to info and arrays
+            of the same names (with ``max_force_uncertainty`` in info).
     """
     predictions = predictions or {}
-    unknown = set(predictions) - {"energy", "forces", "stress"}
+    unknown = set(predictions) - {"energy", "forces", "stress", "energy_uncertainty", "forces_uncertainty"}
     if unknown:
         raise ValueError(f"write_extxyz: unknown prediction keys {sorted(unknown)}")
     for key, values in predictions.items():
@@ -155,6 +157,13 @@ def write_extxyz(
             # A flat 9-vector, not a 3x3 array: ASE writes the latter as a _JSON string other readers reject.
             atoms.info["REF_stress"] = np.asarray(structure.stress, dtype=np.float64).reshape(9)
         results = {key: np.asarray(values[n], dtype=np.float64) for key, values in predictions.items()}
+        if "energy_uncertainty" in results:  # a committee's spread (so3krates.committee)
+            atoms.info["energy_uncertainty"] = float(results.pop("energy_uncertainty"))
+        if "forces_uncertainty" in results:
+            atoms.arrays["forces_uncertainty"] = results.pop("forces_uncertainty")
+            atoms.info["max_force_uncertainty"] = float(
+                np.max(atoms.arrays["forces_uncertainty"], initial=0.0)
+            )
         if "energy" in results:
             results["energy"] = float(results["energy"])
         if results:

@@ -44,7 +44,9 @@ class StabilityConfig(_Section):
 class MDConfig(_Section):
     """One molecular-dynamics run (or ``replicas`` independent runs) of a trained model through ASE."""
 
-    model: Path = Field(description="checkpoint, e.g. RUN/best.pt")
+    model: Path = Field(
+        description="checkpoint, e.g. RUN/best.pt, or a committee: a directory of member_*/best.pt"
+    )
     structure: Path = Field(description="start structure: any file ase.io.read reads (extxyz, xyz, cif, ...)")
     frame: int = Field(0, description="frame of the structure file (negative counts from the end)")
     ensemble: Ensemble = "nve"
@@ -91,6 +93,15 @@ class MDConfig(_Section):
         return ("inductor" if value else "none") if isinstance(value, bool) else value
 
     replicas: int = Field(1, ge=1, description="independent runs with seeds seed … seed + replicas − 1")
+    uncertainty_threshold: float | None = Field(
+        None,
+        gt=0.0,
+        description="eV/Å — committees: a frame whose largest atomic force uncertainty exceeds this is "
+        "flagged (written to flagged.extxyz) or stops the run (uncertainty_action)",
+    )
+    uncertainty_action: Literal["flag", "stop"] = Field(
+        "flag", description="committees: what a frame above uncertainty_threshold does"
+    )
     progress: bool = Field(True, description="progress bar with ns/day (only on a terminal)")
     stability: StabilityConfig = Field(default_factory=StabilityConfig)
 
@@ -98,6 +109,12 @@ class MDConfig(_Section):
     def _one_length(self) -> MDConfig:
         if self.n_steps is not None and self.time_ps is not None:
             raise ValueError("give n_steps or time_ps, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _stop_needs_threshold(self) -> MDConfig:
+        if self.uncertainty_action == "stop" and self.uncertainty_threshold is None:
+            raise ValueError("uncertainty_action 'stop' needs an uncertainty_threshold")
         return self
 
     @property

@@ -26,6 +26,8 @@ from so3krates.files import atomic_path, save_figure
 THERMO_COLUMNS = ("step", "time_ps", "E_pot_eV", "E_kin_eV", "T_K", "E_conserved_eV")
 #: extra column of periodic runs: the cell volume (Å³).
 VOLUME_COLUMN = "volume_A3"
+#: extra column of committee runs: the largest atomic force uncertainty of the frame (eV/Å).
+UNCERTAINTY_COLUMN = "max_force_uncertainty_eV_A"
 
 
 class AppendOnlyFile:
@@ -59,8 +61,12 @@ def truncate(path: Path, size: int) -> None:
 class ThermoLog(AppendOnlyFile):
     """``thermo.csv``: one row per ``thermo_every`` steps, see ``THERMO_COLUMNS``."""
 
-    def __init__(self, path: Path, periodic: bool) -> None:
-        self.columns = THERMO_COLUMNS + ((VOLUME_COLUMN,) if periodic else ())
+    def __init__(self, path: Path, periodic: bool, uncertainty: bool = False) -> None:
+        self.columns = (
+            THERMO_COLUMNS
+            + ((VOLUME_COLUMN,) if periodic else ())
+            + ((UNCERTAINTY_COLUMN,) if uncertainty else ())
+        )
         super().__init__(path, header=",".join(self.columns) + "\n")
 
     def append(self, row: dict[str, float]) -> None:

@@ -27,6 +27,7 @@ from ase import Atoms
 from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
 from so3krates.calculators.ase import So3kratesCalculator, UnsupportedStructureError
+from so3krates.committee import FORCES_UNCERTAINTY, Committee, load_committee, member_paths
 from so3krates.errors import ConfigError, DataError, So3kratesError
 from so3krates.interrupt import stop_requests
 from so3krates.md import output
@@ -82,8 +83,22 @@ def run_md(config: MDConfig, log: Callable[[str], None] = print, restart: bool =
     check_ensemble(config, atoms, str(config.structure))
     directories = _run_directories(config)
     states = find_states(directories, restart)
-    model, metadata = load_model(config.model, device=config.device, dtype=getattr(torch, config.dtype))
+    members = member_paths(config.model)
+    if members is not None:  # a committee: one set of force fields shared by the replicas' calculators
+        try:
+            model, metadata = load_committee(
+                members, config.device, getattr(torch, config.dtype), config.compile
+            )
+        except So3kratesError as error:
+            raise DataError(f"{config.model}: {error}") from None
+    else:
+        model, metadata = load_model(config.model, device=config.device, dtype=getattr(torch, config.dtype))
     species = metadata.get("species")
+    if config.uncertainty_threshold is not None and members is None:
+        raise ConfigError(
+            f"uncertainty_threshold: {config.model} is one model, not a committee (a directory of "
+            "member_*/best.pt); one model has no uncertainty"
+        )
 
     def new_calculator() -> So3kratesCalculator:
         return So3kratesCalculator(
@@ -103,6 +118,7 @@ def run_md(config: MDConfig, log: Callable[[str], None] = print, restart: bool =
         f"{'' if config.ensemble == 'nve' else f' at {config.temperature_K:g} K'}, "
         f"dt {config.timestep_fs:g} fs, {total} steps ({total * config.timestep_fs / 1000:g} ps), "
         f"model {config.model} ({config.dtype}, {config.device})"
+        + (f", a committee of {len(members)}" if members is not None else "")
     )
     config_path = config.output_dir / "config.json"
     resolved = config.model_dump(mode="json")
@@ -255,7 +271,8 @@ class Trajectory:
         self.restarted = state is not None
         if state is None:
             self.start_step = 0
-            for name in ("thermo.csv", "trajectory.extxyz"):  # leftovers of a run that never saved a state
+            # leftovers of a run that never saved a state
+            for name in ("thermo.csv", "trajectory.extxyz", "flagged.extxyz"):
                 output.truncate(self.directory / name, 0)
             self._set_initial_velocities(structure, np.random.Generator(np.random.PCG64(velocity_seed)))
         else:
@@ -270,6 +287,8 @@ class Trajectory:
             self._prime_neighbor_list(calculator, state["neighbor_list_positions"])
             output.truncate(self.directory / "thermo.csv", int(state["thermo_bytes"]))
             output.truncate(self.directory / "trajectory.extxyz", int(state["trajectory_bytes"]))
+            if "flagged_bytes" in state:
+                output.truncate(self.directory / "flagged.extxyz", int(state["flagged_bytes"]))
         self.atoms.calc = calculator
         self.dynamics = make_integrator(config, self.atoms, self.rng)
         self.dynamics.nsteps = self.start_step
@@ -277,8 +296,19 @@ class Trajectory:
             missing = restore_integrator_state(self.dynamics, state["integrator"])
             if missing:
                 log(f"restart: could not restore {', '.join(missing)}; the thermostat starts afresh")
-        self.thermo = output.ThermoLog(self.directory / "thermo.csv", periodic=bool(self.atoms.pbc.any()))
+        self.committee = isinstance(getattr(calculator, "force_field", None), Committee)
+        self.thermo = output.ThermoLog(
+            self.directory / "thermo.csv", periodic=bool(self.atoms.pbc.any()), uncertainty=self.committee
+        )
         self.trajectory = output.AppendOnlyFile(self.directory / "trajectory.extxyz")
+        self.flagged = None
+        if self.committee and config.uncertainty_threshold is not None:
+            self.flagged = output.AppendOnlyFile(self.directory / "flagged.extxyz")
+        self.max_uncertainty = (
+            float(state["max_uncertainty"]) if state is not None and "max_uncertainty" in state else 0.0
+        )
+        self.n_flagged = int(state["n_flagged"]) if state is not None and "n_flagged" in state else 0
+        self.uncertain_step: int | None = None
         self.snapshot: dict[str, Any] | None = None
 
     def _set_initial_velocities(self, structure: Atoms, rng: np.random.Generator) -> None:
@@ -327,11 +357,13 @@ class Trajectory:
                         failure = StabilityFailure(step, step * self.dt_ps, "model-refused", str(error))
                         break
                     self.dynamics.nsteps = step
+                    uncertain = self._uncertainty(step)
                     due = (
                         step % config.stability.check_every == 0
                         or step % config.restart_every == 0
                         or step == self.total
                         or self.stop_reason is not None
+                        or self.uncertain_step == step
                     )
                     if due:
                         failure = self._check(step)
@@ -339,12 +371,21 @@ class Trajectory:
                             break
                     if step % config.thermo_every == 0:
                         self._write_thermo(step, bar)
-                    if step % config.trajectory_every == 0:
+                    if step % config.trajectory_every == 0 or self.uncertain_step == step:
                         self._write_frame(step)
+                    if uncertain and self.flagged is not None and step % config.stability.check_every == 0:
+                        self.flagged.write(output.extxyz_text(self._current_frame(step)))
                     if due:
                         self.snapshot = self._take_snapshot(step)
-                        if step % config.restart_every == 0 or step == self.total or self.stop_reason:
+                        if (
+                            step % config.restart_every == 0
+                            or step == self.total
+                            or self.stop_reason
+                            or self.uncertain_step == step
+                        ):
                             self._save_state()
+                    if self.uncertain_step is not None:
+                        break
                     if bar is not None:
                         bar.update(1)
                     if self.stop_reason is not None:
@@ -354,6 +395,8 @@ class Trajectory:
                     bar.close()
                 self.thermo.close()
                 self.trajectory.close()
+                if self.flagged is not None:
+                    self.flagged.close()
         wall = time.perf_counter() - wall_start
         return self._finish(failure, wall)
 
@@ -371,6 +414,22 @@ class Trajectory:
             dynamic_ncols=True,
             disable=None,  # None: off when not a terminal
         )
+
+    def _uncertainty(self, step: int) -> bool:
+        """Committees: records the step's largest atomic force uncertainty; True above the threshold (and
+        marks the step where a run with ``uncertainty_action: stop`` ends)."""
+        if not self.committee:
+            return False
+        largest = float(np.max(self.atoms.calc.results[FORCES_UNCERTAINTY], initial=0.0))
+        self.max_uncertainty = max(self.max_uncertainty, largest)
+        threshold = self.config.uncertainty_threshold
+        if threshold is None or not largest > threshold:
+            return False
+        if self.config.uncertainty_action == "stop":
+            self.uncertain_step = step
+        if self.uncertain_step == step or step % self.config.stability.check_every == 0:
+            self.n_flagged += 1  # frames above the threshold, checked every check_every steps
+        return True
 
     def _request_stop(self, reason: str) -> None:
         self.stop_reason = reason
@@ -397,6 +456,10 @@ class Trajectory:
         }
         if self.atoms.pbc.any():
             row[output.VOLUME_COLUMN] = float(self.atoms.get_volume())
+        if self.committee:
+            row[output.UNCERTAINTY_COLUMN] = float(
+                np.max(self.atoms.calc.results[FORCES_UNCERTAINTY], initial=0.0)
+            )
         return row
 
     def _write_thermo(self, step: int, bar=None) -> None:
@@ -412,7 +475,7 @@ class Trajectory:
         stress = None
         if "stress" in (self.atoms.calc.results or {}):
             stress = self.atoms.calc.results["stress"]
-        return output.frame(
+        frame = output.frame(
             self.atoms,
             self.atoms.get_potential_energy(),
             self.atoms.get_forces(),
@@ -420,6 +483,12 @@ class Trajectory:
             step * self.dt_ps,
             stress,
         )
+        if self.committee:
+            uncertainty = self.atoms.calc.results[FORCES_UNCERTAINTY]
+            frame.arrays["forces_uncertainty"] = np.asarray(uncertainty, dtype=np.float64).copy()
+            frame.info["max_force_uncertainty"] = float(np.max(uncertainty, initial=0.0))
+            frame.info["energy_uncertainty"] = float(self.atoms.calc.results["energy_uncertainty"])
+        return frame
 
     def _write_frame(self, step: int) -> None:
         self.trajectory.write(output.extxyz_text(self._current_frame(step)))
@@ -443,6 +512,9 @@ class Trajectory:
             "bond_reference_max": self.monitor.reference_max.copy() if self.monitor else np.zeros(0),
             "thermo_bytes": self.thermo.size,
             "trajectory_bytes": self.trajectory.size,
+            "flagged_bytes": self.flagged.size if self.flagged is not None else 0,
+            "max_uncertainty": self.max_uncertainty,
+            "n_flagged": self.n_flagged,
             "frame": self._current_frame(step),
         }
 
@@ -460,6 +532,8 @@ class Trajectory:
             output.write_frame(self.directory / "last_good.extxyz", self.snapshot["frame"])
             self._save_state()
             steps_done = failure.step
+        elif self.uncertain_step is not None:
+            status, steps_done = "uncertain", self.uncertain_step
         else:
             status = "interrupted" if self.stop_reason and last_good < self.total else "completed"
             steps_done = last_good
@@ -494,6 +568,15 @@ class Trajectory:
                 "timestep_fs": config.timestep_fs,
                 "target_steps": self.total,
                 "temperature_K": config.temperature_K,
+                **(
+                    {
+                        "max_force_uncertainty_eV_per_A": self.max_uncertainty,
+                        "uncertainty_threshold_eV_per_A": config.uncertainty_threshold,
+                        "n_flagged_checks": self.n_flagged,
+                    }
+                    if self.committee
+                    else {}
+                ),
             },
         )
         output.write_json(self.directory / "summary.json", result.summary())
@@ -509,6 +592,13 @@ class Trajectory:
             )
             return
         drift = result.drift_eV_per_atom_per_ps
+        if result.status == "uncertain":
+            self.log(
+                f"stopped at step {result.steps_done} ({result.time_ps:.4g} ps): largest atomic force "
+                f"uncertainty {self.max_uncertainty:.3g} eV/Å above the threshold "
+                f"{self.config.uncertainty_threshold:g} eV/Å; frame in {self.directory / 'trajectory.extxyz'}"
+            )
+            return
         if result.status == "interrupted":
             head = f"{self.stop_reason} at step {result.steps_done} ({result.time_ps:.4g} ps)"
         else:
@@ -518,4 +608,10 @@ class Trajectory:
             f"<T> = {result.mean_temperature_K:.1f} K"
             + ("" if drift is None else f", conserved-energy drift {drift:.3g} eV/atom/ps")
             + ("; continue with --restart" if result.status == "interrupted" else "")
+            + (
+                f"; committee: largest atomic force uncertainty {self.max_uncertainty:.3g} eV/Å"
+                + (f", {self.n_flagged} checks flagged" if self.flagged is not None else "")
+                if self.committee
+                else ""
+            )
         )

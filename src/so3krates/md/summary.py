@@ -19,7 +19,7 @@ class TrajectoryResult:
 
     directory: Path
     seed: int
-    status: str  # "completed", "unstable" or "interrupted"
+    status: str  # "completed", "unstable", "interrupted", or "uncertain" (a committee's threshold stopped it)
     steps_done: int  # last step integrated (the failing one for an unstable run)
     time_ps: float
     failure: StabilityFailure | None

@@ -97,10 +97,11 @@ class TrainingConfig(_Section):
     early_stopping_patience: int | None = Field(None, ge=1, description="validations without improvement")
     valid_every: int = Field(1, ge=1, description="validate every N epochs")
     seed: int = 0
-    init_from: Literal["so3lr"] | None = Field(
+    init_from: str | None = Field(
         None,
-        description="start from pretrained weights: 'so3lr' (the model section must then stay empty; the "
-        "per-element energy shift is refitted to the training data's level of theory)",
+        description="start from trained weights: 'so3lr' (the published SO3LR) or a checkpoint (RUN/best.pt, "
+        "a warm start); the model section must then stay empty, and the per-element energy shift is refitted "
+        "to the training data",
     )
     freeze: list[str] = Field(
         default_factory=list,

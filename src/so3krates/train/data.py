@@ -19,7 +19,7 @@ from so3krates.data.io import read_structures
 from so3krates.data.split import load_split, save_split, split_indices
 from so3krates.data.statistics import DatasetStatistics, compute_statistics, elements
 from so3krates.data.structure import Structure
-from so3krates.errors import ConfigError
+from so3krates.errors import ConfigError, DataError
 from so3krates.train.config import DataConfig
 from so3krates.units import ENERGY_UNITS
 
@@ -169,6 +169,11 @@ def prepare_data(
             )
     else:
         pool = _read(config, config.train_file)
+        if pool and all(np.isnan(s.energy) and s.forces is None for s in pool):
+            raise DataError(
+                f"{config.train_file}: no structure has an energy or forces label to train on; set "
+                "data.energy_key / data.forces_key to the file's keys"
+            )
         if split is None:
             split = _split(config, len(pool), split_path)
         datasets = {

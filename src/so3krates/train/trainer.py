@@ -34,7 +34,7 @@ from so3krates.errors import ConfigError, TrainingError
 from so3krates.files import atomic_path
 from so3krates.interrupt import stop_requests
 from so3krates.memory import keep_freed_memory
-from so3krates.model.checkpoint import load_checkpoint, save_checkpoint
+from so3krates.model.checkpoint import load_checkpoint, load_model, save_checkpoint
 from so3krates.model.so3krates import So3krates, count_parameters
 from so3krates.model.so3lr import build_model
 from so3krates.runtime.force_field import ForceField
@@ -176,10 +176,20 @@ class Trainer:
                 f"training.init_from: {c.training.init_from} takes the model from the pretrained weights; "
                 f"remove the model section (it sets {', '.join(sorted(c.model.model_fields_set))})"
             )
-        from so3krates.pretrained import so3lr
+        if c.training.init_from == "so3lr":
+            from so3krates.pretrained import so3lr
 
-        model = so3lr(dtype=self.dtype)
-        self.log(f"init_from: {c.training.init_from} (pretrained weights)")
+            model = so3lr(dtype=self.dtype)
+            self.log(f"init_from: {c.training.init_from} (pretrained weights)")
+            return model.train().requires_grad_(True)
+        path = Path(c.training.init_from)
+        if not path.is_file():
+            raise ConfigError(
+                f"training.init_from: {path}: no such checkpoint (give 'so3lr' or a checkpoint such as "
+                "RUN/best.pt)"
+            )
+        model, _ = load_model(path, dtype=self.dtype)
+        self.log(f"init_from: {path} (warm start)")
         return model.train().requires_grad_(True)
 
     def _refit_energy_shift(self) -> None:

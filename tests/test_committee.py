@@ -319,13 +319,16 @@ def flagged_run(files, plain_run, tmp_path_factory):
     return out
 
 
-def test_md_flags_frames_above_the_threshold_every_check(files, plain_run, flagged_run):
+def test_md_flags_every_excursion_and_every_check_above_the_threshold(files, plain_run, flagged_run):
     threshold, sigma = _flag_threshold(plain_run), _sigma(plain_run)
     # Flagging watches the run and changes nothing of it.
     for name in ("thermo.csv", "trajectory.extxyz"):
         assert (plain_run / name).read_bytes() == (flagged_run / name).read_bytes(), name
-    expected = [step for step in range(2, 21, 2) if sigma[step] > threshold]
-    assert min(expected) <= 10 < max(expected) and len(expected) < 10, (sigma, threshold)
+    above = [step for step in range(1, 21) if sigma[step] > threshold]
+    # Every check_every (2) steps above the threshold, and the first step of every excursion above it.
+    expected = [step for step in above if step % 2 == 0 or step - 1 not in above]
+    checks = [step for step in above if step % 2 == 0]
+    assert min(checks) <= 10 < max(checks) and len(checks) < 10, (sigma, threshold)
     flagged = ase.io.read(flagged_run / "flagged.extxyz", index=":")
     assert [f.info["step"] for f in flagged] == expected
     for frame in flagged:

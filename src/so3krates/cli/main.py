@@ -180,6 +180,13 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_learn(args: argparse.Namespace) -> int:
+    from so3krates.learn import learn, load_learn_config
+
+    learn(load_learn_config(args.config, parse_overrides(args.set)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="so3krates",
@@ -246,6 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=positive_int, help="torch threads")
     evaluate.add_argument("--overwrite", action="store_true", help="replace results already in --out-dir")
     evaluate.set_defaults(run=_command_evaluate)
+
+    learn = commands.add_parser(
+        "learn",
+        help="active learning: committee, MD, label where it disagrees, retrain (no training set needed)",
+        description="From start structures and a reference method (GFN2-xTB or any ASE calculator) to a "
+        "committee of models that simulates stably. Rerun the same command to continue an interrupted run.",
+    )
+    learn.add_argument("config", help="YAML file: work_dir, structures, reference, committee, exploration, …")
+    learn.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. budget.max_labels=200"
+    )
+    learn.set_defaults(run=_command_learn)
 
     md.register(commands)
     explore.register(commands)

@@ -97,7 +97,8 @@ class MDConfig(_Section):
         None,
         gt=0.0,
         description="eV/Å — committees: a frame whose largest atomic force uncertainty exceeds this is "
-        "flagged (written to flagged.extxyz) or stops the run (uncertainty_action)",
+        "flagged (written to flagged.extxyz: the first frame of every excursion above it, then one every "
+        "check_every steps) or stops the run (uncertainty_action)",
     )
     uncertainty_action: Literal["flag", "stop"] = Field(
         "flag", description="committees: what a frame above uncertainty_threshold does"

@@ -309,6 +309,10 @@ class Trajectory:
         )
         self.n_flagged = int(state["n_flagged"]) if state is not None and "n_flagged" in state else 0
         self.uncertain_step: int | None = None
+        # the previous step was above the threshold (a flagged excursion goes on)
+        self._was_uncertain = (
+            bool(state["was_uncertain"]) if state is not None and "was_uncertain" in state else False
+        )
         self.snapshot: dict[str, Any] | None = None
 
     def _set_initial_velocities(self, structure: Atoms, rng: np.random.Generator) -> None:
@@ -373,8 +377,13 @@ class Trajectory:
                         self._write_thermo(step, bar)
                     if step % config.trajectory_every == 0 or self.uncertain_step == step:
                         self._write_frame(step)
-                    if uncertain and self.flagged is not None and step % config.stability.check_every == 0:
+                    if (
+                        uncertain
+                        and self.flagged is not None
+                        and (step % config.stability.check_every == 0 or not self._was_uncertain)
+                    ):  # every check_every steps, and the first step of every excursion above the threshold
                         self.flagged.write(output.extxyz_text(self._current_frame(step)))
+                    self._was_uncertain = uncertain
                     if due:
                         self.snapshot = self._take_snapshot(step)
                         if (
@@ -427,8 +436,12 @@ class Trajectory:
             return False
         if self.config.uncertainty_action == "stop":
             self.uncertain_step = step
-        if self.uncertain_step == step or step % self.config.stability.check_every == 0:
-            self.n_flagged += 1  # frames above the threshold, checked every check_every steps
+        if (
+            self.uncertain_step == step
+            or step % self.config.stability.check_every == 0
+            or not self._was_uncertain
+        ):
+            self.n_flagged += 1  # the frames flagged.extxyz receives
         return True
 
     def _request_stop(self, reason: str) -> None:
@@ -515,6 +528,7 @@ class Trajectory:
             "flagged_bytes": self.flagged.size if self.flagged is not None else 0,
             "max_uncertainty": self.max_uncertainty,
             "n_flagged": self.n_flagged,
+            "was_uncertain": self._was_uncertain,
             "frame": self._current_frame(step),
         }
 

@@ -152,14 +152,12 @@ def _set_nested(values: dict[str, Any], dotted_key: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Reads a YAML config (or none, if everything comes from ``overrides``) and validates it.
+def read_config_values(
+    path: str | Path | None, overrides: dict[str, Any] | None, expected: str
+) -> tuple[dict[str, Any], str]:
+    """The mapping of a YAML config file with ``--set`` overrides applied, and its name for messages.
 
-    Relative paths (data files, run_dir) are relative to the working directory, as on the command line.
-
-    Args:
-        path: YAML file with ``data``, ``model``, ``loss``, ``training`` and ``run_dir``.
-        overrides: ``{"training.learning_rate": 1e-4, ...}`` applied on top.
+    ``expected`` names the sections a mapping should have, for the message about a file that is not one.
     """
     values: dict[str, Any] = {}
     source = str(path) if path is not None else "--set"
@@ -177,9 +175,22 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
             first = str(error).replace("\n", " ")
             raise ConfigError(f"{path}: not valid YAML ({first})") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping with data/model/loss/training sections")
+            raise ConfigError(f"{path}: expected a mapping with {expected}")
     for key, value in (overrides or {}).items():
         _set_nested(values, key, value)
+    return values, source
+
+
+def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Reads a YAML config (or none, if everything comes from ``overrides``) and validates it.
+
+    Relative paths (data files, run_dir) are relative to the working directory, as on the command line.
+
+    Args:
+        path: YAML file with ``data``, ``model``, ``loss``, ``training`` and ``run_dir``.
+        overrides: ``{"training.learning_rate": 1e-4, ...}`` applied on top.
+    """
+    values, source = read_config_values(path, overrides, "data/model/loss/training sections")
     try:
         config = TrainConfig.model_validate(values)
     except ValidationError as error:

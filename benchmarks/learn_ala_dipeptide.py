@@ -207,7 +207,7 @@ def command_kill_test(args) -> None:
 
     start_structure()
     config = yaml.safe_load(CONFIG.read_text())
-    config["budget"] = {"max_labels": args.labels, "max_iterations": 3}
+    config["budget"] = {"max_labels": args.labels, "max_iterations": 2}
     config["committee"].update({"steps": 150, "first_steps": 300})
     config["exploration"].update({"time_ps": 0.5, "first_time_ps": 0.25})
     config["initial"].update({"n_frames": 20, "md_time_ps": 0.5})
@@ -393,7 +393,7 @@ def main() -> None:
     speed.set_defaults(run=command_committee_speed)
     kill = sub.add_parser("kill-test")
     kill.add_argument("--kills", type=int, default=3)
-    kill.add_argument("--labels", type=int, default=120)
+    kill.add_argument("--labels", type=int, default=80)
     kill.add_argument("--seed", type=int, default=0)
     kill.set_defaults(run=command_kill_test)
     sub.add_parser("report").set_defaults(run=command_report)

@@ -22,7 +22,7 @@ from ase import Atoms
 
 from so3krates.errors import ConfigError
 
-_CALCULATOR = None  # the worker's calculator, built once per process
+_SPEC: tuple[str, dict[str, Any]] | None = None  # the worker's calculator: name and keyword arguments
 
 
 def make_calculator(name: str, kwargs: dict[str, Any]):
@@ -50,14 +50,18 @@ def make_calculator(name: str, kwargs: dict[str, Any]):
 
 
 def _initialise(name: str, kwargs: dict[str, Any], threads: int) -> None:
-    global _CALCULATOR
+    global _SPEC
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    _CALCULATOR = make_calculator(name, kwargs)
+    make_calculator(name, kwargs)  # imports the library once per worker
+    _SPEC = (name, kwargs)
 
 
 def _label(numbers, positions, cell, pbc) -> dict[str, Any]:
     atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
-    atoms.calc = _CALCULATOR
+    # A fresh calculator for every structure: calculators that keep state between calls (tblite starts its
+    # SCF from the previous wavefunction) would make a label depend on which worker computed what before it
+    # (measured: forces differing by up to 9e-4 eV/Å between two runs), and a rerun would not reproduce it.
+    atoms.calc = make_calculator(*_SPEC)
     try:
         energy = float(atoms.get_potential_energy())
         forces = np.asarray(atoms.get_forces(), dtype=np.float64)

@@ -128,6 +128,20 @@ def test_failed_reference_calls_are_recorded_and_skipped(tmp_path, worker_path):
     assert all(np.isfinite(records[k]["energy"]) for k in records if records[k]["ok"])
 
 
+def test_labels_do_not_depend_on_the_order_of_the_calls(tmp_path, worker_path):
+    """Every structure gets a fresh calculator: a stateful reference answers the same in any order and on
+    any worker, so a rerun after a kill reproduces the labels."""
+    from ase.calculators.emt import EMT
+
+    frames = [ethanol(seed) for seed in range(6)]
+    forward = label_frames(frames, tmp_path / "a.jsonl", "learn_references:StatefulEMT", {}, workers=2)
+    backward = label_frames(frames[::-1], tmp_path / "b.jsonl", "learn_references:StatefulEMT", {}, workers=1)
+    for k, atoms in enumerate(frames):
+        atoms.calc = EMT()
+        assert forward[k]["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-12)
+        assert backward[len(frames) - 1 - k]["energy"] == forward[k]["energy"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

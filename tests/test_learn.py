@@ -188,7 +188,12 @@ def test_loop_end_to_end(tmp_path, worker_path):
     assert any(not r["ok"] for r in records)
     rows = (run / "iterations.csv").read_text().splitlines()
     assert len(rows) == 1 + summary["iterations"]
-    for name in ("learning.png", "final/best.pt", "final/member_0/best.pt", "final/member_1/best.pt"):
+    for name in (
+        "learning.png",
+        "final/best.pt",
+        "final/committee/member_0/best.pt",
+        "final/committee/member_1/best.pt",
+    ):
         assert (run / name).is_file(), name
     # Warm start: iteration 1's members start from iteration 0's weights.
     member = yaml.safe_load((run / "iter_001" / "committee" / "member_0.yaml").read_text())

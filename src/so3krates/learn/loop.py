@@ -16,7 +16,7 @@ Layout of ``work_dir`` (every file written atomically or append-only with a jour
   ``labelled.extxyz``, ``summary.json``;
 - ``dataset.extxyz`` — every labelled frame (``REF_energy``/``REF_forces``, ``iteration``, ``split``);
 - ``iterations.csv``, ``learning.png`` — one row/point per iteration;
-- ``final/`` — the final committee (``member_K/best.pt``), the best single member (``best.pt``) and
+- ``final/`` — the final committee (``committee/member_K/best.pt``), the best single member (``best.pt``) and
   ``summary.json``.
 
 Training and MD run as ``so3krates train`` / ``so3krates md`` processes (their own restart logic; they die
@@ -918,8 +918,8 @@ class Learner:
         final = self.work / "final"
         final.mkdir(exist_ok=True)
         for m in range(self.config.committee.size):
-            target = final / f"member_{m}" / "best.pt"
-            target.parent.mkdir(exist_ok=True)
+            target = final / "committee" / f"member_{m}" / "best.pt"
+            target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 shutil.copyfile(committee_dir / f"member_{m}" / "best.pt", tmp)
         best = calibration.get("best_member", 0)
@@ -931,15 +931,16 @@ class Learner:
             "reference_calls": self.labels_used(),
             "labelled_frames": sum(len(_read_frames(p)) for p in self.labelled_batches() if p.is_file()),
             "best_member": best,
-            "final_committee": str(final),
+            "final_committee": str(final / "committee"),
             "last_iteration": last,
             "elapsed_s": self.elapsed(),
         }
         _write_json(final / "summary.json", summary)
         self.log(
             f"learn: stopped ({reason}) after {len(rows)} iteration(s), {summary['reference_calls']} "
-            f"reference calls, {summary['elapsed_s'] / 60:.1f} min; committee → {final}, best member "
-            f"(held-out force MAE) → {final / 'best.pt'}, dataset → {self.work / 'dataset.extxyz'}"
+            f"reference calls, {summary['elapsed_s'] / 60:.1f} min; committee → {final / 'committee'}, "
+            f"best member (held-out force MAE) → {final / 'best.pt'}, dataset → "
+            f"{self.work / 'dataset.extxyz'}"
         )
         return summary
 

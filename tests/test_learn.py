@@ -70,6 +70,27 @@ def _write(tmp_path: Path, values: dict, name: str = "learn.yaml") -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """One uninterrupted loop (a flaky EMT reference), run as a user runs it; shared by the end-to-end and
+    the kill test. Returns (its config values, its config file, its wall time in s)."""
+    root = tmp_path_factory.mktemp("learn")
+    values = _config(root, **{"reference.calculator": "learn_references:FlakyEMT"})
+    path = _write(root, values)
+    started = time.perf_counter()
+    subprocess.run([*LEARN, str(path)], env=_environment(), check=True, stdout=subprocess.DEVNULL)
+    return values, path, time.perf_counter() - started
+
+
+LEARN = [sys.executable, "-m", "so3krates", "learn"]
+
+
+def _environment() -> dict:
+    """The loop's worker processes import the test reference calculators from this folder."""
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture
 def worker_path(monkeypatch):
     """The loop's worker processes import the test reference calculators from here."""
@@ -172,11 +193,9 @@ def test_unknown_calculator_module_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_loop_end_to_end(tmp_path, worker_path):
-    values = _config(tmp_path, **{"reference.calculator": "learn_references:FlakyEMT"})
-    path = _write(tmp_path, values)
-    assert main(["learn", str(path)]) == 0
-    run = tmp_path / "run"
+def test_loop_end_to_end(straight_run, worker_path):
+    values, path, _ = straight_run
+    run = Path(values["work_dir"])
     summary = json.loads((run / "final" / "summary.json").read_text())
     assert summary["reference_calls"] <= values["budget"]["max_labels"]
     dataset = ase.io.read(run / "dataset.extxyz", ":")
@@ -207,25 +226,20 @@ def test_loop_end_to_end(tmp_path, worker_path):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_gives_the_same_dataset(tmp_path, worker_path):
+def test_sigkill_at_random_moments_then_resume_gives_the_same_dataset(tmp_path, straight_run):
     """Two kills at random moments of one run; it ends with the dataset of an uninterrupted run, and no
     reference call is in a journal twice."""
-    straight = _config(tmp_path, work_dir=str(tmp_path / "straight"))
-    killed = _config(tmp_path, work_dir=str(tmp_path / "killed"))
-    command = [sys.executable, "-m", "so3krates", "learn"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    started = time.perf_counter()
-    subprocess.run([*command, str(_write(tmp_path, straight, "a.yaml"))], env=environment, check=True)
-    duration = time.perf_counter() - started
+    values, _, duration = straight_run
+    killed = {**values, "work_dir": str(tmp_path / "killed")}
     rng = random.Random(1)
     path = _write(tmp_path, killed, "b.yaml")
     for _ in range(2):
-        process = subprocess.Popen([*command, str(path)], env=environment, stdout=subprocess.DEVNULL)
+        process = subprocess.Popen([*LEARN, str(path)], env=_environment(), stdout=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.2, 0.6) * duration)
         process.send_signal(signal.SIGKILL)
         process.wait()
-    subprocess.run([*command, str(path)], env=environment, check=True, stdout=subprocess.DEVNULL)
-    a = ase.io.read(tmp_path / "straight" / "dataset.extxyz", ":")
+    subprocess.run([*LEARN, str(path)], env=_environment(), check=True, stdout=subprocess.DEVNULL)
+    a = ase.io.read(Path(values["work_dir"]) / "dataset.extxyz", ":")
     b = ase.io.read(tmp_path / "killed" / "dataset.extxyz", ":")
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):

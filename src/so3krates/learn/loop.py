@@ -258,10 +258,7 @@ class Learner:
         for path in c.structures:
             self.starts.append(read_structure(Path(path), 0))
             self.start_files.append(Path(path).resolve())
-        if c.reference.calculator != "xtb":
-            make_calculator(c.reference.calculator, c.reference.kwargs)  # a bad name fails here, once
-        else:
-            make_calculator("xtb", c.reference.kwargs)
+        make_calculator(c.reference.calculator, c.reference.kwargs)  # a bad name or keyword fails here, once
         self._check_member_config()
         self.work.mkdir(parents=True, exist_ok=True)
         saved = self.work / "config.yaml"
@@ -552,7 +549,7 @@ class Learner:
 
         from so3krates.committee import FORCES_UNCERTAINTY, load_committee, member_paths
         from so3krates.data.io import read_structures
-        from so3krates.evaluate import predict
+        from so3krates.evaluate import predict, uncertainty_against_error
 
         c = self.config
         members = member_paths(committee_dir)
@@ -578,20 +575,7 @@ class Learner:
             for member in committee.members:
                 _, member_metrics = predict(member, structures)
                 member_mae.append(member_metrics["forces_mae_meV_per_A"])
-            largest_sigma = np.array([np.max(u) for u in predictions[FORCES_UNCERTAINTY]])
-            largest_error = np.array(
-                [
-                    np.max(np.linalg.norm(p - s.forces, axis=1))
-                    for p, s in zip(predictions["forces"], structures, strict=True)
-                ]
-            )
-            from scipy.stats import spearmanr
-
-            rho = (
-                float(spearmanr(largest_sigma, largest_error).statistic)
-                if len(structures) > 2
-                else float("nan")
-            )
+            rho = uncertainty_against_error(structures, predictions)["spearman_forces"]
             result = {
                 "n_holdout": len(structures),
                 "alpha": alpha,

@@ -107,7 +107,7 @@ def label_frames(
         progress(len(done))
     if not todo:
         return done
-    make_calculator(calculator, kwargs) if calculator != "xtb" else None  # refuse a bad name up front
+    make_calculator(calculator, kwargs)  # a bad name or keyword fails here, not in a worker
     with open(journal, "a", encoding="utf-8") as handle:
         while todo:
             try:

@@ -5,6 +5,9 @@
                                [--dtype float32] [--systems ethanol,aspirin,...] [--budget-seconds 15]
                                [--repeats 3] [--baseline REV]
 
+`--scaling` runs the scaling mode instead (`scaling.py`: water boxes of 100–100,000 atoms, time and peak
+memory per atom, the point where each model runs out of memory).
+
 `--baseline REV` measures our models also as they were at git revision REV (a worktree under
 `benchmarks/runs/`, imported through PYTHONPATH, with that revision's own runner): model `NAME@REV` next to
 `NAME`. With `--repeats N` every (system, model) pair runs N times, the models alternating process by
@@ -91,6 +94,13 @@ MODELS = {
         ["--compile", "aoti", "--no-pairs"],
         "ours, AOTInductor, plain neighbour list (filters once per edge instead of once per pair)",
         1000,
+    ),
+    "so3krates-aoti-no-blocks": (
+        None,
+        "speed_so3krates.py",
+        ["--compile", "aoti", "--no-blocks"],
+        "ours, AOTInductor, the whole graph at once at every size (no edge blocks)",
+        None,
     ),
     "so3krates-aoti-all-threads": (
         None,
@@ -529,11 +539,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lock", default=LOCK, help="lock file that keeps heavy jobs from overlapping")
     parser.add_argument("--out-dir", type=Path, default=BENCH / "results")
     parser.add_argument("--work-dir", type=Path, default=BENCH / "runs" / "speed")
-    return parser.parse_args(argv)
+    scaling = parser.add_argument_group("scaling mode (benchmarks/scaling.py)")
+    scaling.add_argument("--scaling", action="store_true", help="time and memory per atom, 100–100,000 atoms")
+    scaling.add_argument("--scaling-atoms", default="100,300,1000,3000,10000,30000,100000")
+    scaling.add_argument("--memory-limit-gb", type=float, default=20.0, help="address-space limit, each")
+    scaling.add_argument("--check-atoms", type=int, default=3000, help="blocks vs whole graph here (0: no)")
+    args = parser.parse_args(argv)
+    if args.scaling and "--models" not in " ".join(argv if argv is not None else sys.argv):
+        args.models = None  # the scaling mode's own default set
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.scaling:
+        import scaling
+
+        return scaling.main(args)
     if args.setup:
         for env in sorted({entry[0] for entry in MODELS.values() if entry[0]}):
             setup_env(env)

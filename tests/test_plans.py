@@ -42,8 +42,12 @@ def plan_id(plan: Plan) -> str:
     return plan.describe().replace(" layers", "").replace(", ", "-")
 
 
+#: Edges per block for plans with blocks: small, so that the test structures span several blocks.
+BLOCK_EDGES = 16
+
+
 def evaluate_plan(model, plan: Plan, structures, frozen: bool = True) -> dict[str, np.ndarray]:
-    evaluator = Evaluator(EnergyFunction(model, plan, frozen=frozen), plan)
+    evaluator = Evaluator(EnergyFunction(model, plan, frozen=frozen, block_edges=BLOCK_EDGES), plan)
     graph = collate([atoms_to_graph(a, model.cutoff, pairs=plan.pairs) for a in structures])
     out = evaluator(graph, compute_stress=True)
     return {key: out[key].detach().double().numpy() for key in ("energy", "forces", "stress")}
@@ -99,6 +103,16 @@ def test_every_illegal_plan_is_refused_with_a_clear_message():
             plan.radial == "spline" and grad
         ),
         "second derivatives need slots=False": lambda plan, frozen, grad: plan.slots and grad,
+        "blocks evaluate the fused layers' equations": lambda plan, frozen, grad: (
+            plan.blocks and plan.layers != "fused"
+        ),
+        "blocks sum their edges by scatter-adds, not through slots": lambda plan, frozen, grad: (
+            plan.blocks and plan.slots
+        ),
+        "blocks recompute the messages with the weights as constants: they need frozen weights": (
+            lambda plan, frozen, grad: plan.blocks and not frozen
+        ),
+        "second derivatives need blocks=False": lambda plan, frozen, grad: plan.blocks and grad,
     }
     model = make_model(preset("tiny"), torch.float64)
     frozen_model = copy.deepcopy(model).requires_grad_(False)
@@ -119,7 +133,7 @@ def test_every_illegal_plan_is_refused_with_a_clear_message():
         if not create_graph:  # an energy function is built for first derivatives
             with pytest.raises(PlanError, match="cannot run"):
                 EnergyFunction(frozen_model if frozen else model, plan, frozen=frozen)
-    assert n_refused == 64 - len(legal_plans(True)) - len(legal_plans(False)) - 2 * len(
+    assert n_refused == 4 * len(every_plan()) - len(legal_plans(True)) - len(legal_plans(False)) - 2 * len(
         legal_plans(True, True)
     )
     with pytest.raises(PlanError, match="layers must be one of modules, fused"):
@@ -166,7 +180,16 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
     # aoti: fused up to 200,000 edges, slots where the kernels run on several threads.
     assert plan(54_000, compile="aoti", threads=2) == Plan("fused", spline, pairs=True, slots=True)
     assert plan(54_000, compile="aoti", threads=1) == Plan("fused", spline, pairs=True)
-    assert plan(200_001, compile="aoti", threads=2) == Plan("modules", "network", pairs=True)
+    assert plan(200_000, compile="aoti", threads=2) == Plan("fused", spline, pairs=True, slots=True)
+    # Inference beyond 200,000 edges: edge blocks (eager, whatever the compile mode); never for training.
+    blocks = Plan("fused", "network", pairs=True, blocks=True)
+    for compile in ("none", "inductor", "aoti"):
+        assert plan(200_001, compile=compile, threads=2) == blocks
+    assert plan(200_001, frozen=True, create_graph=True) == Plan("modules", "network", pairs=True)
+    assert plan(200_001, frozen=False) == Plan("modules", "network", pairs=True)
+    assert Planner(blocks_min_edges=0).plan(200_001, DTYPES[dtype], True) == Plan("modules", "network")
+    no_blocks = Planner(blocks_min_edges=0).plan(200_001, DTYPES[dtype], True, compile="aoti", threads=2)
+    assert no_blocks == Plan("modules", "network")
     # Threads: frozen CPU calls of up to 1,000 edges on one thread.
     assert planner.threads(1000, 2, "cpu", frozen=True) == 1
     assert planner.threads(1001, 2, "cpu", frozen=True) == 2

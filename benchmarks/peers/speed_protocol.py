@@ -43,6 +43,12 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--budget-seconds", type=float, default=20.0, help="time for the E+F repeats")
     parser.add_argument("--md-steps", type=int, default=50, help="timed MD steps (0: no MD)")
     parser.add_argument("--out", required=True, help="JSON result")
+    # The scaling mode of speed.py: calls of 10⁵ atoms take minutes, so fewer of them.
+    parser.add_argument("--warmup-calls", type=int, default=WARMUP_CALLS)
+    parser.add_argument("--min-repeats", type=int, default=MIN_REPEATS)
+    parser.add_argument(
+        "--no-calculator-check", action="store_true", help="skip the calculator's extra call (scaling mode)"
+    )
     return parser
 
 
@@ -60,16 +66,22 @@ def read_structure(path: str):
     return ase.io.read(path, index=0)
 
 
-def time_calls(call: Callable[[], object], budget_seconds: float) -> tuple[float, list[float]]:
-    """(first call in s, wall times in s of the timed calls after the warm-up)."""
+def time_calls(
+    call: Callable[[], object],
+    budget_seconds: float,
+    warmup_calls: int = WARMUP_CALLS,
+    min_repeats: int = MIN_REPEATS,
+) -> tuple[float, list[float]]:
+    """(first call in s, wall times in s of the timed calls after the warm-up; the first call is one of
+    the ``warmup_calls``)."""
     start = time.perf_counter()
     call()
     first = time.perf_counter() - start
-    for _ in range(WARMUP_CALLS - 1):
+    for _ in range(warmup_calls - 1):
         call()
     times: list[float] = []
     deadline = time.perf_counter() + budget_seconds
-    while len(times) < MAX_REPEATS and (len(times) < MIN_REPEATS or time.perf_counter() < deadline):
+    while len(times) < MAX_REPEATS and (len(times) < min_repeats or time.perf_counter() < deadline):
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)

@@ -4,7 +4,7 @@ Runs in the project environment, under the same protocol as the peers (`speed_pr
 
     python speed_so3krates.py --structure S.extxyz --threads 2 --dtype float32 --budget-seconds 20 \
         --md-steps 50 --out result.json [--preset paper] [--compile [aoti]] [--modules] [--no-spline] \
-        [--no-pairs] [--all-threads]
+        [--no-pairs] [--all-threads] [--no-blocks] [--no-flops]
 
 Besides the times it counts the floating-point operations of one energy+forces call (matrix products
 only, forward and backward, with `torch.utils.flop_counter`) for the roofline figure.
@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-pairs", action="store_true", help="plain neighbour list: filters once per edge, not per pair"
     )
+    parser.add_argument(
+        "--no-blocks", action="store_true", help="the whole graph at once at every size (no edge blocks)"
+    )
+    parser.add_argument(
+        "--no-flops", action="store_true", help="no FLOP count (it evaluates the whole graph eagerly)"
+    )
     args = parser.parse_args(argv)
     protocol.limit_threads(args.threads)
     import torch
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         single_thread_edges=0 if args.all_threads else defaults.single_thread_edges,
         spline=False if args.no_spline else None,
         pairs=not args.no_pairs,
+        blocks_min_edges=0 if args.no_blocks else defaults.blocks_min_edges,
     )
     # The calculator's force field, plan choice and thread setting, called on a graph built once (float64
     # geometry, pair order): what one MD step costs without the neighbour list.
@@ -72,23 +79,31 @@ def main(argv: list[str] | None = None) -> None:
     threads = force_field.threads(graph)
     plan = force_field.plan(graph, threads=threads)
 
-    def energy_and_forces() -> torch.Tensor:
-        return force_field(graph)["forces"]
+    def energy_and_forces() -> dict[str, torch.Tensor]:
+        return force_field(graph)
 
-    first, times = protocol.time_calls(energy_and_forces, args.budget_seconds)
-    protocol.check_forces(energy_and_forces(), len(atoms), args.structure)
-    # Executed FLOPs: the eager evaluator of the same plan. The roofline counts the matrix products of the
-    # network evaluated edge by edge, which a run with the spline or with pairs does not all execute.
-    executed_plan = Plan(plan.layers, plan.radial, plan.pairs)  # slots change no product
-    evaluator = Evaluator(EnergyFunction(force_field.model, executed_plan, frozen=True), executed_plan)
-    with FlopCounterMode(display=False) as executed:
-        energy = float(evaluator(graph)["energy"].detach()[0])
-    # The eager choice for trainable weights (no spline, no pairs): the modules above 2,000 edges, which
-    # need less memory than the fused layers there.
-    network_plan = Planner().plan(graph.n_edges, dtype, frozen=False)
-    network = Evaluator(EnergyFunction(force_field.model, network_plan, frozen=True), network_plan)
-    with FlopCounterMode(display=False) as counter:
-        network(atoms_to_graph(atoms, model.cutoff))
+    first, times = protocol.time_calls(
+        energy_and_forces, args.budget_seconds, args.warmup_calls, args.min_repeats
+    )
+    out = energy_and_forces()
+    protocol.check_forces(out["forces"], len(atoms), args.structure)
+    energy = float(out["energy"].detach()[0])
+    del out
+    flops = flops_executed = None
+    if not args.no_flops:
+        # Executed FLOPs: the eager evaluator of the same plan. The roofline counts the matrix products of
+        # the network evaluated edge by edge, which a run with the spline or with pairs does not all execute.
+        executed_plan = Plan(plan.layers, plan.radial, plan.pairs)  # slots change no product
+        evaluator = Evaluator(EnergyFunction(force_field.model, executed_plan, frozen=True), executed_plan)
+        with FlopCounterMode(display=False) as executed:
+            evaluator(graph)
+        # The eager choice for trainable weights (no spline, no pairs): the modules above 2,000 edges,
+        # which need less memory than the fused layers there.
+        network_plan = Planner().plan(graph.n_edges, dtype, frozen=False)
+        network = Evaluator(EnergyFunction(force_field.model, network_plan, frozen=True), network_plan)
+        with FlopCounterMode(display=False) as counter:
+            network(atoms_to_graph(atoms, model.cutoff))
+        flops, flops_executed = counter.get_total_flops(), executed.get_total_flops()
     # min_distance=0: random weights give forces that can push atoms together; the peers have no such
     # check, and only the time per step is measured.
     calculator = So3kratesCalculator(
@@ -100,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     variant += " (modules only)" if args.modules else ""
     variant += " (radial network)" if args.no_spline else ""
     variant += " (plain neighbour list)" if args.no_pairs else ""
+    variant += " (no edge blocks)" if args.no_blocks else ""
     protocol.write_result(
         args.out,
         {
@@ -117,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
             "ef_times_s": times,
             "md_step_times_s": md_times,
             "md_neighbor_list_builds": calculator.n_neighbor_list_builds,
-            "flops_per_ef": counter.get_total_flops(),
-            "flops_executed_per_ef": executed.get_total_flops(),
+            "flops_per_ef": flops,
+            "flops_executed_per_ef": flops_executed,
             "energy": energy,
             "median_ef_ms": float(np.median(times) * 1e3),
         },

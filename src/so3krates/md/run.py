@@ -582,6 +582,8 @@ class Trajectory:
                 "timestep_fs": config.timestep_fs,
                 "target_steps": self.total,
                 "temperature_K": config.temperature_K,
+                # Builds of this process (a restarted run counts from its restart).
+                "neighbor_list_builds": getattr(self.atoms.calc, "n_neighbor_list_builds", None),
                 **(
                     {
                         "max_force_uncertainty_eV_per_A": self.max_uncertainty,

@@ -26,9 +26,17 @@ from so3krates.data.graph import Graph
 from so3krates.model.so3krates import So3krates
 from so3krates.nn.transformer import EdgeFeatures, TransformerLayer
 from so3krates.ops.scatter import scatter_sum
-from so3krates.ops.spline import Spline
+from so3krates.ops.spline import Spline, evaluate_spline
+from so3krates.runtime.blocks import BLOCK_EDGES, blocked_sum, edge_blocks
 from so3krates.runtime.derivatives import graph_derivatives
-from so3krates.runtime.fused import LayerWeights, fused_layer, layer_weights
+from so3krates.runtime.fused import (
+    LayerWeights,
+    edge_messages,
+    finish_updates,
+    fused_layer,
+    layer_weights,
+    projections,
+)
 from so3krates.runtime.layout import EdgeLayout
 from so3krates.runtime.plan import Plan, PlanError
 from so3krates.runtime.radial import (
@@ -112,6 +120,63 @@ def _fused_layer(
     return fused_layer(layer, weights, radial, h, x, features.cutoff, features.sph, edges)
 
 
+def _layer_splines(model: So3krates, spline: Spline) -> list[Spline]:
+    """The spline of all layers' radial parts cut into one spline per layer (its columns)."""
+    columns = spline.coefficients[0].shape[1] // len(model.layers)
+    return [
+        Spline(
+            tuple(c[:, k * columns : (k + 1) * columns].contiguous() for c in spline.coefficients),
+            spline.spacing,
+            spline.end,
+        )
+        for k in range(len(model.layers))
+    ]
+
+
+def _block_network_filters(model: So3krates, weights: Weights, k: int, distances: Tensor) -> list[Tensor]:
+    return network_filters(weights.radial[k], model.radial_basis(distances))
+
+
+def _block_spline_filters(
+    model: So3krates, splines: list[Spline], weights: Weights, k: int, distances: Tensor
+) -> list[Tensor]:
+    return list(evaluate_spline(splines[k], distances).split(model.config.n_features, dim=1))
+
+
+def _initial_euclidean_rows(model: So3krates, layout: EdgeLayout, vectors: Tensor) -> Tensor:
+    """φ(d_ij) Y_ij of a block's edges (Eq. 11 before the sum)."""
+    features = model.edge_features(vectors, layout.idx_i, layout.idx_j, with_rbf=False)
+    return features.cutoff[:, None] * features.sph
+
+
+def _layer_rows(
+    model: So3krates,
+    layer: TransformerLayer,
+    weights: LayerWeights,
+    radial: Callable[[Tensor], list[Tensor]],
+    layout: EdgeLayout,
+    vectors: Tensor,
+    queries: Tensor,
+    keys_values: Tensor,
+    x_i: Tensor | None = None,
+    x_j: Tensor | None = None,
+) -> Tensor:
+    """The messages of one layer on a block's edges, geometry and filters recomputed from the vectors."""
+    features = model.edge_features(vectors, layout.idx_i, layout.idx_j, with_rbf=False)
+    differences = None if x_i is None else x_j - x_i
+    return edge_messages(
+        layer,
+        weights,
+        radial(layout.first(features.distances)),
+        differences,
+        queries,
+        keys_values,
+        features.cutoff,
+        features.sph,
+        None if layout.pairs else layout.both,
+    )
+
+
 class EnergyFunction(nn.Module):
     """Atomic energies of the model as ``plan`` evaluates them: (vectors, atomic numbers, edges) → E_i.
 
@@ -120,9 +185,12 @@ class EnergyFunction(nn.Module):
         plan: how to evaluate it; refused with a :class:`~so3krates.runtime.plan.PlanError` when it cannot
             run on these weights.
         frozen: assemble the weights and the spline once, now (inference); otherwise on every call.
+        block_edges: edges per block for plans with blocks (:mod:`so3krates.runtime.blocks`).
     """
 
-    def __init__(self, model: So3krates, plan: Plan, frozen: bool = False) -> None:
+    def __init__(
+        self, model: So3krates, plan: Plan, frozen: bool = False, block_edges: int = BLOCK_EDGES
+    ) -> None:
         super().__init__()
         plan.check(frozen=frozen)
         if frozen and any(p.requires_grad for p in model.parameters()):
@@ -146,6 +214,15 @@ class EnergyFunction(nn.Module):
         self.layer: Callable[..., tuple[Tensor, Tensor]] = (
             _fused_layer if plan.layers == "fused" else module_layer
         )
+        self.block_edges = block_edges
+        self._features_of_plan = self._blocked_features if plan.blocks else self._whole_features
+        if plan.blocks:
+            # Blocks evaluate the radial parts of one layer at a time, on the block's edges.
+            self.block_radial = (
+                partial(_block_spline_filters, model, _layer_splines(model, build_filter_spline(model)))
+                if plan.radial == "spline"
+                else partial(_block_network_filters, model)
+            )
 
     def forward(self, vectors: Tensor, atomic_numbers: Tensor, edges: EdgeLayout) -> Tensor:
         """Args:
@@ -163,6 +240,12 @@ class EnergyFunction(nn.Module):
     ) -> Tensor:
         """The invariant features h after the last layer, (n_atoms, F); ``h``: those at input (default: the
         element embedding; SO3LR adds its charge and spin embeddings)."""
+        return self._features_of_plan(vectors, atomic_numbers, edges, h)
+
+    def _whole_features(
+        self, vectors: Tensor, atomic_numbers: Tensor, edges: EdgeLayout, h: Tensor | None = None
+    ) -> Tensor:
+        """``features`` with every per-edge tensor of the graph at once."""
         model = self.model
         weights = self.weights()
         features = model.edge_features(vectors, edges.idx_i, edges.idx_j, with_rbf=False)
@@ -173,6 +256,35 @@ class EnergyFunction(nn.Module):
         x = model.initial_euclidean(features, n_atoms, edges.sum_i)
         for k, layer in enumerate(model.layers):
             h, x = self.layer(layer, weights.layers[k], radial(k), h, x, features, edges)
+        return h
+
+    def _blocked_features(
+        self, vectors: Tensor, atomic_numbers: Tensor, edges: EdgeLayout, h: Tensor | None = None
+    ) -> Tensor:
+        """``features`` with the sums over edges evaluated in blocks (:mod:`so3krates.runtime.blocks`):
+        per layer, only per-atom tensors and the edge vectors are kept for the backward pass."""
+        model = self.model
+        weights = self.weights()
+        blocks = edge_blocks(edges, self.block_edges)
+        n_atoms, n_sph, dtype = atomic_numbers.shape[0], model.contraction.n_sph, model.dtype
+        if h is None:
+            h = model.embedding(atomic_numbers)
+        if model.config.ev_init == "zeros":
+            x = h.new_zeros((n_atoms, n_sph))
+        else:
+            rows = partial(_initial_euclidean_rows, model)
+            x = blocked_sum(rows, blocks, n_atoms, n_sph, dtype, vectors) / model.config.avg_num_neighbors
+        for k, layer in enumerate(model.layers):
+            layer_weights = weights.layers[k]
+            queries, keys_values = projections(layer, layer_weights, h)
+            inputs = [(queries, "i"), (keys_values, "j")]
+            width = h.shape[1]
+            if layer_weights.spherical_in is not None:
+                inputs += [(x, "i1"), (x, "j1")]
+                width += n_sph
+            rows = partial(_layer_rows, model, layer, layer_weights, partial(self.block_radial, weights, k))
+            updates = blocked_sum(rows, blocks, n_atoms, width, dtype, vectors, inputs)
+            h, x = finish_updates(layer, h, x, updates)
         return h
 
 

@@ -104,14 +104,18 @@ class ForceField(nn.Module):
         """The evaluator of ``plan`` in this force field's compile mode, built at its first use."""
         evaluator = self._evaluators.get(plan)
         if evaluator is None:
+            block_edges = self.planner.block_edges
             if isinstance(self.model, So3lr):
-                evaluator = LongRangeEvaluator(EnergyFunction(self.model, plan, frozen=self.frozen), plan)
+                energy_function = EnergyFunction(self.model, plan, self.frozen, block_edges)
+                evaluator = LongRangeEvaluator(energy_function, plan)
+            elif plan.blocks:  # eager whatever the compile mode: a block loop is Python
+                evaluator = Evaluator(EnergyFunction(self.model, plan, self.frozen, block_edges), plan)
             elif self.compile == "aoti":
                 from so3krates.runtime.programs import cached_program
 
                 evaluator = cached_program(self.model, plan)
             else:
-                energy: nn.Module = EnergyFunction(self.model, plan, frozen=self.frozen)
+                energy: nn.Module = EnergyFunction(self.model, plan, self.frozen, block_edges)
                 if self.compile == "inductor":
                     from so3krates.runtime.programs import compile_energy
 

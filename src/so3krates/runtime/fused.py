@@ -21,6 +21,7 @@ themselves. The results equal the modules' to round-off (``tests/test_plans.py``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -81,6 +82,77 @@ def layer_weights(layer: TransformerLayer) -> LayerWeights:
     return LayerWeights(projection, spherical_in, spherical_out, head_sums, head_expand)
 
 
+def projections(layer: TransformerLayer, weights: LayerWeights, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Queries of all branches and keys of all branches | values, per atom: (n, B·F) and (n, B·F + F)."""
+    n_features = h.shape[1]
+    width = weights.projection.shape[1] - n_features
+    width //= 2
+    projected = layer.attention_input(h) @ weights.projection  # [q | k | v], (n_atoms, 2·B·F + F)
+    # Split, not slice: the backward of a split is one cat, that of a slice a zero-filled copy.
+    queries, keys_values = projected.split([width, width + n_features], dim=1)
+    if layer.invariant_attention.use_qk_activation:
+        keys, values = keys_values.split([width, n_features], dim=1)
+        queries = torch.nn.functional.silu(queries)
+        keys_values = torch.cat([torch.nn.functional.silu(keys), values], dim=1)
+    return queries, keys_values
+
+
+def edge_messages(
+    layer: TransformerLayer,
+    weights: LayerWeights,
+    radial: list[Tensor],
+    differences: Tensor | None,
+    queries: Tensor,
+    keys_values: Tensor,
+    cutoff: Tensor,
+    sph: Tensor,
+    both: Callable[[Tensor], Tensor] | None,
+) -> Tensor:
+    """The message of every edge, [α_ij v_j | β_ij Y_ij] (n_edges, F + n_sph), from per-edge inputs.
+
+    Args:
+        radial: per branch, the radial part of its filters (n_first, F).
+        differences: x_j − x_i on the rows of ``radial`` (n_first, n_sph); None without Euclidean branch.
+        queries: (n_edges, B·F) of the centre atoms; keys_values: (n_edges, B·F + F) of the neighbours.
+        cutoff: (n_edges,) φ(d_ij); sph: (n_edges, n_sph) Y(r̂_ij).
+        both: first rows → all rows (``EdgeLayout.both``: the reverses of pairs repeat their filters), or
+            None for edges in pair order whose filters are to be broadcast over the two halves instead.
+    """
+    n_branches = len(radial)
+    n_features = radial[0].shape[1]
+    width = n_branches * n_features
+    filters = radial
+    if weights.spherical_in is not None:
+        # w_ij = radial part + MLP_s(s_ij) − b_s per branch (Eq. 20), the spherical part in one small MLP.
+        invariants = layer.contraction(differences)
+        hidden = torch.nn.functional.silu(
+            torch.addmm(weights.spherical_in[1], invariants, weights.spherical_in[0])
+        )
+        hidden = hidden.split(hidden.shape[1] // n_branches, dim=1)
+        filters = [
+            torch.addmm(f, s, w) for f, s, w in zip(filters, hidden, weights.spherical_out, strict=True)
+        ]
+    filters = torch.cat(filters, dim=1) if n_branches > 1 else filters[0]
+    keys, values = keys_values.split([width, n_features], dim=1)
+    if both is None:  # pairs: the filters of the first half broadcast over both, not copied
+        products = (queries.view(2, -1, width) * filters * keys.view(2, -1, width)).view(-1, width)
+    else:
+        products = queries * both(filters) * keys
+    # α_ij (invariant heads) and β_ij (one head per degree), Eqs. (21–22), in one product.
+    coefficients = (products @ weights.head_sums) * cutoff[:, None]
+    if weights.spherical_in is not None:
+        values = torch.cat([values, sph], dim=1)
+    return (coefficients @ weights.head_expand) * values  # [α v_j | β Y_ij] per edge
+
+
+def finish_updates(layer: TransformerLayer, h: Tensor, x: Tensor, updates: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed messages (n_atoms, F [+ n_sph]) → Δh (and Δx) → ``layer.finish``."""
+    if updates.shape[1] > h.shape[1]:
+        dh, dx = updates.split([h.shape[1], x.shape[1]], dim=1)
+        return layer.finish(h, x, dh, dx)
+    return layer.finish(h, x, updates, None)
+
+
 def fused_layer(
     layer: TransformerLayer,
     weights: LayerWeights,
@@ -101,38 +173,17 @@ def fused_layer(
         cutoff: (n_edges,) φ(d_ij); sph: (n_edges, n_sph) Y(r̂_ij).
         edges: the layout; with pairs, ``radial`` holds the first of each pair only.
     """
-    n_features = h.shape[1]
-    n_branches = len(radial)
-    width = n_branches * n_features
-    filters = radial
-    if weights.spherical_in is not None:
-        # w_ij = radial part + MLP_s(s_ij) − b_s per branch (Eq. 20), the spherical part in one small MLP.
-        invariants = layer.contraction(edges.difference(x))
-        hidden = torch.nn.functional.silu(
-            torch.addmm(weights.spherical_in[1], invariants, weights.spherical_in[0])
-        )
-        hidden = hidden.split(hidden.shape[1] // n_branches, dim=1)
-        filters = [
-            torch.addmm(f, s, w) for f, s, w in zip(filters, hidden, weights.spherical_out, strict=True)
-        ]
-    filters = edges.both(torch.cat(filters, dim=1) if n_branches > 1 else filters[0])
-
-    projected = layer.attention_input(h) @ weights.projection  # [q | k | v], (n_atoms, 2·B·F + F)
-    # Split, not slice: the backward of a split is one cat, that of a slice a zero-filled copy.
-    queries, keys_values = projected.split([width, width + n_features], dim=1)
-    if layer.invariant_attention.use_qk_activation:
-        keys, values = keys_values.split([width, n_features], dim=1)
-        queries = torch.nn.functional.silu(queries)
-        keys_values = torch.cat([torch.nn.functional.silu(keys), values], dim=1)
-    queries = edges.gather_i(queries)
-    keys, values = edges.gather_j(keys_values).split([width, n_features], dim=1)
-    # α_ij (invariant heads) and β_ij (one head per degree), Eqs. (21–22), in one product.
-    coefficients = ((queries * filters * keys) @ weights.head_sums) * cutoff[:, None]
-    if weights.spherical_in is not None:
-        values = torch.cat([values, sph], dim=1)
-    messages = (coefficients @ weights.head_expand) * values  # [α v_j | β Y_ij] per edge
-    updates = edges.sum_i(messages, h.shape[0])
-    if weights.spherical_in is not None:
-        dh, dx = updates.split([n_features, x.shape[1]], dim=1)
-        return layer.finish(h, x, dh, dx)
-    return layer.finish(h, x, updates, None)
+    differences = edges.difference(x) if weights.spherical_in is not None else None
+    queries, keys_values = projections(layer, weights, h)
+    messages = edge_messages(
+        layer,
+        weights,
+        radial,
+        differences,
+        edges.gather_i(queries),
+        edges.gather_j(keys_values),
+        cutoff,
+        sph,
+        edges.both,
+    )
+    return finish_updates(layer, h, x, edges.sum_i(messages, h.shape[0]))

@@ -11,6 +11,9 @@ A :class:`Plan` names one of the ways to compute the same energy (:mod:`so3krate
 - ``pairs``: the filters once per pair of atoms, for edges in pair order (:mod:`so3krates.runtime.layout`).
 - ``slots``: sums over edges through edge slots instead of scatter-adds, so that a compiled program can run
   every kernel on all threads.
+- ``blocks``: the sums over edges a block of edges at a time, recomputed in the backward pass
+  (:mod:`so3krates.runtime.blocks`): memory grows with the atoms instead of edges × features, for large
+  systems, at the price of a second evaluation of the messages.
 
 Every legal plan gives the reference model's numbers (to round-off; the spline to its interpolation error,
 below float32 round-off) — the test matrix in ``tests/test_plans.py`` runs them all. :meth:`Plan.check`
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from so3krates.errors import So3kratesError
+from so3krates.runtime.blocks import BLOCK_EDGES
 
 LAYERS = ("modules", "fused")
 RADIAL = ("network", "spline")
@@ -48,6 +52,7 @@ class Plan:
     radial: str = "network"
     pairs: bool = False
     slots: bool = False
+    blocks: bool = False
 
     def __post_init__(self) -> None:
         if self.layers not in LAYERS:
@@ -68,6 +73,16 @@ class Plan:
             problems.append("the spline's second derivatives jump at its nodes: use radial='network'")
         if create_graph and self.slots:
             problems.append("slots are differentiable once: second derivatives need slots=False")
+        if self.blocks and self.layers != "fused":
+            problems.append("blocks evaluate the fused layers' equations (layers='fused')")
+        if self.blocks and self.slots:
+            problems.append("blocks sum their edges by scatter-adds, not through slots")
+        if self.blocks and not frozen:
+            problems.append(
+                "blocks recompute the messages with the weights as constants: they need frozen weights"
+            )
+        if create_graph and self.blocks:
+            problems.append("blocks are differentiable once: second derivatives need blocks=False")
         return problems
 
     def check(self, frozen: bool, create_graph: bool = False) -> None:
@@ -79,23 +94,24 @@ class Plan:
     def describe(self) -> str:
         """E.g. ``fused layers, spline, pairs, slots``."""
         parts = [f"{self.layers} layers", "spline" if self.radial == "spline" else "network"]
-        return ", ".join(parts + [name for name in ("pairs", "slots") if getattr(self, name)])
+        return ", ".join(parts + [name for name in ("pairs", "slots", "blocks") if getattr(self, name)])
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
 
 @functools.cache
-def _plan(layers: str, radial: str, pairs: bool, slots: bool) -> Plan:
+def _plan(layers: str, radial: str, pairs: bool, slots: bool, blocks: bool = False) -> Plan:
     """The one instance of each plan (``Planner.plan`` runs on every call; making a Plan takes µs)."""
-    return Plan(layers, radial, pairs, slots)
+    return Plan(layers, radial, pairs, slots, blocks)
 
 
 def every_plan() -> list[Plan]:
-    """All combinations of the four choices, legal or not (16)."""
+    """All combinations of the five choices, legal or not (32)."""
+    flags = (False, True)
     return [
-        Plan(layers, radial, pairs, slots)
-        for layers, radial, pairs, slots in itertools.product(LAYERS, RADIAL, (False, True), (False, True))
+        Plan(layers, radial, pairs, slots, blocks)
+        for layers, radial, pairs, slots, blocks in itertools.product(LAYERS, RADIAL, flags, flags, flags)
     ]
 
 
@@ -127,6 +143,10 @@ class Planner:
         spline: radial filters from the spline: ``None`` (default) for frozen float32 weights on the fused
             layers, where its error is below float32 round-off; ``True`` wherever legal; ``False`` never.
         pairs: use pair order when the edges come in it (it is a property of the neighbour list).
+        blocks_min_edges: inference calls (frozen weights, first derivatives) of more edges than this run
+            in edge blocks (eager, whatever the compile mode), so that memory grows with atoms, not edges ×
+            features; 0 turns blocks off.
+        block_edges: edges per block.
     """
 
     fused_max_edges: int = 2000
@@ -134,6 +154,8 @@ class Planner:
     single_thread_edges: int = 1000
     spline: bool | None = None
     pairs: bool = True
+    blocks_min_edges: int = 200_000
+    block_edges: int = BLOCK_EDGES
 
     def threads(self, n_edges: int, available: int, device: torch.device | str, frozen: bool) -> int:
         """The number of threads a call of ``n_edges`` edges should run on (``device``: e.g. ``"cpu"``)."""
@@ -162,10 +184,14 @@ class Planner:
             threads: threads the call runs on (see :meth:`threads`).
             compile: the compile mode (``COMPILE_MODES``).
         """
+        once = frozen and not create_graph
+        if once and 0 < self.blocks_min_edges < n_edges:
+            # The radial network, not the spline, by default: as fast in blocks (the products are not what
+            # limits them) and without the spline's tables and interpolation error.
+            return _plan("fused", "spline" if self.spline else "network", pairs and self.pairs, False, True)
         fused_max = self.aoti_fused_max_edges if compile == "aoti" else self.fused_max_edges
         layers = "fused" if n_edges <= fused_max else "modules"
         spline = self.spline if self.spline is not None else (dtype == torch.float32 and layers == "fused")
-        once = frozen and not create_graph
         # Slots pay off only where the kernels are threaded, which only an aoti program does for us.
         slots = compile == "aoti" and layers == "fused" and threads > 1
         return _plan(layers, "spline" if spline and once else "network", pairs and self.pairs, slots and once)

@@ -113,6 +113,11 @@ def trace(energy: EnergyFunction, inputs: tuple[Tensor, ...]) -> torch.export.Ex
     from torch.export import Dim
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    if energy.plan.blocks:
+        raise PlanError(
+            f"plan {energy.plan.describe()}: edge blocks are a Python loop that runs eagerly; a program "
+            "evaluates the whole graph (blocks=False)"
+        )
     pairs, slots = energy.plan.pairs, energy.plan.slots
     graph_module = make_fx(ProgramFunction(energy), tracing_mode="symbolic", _allow_non_fake_inputs=True)(
         *inputs

@@ -1,0 +1,178 @@
+"""Edge blocks: sums over edges evaluated one block of edges at a time, recomputed in the backward pass.
+
+Energy and forces of a graph need one backward pass, and autograd keeps every intermediate per-edge tensor
+of the forward pass for it: with the paper model that is ~20 KB per edge (filters, gathered queries, keys
+and values, products, messages of every layer), 1.3 MB per atom of liquid water. Most of the model is a sum
+over edges of a function of per-edge inputs,
+
+    U_i = Σ_{e: i_e = i} m(vec_e, a_{i_e}, b_{j_e}, ...),
+
+where a, b are per-atom tensors (queries, keys and values, Euclidean variables). :func:`blocked_sum`
+evaluates such a sum block by block under ``no_grad`` and keeps only its per-atom inputs and the edge
+vectors. Its backward pass recomputes each block's messages with autograd, takes their vector-Jacobian
+product with ∂E/∂U gathered to the block's edges, and adds the result into the gradients of the edge
+vectors and of the per-atom inputs. Memory then grows with atoms (a few per-atom tensors per layer) and the
+edge list, not with (edges × features); the price is a second evaluation of the messages.
+
+Only first derivatives, for weights that do not change (the weights are constants of the recomputation,
+:class:`so3krates.runtime.plan.Plan` refuses the rest). Why by hand: ``torch.utils.checkpoint`` of each block
+would also recompute, but every block's gradients of the per-atom inputs would then be a full
+(n_atoms × width) tensor filled by a scatter; here they go straight into one buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from so3krates.runtime.layout import EdgeLayout
+
+#: Edges per block: large enough that the ~30 operations of a block are not dominated by dispatch (a few µs
+#: each), small enough that a block's tensors (≈ 30 × 128 floats per edge) stay near the caches.
+BLOCK_EDGES = 8192
+
+#: Which atom of an edge a per-atom input is gathered at: centre ``i`` or neighbour ``j``, on all edges of
+#: the block or (``i1``, ``j1``) on its first rows only (:meth:`EdgeLayout.first`, one edge per pair).
+SIDES = ("i", "j", "i1", "j1")
+
+
+class Block(NamedTuple):
+    """The edges of one block: one range of the edge list, or with pairs a range of pairs and their reverses.
+
+    ranges: the slices of the full edge list, in block order.
+    layout: the block's own layout (its idx_i, idx_j; pair order if the graph's edges are in it).
+    """
+
+    ranges: tuple[slice, ...]
+    layout: EdgeLayout
+
+    def take(self, per_edge: Tensor) -> Tensor:
+        """The block's rows of a per-edge tensor (a view for one range)."""
+        if len(self.ranges) == 1:
+            return per_edge[self.ranges[0]]
+        return torch.cat([per_edge[r] for r in self.ranges])
+
+    def put(self, target: Tensor, rows: Tensor) -> None:
+        """Writes the block's rows back into a per-edge tensor (each edge is in exactly one block)."""
+        start = 0
+        for r in self.ranges:
+            length = r.stop - r.start
+            target[r] = rows[start : start + length]
+            start += length
+
+    def index(self, side: str) -> Tensor:
+        """The atom of every row for ``side`` (see ``SIDES``)."""
+        layout = self.layout
+        index = layout.idx_i if side[0] == "i" else layout.idx_j
+        return layout.first(index) if side.endswith("1") else index
+
+
+def edge_blocks(edges: EdgeLayout, block_edges: int = BLOCK_EDGES) -> list[Block]:
+    """Splits the edges into blocks of at most ``block_edges`` edges (pairs stay in one block)."""
+    if block_edges < 2:
+        raise ValueError(f"edge blocks need at least 2 edges per block, not {block_edges}")
+    n_edges = edges.idx_i.shape[0]
+    blocks = []
+    if edges.pairs:
+        half = n_edges // 2
+        step = block_edges // 2
+        for start in range(0, half, step):
+            stop = min(start + step, half)
+            ranges = (slice(start, stop), slice(half + start, half + stop))
+            idx_i = torch.cat([edges.idx_i[r] for r in ranges])
+            idx_j = torch.cat([edges.idx_j[r] for r in ranges])
+            blocks.append(Block(ranges, EdgeLayout(idx_i, idx_j, pairs=True)))
+    else:
+        for start in range(0, n_edges, block_edges):
+            r = slice(start, min(start + block_edges, n_edges))
+            blocks.append(Block((r,), EdgeLayout(edges.idx_i[r], edges.idx_j[r])))
+    return blocks
+
+
+#: messages(block layout, edge vectors of the block, *inputs gathered to its rows) → (rows, width).
+Messages = Callable[..., Tensor]
+
+
+class _BlockedSum(torch.autograd.Function):
+    """U = Σ over the edges of each centre atom of ``messages``, block by block (module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        messages: Messages,
+        blocks: Sequence[Block],
+        sides: tuple[str, ...],
+        n_atoms: int,
+        width: int,
+        dtype: torch.dtype,
+        vectors: Tensor,
+        *inputs: Tensor,
+    ) -> Tensor:
+        total = vectors.new_zeros((n_atoms, width), dtype=dtype)
+        for block in blocks:
+            gathered = [x.index_select(0, block.index(side)) for x, side in zip(inputs, sides, strict=True)]
+            rows = messages(block.layout, block.take(vectors), *gathered)
+            total.index_add_(0, block.layout.idx_i, rows)
+        ctx.messages, ctx.blocks, ctx.sides = messages, blocks, sides
+        ctx.save_for_backward(vectors, *inputs)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        vectors, *inputs = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[6:]
+        grad_vectors = torch.zeros_like(vectors) if wanted[0] else None
+        grad_inputs = [torch.zeros_like(x) if w else None for x, w in zip(inputs, wanted[1:], strict=True)]
+        for block in ctx.blocks:
+            with torch.enable_grad():
+                block_vectors = block.take(vectors).detach().requires_grad_(wanted[0])
+                gathered = [
+                    x.detach().index_select(0, block.index(side)).requires_grad_(w)
+                    for x, side, w in zip(inputs, ctx.sides, wanted[1:], strict=True)
+                ]
+                rows = ctx.messages(block.layout, block_vectors, *gathered)
+            leaves = [t for t in [block_vectors, *gathered] if t.requires_grad]
+            if not leaves or not rows.requires_grad:
+                continue
+            grads = torch.autograd.grad(
+                rows, leaves, grad_total.index_select(0, block.layout.idx_i), allow_unused=True
+            )
+            grads = iter(grads)
+            if wanted[0]:
+                g = next(grads)
+                if g is not None:
+                    block.put(grad_vectors, g)
+            for x_grad, side, w in zip(grad_inputs, ctx.sides, wanted[1:], strict=True):
+                if w:
+                    g = next(grads)
+                    if g is not None:
+                        x_grad.index_add_(0, block.index(side), g)
+        return (None, None, None, None, None, None, grad_vectors, *grad_inputs)
+
+
+def blocked_sum(
+    messages: Messages,
+    blocks: Sequence[Block],
+    n_atoms: int,
+    width: int,
+    dtype: torch.dtype,
+    vectors: Tensor,
+    inputs: Sequence[tuple[Tensor, str]] = (),
+) -> Tensor:
+    """Σ_{e: i_e = i} messages(block layout, vec_e, inputs gathered at e) → (n_atoms, width).
+
+    Args:
+        messages: computes the rows of one block from its layout, its edge vectors and the per-atom
+            ``inputs`` gathered to its rows; its weights must be constants.
+        blocks: :func:`edge_blocks` of the graph.
+        n_atoms, width, dtype: shape and dtype of the result (the messages' dtype).
+        vectors: (n_edges, 3) edge vectors (autograd flows to them).
+        inputs: (per-atom tensor, side) pairs, ``side`` in ``SIDES``.
+    """
+    tensors = tuple(x for x, _ in inputs)
+    sides = tuple(side for _, side in inputs)
+    return _BlockedSum.apply(messages, blocks, sides, n_atoms, width, dtype, vectors, *tensors)

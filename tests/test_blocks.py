@@ -1,0 +1,188 @@
+"""Edge blocks (``Plan.blocks``): the same sums and gradients as the whole graph, in a fraction of the memory.
+
+The plans with blocks run in the matrix of ``test_plans.py`` (every variant, both dtypes, several blocks per
+structure); here the summation machinery itself, what the backward pass keeps, and how the force field
+runs them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+from torch import Tensor
+
+from helpers import make_model, reference_outputs
+from so3krates import So3kratesCalculator, atoms_to_graph, preset
+from so3krates.runtime import EnergyFunction, Evaluator, ForceField, Plan, Planner
+from so3krates.runtime.blocks import blocked_sum, edge_blocks
+from so3krates.runtime.layout import EdgeLayout
+
+
+def water_box(n_side: int = 3, spacing: float = 3.1, seed: int = 0) -> Atoms:
+    """n_side³ water molecules on a cubic lattice in a periodic cell, randomly rotated."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for index in np.ndindex(n_side, n_side, n_side):
+        water = molecule("H2O")
+        water.rotate(rng.uniform(0, 360), rng.normal(size=3))
+        water.translate(spacing * (np.array(index) + 0.5))
+        parts.append(water)
+    atoms = sum(parts[1:], parts[0])
+    atoms.cell = np.eye(3) * spacing * n_side
+    atoms.pbc = True
+    return atoms
+
+
+def _rows(layout: EdgeLayout, vectors: Tensor, a_i: Tensor, b_j: Tensor, c_i1: Tensor, c_j1: Tensor):
+    """A smooth, non-linear message of every edge that uses every kind of input."""
+    lengths = vectors.norm(dim=1, keepdim=True)
+    pair_term = layout.both(torch.tanh(c_j1 - c_i1) * torch.cos(layout.first(lengths)))
+    return torch.sin(a_i * b_j[:, :4]) * lengths + vectors[:, :1] * b_j[:, 4:] + pair_term
+
+
+def _unblocked(idx_i, idx_j, pairs, n_atoms, vectors, a, b, c):
+    layout = EdgeLayout(idx_i, idx_j, pairs=pairs)
+    rows = _rows(
+        layout,
+        vectors,
+        a[idx_i],
+        b[idx_j],
+        c[layout.first(idx_i)],
+        c[layout.first(idx_j)],
+    )
+    return torch.zeros(n_atoms, 4, dtype=rows.dtype).index_add(0, idx_i, rows)
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+@pytest.mark.parametrize("block_edges", [2, 6, 7, 1000])
+def test_blocked_sums_and_their_gradients_equal_the_whole_graph(pairs, block_edges):
+    generator = torch.Generator().manual_seed(1)
+    n_atoms, n_pairs = 7, 19
+    first_i = torch.randint(0, n_atoms, (n_pairs,), generator=generator)
+    first_j = (first_i + torch.randint(1, n_atoms, (n_pairs,), generator=generator)) % n_atoms
+    idx_i, idx_j = torch.cat([first_i, first_j]), torch.cat([first_j, first_i])
+    vectors = torch.randn(2 * n_pairs, 3, dtype=torch.float64, generator=generator)
+    if pairs:
+        vectors[n_pairs:] = -vectors[:n_pairs]
+    a = torch.randn(n_atoms, 4, dtype=torch.float64, generator=generator)
+    b = torch.randn(n_atoms, 8, dtype=torch.float64, generator=generator)
+    c = torch.randn(n_atoms, 4, dtype=torch.float64, generator=generator)
+    inputs = (vectors, a, b, c)
+    blocks = edge_blocks(EdgeLayout(idx_i, idx_j, pairs=pairs), block_edges)
+    covered = torch.cat([torch.arange(2 * n_pairs)[r] for block in blocks for r in block.ranges])
+    assert sorted(covered.tolist()) == list(range(2 * n_pairs))  # every edge in exactly one block
+    assert all(sum(r.stop - r.start for r in block.ranges) <= max(block_edges, 2) for block in blocks)
+
+    def blocked(vectors, a, b, c):
+        sides = [(a, "i"), (b, "j"), (c, "i1"), (c, "j1")]
+        return blocked_sum(_rows, blocks, n_atoms, 4, torch.float64, vectors, sides)
+
+    def whole(vectors, a, b, c):
+        return _unblocked(idx_i, idx_j, pairs, n_atoms, vectors, a, b, c)
+
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    got, expected = blocked(*leaves), whole(*inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(n_atoms, 4, dtype=torch.float64, generator=generator)
+    gradients = torch.autograd.grad((got * weights).sum(), leaves)
+    reference_leaves = [t.clone().requires_grad_(True) for t in inputs]
+    expected_gradients = torch.autograd.grad((whole(*reference_leaves) * weights).sum(), reference_leaves)
+    for g, e in zip(gradients, expected_gradients, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(blocked, tuple(t.clone().requires_grad_(True) for t in inputs))
+
+
+def test_blocks_need_two_edges_and_an_empty_graph_has_no_blocks():
+    layout = EdgeLayout(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), pairs=True)
+    assert edge_blocks(layout, 16) == []
+    with pytest.raises(ValueError, match="at least 2 edges per block"):
+        edge_blocks(layout, 1)
+
+
+def test_an_isolated_atom_and_a_lone_atom_give_zero_forces_in_blocks():
+    model = make_model(preset("tiny", ev_init="neighbors"), torch.float64).requires_grad_(False)
+    plan = Plan("fused", "network", pairs=True, blocks=True)
+    evaluator = Evaluator(EnergyFunction(model, plan, frozen=True, block_edges=4), plan)
+    lone = Atoms("C", positions=[[0.0, 0.0, 0.0]])
+    separate = molecule("H2O") + Atoms("C", positions=[[30.0, 0.0, 0.0]])
+    for atoms in (lone, separate):
+        out = evaluator(atoms_to_graph(atoms, model.cutoff, pairs=True))
+        expected = reference_outputs(model, [atoms], stress=False)
+        np.testing.assert_allclose(out["energy"].detach().numpy(), expected["energy"], atol=1e-10)
+        np.testing.assert_allclose(out["forces"].numpy(), expected["forces"], atol=1e-10)
+        assert np.all(out["forces"].numpy()[-1] == 0.0)
+
+
+def _saved_bytes(evaluator, graph) -> int:
+    """Bytes of the tensors autograd keeps from the energy evaluation for its backward pass (each storage
+    once: a tensor saved by several operations is kept once)."""
+    storages = {}
+    graph = graph.replace(positions=graph.positions.detach().requires_grad_(True))
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        energy = evaluator(graph, compute_forces=False)["energy"]
+    assert energy.requires_grad
+    return sum(storages.values())
+
+
+def test_blocks_keep_per_atom_tensors_and_the_edge_vectors_not_edges_times_features():
+    """What the backward pass keeps (no timing): with blocks, a few per-atom tensors per layer and the edge
+    list, bytes per edge independent of the features; the whole graph keeps several (edges × F) tensors."""
+    model = make_model(preset("paper"), torch.float32).requires_grad_(False)
+    atoms = water_box(3)
+    graph = atoms_to_graph(atoms, model.cutoff, pairs=True)
+    n_atoms, n_edges, n_features = len(atoms), graph.n_edges, model.config.n_features
+    saved = {}
+    for name, plan in {
+        "whole": Plan("fused", "spline", pairs=True),
+        "blocks": Plan("fused", "spline", pairs=True, blocks=True),
+    }.items():
+        evaluator = Evaluator(EnergyFunction(model, plan, frozen=True, block_edges=256), plan)
+        saved[name] = _saved_bytes(evaluator, graph)
+        forces = evaluator(graph)["forces"]
+        saved[name + " forces"] = forces
+    torch.testing.assert_close(saved["blocks forces"], saved["whole forces"], rtol=0, atol=2e-5)
+    # The whole graph: more than ten (edges × F) float32 tensors.
+    assert saved["whole"] > 10 * n_edges * n_features * 4
+    # Blocks: per layer a few (atoms × 5F) tensors; per edge only vectors and indices (< 100 bytes).
+    per_atom = 3 * 12 * n_features * 4
+    assert saved["blocks"] < n_atoms * per_atom + 100 * n_edges, saved["blocks"]
+    assert saved["blocks"] < saved["whole"] / 8
+
+
+def test_the_force_field_runs_large_graphs_in_blocks_eagerly_whatever_the_compile_mode():
+    model = make_model(preset("tiny"), torch.float32).requires_grad_(False)
+    atoms = water_box(2)
+    planner = Planner(blocks_min_edges=10, block_edges=64)
+    graph = atoms_to_graph(atoms, model.cutoff, pairs=True)
+    expected = reference_outputs(model, [atoms], stress=True)
+    for compile in ("none", "aoti"):  # aoti: nothing is compiled for a plan with blocks
+        force_field = ForceField(model, compile=compile, frozen=True, planner=planner)
+        plan = force_field.plan(graph)
+        assert plan.blocks
+        out = force_field(graph, compute_stress=True)
+        assert isinstance(force_field.evaluator(plan), Evaluator)
+        np.testing.assert_allclose(out["forces"].numpy(), expected["forces"], atol=1e-4)
+        np.testing.assert_allclose(out["stress"].detach().numpy(), expected["stress"], atol=1e-5)
+    calculator = So3kratesCalculator(model, dtype="float32", planner=planner)
+    atoms.calc = calculator
+    np.testing.assert_allclose(atoms.get_forces(), expected["forces"][0:], atol=1e-4)
+
+
+def test_a_traced_program_refuses_blocks():
+    from so3krates.runtime.plan import PlanError
+    from so3krates.runtime.programs import example_inputs, trace
+
+    model = make_model(preset("tiny"), torch.float32).requires_grad_(False)
+    plan = Plan("fused", "network", pairs=True, blocks=True)
+    energy = EnergyFunction(model, plan, frozen=True)
+    with pytest.raises(PlanError, match="edge blocks are a Python loop that runs eagerly"):
+        trace(energy, example_inputs(model, [1, 8], plan))

@@ -186,3 +186,18 @@ def test_a_traced_program_refuses_blocks():
     energy = EnergyFunction(model, plan, frozen=True)
     with pytest.raises(PlanError, match="edge blocks are a Python loop that runs eagerly"):
         trace(energy, example_inputs(model, [1, 8], plan))
+
+
+def test_so3lr_runs_its_local_layers_in_blocks():
+    from so3krates.model.so3lr import So3lr
+
+    torch.manual_seed(0)
+    model = So3lr(preset("so3lr")).double().eval().requires_grad_(False)
+    atoms = molecule("C6H6")
+    graph = atoms_to_graph(atoms, model.cutoff, pairs=True, long_range_cutoff=model.long_range_cutoff)
+    whole = ForceField(model, frozen=True, planner=Planner(blocks_min_edges=0))
+    blocked = ForceField(model, frozen=True, planner=Planner(blocks_min_edges=1, block_edges=16))
+    assert blocked.plan(graph).blocks and not whole.plan(graph).blocks
+    expected, got = whole(graph, compute_stress=False), blocked(graph, compute_stress=False)
+    torch.testing.assert_close(got["energy"], expected["energy"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(got["forces"], expected["forces"], rtol=0, atol=1e-10)

@@ -1,0 +1,116 @@
+"""Edge blocks: time of energy + forces per block size and radial variant, against the whole graph at once.
+
+    python benchmarks/block_size.py [--molecules 1000] [--rounds 8] [--threads 2]
+
+One process, one water box (`speed.water_box`, paper preset, float32, random weights, eager): the
+variants take turns call by call for `--rounds` rounds (the order rotated every round), so that a slow
+minute of this shared machine hits all of them. Reports the median and quartiles per variant and the ratio
+to the whole graph (the planner's eager plan for it), in `results/scaling/block_size.md` and `.json`.
+Memory is not compared here (one process); `speed.py --scaling` measures it per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from accuracy import _git_commit, machine_info, write_atomically  # noqa: E402
+from speed import water_box  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--molecules", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out-dir", type=Path, default=BENCH / "results" / "scaling")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    from so3krates import atoms_to_graph
+    from so3krates.memory import keep_freed_memory
+    from so3krates.model.config import preset
+    from so3krates.model.so3krates import So3krates
+    from so3krates.runtime import ForceField, Planner
+
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    atoms = water_box(args.molecules)
+    torch.manual_seed(0)
+    model = So3krates(preset("paper")).float().eval().requires_grad_(False)
+    graph = atoms_to_graph(atoms, model.cutoff, pairs=True)
+    variants = {"whole graph": Planner(blocks_min_edges=0)}
+    for block_edges in (2048, 4096, 8192, 16384, 32768):
+        variants[f"blocks of {block_edges}"] = Planner(blocks_min_edges=1, block_edges=block_edges)
+    variants["blocks of 8192, spline"] = Planner(blocks_min_edges=1, block_edges=8192, spline=True)
+    force_fields = {name: ForceField(model, frozen=True, planner=p) for name, p in variants.items()}
+    plans = {name: ff.plan(graph).describe() for name, ff in force_fields.items()}
+    reference = force_fields["whole graph"](graph)["forces"]
+    differences = {}
+    for name, force_field in force_fields.items():  # warm-up, and the forces of each variant
+        differences[name] = float((force_field(graph)["forces"] - reference).abs().max())
+    times: dict[str, list[float]] = {name: [] for name in force_fields}
+    names = list(force_fields)
+    for round_ in range(args.rounds):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            force_fields[name](graph)
+            times[name].append(time.perf_counter() - start)
+        print(f"round {round_ + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names), flush=True)
+    whole = float(np.median(times["whole graph"]))
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": _git_commit(),
+        "machine": machine_info(),
+        "threads": args.threads,
+        "n_atoms": len(atoms),
+        "n_edges": graph.n_edges,
+        "rounds": args.rounds,
+        "variants": {
+            name: {
+                "plan": plans[name],
+                "median_s": float(np.median(t)),
+                "q25_s": float(np.percentile(t, 25)),
+                "q75_s": float(np.percentile(t, 75)),
+                "ratio_to_whole": float(np.median(t)) / whole,
+                "max_force_difference_to_whole_eV_A": differences[name],
+                "times_s": t,
+            }
+            for name, t in times.items()
+        },
+    }
+    lines = [
+        f"# Edge blocks: block size ({len(atoms):,} atoms of water, {graph.n_edges:,} edges)",
+        "",
+        f"{results['date']}, commit {results['commit']}, {args.threads} threads, float32, eager, paper "
+        f"preset; {args.rounds} rounds, variants in turn in one process (`python benchmarks/block_size.py`).",
+        "",
+        "| variant | plan | s per call (quartiles) | / whole graph | max |ΔF| to whole, eV/Å |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in results["variants"].items():
+        lines.append(
+            f"| {name} | {entry['plan']} | {entry['median_s']:.2f} "
+            f"({entry['q25_s']:.2f}–{entry['q75_s']:.2f}) | {entry['ratio_to_whole']:.2f} "
+            f"| {entry['max_force_difference_to_whole_eV_A']:.1e} |"
+        )
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(args.out_dir / "block_size.json", json.dumps(results, indent=1))
+    write_atomically(args.out_dir / "block_size.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -77,7 +77,13 @@ def _compare(exported_path, checkpoint, dtype: str, **calculator_options) -> Non
 def test_pt2_gives_the_checkpoints_numbers(checkpoint, exported):
     metadata = read_metadata(exported)
     assert metadata["format"] == "pt2" and metadata["dtype"] == "float64" and metadata["species"] == SPECIES
-    assert metadata["plan"] == {"layers": "modules", "radial": "network", "pairs": False, "slots": False}
+    assert metadata["plan"] == {
+        "layers": "modules",
+        "radial": "network",
+        "pairs": False,
+        "slots": False,
+        "blocks": False,
+    }
     assert metadata["spline_intervals"] is None and metadata["cutoff"] == 4.0
     _compare(exported, checkpoint, "float64")
     # A plain neighbour list works as well as one in pair order (which the calculator builds).
@@ -89,13 +95,16 @@ def test_pt2_gives_the_checkpoints_numbers(checkpoint, exported):
 
 
 def calculator_plans(dtype: torch.dtype) -> list[Plan]:
-    """The plans of the programs So3kratesCalculator(compile="aoti") compiles, for every size and threads."""
+    """The plans of the programs So3kratesCalculator(compile="aoti") compiles, for every size and threads:
+    large graphs run in edge blocks (eager, no program), or with blocks turned off in the modules' program."""
     plans = {
-        Planner().plan(n_edges, dtype, frozen=True, pairs=True, threads=threads, compile="aoti")
+        planner.plan(n_edges, dtype, frozen=True, pairs=True, threads=threads, compile="aoti")
+        for planner in (Planner(), Planner(blocks_min_edges=0))
         for n_edges in (0, 72, 10**6)
         for threads in (1, 2)
     }
-    return sorted(plans, key=lambda plan: plan.describe())
+    assert Planner().plan(10**6, dtype, frozen=True, pairs=True, compile="aoti").blocks
+    return sorted((plan for plan in plans if not plan.blocks), key=lambda plan: plan.describe())
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
@@ -185,7 +194,13 @@ def test_export_command_and_its_errors(checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "receptive field" in printed and "plan: fused layers, spline, pairs, slots" in printed
     metadata = load_exported(out).metadata
-    assert metadata["plan"] == {"layers": "fused", "radial": "spline", "pairs": True, "slots": True}
+    assert metadata["plan"] == {
+        "layers": "fused",
+        "radial": "spline",
+        "pairs": True,
+        "slots": True,
+        "blocks": False,
+    }
     assert metadata["spline_intervals"] == 2048 and metadata["dtype"] == "float32"
     # Refused before anything is written: a wrong suffix, an illegal plan, plan options for ML-IAP.
     bad = tmp_path / "model.bin"

@@ -29,7 +29,7 @@ from so3krates.runtime import (
     every_plan,
     legal_plans,
 )
-from so3krates.runtime.plan import check_compile_mode
+from so3krates.runtime.plan import WHOLE_GRAPH_BYTES_PER_EDGE, check_compile_mode, physical_memory
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 #: Relative to the force scale: round-off of the same function in another arrangement, and the spline's
@@ -181,14 +181,24 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
     assert plan(54_000, compile="aoti", threads=2) == Plan("fused", spline, pairs=True, slots=True)
     assert plan(54_000, compile="aoti", threads=1) == Plan("fused", spline, pairs=True)
     assert plan(200_000, compile="aoti", threads=2) == Plan("fused", spline, pairs=True, slots=True)
-    # Inference beyond 200,000 edges: edge blocks (eager, whatever the compile mode); never for training.
+    # Inference where the whole graph would need more than a third of the machine's memory: edge blocks
+    # (eager, whatever the compile mode); never for training.
+    eager_limit, aoti_limit = planner.blocks_threshold("none"), planner.blocks_threshold("aoti")
+    assert eager_limit == int(physical_memory() / 3 / WHOLE_GRAPH_BYTES_PER_EDGE["none"])
+    assert aoti_limit == int(physical_memory() / 3 / WHOLE_GRAPH_BYTES_PER_EDGE["aoti"]) > eager_limit
     blocks = Plan("fused", "network", pairs=True, blocks=True)
+    assert plan(eager_limit) == Plan("modules", "network", pairs=True)
+    assert plan(eager_limit + 1) == blocks
+    assert plan(aoti_limit, compile="aoti", threads=2) == Plan("modules", "network", pairs=True)
+    assert plan(aoti_limit + 1, compile="aoti", threads=2) == blocks
+    assert plan(10**9, frozen=True, create_graph=True) == Plan("modules", "network", pairs=True)
+    assert plan(10**9, frozen=False) == Plan("modules", "network", pairs=True)
+    fixed = Planner(blocks_min_edges=200_000)
     for compile in ("none", "inductor", "aoti"):
-        assert plan(200_001, compile=compile, threads=2) == blocks
-    assert plan(200_001, frozen=True, create_graph=True) == Plan("modules", "network", pairs=True)
-    assert plan(200_001, frozen=False) == Plan("modules", "network", pairs=True)
-    assert Planner(blocks_min_edges=0).plan(200_001, DTYPES[dtype], True) == Plan("modules", "network")
-    no_blocks = Planner(blocks_min_edges=0).plan(200_001, DTYPES[dtype], True, compile="aoti", threads=2)
+        assert fixed.blocks_threshold(compile) == 200_000
+        assert fixed.plan(200_001, DTYPES[dtype], True, pairs=True, compile=compile, threads=2) == blocks
+    assert Planner(blocks_min_edges=0).plan(10**9, DTYPES[dtype], True) == Plan("modules", "network")
+    no_blocks = Planner(blocks_min_edges=0).plan(10**9, DTYPES[dtype], True, compile="aoti", threads=2)
     assert no_blocks == Plan("modules", "network")
     # Threads: frozen CPU calls of up to 1,000 edges on one thread.
     assert planner.threads(1000, 2, "cpu", frozen=True) == 1
@@ -201,7 +211,7 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
     assert Planner(pairs=False).plan(72, DTYPES[dtype], True, pairs=True).pairs is False
     # Every plan the planner can return is legal for the situation it was asked about.
     for n_edges, frozen, create_graph, threads, compile in itertools.product(
-        (0, 72, 5000, 300_000), (False, True), (False, True), (1, 2), ("none", "inductor", "aoti")
+        (0, 72, 5000, 300_000, 10**9), (False, True), (False, True), (1, 2), ("none", "inductor", "aoti")
     ):
         if compile == "aoti" and not frozen:
             continue

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,21 @@ def check_compile_mode(compile: str, frozen: bool, device: torch.device | str) -
         raise PlanError("compile='aoti' compiles the weights into the program: it needs frozen weights")
 
 
+#: Peak memory per edge of energy + forces of the whole graph at once (paper preset, float32, pairs; the
+#: process's peak over edges, interpreter included): eager modules 4.07 GB at 163k edges (3,000 water);
+#: the ``aoti`` modules' program 6.9 GB at 544k edges (10,000 water). benchmarks/results/thresholds.md.
+WHOLE_GRAPH_BYTES_PER_EDGE = {"none": 23_000, "inductor": 23_000, "aoti": 13_000}
+
+
+@functools.cache
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine (16 GiB where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - systems without these names
+        return 16 * 2**30
+
+
 @dataclass(frozen=True)
 class Planner:
     """Chooses the plan of each call from the situation; every threshold of the execution layer is here.
@@ -145,7 +161,11 @@ class Planner:
         pairs: use pair order when the edges come in it (it is a property of the neighbour list).
         blocks_min_edges: inference calls (frozen weights, first derivatives) of more edges than this run
             in edge blocks (eager, whatever the compile mode), so that memory grows with atoms, not edges ×
-            features; 0 turns blocks off.
+            features; 0 turns blocks off. ``None`` (default): where the whole graph would need more than
+            ``blocks_memory_fraction`` of this machine's physical memory (:meth:`blocks_threshold`). Blocks
+            cost time (the messages are evaluated twice, eagerly), so they are used only where memory
+            asks for them.
+        blocks_memory_fraction: see ``blocks_min_edges``.
         block_edges: edges per block.
     """
 
@@ -154,8 +174,16 @@ class Planner:
     single_thread_edges: int = 1000
     spline: bool | None = None
     pairs: bool = True
-    blocks_min_edges: int = 200_000
+    blocks_min_edges: int | None = None
+    blocks_memory_fraction: float = 1.0 / 3.0
     block_edges: int = BLOCK_EDGES
+
+    def blocks_threshold(self, compile: str = "none") -> int:
+        """Edges beyond which inference runs in blocks (0: never), for a compile mode."""
+        if self.blocks_min_edges is not None:
+            return self.blocks_min_edges
+        budget = self.blocks_memory_fraction * physical_memory()
+        return int(budget / WHOLE_GRAPH_BYTES_PER_EDGE.get(compile, WHOLE_GRAPH_BYTES_PER_EDGE["none"]))
 
     def threads(self, n_edges: int, available: int, device: torch.device | str, frozen: bool) -> int:
         """The number of threads a call of ``n_edges`` edges should run on (``device``: e.g. ``"cpu"``)."""
@@ -185,7 +213,7 @@ class Planner:
             compile: the compile mode (``COMPILE_MODES``).
         """
         once = frozen and not create_graph
-        if once and 0 < self.blocks_min_edges < n_edges:
+        if once and 0 < self.blocks_threshold(compile) < n_edges:
             # The radial network, not the spline, by default: as fast in blocks (the products are not what
             # limits them) and without the spline's tables and interpolation error.
             return _plan("fused", "spline" if self.spline else "network", pairs and self.pairs, False, True)

@@ -300,7 +300,16 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"speed.py --scaling: unknown models {unknown}; models: {list(MODELS)}")
         return 2
-    sizes = [int(n) for n in args.scaling_atoms.split(",")]
+    try:
+        sizes = [int(n) for n in args.scaling_atoms.split(",")]
+    except ValueError:
+        print(
+            f"speed.py --scaling: --scaling-atoms takes numbers of atoms, e.g. 100,1000, not {args.scaling_atoms!r}"
+        )
+        return 2
+    if min(sizes) < 3 or args.memory_limit_gb <= 0:
+        print("speed.py --scaling: sizes of at least 3 atoms and a positive --memory-limit-gb, please")
+        return 2
     work = args.work_dir.resolve() / "scaling" / args.dtype
     work.mkdir(parents=True, exist_ok=True)
     out_dir = args.out_dir / "scaling"

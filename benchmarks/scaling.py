@@ -304,7 +304,8 @@ def main(args: argparse.Namespace) -> int:
         sizes = [int(n) for n in args.scaling_atoms.split(",")]
     except ValueError:
         print(
-            f"speed.py --scaling: --scaling-atoms takes numbers of atoms, e.g. 100,1000, not {args.scaling_atoms!r}"
+            "speed.py --scaling: --scaling-atoms takes numbers of atoms, e.g. 100,1000, "
+            f"not {args.scaling_atoms!r}"
         )
         return 2
     if min(sizes) < 3 or args.memory_limit_gb <= 0:

@@ -207,8 +207,9 @@ class EnergyFunction(nn.Module):
                 self.weights = partial(_constant, assemble(model, plan))
         else:
             self.weights = partial(assemble, model, plan)
-        if plan.radial == "spline":
-            self.radial = partial(_spline_filters, model, build_filter_spline(model))
+        spline = build_filter_spline(model) if plan.radial == "spline" else None
+        if spline is not None:
+            self.radial = partial(_spline_filters, model, spline)
         else:
             self.radial = partial(_network_filters, model)
         self.layer: Callable[..., tuple[Tensor, Tensor]] = (
@@ -219,8 +220,8 @@ class EnergyFunction(nn.Module):
         if plan.blocks:
             # Blocks evaluate the radial parts of one layer at a time, on the block's edges.
             self.block_radial = (
-                partial(_block_spline_filters, model, _layer_splines(model, build_filter_spline(model)))
-                if plan.radial == "spline"
+                partial(_block_spline_filters, model, _layer_splines(model, spline))
+                if spline is not None
                 else partial(_block_network_filters, model)
             )
 

@@ -26,7 +26,7 @@ from helpers import ethanol
 from so3krates.cli.main import main
 from so3krates.errors import ConfigError
 from so3krates.learn import load_learn_config
-from so3krates.learn.loop import farthest_point_sampling, select_diverse
+from so3krates.learn.loop import Learner, farthest_point_sampling, select_diverse
 from so3krates.learn.reference import label_frames, read_journal
 
 TESTS = Path(__file__).resolve().parent
@@ -192,6 +192,31 @@ def test_unknown_calculator_module_is_one_line(tmp_path, capsys):
 # -- the loop ---------------------------------------------------------------------------------------------
 
 
+def _positions(path: Path) -> list[bytes]:
+    return [frame.positions.tobytes() for frame in ase.io.read(path, ":")]
+
+
+def test_bootstrap_draws_differ_per_member_and_validate_on_the_frames_left_out(tmp_path):
+    learner = Learner(load_learn_config(_write(tmp_path, _config(tmp_path))))
+    frames = [ethanol() for _ in range(20)]
+    for n, frame in enumerate(frames):
+        frame.positions += 0.01 * n
+    learner.iteration_dir(0).mkdir(parents=True)
+    ase.io.write(learner.iteration_dir(0) / "train.extxyz", frames)
+    every = set(_positions(learner.iteration_dir(0) / "train.extxyz"))
+    draws = []
+    for m in range(2):
+        files = learner.bootstrap_files(0, m)
+        train, valid = _positions(Path(files["train_file"])), _positions(Path(files["valid_file"]))
+        assert len(train) == len(frames) and len(set(train)) < len(frames)  # with replacement
+        assert valid and set(valid) == every - set(train)  # out of bag
+        draws.append(train)
+        # The draw depends only on seed, iteration and member: a resumed run draws it again.
+        Path(files["train_file"]).unlink()
+        assert _positions(Path(learner.bootstrap_files(0, m)["train_file"])) == train
+    assert draws[0] != draws[1]
+
+
 @pytest.mark.slow
 def test_loop_end_to_end(straight_run, worker_path):
     values, path, _ = straight_run
@@ -217,6 +242,9 @@ def test_loop_end_to_end(straight_run, worker_path):
     # Warm start: iteration 1's members start from iteration 0's weights.
     member = yaml.safe_load((run / "iter_001" / "committee" / "member_0.yaml").read_text())
     assert member["training"]["init_from"].endswith("iter_000/committee/member_0/best.pt")
+    # Bootstrap: every member trains on its own draw and validates on the frames it left out.
+    assert member["data"]["train_file"].endswith("iter_001/committee/member_0_train.extxyz")
+    assert member["data"]["valid_file"].endswith("iter_001/committee/member_0_valid.extxyz")
     # The committee's MD logged the uncertainty per frame.
     trajectory = ase.io.read(next(run.glob("iter_000/md/*/trajectory.extxyz")), ":")
     assert all("max_force_uncertainty" in frame.info for frame in trajectory)

@@ -63,7 +63,8 @@ class InitialConfig(_Section):
 
 
 class CommitteeConfig(_Section):
-    """The committee trained in every iteration: K members, different seeds, warm-started from the last."""
+    """The committee trained in every iteration: K members, different seeds and bootstrap draws of the data,
+    warm-started from the last."""
 
     size: int = Field(4, ge=2, description="members K")
     model: dict[str, Any] = Field(
@@ -82,6 +83,12 @@ class CommitteeConfig(_Section):
         None, ge=1, description="optimizer steps of the first iteration (from scratch); default: 2 × steps"
     )
     warm_start: bool = Field(True, description="start each member from its previous weights")
+    resample: Literal["bootstrap", "none"] = Field(
+        "bootstrap",
+        description="bootstrap: every member trains on its own draw with replacement of the training frames "
+        "and validates on the frames its draw left out (more diverse members); none: all members train on "
+        "the same frames, each with its own 10 % validation split",
+    )
     parallel: int = Field(2, ge=1, description="members trained at the same time (one process each)")
     threads: int = Field(1, ge=1, description="torch threads per member")
     dtype: Literal["float32", "float64"] = "float32"

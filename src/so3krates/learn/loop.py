@@ -11,7 +11,8 @@ Layout of ``work_dir`` (every file written atomically or append-only with a jour
 - ``config.yaml`` — the resolved configuration; ``progress.json`` — elapsed time;
 - ``initial/`` — the first frames: ``md_*/`` (SO3LR MD) or ``reference_md.extxyz``, ``selection.extxyz``,
   ``labels.jsonl`` (the reference calls' journal), ``labelled.extxyz``;
-- ``iter_NNN/`` — ``train.extxyz``, ``holdout.extxyz``, ``committee/member_K/`` (training runs),
+- ``iter_NNN/`` — ``train.extxyz``, ``holdout.extxyz``, ``committee/member_K/`` (training runs) with
+  ``committee/member_K_{train,valid}.extxyz`` (the member's bootstrap draw and the frames it left out),
   ``calibration.json``, ``md/<replica>/`` (committee MD), ``selection.extxyz``, ``labels.jsonl``,
   ``labelled.extxyz``, ``summary.json``;
 - ``dataset.extxyz`` — every labelled frame (``REF_energy``/``REF_forces``, ``iteration``, ``split``);
@@ -485,6 +486,28 @@ class Learner:
             _write_frames(train_path, [f for f in frames if f.info.get("split") != "holdout"])
         return len(_read_frames(train_path)), len(_read_frames(holdout_path))
 
+    def bootstrap_files(self, k: int, m: int) -> dict[str, str]:
+        """Member ``m``'s bootstrap draw of iteration ``k``'s training frames (with replacement, as many as
+        there are frames) and the frames the draw left out as its validation set (Breiman's out-of-bag
+        frames, about a third): members see different data, which makes their disagreement follow the
+        error more closely (measured: benchmarks/results/learn/). The draw depends only on seed, k and m,
+        so a resumed run draws the same."""
+        directory = self.iteration_dir(k) / "committee"
+        train_path = directory / f"member_{m}_train.extxyz"
+        valid_path = directory / f"member_{m}_valid.extxyz"
+        if not (train_path.is_file() and valid_path.is_file()):
+            frames = _read_frames(self.iteration_dir(k) / "train.extxyz")
+            rng = np.random.default_rng([self.config.seed, 7, k, m])
+            while True:  # a draw that leaves no frame out has no validation set (only for tiny sets)
+                draw = rng.integers(0, len(frames), size=len(frames))
+                left_out = sorted(set(range(len(frames))) - set(draw.tolist()))
+                if left_out:
+                    break
+            directory.mkdir(parents=True, exist_ok=True)
+            _write_frames(valid_path, [frames[i] for i in left_out])
+            _write_frames(train_path, [frames[i] for i in draw])
+        return {"train_file": str(train_path), "valid_file": str(valid_path)}
+
     def train(self, k: int, n_train: int, n_holdout: int) -> Path:
         c = self.config
         cc = c.committee
@@ -493,7 +516,8 @@ class Learner:
         jobs = []
         batch_size = int(cc.training.get("batch_size", 5))
         steps = cc.steps if k > 0 else (cc.first_steps or 2 * cc.steps)
-        n_fit = max(1, n_train - max(1, round(0.1 * n_train)))
+        bootstrap = cc.resample == "bootstrap" and n_train >= 4
+        n_fit = n_train if bootstrap else max(1, n_train - max(1, round(0.1 * n_train)))
         epochs = max(1, math.ceil(steps * batch_size / n_fit))
         for m in range(cc.size):
             run_dir = committee_dir / f"member_{m}"
@@ -501,14 +525,20 @@ class Learner:
                 continue
             previous = self.iteration_dir(k - 1) / "committee" / f"member_{m}" / "best.pt"
             warm = cc.warm_start and k > 0 and previous.is_file()
+            if bootstrap:
+                split = self.bootstrap_files(k, m)
+            else:
+                split = {
+                    "train_file": str(directory / "train.extxyz"),
+                    "valid_fraction": 0.1,
+                    "split_seed": c.seed * 1000 + m,
+                }
             values: dict[str, Any] = {
                 "run_dir": str(run_dir),
                 "data": {
-                    "train_file": str(directory / "train.extxyz"),
+                    **split,
                     "energy_key": "REF_energy",
                     "forces_key": "REF_forces",
-                    "valid_fraction": 0.1,
-                    "split_seed": c.seed * 1000 + m,
                     **({"test_file": str(directory / "holdout.extxyz")} if n_holdout else {"n_test": 0}),
                 },
                 "loss": dict(cc.loss),

@@ -439,7 +439,7 @@ def test_evaluate_a_committee_directory(files, tmp_path, capsys):
     structures = read_structures(data)
     references = ase.io.read(data, index=":")
     predicted = ase.io.read(out / "predictions.extxyz", index=":")
-    sigma_f, error_f, sigma_e, error_e = [], [], [], []
+    sigma_f, error_f, sigma_e, error_e, sigma_atoms, error_atoms = [], [], [], [], [], []
     for atoms, structure, frame in zip(references, structures, predicted, strict=True):
         expected = _reference(atoms, files["members"])
         assert frame.get_potential_energy() == pytest.approx(expected["energy"], rel=1e-9)
@@ -451,8 +451,10 @@ def test_evaluate_a_committee_directory(files, tmp_path, capsys):
         assert frame.info["max_force_uncertainty"] == pytest.approx(
             expected["forces_uncertainty"].max(), rel=1e-6
         )
-        sigma_f.append(expected["forces_uncertainty"].max())
-        error_f.append(np.linalg.norm(expected["forces"] - structure.forces, axis=1).max())
+        sigma_atoms.append(expected["forces_uncertainty"])
+        error_atoms.append(np.linalg.norm(expected["forces"] - structure.forces, axis=1))
+        sigma_f.append(sigma_atoms[-1].max())
+        error_f.append(error_atoms[-1].max())
         sigma_e.append(expected["energy_uncertainty"])
         error_e.append(abs(expected["energy"] - structure.energy))
     metrics = json.loads((out / "metrics.json").read_text())
@@ -462,6 +464,14 @@ def test_evaluate_a_committee_directory(files, tmp_path, capsys):
     )
     assert metrics["spearman_energy_uncertainty_vs_error"] == pytest.approx(
         spearmanr(sigma_e, error_e).statistic
+    )
+    means = [np.mean(x, axis=1) for x in (np.array(sigma_atoms), np.array(error_atoms))]
+    assert metrics["spearman_mean_force_uncertainty_vs_error"] == pytest.approx(
+        spearmanr(*means).statistic, rel=1e-6
+    )
+    pooled = [np.concatenate(x) for x in (sigma_atoms, error_atoms)]
+    assert metrics["spearman_atomic_force_uncertainty_vs_error"] == pytest.approx(
+        spearmanr(*pooled).statistic, rel=1e-6
     )
     assert metrics["mean_max_force_uncertainty"] == pytest.approx(np.mean(sigma_f), rel=1e-6)
     assert metrics["n_structures"] == 12

@@ -113,17 +113,19 @@ def uncertainty_against_error(
     """Per structure: the committee's largest atomic force uncertainty and the largest true atomic force
     error (eV/Å), their Spearman rank correlation, and the same for energy (uncertainty vs |error|).
 
-    Structures without reference forces (or energies) are left out of that correlation.
+    Also the rank correlation of the mean atomic uncertainty with the mean atomic force error per structure,
+    and of the atomic uncertainties with the atomic errors pooled over all atoms. Structures without
+    reference forces (or energies) are left out of that correlation.
     """
     from scipy.stats import spearmanr
 
-    sigma_f = np.array([np.max(u, initial=0.0) for u in predictions[FORCES_UNCERTAINTY]])
-    error_f = np.array(
-        [
-            np.max(np.linalg.norm(f - s.forces, axis=1), initial=0.0) if s.forces is not None else np.nan
-            for s, f in zip(structures, predictions["forces"], strict=True)
-        ]
-    )
+    sigmas = [np.asarray(u, dtype=np.float64) for u in predictions[FORCES_UNCERTAINTY]]
+    errors = [
+        np.linalg.norm(f - s.forces, axis=1) if s.forces is not None else np.full(len(f), np.nan)
+        for s, f in zip(structures, predictions["forces"], strict=True)
+    ]
+    sigma_f = np.array([np.max(u, initial=0.0) for u in sigmas])
+    error_f = np.array([np.max(e, initial=0.0) for e in errors])
     sigma_e = np.asarray(predictions[ENERGY_UNCERTAINTY], dtype=np.float64)
     error_e = np.abs(np.asarray(predictions["energy"]) - np.array([s.energy for s in structures]))
 
@@ -133,12 +135,18 @@ def uncertainty_against_error(
             return float("nan")
         return float(spearmanr(x[mask], y[mask]).statistic)
 
+    def mean(values: list[np.ndarray]) -> np.ndarray:
+        return np.array([np.mean(v) if len(v) else np.nan for v in values])
+
+    pooled = (np.concatenate(sigmas), np.concatenate(errors)) if sigmas else (np.zeros(0), np.zeros(0))
     return {
         "max_force_uncertainty": sigma_f,
         "max_force_error": error_f,
         "energy_uncertainty": sigma_e,
         "energy_error": error_e,
         "spearman_forces": rho(sigma_f, error_f),
+        "spearman_forces_mean": rho(mean(sigmas), mean(errors)),
+        "spearman_forces_atoms": rho(*pooled),
         "spearman_energy": rho(sigma_e, error_e),
     }
 
@@ -254,6 +262,8 @@ def evaluate_file(
             **metrics,
             "committee_size": len(members),
             "spearman_force_uncertainty_vs_error": analysis["spearman_forces"],
+            "spearman_mean_force_uncertainty_vs_error": analysis["spearman_forces_mean"],
+            "spearman_atomic_force_uncertainty_vs_error": analysis["spearman_forces_atoms"],
             "spearman_energy_uncertainty_vs_error": analysis["spearman_energy"],
             "mean_max_force_uncertainty": float(np.mean(analysis["max_force_uncertainty"])),
         }
@@ -267,7 +277,9 @@ def evaluate_file(
     if members is not None:
         log(
             f"committee of {len(members)}: Spearman ρ(largest atomic force uncertainty, largest atomic force "
-            f"error) = {metrics['spearman_force_uncertainty_vs_error']:.3f} over {len(structures)} frames; "
+            f"error) = {metrics['spearman_force_uncertainty_vs_error']:.3f} over {len(structures)} frames "
+            f"(mean over atoms: {metrics['spearman_mean_force_uncertainty_vs_error']:.3f}, all atoms pooled: "
+            f"{metrics['spearman_atomic_force_uncertainty_vs_error']:.3f}); "
             f"energy ρ = {metrics['spearman_energy_uncertainty_vs_error']:.3f} (uncertainty.png)"
         )
     log(f"predictions, parity plot and metrics in {out_dir}")

@@ -92,9 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--grace-seconds", type=float, default=60.0, help="wait after SIGINT before SIGTERM (default 60)"
     )
     parser.add_argument("--eval-batch-size", type=int, default=50, help="torchkrates-eval --batch_size")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = str(BENCH / "runs" / "peers" / "so3krates_torch_cli" / args.molecule)
+    if (Path(args.out) / "result.json").exists() and not args.overwrite:
+        raise fail(f"{args.out}: holds an earlier run (result.json); pass --overwrite to replace it")
     if not args.budget_minutes > 0:
         raise fail(f"--budget-minutes must be positive, got {args.budget_minutes}")
     if args.threads < 1:

@@ -13,10 +13,11 @@ Runs in the main `.venv` (numpy, ase, yaml) and calls the package's commands fro
 2. `torchkrates-train --config <out>/config.yaml` (the copy of `configs/peers/so3krates_torch_rmd17.yaml`
    with the per-run values filled in), OMP_NUM_THREADS = --threads, OMP_WAIT_POLICY=PASSIVE. The budget
    clock starts at the package's "Starting training loop..." log line (its setup is timed separately);
-   at the budget the runner sends SIGINT, then SIGTERM and SIGKILL after grace periods if needed.
-   torchkrates-train has no interrupt handler: SIGINT ends it with a KeyboardInterrupt and no final model.
-   What survives is its best checkpoint, written after every epoch whose validation loss improved, with
-   the EMA weights;
+   at the budget the runner sends SIGINT, then SIGTERM and SIGKILL after grace periods if needed
+   (`cli_runner.run_watched`). torchkrates-train has no interrupt handler and in our runs did not stop on
+   SIGINT at all, so the default grace before SIGTERM is 5 s (it was 60 s in the runs of 3 Dec, which
+   therefore trained about a minute past the budget). What survives is its best checkpoint, written
+   after every epoch whose validation loss improved, with the EMA weights;
 3. finalisation with the package's own restart option: `torchkrates-train` again with `restart_latest: true`
    and `num_epochs` = best epoch + 1, so it reloads the best checkpoint, validates it once, runs no epoch and
    writes its final model `<name_exp>.model` (the best-checkpoint EMA weights);
@@ -37,46 +38,44 @@ import datetime
 import json
 import os
 import platform
-import re
-import resource
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from cli_runner import (
+    EV_PER_KCAL_MOL,
+    count_parameters,
+    fail,
+    fill_placeholders,
+    latest_checkpoint,
+    learning_curve,
+    log_tail,
+    npz_reference,
+    peer_env_vars,
+    peer_versions,
+    run_watched,
+    test_errors,
+    write_frames,
+)
 
 BENCH = Path(__file__).resolve().parents[1]
 ROOT = BENCH.parent
 DEFAULT_CONFIG = BENCH / "configs" / "peers" / "so3krates_torch_rmd17.yaml"
 DEFAULT_PEER_ENV = BENCH / ".envs" / "so3krates-torch"
-PROG = "so3krates_torch_cli_rmd17.py"
 
 NAME_EXP = "rmd17"  # GENERAL.name_exp of the config (file tag of checkpoints, logs and the final model)
 LOOP_MARKER = "Starting training loop..."  # run_train.py logs this just before tools.train.train()
 FRESH_MARKER = "Starting fresh training."  # a restart that found no usable checkpoint
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # the package's log time stamps (local time)
-VALID_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) INFO: (?:Initial|Epoch (\d+)): head: ")
-TERM_GRACE_SECONDS = 15.0
 
-
-def fail(message: str) -> SystemExit:
-    return SystemExit(f"{PROG}: {message}")
-
-
-try:  # the main venv's packages; a clear line instead of a traceback elsewhere
-    import numpy as np
+try:
     import yaml
-    from ase import Atoms, units
-    from ase.io import read, write
 except ImportError as error:
     raise fail(f"{error}; run it with the main venv (.venv/bin/python)") from None
 
 sys.path.insert(0, str(BENCH))
 from accuracy import data_files, make_split  # noqa: E402  (the split every model of the benchmark uses)
-
-EV_PER_KCAL_MOL = units.kcal / units.mol
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,7 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="torchkrates-train YAML template")
     parser.add_argument("--peer-env", default=str(DEFAULT_PEER_ENV), help="so3krates-torch environment")
     parser.add_argument(
-        "--grace-seconds", type=float, default=60.0, help="wait after SIGINT before SIGTERM (default 60)"
+        "--grace-seconds",
+        type=float,
+        default=5.0,
+        help="wait after SIGINT before SIGTERM (default 5: the package does not stop on SIGINT, and its best "
+        "checkpoint is already on disk)",
     )
     parser.add_argument("--eval-batch-size", type=int, default=50, help="torchkrates-eval --batch_size")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
@@ -105,232 +108,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ------------------------------------------------------------------------------------------------ data
-
-
-def write_frames(npz_path: Path, indices: list[int] | None, xyz_path: Path) -> int:
-    """rMD17 frames as extxyz with REF_energy (eV) and REF_forces (eV/Å); returns the number written."""
-    data = np.load(npz_path)
-    numbers = data["nuclear_charges"].astype(int)
-    frames = range(len(data["energies"])) if indices is None else indices
-    atoms_list = []
-    for k in frames:
-        atoms = Atoms(numbers=numbers, positions=data["coords"][k], pbc=False)
-        atoms.info["REF_energy"] = float(data["energies"][k]) * EV_PER_KCAL_MOL
-        atoms.arrays["REF_forces"] = np.asarray(data["forces"][k], dtype=float) * EV_PER_KCAL_MOL
-        atoms_list.append(atoms)
-    write(xyz_path, atoms_list, format="extxyz")
-    return len(atoms_list)
-
-
-def reference_labels(npz_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Energies (eV) and forces (eV/Å) of every frame of an rMD17 file."""
-    data = np.load(npz_path)
-    return data["energies"] * EV_PER_KCAL_MOL, data["forces"] * EV_PER_KCAL_MOL
-
-
-# ------------------------------------------------------------------------------------------ processes
-
-
-def peer_env_vars(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        OMP_WAIT_POLICY="PASSIVE",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def log_time(stamp: str) -> float:
-    """Epoch seconds of one of the package's log time stamps."""
-    return datetime.datetime.strptime(stamp, TIME_FORMAT).timestamp()
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def stop(process: subprocess.Popen, grace: float) -> list[dict]:
-    """SIGINT; SIGTERM after `grace` s; SIGKILL after TERM_GRACE_SECONDS more. Returns what was sent."""
-    sent = []
-    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, TERM_GRACE_SECONDS), (signal.SIGKILL, None)):
-        if process.poll() is not None:
-            break
-        t_sent = time.time()
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            sent.append({"signal": sig.name, "exited_after_s": None})
-            continue
-        sent.append({"signal": sig.name, "exited_after_s": round(time.time() - t_sent, 3)})
-        break
-    return sent
-
-
-def run_watched(
-    command: list[str],
-    log_path: Path,
-    cwd: Path,
-    env: dict[str, str],
-    budget_seconds: float | None,
-    grace: float,
-    abort_marker: str | None = None,
-    timeout: float = 3600.0,
-) -> dict:
-    """Run `command` with output to `log_path`, watching the log.
-
-    With `budget_seconds`, the clock starts at the LOOP_MARKER line (its time stamp) and the process is
-    stopped with `stop` when the budget is over. A line with `abort_marker` kills the process at once.
-    """
-    cpu_before = children_cpu_seconds()
-    with open(log_path, "w") as log:
-        log.write("$ " + shlex.join(command) + "\n")
-        log.flush()
-        t_start = time.time()
-        process = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    record: dict = {"started": t_start, "loop_started": None, "signals": [], "stopped_by": None}
-    offset, pending = 0, ""
-    try:
-        while process.poll() is None:
-            time.sleep(0.5)
-            with open(log_path) as handle:
-                handle.seek(offset)
-                chunk = handle.read()
-                offset = handle.tell()
-            lines = (pending + chunk).split("\n")
-            pending = lines.pop()
-            for line in lines:
-                if record["loop_started"] is None and LOOP_MARKER in line:
-                    record["loop_started"] = log_time(line[:23])
-                if abort_marker is not None and abort_marker in line:
-                    record["signals"] = stop(process, grace=0.0)
-                    record["stopped_by"] = f"log line {abort_marker!r}"
-            now = time.time()
-            if record["stopped_by"] is None and now - t_start > timeout:
-                record["signals"] = stop(process, grace)
-                record["stopped_by"] = f"timeout {timeout:.0f} s"
-            if (
-                record["stopped_by"] is None
-                and budget_seconds is not None
-                and now - (record["loop_started"] or t_start) >= budget_seconds
-            ):
-                record["signals"] = stop(process, grace)
-                record["stopped_by"] = "budget"
-    except KeyboardInterrupt:
-        stop(process, grace=5.0)
-        raise fail("interrupted; the peer process was stopped") from None
-    process.wait()
-    record["ended"] = time.time()
-    record["returncode"] = process.returncode
-    record["cpu_seconds"] = children_cpu_seconds() - cpu_before
-    return record
-
-
-def log_tail(path: Path, n: int = 15) -> str:
-    return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-n:])
-
-
-def peer_versions(python: Path) -> dict[str, str]:
-    code = (
-        "from importlib.metadata import version; import json, platform; "
-        "print(json.dumps({'so3krates-torch': version('so3krates-torch'), 'torch': version('torch'), "
-        "'python': platform.python_version()}))"
-    )
-    result = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise fail(
-            f"cannot read the package version with {python}: {result.stderr.strip().splitlines()[-1:]}"
-        )
-    return json.loads(result.stdout)
-
-
-# ---------------------------------------------------------------------------------- config and outputs
+# ---------------------------------------------------------------------------------------------- config
 
 
 def resolve_config(template: str, values: dict[str, object]) -> str:
-    """The template with every ${NAME} replaced by a YAML scalar (strings as JSON, i.e. double-quoted)."""
-
-    def scalar(match: re.Match) -> str:
-        name = match.group(1)
-        if name not in values:
-            raise fail(f"the config has a placeholder ${{{name}}} that the runner does not fill")
-        return json.dumps(values[name])
-
-    text = re.sub(r"\$\{(\w+)\}", scalar, template)
+    """The template with its ${...} placeholders filled; checks the experiment name the runner relies on."""
+    text = fill_placeholders(template, values)
     config = yaml.safe_load(text)
     if config["GENERAL"]["name_exp"] != NAME_EXP:
         raise fail(f"GENERAL.name_exp must be {NAME_EXP!r} (the runner finds checkpoints and model by it)")
     return text
-
-
-def best_checkpoint(checkpoints_dir: Path) -> tuple[Path, int] | None:
-    """The package's latest checkpoint file (with keep_checkpoints false: the best one) and its epoch."""
-    found = []
-    for path in checkpoints_dir.glob(f"{NAME_EXP}_epoch-*.pt"):
-        match = re.fullmatch(rf"{NAME_EXP}_epoch-(\d+)\.pt", path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    if not found:
-        return None
-    epoch, path = max(found)
-    return path, epoch
-
-
-def learning_curve(log_path: Path, valid_metrics_path: Path, t0: float) -> list[dict]:
-    """Validation errors per epoch (the package's JSON lines) with wall time since `t0` (its log lines)."""
-    stamps: dict[int | None, float] = {}
-    for line in log_path.read_text(errors="replace").splitlines():
-        match = VALID_LINE.match(line)
-        if match:
-            epoch = None if match.group(2) is None else int(match.group(2))
-            stamps[epoch] = log_time(match.group(1))
-    curve = []
-    if not valid_metrics_path.exists():
-        return curve
-    for line in valid_metrics_path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the interrupt
-            continue
-        epoch = entry.get("epoch")
-        stamp = stamps.get(epoch)
-        curve.append(
-            {
-                "epoch": epoch,  # the package's index (0: after the first epoch; None: before training)
-                "epochs_completed": 0 if epoch is None else epoch + 1,
-                "wall_s": None if stamp is None else round(stamp - t0, 3),
-                "valid_loss": entry.get("loss"),
-                "valid_mae_e_meV": 1e3 * entry["mae_e"],
-                "valid_mae_f_meV_per_A": 1e3 * entry["mae_f"],
-            }
-        )
-    return curve
-
-
-def test_errors(predictions: Path, test_npz: Path) -> dict:
-    """Energy MAE per molecule (meV) and force MAE per component (meV/Å) of torchkrates-eval's predictions."""
-    frames = read(predictions, index=":", format="extxyz")
-    ref_energy, ref_forces = reference_labels(test_npz)
-    if len(frames) != len(ref_energy):
-        raise fail(f"{predictions} has {len(frames)} frames, the test set {len(ref_energy)}")
-    coords = np.load(test_npz)["coords"]
-    if not np.allclose(np.stack([a.positions for a in frames]), coords, atol=1e-6):
-        raise fail(f"{predictions}: the frames are not the test frames in order")
-    energy_error = np.array([a.info["SO3_energy"] for a in frames]) - ref_energy
-    force_error = np.stack([a.arrays["SO3_forces"] for a in frames]) - ref_forces
-    return {
-        "n_frames": len(frames),
-        "energy_mae_meV": float(np.mean(np.abs(energy_error)) * 1e3),
-        "energy_rmse_meV": float(np.sqrt(np.mean(energy_error**2)) * 1e3),
-        "forces_mae_meV_per_A": float(np.mean(np.abs(force_error)) * 1e3),
-        "forces_rmse_meV_per_A": float(np.sqrt(np.mean(force_error**2)) * 1e3),
-    }
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -352,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     config_template = Path(args.config)
     if not config_template.is_file():
         raise fail(f"config {config_template} not found")
-    versions = peer_versions(peer_bin / "python")
+    versions = peer_versions(peer_bin / "python", "so3krates-torch")
 
     out = Path(args.out).resolve()
     work = out / "train"  # torchkrates-train's working directory: checkpoints, logs, final model
@@ -391,7 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         f"training for {args.budget_minutes:g} min: {shlex.join(train_command)} (log {train_log})", flush=True
     )
     train_run = run_watched(
-        train_command, train_log, work, env, budget_seconds, args.grace_seconds, timeout=budget_seconds + 1800
+        train_command,
+        train_log,
+        work,
+        env,
+        budget_seconds,
+        args.grace_seconds,
+        loop_marker=LOOP_MARKER,
+        timeout=budget_seconds + 1800,
     )
     if train_run["stopped_by"] is None and train_run["returncode"] != 0:
         raise fail(
@@ -405,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     package_config_dump = work / "checkpoints" / "config.yaml"  # the package's own dump, defaults included
 
     # 3. Finalisation with the package's restart option: reload the best checkpoint, write the final model.
-    found = best_checkpoint(work / "checkpoints")
+    found = latest_checkpoint(work / "checkpoints", NAME_EXP)
     if found is None:
         raise fail(f"no checkpoint was written within the budget (epochs completed: {epochs_completed})")
     checkpoint, best_epoch = found
@@ -465,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         raise fail(
             f"torchkrates-eval failed (exit {eval_run['returncode']}); {eval_log}:\n{log_tail(eval_log)}"
         )
-    test = test_errors(predictions, test_npz)
+    test = test_errors(predictions, npz_reference(test_npz), "SO3_energy", "SO3_forces")
 
     # 5. Result.
     result = {
@@ -473,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "molecule": args.molecule,
         "package": "so3krates-torch",
         "package_version": versions["so3krates-torch"],
+        "parameters": count_parameters(peer_bin / "python", model_path),
         "torch": versions["torch"],
         "peer_python": versions["python"],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,0 +1,107 @@
+"""The accuracy benchmark's decisions on what gets published: the sanity gate, the peers' log parsing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+accuracy = pytest.importorskip("accuracy")
+cli_runner = pytest.importorskip("cli_runner")
+
+
+def entry(curve: list[tuple[float, float]], budget: float = 900.0, **extra) -> dict:
+    return {
+        "budget_seconds": budget,
+        "learning_curve": [{"wall_s": t, "valid_forces_mae_meV_per_A": f} for t, f in curve],
+        **extra,
+    }
+
+
+def test_a_curve_that_keeps_improving_passes_the_gate():
+    curve = [(60.0 * k, 100.0 * 0.9**k) for k in range(1, 15)]
+    gate = accuracy.sanity_gate(entry(curve), best_force=10.0)
+    assert gate["passed"] and gate["checked"]
+    assert gate["flat_seconds"] <= 60.0
+
+
+def test_a_plateau_far_above_the_best_model_fails_unless_investigated():
+    # improves to 72 meV/Å by 5 min, then stays within 5 % for the remaining 10 min of a 15-min budget
+    curve = [(60.0, 200.0), (180.0, 100.0), (300.0, 72.0)] + [(300.0 + 60.0 * k, 71.0) for k in range(1, 11)]
+    gate = accuracy.sanity_gate(entry(curve), best_force=20.0)
+    assert not gate["passed"]
+    assert gate["flat_seconds"] == pytest.approx(600.0)
+    assert gate["flat_span"]["from_s"] == 300.0
+    investigated = accuracy.sanity_gate(
+        entry(curve, investigation="checked with the package's example"), 20.0
+    )
+    assert investigated["passed"]
+
+
+def test_a_plateau_near_the_best_model_is_not_a_failure():
+    curve = [(60.0, 50.0), (120.0, 30.0)] + [(120.0 + 60.0 * k, 29.5) for k in range(1, 13)]
+    assert accuracy.sanity_gate(entry(curve), best_force=20.0)["passed"]  # 30 < 2 × 20
+
+
+def test_a_result_without_a_learning_curve_is_not_published_as_checked():
+    gate = accuracy.sanity_gate({"budget_seconds": 900.0, "learning_curve": []}, best_force=20.0)
+    assert not gate["passed"] and not gate["checked"]
+
+
+def test_the_table_withholds_a_number_that_failed_the_gate():
+    flat = [(60.0 * k, 80.0) for k in range(1, 15)]
+    good = [(60.0 * k, 100.0 * 0.8**k) for k in range(1, 15)]
+    test = {"energy_mae_meV": 5.0, "forces_mae_meV_per_A": 20.0}
+    results = {
+        "molecule": "ethanol",
+        "protocol": {
+            "n_train": 950,
+            "n_valid": 50,
+            "train_file": "t",
+            "test_file": "s",
+            "split_seed": 0,
+            "n_test": 1,
+        },
+        "machine": {"cpu": "x", "cores": 2, "threads_per_model": 2, "torch": "2"},
+        "models": {
+            "so3krates": entry(good, test=test),
+            "mace-small": entry(flat, test={"energy_mae_meV": 9.0, "forces_mae_meV_per_A": 78.5}),
+        },
+    }
+    table = accuracy.markdown_table(accuracy.apply_gate(results))
+    assert "78.50" not in table and "(withheld)" in table and "20.00" in table
+
+
+def test_peer_learning_curve_reads_validations_and_skips_batch_lines(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "2026-12-03 10:00:00.000 INFO: Started training, reporting errors on validation set\n"
+        "2026-12-03 10:00:05.000 INFO: Initial: head: Default, loss=64.0, MAE_E=358.07 meV\n"
+        "2026-12-03 10:01:05.500 INFO: Epoch 0: head: Default, loss=0.59, MAE_E=4390.36 meV\n"
+    )
+    metrics = tmp_path / "metrics.txt"
+    lines = [
+        {"loss": 64.0, "mae_e": 0.358, "mae_f": 0.93, "mode": "eval", "epoch": None},
+        {"loss": 1600.0, "time": 0.5, "mode": "opt", "epoch": 0},  # MACE logs every batch too
+        {"loss": 0.59, "mae_e": 4.39, "mae_f": 0.0908, "mode": "eval", "epoch": 0},
+    ]
+    metrics.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"loss": 0.5, "mae')  # cut by a kill
+    t0 = cli_runner.log_time("2026-12-03 10:00:00.000")
+    curve = cli_runner.learning_curve(log, metrics, t0)
+    assert [c["epochs_completed"] for c in curve] == [0, 1]
+    assert curve[1]["wall_s"] == pytest.approx(65.5)
+    assert curve[1]["valid_mae_f_meV_per_A"] == pytest.approx(90.8)
+
+
+def test_checkpoint_of_the_highest_epoch_is_the_one_finalised(tmp_path):
+    for name in ("rmd17_run-0_epoch-3.pt", "rmd17_run-0_epoch-12.pt", "rmd17_run-1_epoch-40.pt", "other.pt"):
+        (tmp_path / name).write_bytes(b"")
+    path, epoch = cli_runner.latest_checkpoint(tmp_path, "rmd17_run-0")
+    assert epoch == 12 and path.name == "rmd17_run-0_epoch-12.pt"
+    assert cli_runner.latest_checkpoint(tmp_path, "rmd17") is None

@@ -105,3 +105,31 @@ def test_checkpoint_of_the_highest_epoch_is_the_one_finalised(tmp_path):
     path, epoch = cli_runner.latest_checkpoint(tmp_path, "rmd17_run-0")
     assert epoch == 12 and path.name == "rmd17_run-0_epoch-12.pt"
     assert cli_runner.latest_checkpoint(tmp_path, "rmd17") is None
+
+
+def test_mace_runner_keeps_maces_own_error_tables():
+    mace_cli = pytest.importorskip("mace_cli_rmd17")
+    log = (
+        "2026-12-03 19:52:50.733 INFO: Error-table on TEST:\n"
+        "+-----------------+-------------+\n"
+        "|   config_type   | MAE E / meV |\n"
+        "| Default_Default |     4389.8  |\n"
+        "+-----------------+-------------+\n"
+        "2026-12-03 19:54:56.050 INFO: Done\n"
+    )
+    rows = mace_cli.mace_error_tables(log)
+    assert rows[0] == "Error-table on TEST:" and len(rows) == 5 and "4389.8" in rows[3]
+
+
+def test_a_runner_refuses_to_replace_an_earlier_run_or_a_bad_budget(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(
+        out=str(tmp_path), overwrite=False, budget_minutes=15.0, threads=1, molecule="x"
+    )
+    (tmp_path / "result.json").write_text("{}")
+    with pytest.raises(SystemExit, match="holds an earlier run"):
+        cli_runner.check_common_arguments(args, tmp_path, rmd17=False)
+    args.overwrite, args.budget_minutes = True, -1.0
+    with pytest.raises(SystemExit, match="must be positive"):
+        cli_runner.check_common_arguments(args, tmp_path, rmd17=False)

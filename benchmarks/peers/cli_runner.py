@@ -16,9 +16,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import platform
 import re
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,3 +312,190 @@ def learning_curve(log_path: Path, valid_metrics_path: Path, t0: float) -> list[
             }
         )
     return curve
+
+
+# ---------------------------------------------------------------------------------- the runners' steps
+
+
+def add_common_arguments(parser, peer: str, eval_tool: str, default_env: Path, default_config: Path | None):
+    """The options every command-line peer runner has."""
+    parser.add_argument("--molecule", default="ethanol", help="rMD17 molecule (default: ethanol)")
+    parser.add_argument("--budget-minutes", type=float, default=15.0, help="training wall time (default 15)")
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the peer (default 2)")
+    parser.add_argument("--out", default=None, help="run folder (default: benchmarks/runs/peers/...)")
+    parser.add_argument("--seed", type=int, default=0, help="the peer's training seed (default 0)")
+    parser.add_argument(
+        "--config", default=None if default_config is None else str(default_config), help="YAML template"
+    )
+    parser.add_argument("--peer-env", default=str(default_env), help=f"{peer} environment")
+    parser.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=5.0,
+        help="wait after SIGINT before SIGTERM (default 5; the best checkpoint is already on disk)",
+    )
+    parser.add_argument("--eval-batch-size", type=int, default=50, help=f"{eval_tool} --batch_size")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+
+
+def check_common_arguments(args, default_out: Path, rmd17: bool = True) -> None:
+    """Fills in --out and refuses bad values, one line each, before anything is written.
+
+    With `rmd17`, `args.molecule` must name an rMD17 molecule whose train and test files exist.
+    """
+    if rmd17:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from accuracy import data_files
+
+        try:
+            data_files(args.molecule)
+        except SystemExit as error:  # accuracy.py's one line, with this runner's name instead
+            raise fail(str(error).split(": ", 1)[-1]) from None
+    if args.out is None:
+        args.out = str(default_out)
+    if (Path(args.out) / "result.json").exists() and not args.overwrite:
+        raise fail(f"{args.out}: holds an earlier run (result.json); pass --overwrite to replace it")
+    if not args.budget_minutes > 0:
+        raise fail(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    if args.threads < 1:
+        raise fail(f"--threads must be at least 1, got {args.threads}")
+
+
+def check_peer(peer_env: str, tools: tuple[str, ...], config: str) -> tuple[Path, Path]:
+    """The peer's bin folder and the config template, or one line saying what is missing."""
+    peer_bin = Path(peer_env) / "bin"
+    for tool in ("python", *tools):
+        if not os.access(peer_bin / tool, os.X_OK):
+            raise fail(
+                f"{peer_bin / tool} not found: set up the peer venv (python benchmarks/accuracy.py --setup)"
+            )
+    template = Path(config)
+    if not template.is_file():
+        raise fail(f"config {template} not found")
+    return peer_bin, template
+
+
+def fresh_run_dir(out: Path) -> tuple[Path, Path]:
+    """`<out>/train` emptied (a stale checkpoint there would be taken as this run's best) and `<out>/data`."""
+    work = out / "train"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    data_dir = out / "data"
+    data_dir.mkdir(exist_ok=True)
+    return work, data_dir
+
+
+def write_rmd17_split(molecule: str, data_dir: Path) -> dict:
+    """The benchmark's shared split of an rMD17 molecule as train/valid/test extxyz in `data_dir`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from accuracy import data_files, make_split  # the split every model of the benchmark uses
+
+    train_npz, test_npz = data_files(molecule)
+    split = make_split(train_npz)
+    files = {part: data_dir / f"{part}.xyz" for part in ("train", "valid", "test")}
+    n_frames = {
+        "train": write_frames(train_npz, split["train"], files["train"]),
+        "valid": write_frames(train_npz, split["valid"], files["valid"]),
+        "test": write_frames(test_npz, None, files["test"]),
+    }
+    return {
+        "files": files,
+        "reference": npz_reference(test_npz),
+        "record": {
+            "train_file": str(train_npz),
+            "test_file": str(test_npz),
+            "split_seed": split["seed"],
+            "n_frames": n_frames,
+            "units": f"eV, eV/Å (1 kcal/mol = ase.units.kcal / ase.units.mol = {EV_PER_KCAL_MOL:.10f} eV)",
+            "keys": {"energy": "info['REF_energy']", "forces": "arrays['REF_forces']"},
+        },
+    }
+
+
+def training_record(run: dict, curve: list[dict], checkpoint: Path, best_epoch: int, tool: str) -> dict:
+    """The `training` part of a result: times, how it stopped, epochs, best checkpoint, learning curve."""
+    t_loop = run["loop_started"]
+    return {
+        "setup_seconds": round(t_loop - run["started"], 3),
+        "train_seconds": round(run["ended"] - t_loop, 3),
+        "wall_seconds": round(run["ended"] - run["started"], 3),
+        "cpu_seconds": round(run["cpu_seconds"], 3),
+        "stopped_by": run["stopped_by"] or f"{tool} finished by itself",
+        "signals": run["signals"],
+        "returncode": run["returncode"],
+        "epochs_completed": max((c["epochs_completed"] for c in curve), default=0),
+        "best_checkpoint": checkpoint.name,
+        "best_epoch": best_epoch,
+        "best_valid": next((c for c in curve if c["epoch"] == best_epoch), None),
+        "learning_curve": curve,
+    }
+
+
+def run_record(args, env: dict[str, str], versions: dict[str, str], package: str) -> dict:
+    """What every result records about the run itself: versions, machine, command line, threads, budget."""
+    return {
+        "molecule": args.molecule,
+        "package": package,
+        "package_version": versions[package],
+        "torch": versions["torch"],
+        "peer_python": versions["python"],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "runner_command": shlex.join([sys.executable, *sys.argv]),
+        "environment": {k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")},
+        "threads": args.threads,
+        "budget_minutes": args.budget_minutes,
+        "budget_seconds": 60.0 * args.budget_minutes,
+    }
+
+
+def write_result(out: Path, result: dict, t_begin: float, load_start: tuple[float, ...]) -> Path:
+    """`<out>/result.json`, written atomically, with the total wall time and the load average around it."""
+    result["wall_seconds_total"] = round(time.time() - t_begin, 3)
+    result["load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}
+    path = out / "result.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def summary_line(result: dict, label: str) -> str:
+    training, test = result["training"], result["test"]
+    last = training["learning_curve"][-1] if training["learning_curve"] else {}
+    return (
+        f"{result['molecule']}: {label}, {training['epochs_completed']} epochs in "
+        f"{training['train_seconds']:.0f} s; "
+        f"valid F MAE (last) {last.get('valid_mae_f_meV_per_A', float('nan')):.1f} meV/Å; test E MAE "
+        f"{test['energy_mae_meV']:.1f} meV, F MAE {test['forces_mae_meV_per_A']:.1f} meV/Å"
+    )
+
+
+def train_under_budget(command: list[str], log: Path, work: Path, env: dict, args, loop_marker: str) -> dict:
+    """The peer's training command, stopped `args.budget_minutes` after its `loop_marker` log line."""
+    tool = Path(command[0]).name
+    budget = 60.0 * args.budget_minutes
+    print(f"training for {args.budget_minutes:g} min: {shlex.join(command)} (log {log})", flush=True)
+    run = run_watched(
+        command, log, work, env, budget, args.grace_seconds, loop_marker=loop_marker, timeout=budget + 1800
+    )
+    if run["stopped_by"] is None and run["returncode"] != 0:
+        raise fail(f"{tool} failed (exit {run['returncode']}); {log}:\n{log_tail(log)}")
+    if run["loop_started"] is None:
+        raise fail(f"{tool} never reached its training loop; see {log}")
+    return run
+
+
+def run_step(
+    what: str, command: list[str], log: Path, cwd: Path, env: dict, args, produces: Path, abort_marker=None
+) -> dict:
+    """One of the peer's commands after training (finalise, test); it must end well and write `produces`."""
+    print(f"{what}: {shlex.join(command)}", flush=True)
+    run = run_watched(
+        command, log, cwd, env, None, args.grace_seconds, abort_marker=abort_marker, timeout=3600
+    )
+    if run["stopped_by"] is not None or run["returncode"] != 0 or not produces.exists():
+        how = run["stopped_by"] or f"exit {run['returncode']}"
+        raise fail(f"{what}: {Path(command[0]).name} failed ({how}); {log}:\n{log_tail(log)}")
+    return run

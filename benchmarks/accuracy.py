@@ -593,7 +593,7 @@ def summary(out_dir: Path) -> tuple[str, dict] | None:
         "",
         "Each cell: test force MAE / energy MAE on all 1000 test frames, after the budget in the molecule's "
         "table (`accuracy_<molecule>.md`, which also gives threads, epochs and dates). Bold: lowest force "
-        "MAE of the row; —: not run yet; withheld: failed the sanity gate.",
+        "MAE of the row; —: not run yet; withheld: did not pass the sanity gate (see the molecule's table).",
         "",
         "| molecule | " + " | ".join(models) + " |",
         "|---|" + "---:|" * len(models),
@@ -641,7 +641,7 @@ def plot_summary(tables: dict, path: Path) -> None:
     models = [m for m in MODELS if any(m in t for t in tables.values())]
     molecules = list(tables)
     width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(molecules), 3.8))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 + 1.4 * len(molecules)), 3.8))
     for k, m in enumerate(models):
         xs, ys = [], []
         for x, molecule in enumerate(molecules):

@@ -593,7 +593,8 @@ def summary(out_dir: Path) -> tuple[str, dict] | None:
         "",
         "Each cell: test force MAE / energy MAE on all 1000 test frames, after the budget in the molecule's "
         "table (`accuracy_<molecule>.md`, which also gives threads, epochs and dates). Bold: lowest force "
-        "MAE of the row; —: not run yet; withheld: did not pass the sanity gate (see the molecule's table).",
+        "MAE of a complete row; —: not run yet; withheld: did not pass the sanity gate (see the molecule's "
+        "table).",
         "",
         "| molecule | " + " | ".join(models) + " |",
         "|---|" + "---:|" * len(models),
@@ -617,7 +618,8 @@ def summary(out_dir: Path) -> tuple[str, dict] | None:
                 cells.append("withheld")
             else:
                 text = f"{e['test']['forces_mae_meV_per_A']:.1f} / {e['test']['energy_mae_meV']:.1f}"
-                cells.append(f"**{text}**" if m == best else text)
+                complete = len(passed) == len(models)
+                cells.append(f"**{text}**" if m == best and complete else text)
         lines.append(f"| {molecule} | " + " | ".join(cells) + " |")
     complete = [mol for mol, t in tables.items() if all(m in t for m in models)]
     lines += [

@@ -9,10 +9,10 @@ Protocol (the same for every model): 950 training / 50 validation frames of `rmd
 (one permutation with seed 0, written to the results), all 1000 frames of `..._test_01.npz` as test set,
 energies and forces converted from kcal/mol to eV; `--budget-minutes` of training wall time per model
 (OMP_WAIT_POLICY=PASSIVE, at most 2 threads: each model runs at the thread count that trains it fastest
-here, measured and written in `MODEL_THREADS`); then the best-validation weights are evaluated on the test
-set (not counted in the budget). Each model runs as its own process, one after another, under
-`flock /tmp/so3krates-cpu.lock` so that no other heavy job on the machine overlaps it; the load average
-around each run is recorded.
+here, measured and written in `PEER_MODELS` and `configs/rmd17.yaml`); then the best-validation weights
+are evaluated on the test set (not counted in the budget). Each model runs as its own process, one after
+another, under `flock /tmp/so3krates-cpu.lock` so that no other heavy job on the machine overlaps it; the
+load average around each run is recorded.
 
 Every model is trained and tested by its own package's commands: ours with `so3krates train` /
 `so3krates evaluate` (`run_ours`), so3krates-torch with `torchkrates-train` / `torchkrates-eval` and MACE

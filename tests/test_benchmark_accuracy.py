@@ -133,3 +133,16 @@ def test_a_runner_refuses_to_replace_an_earlier_run_or_a_bad_budget(tmp_path):
     args.overwrite, args.budget_minutes = True, -1.0
     with pytest.raises(SystemExit, match="must be positive"):
         cli_runner.check_common_arguments(args, tmp_path, rmd17=False)
+
+
+def test_a_reused_run_keeps_the_date_of_its_training_not_of_the_re_evaluation(tmp_path):
+    run = {"run_dir": "/runs/aspirin/so3krates", "budget_seconds": 900.0}
+    old = {**run, "date": "2026-12-03T22:10:11+00:00", "load_average_1min": {"before": 1.0, "after": 0.9}}
+    path = tmp_path / "accuracy_aspirin.json"
+    path.write_text(json.dumps({"models": {"so3krates": old}}))
+    assert accuracy.previous_entry(path, "so3krates", dict(run))["date"] == old["date"]
+    # another budget, another folder, another model or no file: nothing to carry over
+    assert accuracy.previous_entry(path, "so3krates", {**run, "budget_seconds": 600.0}) == {}
+    assert accuracy.previous_entry(path, "so3krates", {**run, "run_dir": "/elsewhere"}) == {}
+    assert accuracy.previous_entry(path, "mace-small", dict(run)) == {}
+    assert accuracy.previous_entry(tmp_path / "missing.json", "so3krates", dict(run)) == {}

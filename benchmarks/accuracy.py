@@ -100,8 +100,8 @@ PEER_MODELS = {
         runner="mace_cli_rmd17.py",
         flags=["--size", "large"],
         description="mace_run_train with configs/peers/mace_large_rmd17.yaml: the MACE paper's rMD17 model "
-        "and training (256 channels, L=2, 2 layers, ν=3, r_c 5 Å, 8 Bessel; AMSGrad 0.01, λ_F 1000); "
-        "2 threads",
+        "and training (256 channels, L=2, 2 layers, ν=3, r_c 5 Å, 8 Bessel; AMSGrad 0.01, λ_F 1000), "
+        "MACE's Stage Two in the last quarter of the budget; 2 threads",
     ),
     "mace-small": PeerModel(
         env="mace-torch",
@@ -231,6 +231,28 @@ def run_peer(name: str, molecule: str, budget: float, run_dir: Path, rerun: bool
         run_logged(command, run_dir.parent / f"{name}.log", timeout=budget + 3 * 3600, threads=model.threads)
         result = json.loads((run_dir / "result.json").read_text())
     training = result["training"]
+    if "outcome" in result:  # e.g. no epoch within the budget: no model to test
+        return {
+            "package": result["package"],
+            "package_version": result["package_version"],
+            "outcome": result["outcome"],
+            "epochs": 0,
+            "budget_seconds": result["budget_seconds"],
+            "train_seconds": training["train_seconds"],
+            "stopped_by": training["stopped_by"],
+            "torch_threads": result["threads"],
+            "description": model.description,
+            "command": shlex.join(command),
+            "commands": result["commands"],
+            "config_yaml": result["config_yaml"],
+            "date": result["date"],
+            "load_average_1min": {
+                "before": result["load_average"]["start"][0],
+                "after": result["load_average"]["end"][0],
+            },
+            "run_dir": str(run_dir),
+            "reused_finished_run": reused,
+        }
     steps_per_epoch = -(-N_TRAIN // 5)
     curve = [
         {
@@ -540,6 +562,8 @@ def markdown_table(results: dict) -> str:
         shown = (
             (f"{energy:.2f}", f"{force:.2f}") if gate.get("passed", True) else ("(withheld)", "(withheld)")
         )
+        if "outcome" in entry:
+            shown, verdict = ("—", "—"), entry["outcome"]
         lines.append(
             f"| {name} | {version} | {parameters} | {entry.get('torch_threads', '—')} | {epochs} "
             f"| {shown[0]} | {shown[1]} | {entry['budget_seconds'] / 60:g} | {verdict} |"
@@ -606,7 +630,7 @@ def summary(out_dir: Path) -> tuple[str, dict] | None:
         "Each cell: test force MAE / energy MAE on all 1000 test frames, after the budget in the molecule's "
         "table (`accuracy_<molecule>.md`, which also gives threads, epochs and dates). Bold: lowest force "
         "MAE of a complete row; —: not run yet; withheld: did not pass the sanity gate (see the molecule's "
-        "table).",
+        "table); a model that ran but finished no epoch within the budget says so.",
         "",
         "| molecule | " + " | ".join(models) + " |",
         "|---|" + "---:|" * len(models),
@@ -619,18 +643,21 @@ def summary(out_dir: Path) -> tuple[str, dict] | None:
             if "test" in e and e.get("sanity_gate", {}).get("passed", True)
         }
         best = min(passed, key=passed.get) if passed else None
-        if best is not None and len(passed) == len(models):
+        # A complete row: every model has a published number or ran without finishing an epoch.
+        complete = all(m in passed or "outcome" in entries.get(m, {}) for m in models)
+        if best is not None and complete:
             wins[best] += 1
         cells = []
         for m in models:
             e = entries.get(m)
             if e is None:
                 cells.append("—")
+            elif "outcome" in e:
+                cells.append(e["outcome"])
             elif m not in passed:
                 cells.append("withheld")
             else:
                 text = f"{e['test']['forces_mae_meV_per_A']:.1f} / {e['test']['energy_mae_meV']:.1f}"
-                complete = len(passed) == len(models)
                 cells.append(f"**{text}**" if m == best and complete else text)
         lines.append(f"| {molecule} | " + " | ".join(cells) + " |")
     complete = [mol for mol, t in tables.items() if all(m in t for m in models)]
@@ -811,13 +838,16 @@ def main(argv: list[str] | None = None) -> int:
             entry.setdefault("wall_seconds_total", time.perf_counter() - tick)  # lock wait included
             # 1-minute load averages around the run: well above 2 means another job shared the cores.
             entry.setdefault("load_average_1min", {"before": load_before[0], "after": os.getloadavg()[0]})
-            test = entry["test"]
-            print(
-                f"{molecule} {name}: epochs {entry.get('epochs') or float('nan'):.1f}, "
-                f"energy MAE {test['energy_mae_meV']:.2f} meV, force MAE {test['forces_mae_meV_per_A']:.2f} "
-                f"meV/Å ({entry['wall_seconds_total']:.0f} s in all)",
-                flush=True,
-            )
+            if "outcome" in entry:
+                outcome = entry["outcome"]
+            else:
+                test = entry["test"]
+                outcome = (
+                    f"epochs {entry.get('epochs') or float('nan'):.1f}, "
+                    f"energy MAE {test['energy_mae_meV']:.2f} meV, "
+                    f"force MAE {test['forces_mae_meV_per_A']:.2f} meV/Å"
+                )
+            print(f"{molecule} {name}: {outcome} ({entry['wall_seconds_total']:.0f} s in all)", flush=True)
             # Written after every model, so that a later failure keeps the finished ones.
             header["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             results = merge_results(json_path, header, {name: entry})

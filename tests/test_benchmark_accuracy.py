@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -105,6 +106,62 @@ def test_checkpoint_of_the_highest_epoch_is_the_one_finalised(tmp_path):
     path, epoch = cli_runner.latest_checkpoint(tmp_path, "rmd17_run-0")
     assert epoch == 12 and path.name == "rmd17_run-0_epoch-12.pt"
     assert cli_runner.latest_checkpoint(tmp_path, "rmd17") is None
+    # MACE's Stage Two checkpoints carry "_swa": apart from the stage-one ones
+    (tmp_path / "rmd17_run-0_epoch-13_swa.pt").write_bytes(b"")
+    assert cli_runner.latest_checkpoint(tmp_path, "rmd17_run-0")[1] == 12
+    assert cli_runner.latest_checkpoint(tmp_path, "rmd17_run-0", "_swa")[1] == 13
+
+
+def _sleeper(tmp_path, ready_after: float | None) -> tuple[list[str], Path]:
+    """A process that runs 30 s and, after `ready_after` s, writes the file the runner waits for."""
+    flag = tmp_path / "checkpoint.pt"
+    code = "import time, pathlib; "
+    if ready_after is not None:
+        code += f"time.sleep({ready_after}); pathlib.Path({str(flag)!r}).write_text('x'); "
+    code += "time.sleep(30)"
+    return [sys.executable, "-c", code], flag
+
+
+@pytest.mark.parametrize("ready_after, stopped_by", [(1.5, "budget"), (None, "budget (never ready)")])
+def test_a_run_that_is_not_ready_at_its_budget_runs_on_until_it_is_or_the_whole_budget(
+    tmp_path, ready_after, stopped_by
+):
+    command, flag = _sleeper(tmp_path, ready_after)
+    run = cli_runner.run_watched(
+        command, tmp_path / "log.txt", tmp_path, dict(os.environ), 0.5, 1.0, ready=flag.exists, extend_to=3.0
+    )
+    assert run["stopped_by"] == stopped_by
+    overrun = run["budget_overrun_s"]
+    assert (1.0 <= overrun < 2.0) if ready_after else (2.5 <= overrun < 3.5)
+    assert run["signals"][0]["signal"] == "SIGINT"
+
+
+def test_mace_stage_two_adds_its_time_and_stop_to_the_training_record():
+    mace_cli = pytest.importorskip("mace_cli_rmd17")
+    curve = [
+        {"epoch": None, "epochs_completed": 0, "wall_s": 1.0},
+        {"epoch": 0, "epochs_completed": 1, "wall_s": 80.0},
+        {"epoch": 0, "epochs_completed": 2, "wall_s": 170.0, "stage": 2},
+    ]
+    record = {
+        "setup_seconds": 3.0,
+        "train_seconds": 90.0,
+        "wall_seconds": 93.0,
+        "cpu_seconds": 180.0,
+        "stopped_by": "budget",
+        "signals": [{"signal": "SIGINT"}],
+        "best_epoch": 0,
+        "best_valid": curve[1],
+        "learning_curve": curve,
+    }
+    run = {"started": 100.0, "loop_started": 104.0, "ended": 194.0, "cpu_seconds": 170.0}
+    run |= {"stopped_by": "budget", "signals": [{"signal": "SIGTERM"}]}
+    combined = mace_cli.combine_stages(record, {"ran": True}, run)
+    assert combined["train_seconds"] == 180.0 and combined["setup_seconds"] == 7.0
+    assert combined["wall_seconds"] == 187.0 and combined["cpu_seconds"] == 350.0
+    assert [s["signal"] for s in combined["signals"]] == ["SIGINT", "SIGTERM"]
+    assert combined["best_valid"] is curve[2]  # the Stage Two epoch, not stage one's of the same index
+    assert combined["stage_two"]["stage_one"]["train_seconds"] == 90.0
 
 
 def test_mace_runner_keeps_maces_own_error_tables():
@@ -146,3 +203,20 @@ def test_a_reused_run_keeps_the_date_of_its_training_not_of_the_re_evaluation(tm
     assert accuracy.previous_entry(path, "so3krates", {**run, "run_dir": "/elsewhere"}) == {}
     assert accuracy.previous_entry(path, "mace-small", dict(run)) == {}
     assert accuracy.previous_entry(tmp_path / "missing.json", "so3krates", dict(run)) == {}
+
+
+def test_a_model_that_finished_no_epoch_is_reported_as_such_and_the_row_still_counts(tmp_path):
+    def molecule(name, models):
+        return {"molecule": name, "models": models}
+
+    good = [(60.0 * k, 100.0 * 0.8**k) for k in range(1, 15)]
+    ours = entry(good, test={"energy_mae_meV": 5.0, "forces_mae_meV_per_A": 20.0})
+    peer = entry(good, test={"energy_mae_meV": 9.0, "forces_mae_meV_per_A": 30.0})
+    slow = {"budget_seconds": 900.0, "outcome": "no epoch completed within the budget", "epochs": 0}
+    (tmp_path / "accuracy_aspirin.json").write_text(
+        json.dumps(molecule("aspirin", {"so3krates": ours, "mace-large": slow, "mace-small": peer}))
+    )
+    text, _ = accuracy.summary(tmp_path)
+    assert "no epoch completed within the budget" in text
+    assert "**20.0 / 5.0**" in text  # a complete row: ours is the lowest of the models that have a number
+    assert "so3krates 1" in text

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PROG = Path(sys.argv[0]).name
@@ -166,13 +167,16 @@ def run_watched(
     loop_marker: str | None = None,
     abort_marker: str | None = None,
     timeout: float = 3600.0,
+    ready: Callable[[], bool] | None = None,
+    extend_to: float | None = None,
 ) -> dict:
     """Run `command` with output to `log_path`, watching the log.
 
     With `budget_seconds`, the clock starts at the first line containing `loop_marker` (at its time stamp;
     at the start of the process when there is no marker, or while the marker has not appeared) and the
-    process is stopped with `stop` when the budget is over. A line with `abort_marker` stops the process
-    at once.
+    process is stopped with `stop` when the budget is over. With `ready`, a process that is not ready at
+    the budget (e.g. no checkpoint yet) runs on until it is, or until `extend_to` seconds. A line with
+    `abort_marker` stops the process at once.
     """
     cpu_before = children_cpu_seconds()
     with open(log_path, "w") as log:
@@ -205,13 +209,13 @@ def run_watched(
             if record["stopped_by"] is None and now - t_start > timeout:
                 record["signals"] = stop(process, grace)
                 record["stopped_by"] = f"timeout {timeout:.0f} s"
-            if (
-                record["stopped_by"] is None
-                and budget_seconds is not None
-                and now - (record["loop_started"] or t_start) >= budget_seconds
-            ):
-                record["signals"] = stop(process, grace)
-                record["stopped_by"] = "budget"
+            elapsed = now - (record["loop_started"] or t_start)
+            if record["stopped_by"] is None and budget_seconds is not None and elapsed >= budget_seconds:
+                is_ready = ready is None or ready()
+                if is_ready or elapsed >= (extend_to or budget_seconds):
+                    record["signals"] = stop(process, grace)
+                    record["stopped_by"] = "budget" if is_ready else "budget (never ready)"
+                    record["budget_overrun_s"] = round(elapsed - budget_seconds, 3)
     except KeyboardInterrupt:
         stop(process, grace=5.0)
         raise fail("interrupted; the peer process was stopped") from None
@@ -267,12 +271,12 @@ def fill_placeholders(template: str, values: dict[str, object]) -> str:
     return re.sub(r"\$\{(\w+)\}", scalar, template)
 
 
-def latest_checkpoint(checkpoints_dir: Path, tag: str) -> tuple[Path, int] | None:
-    """The peer's checkpoint `<tag>_epoch-N.pt` with the highest N (with keep_checkpoints false and only
-    improvements saved: the best one) and N."""
+def latest_checkpoint(checkpoints_dir: Path, tag: str, suffix: str = "") -> tuple[Path, int] | None:
+    """The peer's checkpoint `<tag>_epoch-N<suffix>.pt` with the highest N (with keep_checkpoints false and
+    only improvements saved: the best one) and N. MACE's Stage Two checkpoints have the suffix `_swa`."""
     found = []
-    for path in checkpoints_dir.glob(f"{tag}_epoch-*.pt"):
-        match = re.fullmatch(rf"{re.escape(tag)}_epoch-(\d+)\.pt", path.name)
+    for path in checkpoints_dir.glob(f"{tag}_epoch-*{suffix}.pt"):
+        match = re.fullmatch(rf"{re.escape(tag)}_epoch-(\d+){re.escape(suffix)}\.pt", path.name)
         if match:
             found.append((int(match.group(1)), path))
     if not found:
@@ -472,13 +476,36 @@ def summary_line(result: dict, label: str) -> str:
     )
 
 
-def train_under_budget(command: list[str], log: Path, work: Path, env: dict, args, loop_marker: str) -> dict:
-    """The peer's training command, stopped `args.budget_minutes` after its `loop_marker` log line."""
+def train_under_budget(
+    command: list[str],
+    log: Path,
+    work: Path,
+    env: dict,
+    args,
+    loop_marker: str,
+    budget: float | None = None,
+    ready: Callable[[], bool] | None = None,
+) -> dict:
+    """The peer's training command, stopped `budget` seconds (default: `args.budget_minutes`) after its
+    `loop_marker` log line; with `ready`, not before it is ready, up to the whole `args.budget_minutes`."""
     tool = Path(command[0]).name
-    budget = 60.0 * args.budget_minutes
-    print(f"training for {args.budget_minutes:g} min: {shlex.join(command)} (log {log})", flush=True)
+    whole = 60.0 * args.budget_minutes
+    budget = whole if budget is None else budget
+    span = f"{budget / 60:.3g} min"
+    if ready is not None:
+        span += f" or until ready (at most {whole / 60:g})"
+    print(f"training for {span}: {shlex.join(command)} (log {log})", flush=True)
     run = run_watched(
-        command, log, work, env, budget, args.grace_seconds, loop_marker=loop_marker, timeout=budget + 1800
+        command,
+        log,
+        work,
+        env,
+        budget,
+        args.grace_seconds,
+        loop_marker=loop_marker,
+        timeout=whole + 1800,
+        ready=ready,
+        extend_to=whole,
     )
     if run["stopped_by"] is None and run["returncode"] != 0:
         raise fail(f"{tool} failed (exit {run['returncode']}); {log}:\n{log_tail(log)}")

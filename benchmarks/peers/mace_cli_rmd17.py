@@ -16,10 +16,19 @@ Runs in the main `.venv` (numpy, ase, yaml) and calls MACE's commands from its o
    at the budget the runner stops it (SIGINT, then SIGTERM/SIGKILL after grace periods,
    `cli_runner.run_watched`). What survives is MACE's checkpoint, written with the EMA weights after
    every epoch whose validation loss improved (only the latest is kept, so the latest is the best);
+   With `--stage-two-fraction f` (default 0.25) the run gets MACE's Stage Two (`swa: true`: its
+   energy-weighted loss, annealed lower learning rate and weight averaging), which MACE starts at epoch
+   `start_swa` (by default after 3/4 of `max_num_epochs`). A wall-clock budget gives no epoch count, so the
+   runner measures one: the first run has Stage Two armed but out of reach and is stopped after its first
+   checkpoint (the first epoch); MACE's own `restart_latest` then continues it with `start_swa` set so that
+   Stage Two gets the last f of the budget at that epoch time. (Restarting into Stage Two from a run that
+   had it off fails in mace-torch 0.3.16 at the second Stage Two epoch, KeyError 'swa_lr': the optimizer
+   state of such a checkpoint lacks the Stage Two learning rate; arming it from the start avoids that.)
 3. finalisation with MACE's own restart option: `mace_run_train` again with `restart_latest: true` and
    `max_num_epochs` = the checkpoint's epoch, so it reloads that checkpoint, runs no epoch, writes its final
-   model `rmd17.model` and evaluates it on train, valid and the test file (its own error table, kept in
-   the result as a cross-check);
+   model `rmd17.model` (after Stage Two also `rmd17_stagetwo.model`, the one tested, from the best Stage Two
+   checkpoint) and evaluates it on train, valid and the test file (its own error table, kept in the result
+   as a cross-check);
 4. `mace_eval_configs` on the 1000 test frames writes the predictions (`MACE_energy`, `MACE_forces`); the
    runner computes the energy MAE (meV per molecule) and force MAE (meV/Å per Cartesian component) from
    that file against the npz labels, as for every model of the benchmark;
@@ -74,6 +83,9 @@ NAME = "rmd17"  # `name` of the configs: the final model is <model_dir>/rmd17.mo
 LOOP_MARKER = "Started training, reporting errors on validation set"  # tools.train, before the first epoch
 MISSING_CHECKPOINT = "Cannot find checkpoint with tag"  # a restart that would train from scratch
 ERROR_TABLE = re.compile(r"Error-table on ")
+SWA_SUFFIX = "_swa"  # MACE's name for checkpoints written in Stage Two
+NO_EPOCH = "no epoch completed within the budget"
+MIN_STAGE_TWO_SECONDS = 30.0  # less left after the first checkpoint: no Stage Two (recorded why)
 
 try:
     import yaml
@@ -92,7 +104,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extxyz files (REF_energy in info, REF_forces in arrays; eV, eV/Å) instead of the rMD17 split; "
         "--molecule is then only the run's label",
     )
+    parser.add_argument(
+        "--stage-two-fraction",
+        type=float,
+        default=0.25,
+        help="share of the budget for MACE's Stage Two (swa), after a restart from the best checkpoint "
+        "(default 0.25, MACE's own share of the epochs; 0: no Stage Two)",
+    )
     args = parser.parse_args(argv)
+    if not 0.0 <= args.stage_two_fraction < 1.0:
+        raise fail(f"--stage-two-fraction must be in [0, 1), got {args.stage_two_fraction}")
     if args.config is None:
         args.config = str(CONFIGS / f"mace_{args.size}_rmd17.yaml")
     default_out = BENCH / "runs" / "peers" / f"mace_{args.size}_cli" / args.molecule
@@ -124,6 +145,77 @@ def mace_error_tables(log_text: str) -> list[str]:
         else:
             inside = False
     return rows
+
+
+def resume_with_stage_two(
+    config: dict,
+    checkpoint: Path,
+    start_swa: int,
+    budget: float,
+    out: Path,
+    work: Path,
+    env: dict,
+    args: argparse.Namespace,
+    tag: str,
+) -> tuple[dict, dict, list[dict]]:
+    """The rest of the budget: mace_run_train restarted from the first run's checkpoint (`restart_latest`)
+    with Stage Two from epoch `start_swa` (MACE's epoch index in the restarted run). Returns its record,
+    its run and its learning curve (without the restart's initial validation)."""
+    overrides = {
+        "restart_latest": True,
+        "swa": True,
+        "start_swa": start_swa,
+        "results_dir": str(work / "results_resumed"),
+        "log_dir": str(work / "logs_resumed"),
+    }
+    path = out / "config_resumed.yaml"
+    path.write_text(yaml.safe_dump({**config, **overrides}, sort_keys=False))
+    command = [str(Path(args.peer_env) / "bin" / "mace_run_train"), "--config", str(path)]
+    log = out / "train_resumed.log"
+    run = train_under_budget(command, log, work, env, args, LOOP_MARKER, budget=budget)
+    if f"Loading checkpoint: {checkpoint}" not in log.read_text(errors="replace"):
+        raise fail(f"the resumed run did not restart from {checkpoint.name}; see {log}")
+    curve = learning_curve(log, work / "results_resumed" / f"{tag}_train.txt", run["loop_started"])
+    curve = [{**c, "stage": 2 if c["epoch"] >= start_swa else 1} for c in curve if c["epoch"] is not None]
+    record = {
+        "fraction": args.stage_two_fraction,
+        "ran": True,
+        "budget_seconds": round(budget, 3),
+        "restarted_from": checkpoint.name,
+        "start_swa": start_swa,
+        "overrides": overrides,
+        "command": shlex.join(command),
+        "config_yaml": path.read_text(),
+        "log": str(log),
+        "tested": False,
+    }
+    return record, run, curve
+
+
+def combine_stages(record: dict, stage_two: dict, run: dict | None) -> dict:
+    """The training record of the first run with the resumed run's times, stop and signals added."""
+    record["stage_two"] = stage_two
+    if run is None:
+        return record
+    stage_one = {k: record[k] for k in ("setup_seconds", "train_seconds", "stopped_by", "signals")}
+    stage_two["run"] = {
+        "setup_seconds": round(run["loop_started"] - run["started"], 3),
+        "train_seconds": round(run["ended"] - run["loop_started"], 3),
+        "stopped_by": run["stopped_by"] or "mace_run_train finished by itself",
+        "signals": run["signals"],
+    }
+    stage_two["stage_one"] = stage_one
+    for key in ("setup_seconds", "train_seconds"):
+        record[key] = round(record[key] + stage_two["run"][key], 3)
+    record["wall_seconds"] = round(record["wall_seconds"] + run["ended"] - run["started"], 3)
+    record["cpu_seconds"] = round(record["cpu_seconds"] + run["cpu_seconds"], 3)
+    record["stopped_by"] = stage_two["run"]["stopped_by"]
+    record["signals"] = stage_one["signals"] + run["signals"]
+    record["best_valid"] = next(
+        (c for c in record["learning_curve"] if c.get("stage") == 2 and c["epoch"] == record["best_epoch"]),
+        record["best_valid"],
+    )
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,21 +254,85 @@ def main(argv: list[str] | None = None) -> int:
         "VALID_XYZ": str(valid_xyz),
     }
     config_text = resolve_config(config_template.read_text(), values)
+    stage_two = args.stage_two_fraction > 0
+    config = yaml.safe_load(config_text)
+    if stage_two:  # armed, out of reach: the first run only measures the epoch time (module docstring)
+        config.update(swa=True, start_swa=int(config["max_num_epochs"]) - 1)
+        config_text = yaml.safe_dump(config, sort_keys=False)
     config_path = out / "config.yaml"
     config_path.write_text(config_text)
     env = peer_env_vars(args.threads)
     train_command = [str(peer_bin / "mace_run_train"), "--config", str(config_path)]
     train_log = out / "train.log"
-    train_run = train_under_budget(train_command, train_log, work, env, args, LOOP_MARKER)
     tag = f"{NAME}_run-{args.seed}"
+    checkpoints = work / "checkpoints"
+    budget = 60.0 * args.budget_minutes
+    train_run = train_under_budget(
+        train_command,
+        train_log,
+        work,
+        env,
+        args,
+        LOOP_MARKER,
+        budget=0.0 if stage_two else budget,  # with Stage Two: stop at the first checkpoint
+        ready=(lambda: latest_checkpoint(checkpoints, tag) is not None) if stage_two else None,
+    )
     curve = learning_curve(train_log, work / "results" / f"{tag}_train.txt", train_run["loop_started"])
+    found = latest_checkpoint(checkpoints, tag)
+    if found is None:  # no epoch ended within the whole budget: that is the result, not a failure
+        result = {
+            "model": f"mace-{args.size} (mace_run_train command line)",
+            **run_record(args, env, versions, "mace-torch"),
+            "commands": {"train": shlex.join(train_command)},
+            "config_template": str(config_template),
+            "config_yaml": config_text,
+            "data": data["record"],
+            "outcome": NO_EPOCH,
+            "training": {
+                "setup_seconds": round(train_run["loop_started"] - train_run["started"], 3),
+                "train_seconds": round(train_run["ended"] - train_run["loop_started"], 3),
+                "cpu_seconds": round(train_run["cpu_seconds"], 3),
+                "stopped_by": train_run["stopped_by"],
+                "signals": train_run["signals"],
+                "epochs_completed": 0,
+                "learning_curve": curve,
+            },
+            "logs": {"train": str(train_log)},
+        }
+        path = write_result(out, result, t_begin, load_start)
+        print(f"{args.molecule}: mace-{args.size}: {NO_EPOCH} -> {path}")
+        return 0
+    checkpoint, best_epoch = found
+    first_seconds = train_run["ended"] - train_run["loop_started"]  # one epoch, its validations, the stop
+    stage_two_record: dict = {"fraction": args.stage_two_fraction, "ran": False}
+    if stage_two and budget - first_seconds < MIN_STAGE_TWO_SECONDS:
+        left = budget - first_seconds
+        stage_two_record["why_not"] = f"{left:.0f} s of the budget left after the first epoch"
+    elif stage_two:
+        # Stage One for 1 + start_swa epochs (this run's and the restart's indices 0 … start_swa − 1).
+        stage_one_epochs = round((1.0 - args.stage_two_fraction) * budget / first_seconds)
+        start_swa = max(0, stage_one_epochs - 1)
+        stage_two_record, stage_two_run, resumed_curve = resume_with_stage_two(
+            config, checkpoint, start_swa, budget - first_seconds, out, work, env, args, tag
+        )
+        stage_two_record["epoch_seconds_measured"] = round(first_seconds, 3)
+        last_epochs = max((c["epochs_completed"] for c in curve), default=0)
+        for k, entry in enumerate(resumed_curve):  # after the first run's time and epochs
+            if entry["wall_s"] is not None:
+                entry["wall_s"] = round(entry["wall_s"] + first_seconds, 3)
+            entry["epochs_completed"] = last_epochs + k + 1
+        curve += resumed_curve
+        found_two = latest_checkpoint(checkpoints, tag, SWA_SUFFIX)
+        if found_two is None or found_two[1] < 1:
+            stage_two_record["why_not_tested"] = "no Stage Two checkpoint that MACE's finalisation can load"
+            checkpoint, best_epoch = latest_checkpoint(checkpoints, tag)
+        else:
+            checkpoint, best_epoch = found_two
+            stage_two_record["tested"] = True
 
     # 3. Finalisation with MACE's restart option: reload the best checkpoint, write and test the final model.
-    found = latest_checkpoint(work / "checkpoints", tag)
-    if found is None:
-        raise fail(f"no checkpoint was written within the budget ({len(curve) - 1} validations)")
-    checkpoint, best_epoch = found
-    final_config = yaml.safe_load(config_text)
+    tested_stage_two = stage_two_record.get("tested", False)
+    final_config = dict(config)
     overrides = {
         "restart_latest": True,  # reload the latest (= best) checkpoint
         "max_num_epochs": best_epoch,  # training restarts at the checkpoint's epoch: no epoch runs
@@ -184,12 +340,18 @@ def main(argv: list[str] | None = None) -> int:
         "results_dir": str(work / "results_finalise"),  # keep the training run's metric files apart
         "log_dir": str(work / "logs_finalise"),
     }
+    if tested_stage_two:
+        # Stage Two on: MACE reloads the best Stage Two checkpoint and writes both stages' models. It
+        # needs start_swa < max_num_epochs (no epoch runs either way).
+        overrides.update(swa=True, start_swa=min(stage_two_record["start_swa"], best_epoch - 1))
+    else:  # the latest Stage One checkpoint, loaded without Stage Two
+        overrides.update(swa=False)
     final_config.update(overrides)
     final_config_path = out / "config_finalise.yaml"
     final_config_path.write_text(yaml.safe_dump(final_config, sort_keys=False))
     final_command = [str(peer_bin / "mace_run_train"), "--config", str(final_config_path)]
     final_log = out / "finalise.log"
-    model_path = work / "model" / f"{NAME}.model"
+    model_path = work / "model" / (f"{NAME}_stagetwo.model" if tested_stage_two else f"{NAME}.model")
     final_run = run_step(
         f"finalising from {checkpoint.name}",
         final_command,
@@ -239,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         "config_yaml": config_text,
         "finalise_overrides": overrides,
         "data": data["record"],
-        "training": training_record(train_run, curve, checkpoint, best_epoch, "mace_run_train"),
+        "training": combine_stages(
+            training_record(train_run, curve, checkpoint, best_epoch, "mace_run_train"),
+            stage_two_record,
+            stage_two_run if stage_two_record["ran"] else None,
+        ),
         "finalisation": {
             "wall_seconds": round(final_run["ended"] - final_run["started"], 3),
             "model": str(model_path),
@@ -252,7 +418,12 @@ def main(argv: list[str] | None = None) -> int:
             "source": "computed by this runner from mace_eval_configs's predictions file (MACE_energy, "
             "MACE_forces) against the reference labels; energy per structure, forces per Cartesian component",
         },
-        "logs": {"train": str(train_log), "finalise": str(final_log), "eval": str(eval_log)},
+        "logs": {
+            "train": str(train_log),
+            **({"resumed": stage_two_record["log"]} if stage_two_record["ran"] else {}),
+            "finalise": str(final_log),
+            "eval": str(eval_log),
+        },
     }
     path = write_result(out, result, t_begin, load_start)
     print(f"{summary_line(result, f'mace-{args.size}')} -> {path}")

@@ -156,12 +156,20 @@ def test_mace_stage_two_adds_its_time_and_stop_to_the_training_record():
     }
     run = {"started": 100.0, "loop_started": 104.0, "ended": 194.0, "cpu_seconds": 170.0}
     run |= {"stopped_by": "budget", "signals": [{"signal": "SIGTERM"}]}
+    record["best_valid"] = cli_runner.training_record(
+        {"started": 0.0, "loop_started": 3.0, "ended": 93.0, "cpu_seconds": 180.0, "stopped_by": "budget"}
+        | {"signals": [{"signal": "SIGINT"}], "returncode": 0},
+        curve,
+        Path("rmd17_run-0_epoch-0_swa.pt"),
+        0,
+        "mace_run_train",
+    )["best_valid"]
     combined = mace_cli.combine_stages(record, {"ran": True}, run)
     assert combined["train_seconds"] == 180.0 and combined["setup_seconds"] == 7.0
     assert combined["wall_seconds"] == 187.0 and combined["cpu_seconds"] == 350.0
     assert [s["signal"] for s in combined["signals"]] == ["SIGINT", "SIGTERM"]
-    assert combined["best_valid"] is curve[2]  # the Stage Two epoch, not stage one's of the same index
-    assert combined["stage_two"]["stage_one"]["train_seconds"] == 90.0
+    assert combined["best_valid"] is curve[2]  # the resumed run's epoch 0, not the first run's
+    assert combined["stage_two"]["first_run"]["train_seconds"] == 90.0
 
 
 def test_mace_runner_keeps_maces_own_error_tables():

@@ -431,7 +431,9 @@ def training_record(run: dict, curve: list[dict], checkpoint: Path, best_epoch: 
         "epochs_completed": max((c["epochs_completed"] for c in curve), default=0),
         "best_checkpoint": checkpoint.name,
         "best_epoch": best_epoch,
-        "best_valid": next((c for c in curve if c["epoch"] == best_epoch), None),
+        # The last validation of that epoch index: a restarted run repeats indices, and its checkpoint of
+        # the same name replaced the earlier one.
+        "best_valid": next((c for c in reversed(curve) if c["epoch"] == best_epoch), None),
         "learning_curve": curve,
     }
 

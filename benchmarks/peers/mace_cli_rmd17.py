@@ -197,24 +197,20 @@ def combine_stages(record: dict, stage_two: dict, run: dict | None) -> dict:
     record["stage_two"] = stage_two
     if run is None:
         return record
-    stage_one = {k: record[k] for k in ("setup_seconds", "train_seconds", "stopped_by", "signals")}
-    stage_two["run"] = {
+    first = {k: record[k] for k in ("setup_seconds", "train_seconds", "stopped_by", "signals")}
+    resumed = {
         "setup_seconds": round(run["loop_started"] - run["started"], 3),
         "train_seconds": round(run["ended"] - run["loop_started"], 3),
         "stopped_by": run["stopped_by"] or "mace_run_train finished by itself",
         "signals": run["signals"],
     }
-    stage_two["stage_one"] = stage_one
+    stage_two["first_run"], stage_two["resumed_run"] = first, resumed
     for key in ("setup_seconds", "train_seconds"):
-        record[key] = round(record[key] + stage_two["run"][key], 3)
+        record[key] = round(first[key] + resumed[key], 3)
     record["wall_seconds"] = round(record["wall_seconds"] + run["ended"] - run["started"], 3)
     record["cpu_seconds"] = round(record["cpu_seconds"] + run["cpu_seconds"], 3)
-    record["stopped_by"] = stage_two["run"]["stopped_by"]
-    record["signals"] = stage_one["signals"] + run["signals"]
-    record["best_valid"] = next(
-        (c for c in record["learning_curve"] if c.get("stage") == 2 and c["epoch"] == record["best_epoch"]),
-        record["best_valid"],
-    )
+    record["stopped_by"] = resumed["stopped_by"]
+    record["signals"] = first["signals"] + run["signals"]
     return record
 
 

@@ -147,6 +147,27 @@ def mace_error_tables(log_text: str) -> list[str]:
     return rows
 
 
+_sizes: dict[Path, tuple[int, float]] = {}
+
+
+def complete_checkpoint(checkpoints: Path, tag: str, settle: float = 5.0) -> bool:
+    """A checkpoint exists and its size has not changed for `settle` s: MACE has finished writing it.
+
+    Stopping MACE while it writes a checkpoint leaves a truncated file; a restart from it then fails to
+    load it and MACE, after logging "Loading checkpoint", silently trains from scratch (seen once here).
+    """
+    found = latest_checkpoint(checkpoints, tag)
+    if found is None:
+        return False
+    path, now = found[0], time.time()
+    size = path.stat().st_size
+    first_seen = _sizes.get(path)
+    if first_seen is None or first_seen[0] != size:
+        _sizes[path] = (size, now)
+        return False
+    return now - first_seen[1] >= settle
+
+
 def resume_with_stage_two(
     config: dict,
     checkpoint: Path,
@@ -173,8 +194,17 @@ def resume_with_stage_two(
     command = [str(Path(args.peer_env) / "bin" / "mace_run_train"), "--config", str(path)]
     log = out / "train_resumed.log"
     run = train_under_budget(command, log, work, env, args, LOOP_MARKER, budget=budget)
-    if f"Loading checkpoint: {checkpoint}" not in log.read_text(errors="replace"):
+    text = log.read_text(errors="replace")
+    if f"Loading checkpoint: {checkpoint}" not in text:
         raise fail(f"the resumed run did not restart from {checkpoint.name}; see {log}")
+    initial = re.findall(r"INFO: Initial: .*?loss=([0-9.eE+-]+)", text)
+    untrained = re.findall(
+        r"INFO: Initial: .*?loss=([0-9.eE+-]+)", (out / "train.log").read_text(errors="replace")
+    )
+    if initial and untrained and initial[0] == untrained[0]:
+        raise fail(
+            f"the resumed run started from untrained weights ({checkpoint.name} did not load); see {log}"
+        )
     curve = learning_curve(log, work / "results_resumed" / f"{tag}_train.txt", run["loop_started"])
     curve = [{**c, "stage": 2 if c["epoch"] >= start_swa else 1} for c in curve if c["epoch"] is not None]
     record = {
@@ -271,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         args,
         LOOP_MARKER,
         budget=0.0 if stage_two else budget,  # with Stage Two: stop at the first checkpoint
-        ready=(lambda: latest_checkpoint(checkpoints, tag) is not None) if stage_two else None,
+        ready=(lambda: complete_checkpoint(checkpoints, tag)) if stage_two else None,
     )
     curve = learning_curve(train_log, work / "results" / f"{tag}_train.txt", train_run["loop_started"])
     found = latest_checkpoint(checkpoints, tag)

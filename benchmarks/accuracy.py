@@ -231,28 +231,27 @@ def run_peer(name: str, molecule: str, budget: float, run_dir: Path, rerun: bool
         run_logged(command, run_dir.parent / f"{name}.log", timeout=budget + 3 * 3600, threads=model.threads)
         result = json.loads((run_dir / "result.json").read_text())
     training = result["training"]
+    common = {  # what every entry of a peer run records about the run itself
+        "package": result["package"],
+        "package_version": result["package_version"],
+        "budget_seconds": result["budget_seconds"],
+        "train_seconds": training["train_seconds"],
+        "stopped_by": training["stopped_by"],
+        "torch_threads": result["threads"],
+        "description": model.description,
+        "command": shlex.join(command),
+        "commands": result["commands"],
+        "config_yaml": result["config_yaml"],
+        "date": result["date"],
+        "load_average_1min": {
+            "before": result["load_average"]["start"][0],
+            "after": result["load_average"]["end"][0],
+        },
+        "run_dir": str(run_dir),
+        "reused_finished_run": reused,
+    }
     if "outcome" in result:  # e.g. no epoch within the budget: no model to test
-        return {
-            "package": result["package"],
-            "package_version": result["package_version"],
-            "outcome": result["outcome"],
-            "epochs": 0,
-            "budget_seconds": result["budget_seconds"],
-            "train_seconds": training["train_seconds"],
-            "stopped_by": training["stopped_by"],
-            "torch_threads": result["threads"],
-            "description": model.description,
-            "command": shlex.join(command),
-            "commands": result["commands"],
-            "config_yaml": result["config_yaml"],
-            "date": result["date"],
-            "load_average_1min": {
-                "before": result["load_average"]["start"][0],
-                "after": result["load_average"]["end"][0],
-            },
-            "run_dir": str(run_dir),
-            "reused_finished_run": reused,
-        }
+        return {**common, "outcome": result["outcome"], "epochs": 0}
     steps_per_epoch = -(-N_TRAIN // 5)
     curve = [
         {
@@ -265,33 +264,17 @@ def run_peer(name: str, molecule: str, budget: float, run_dir: Path, rerun: bool
         if c["epoch"] is not None
     ]
     return {
-        "package": result["package"],
-        "package_version": result["package_version"],
+        **common,
         "parameters": result.get("parameters") or peer_parameters(name, result),
         "epochs": training["epochs_completed"],
         "steps": training["epochs_completed"] * steps_per_epoch,
         "best_epoch": training["best_epoch"] + 1,
-        "budget_seconds": result["budget_seconds"],
-        "train_seconds": training["train_seconds"],
         "setup_seconds": training["setup_seconds"],
         "train_cpu_seconds": training["cpu_seconds"],
-        "stopped_by": training["stopped_by"],
         "signals": training["signals"],
-        "torch_threads": result["threads"],
         "test": {**result["test"], "n_structures": result["test"]["n_frames"]},
         "learning_curve": curve,
-        "description": model.description,
-        "command": shlex.join(command),
-        "commands": result["commands"],
-        "config_yaml": result["config_yaml"],
         "finalise_overrides": result.get("finalise_overrides"),
-        "date": result["date"],
-        "load_average_1min": {
-            "before": result["load_average"]["start"][0],
-            "after": result["load_average"]["end"][0],
-        },
-        "run_dir": str(run_dir),
-        "reused_finished_run": reused,
     }
 
 

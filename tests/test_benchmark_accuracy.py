@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -100,16 +101,35 @@ def test_peer_learning_curve_reads_validations_and_skips_batch_lines(tmp_path):
     assert curve[1]["valid_mae_f_meV_per_A"] == pytest.approx(90.8)
 
 
+def _checkpoint(path: Path) -> Path:
+    """A complete checkpoint as torch.save writes it: a zip archive."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", b"x" * 64)
+    return path
+
+
 def test_checkpoint_of_the_highest_epoch_is_the_one_finalised(tmp_path):
     for name in ("rmd17_run-0_epoch-3.pt", "rmd17_run-0_epoch-12.pt", "rmd17_run-1_epoch-40.pt", "other.pt"):
-        (tmp_path / name).write_bytes(b"")
+        _checkpoint(tmp_path / name)
     path, epoch = cli_runner.latest_checkpoint(tmp_path, "rmd17_run-0")
     assert epoch == 12 and path.name == "rmd17_run-0_epoch-12.pt"
     assert cli_runner.latest_checkpoint(tmp_path, "rmd17") is None
     # MACE's Stage Two checkpoints carry "_swa": apart from the stage-one ones
-    (tmp_path / "rmd17_run-0_epoch-13_swa.pt").write_bytes(b"")
+    _checkpoint(tmp_path / "rmd17_run-0_epoch-13_swa.pt")
     assert cli_runner.latest_checkpoint(tmp_path, "rmd17_run-0")[1] == 12
     assert cli_runner.latest_checkpoint(tmp_path, "rmd17_run-0", "_swa")[1] == 13
+
+
+def test_a_checkpoint_cut_short_by_the_stop_is_skipped_and_set_aside(tmp_path):
+    _checkpoint(tmp_path / "rmd17_run-0_epoch-3.pt")
+    whole = _checkpoint(tmp_path / "rmd17_run-0_epoch-4.pt").read_bytes()
+    (tmp_path / "rmd17_run-0_epoch-4.pt").write_bytes(whole[: len(whole) // 2])  # killed while writing
+    assert cli_runner.latest_checkpoint(tmp_path, "rmd17_run-0")[1] == 3
+    assert (tmp_path / "rmd17_run-0_epoch-4.pt").exists()  # while the peer may still be writing: untouched
+    assert cli_runner.latest_checkpoint(tmp_path, "rmd17_run-0", set_aside=True)[1] == 3
+    # the peer's own restart, which takes the highest epoch on disk, can no longer pick it
+    assert not (tmp_path / "rmd17_run-0_epoch-4.pt").exists()
+    assert (tmp_path / "rmd17_run-0_epoch-4.pt.incomplete").exists()
 
 
 def _sleeper(tmp_path, ready_after: float | None) -> tuple[list[str], Path]:

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -271,18 +272,29 @@ def fill_placeholders(template: str, values: dict[str, object]) -> str:
     return re.sub(r"\$\{(\w+)\}", scalar, template)
 
 
-def latest_checkpoint(checkpoints_dir: Path, tag: str, suffix: str = "") -> tuple[Path, int] | None:
-    """The peer's checkpoint `<tag>_epoch-N<suffix>.pt` with the highest N (with keep_checkpoints false and
-    only improvements saved: the best one) and N. MACE's Stage Two checkpoints have the suffix `_swa`."""
+def latest_checkpoint(
+    checkpoints_dir: Path, tag: str, suffix: str = "", set_aside: bool = False
+) -> tuple[Path, int] | None:
+    """The peer's complete checkpoint `<tag>_epoch-N<suffix>.pt` with the highest N (with keep_checkpoints
+    false and only improvements saved: the best one) and N. MACE's Stage Two checkpoints have the suffix
+    `_swa`.
+
+    Both peers write checkpoints with `torch.save`, a zip archive whose directory comes last: a file the
+    stop cut short is not a zip file and is skipped. The peers' own restart options take the highest N
+    whatever its state (MACE then logs "Loading checkpoint", fails to load it and trains from scratch), so
+    once the peer has stopped, `set_aside` renames such a file to `<name>.incomplete`.
+    """
     found = []
     for path in checkpoints_dir.glob(f"{tag}_epoch-*{suffix}.pt"):
         match = re.fullmatch(rf"{re.escape(tag)}_epoch-(\d+){re.escape(suffix)}\.pt", path.name)
         if match:
             found.append((int(match.group(1)), path))
-    if not found:
-        return None
-    epoch, path = max(found)
-    return path, epoch
+    for epoch, path in sorted(found, reverse=True):
+        if zipfile.is_zipfile(path):
+            return path, epoch
+        if set_aside:
+            path.rename(path.with_name(path.name + ".incomplete"))
+    return None
 
 
 def learning_curve(log_path: Path, valid_metrics_path: Path, t0: float) -> list[dict]:

@@ -83,6 +83,7 @@ NAME = "rmd17"  # `name` of the configs: the final model is <model_dir>/rmd17.mo
 LOOP_MARKER = "Started training, reporting errors on validation set"  # tools.train, before the first epoch
 MISSING_CHECKPOINT = "Cannot find checkpoint with tag"  # a restart that would train from scratch
 ERROR_TABLE = re.compile(r"Error-table on ")
+INITIAL_LOSS = re.compile(r"INFO: Initial: .*?loss=([0-9.eE+-]+)")  # validation before any epoch
 SWA_SUFFIX = "_swa"  # MACE's name for checkpoints written in Stage Two
 NO_EPOCH = "no epoch completed within the budget"
 MIN_STAGE_TWO_SECONDS = 30.0  # less left after the first checkpoint: no Stage Two (recorded why)
@@ -147,27 +148,6 @@ def mace_error_tables(log_text: str) -> list[str]:
     return rows
 
 
-_sizes: dict[Path, tuple[int, float]] = {}
-
-
-def complete_checkpoint(checkpoints: Path, tag: str, settle: float = 5.0) -> bool:
-    """A checkpoint exists and its size has not changed for `settle` s: MACE has finished writing it.
-
-    Stopping MACE while it writes a checkpoint leaves a truncated file; a restart from it then fails to
-    load it and MACE, after logging "Loading checkpoint", silently trains from scratch (seen once here).
-    """
-    found = latest_checkpoint(checkpoints, tag)
-    if found is None:
-        return False
-    path, now = found[0], time.time()
-    size = path.stat().st_size
-    first_seen = _sizes.get(path)
-    if first_seen is None or first_seen[0] != size:
-        _sizes[path] = (size, now)
-        return False
-    return now - first_seen[1] >= settle
-
-
 def resume_with_stage_two(
     config: dict,
     checkpoint: Path,
@@ -197,10 +177,10 @@ def resume_with_stage_two(
     text = log.read_text(errors="replace")
     if f"Loading checkpoint: {checkpoint}" not in text:
         raise fail(f"the resumed run did not restart from {checkpoint.name}; see {log}")
-    initial = re.findall(r"INFO: Initial: .*?loss=([0-9.eE+-]+)", text)
-    untrained = re.findall(
-        r"INFO: Initial: .*?loss=([0-9.eE+-]+)", (out / "train.log").read_text(errors="replace")
-    )
+    # MACE falls back to untrained weights when a checkpoint does not load: then its validation before
+    # training is the first run's (untrained) one.
+    initial = INITIAL_LOSS.findall(text)
+    untrained = INITIAL_LOSS.findall((out / "train.log").read_text(errors="replace"))
     if initial and untrained and initial[0] == untrained[0]:
         raise fail(
             f"the resumed run started from untrained weights ({checkpoint.name} did not load); see {log}"
@@ -301,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         args,
         LOOP_MARKER,
         budget=0.0 if stage_two else budget,  # with Stage Two: stop at the first checkpoint
-        ready=(lambda: complete_checkpoint(checkpoints, tag)) if stage_two else None,
+        ready=(lambda: latest_checkpoint(checkpoints, tag) is not None) if stage_two else None,
     )
     curve = learning_curve(train_log, work / "results" / f"{tag}_train.txt", train_run["loop_started"])
-    found = latest_checkpoint(checkpoints, tag)
+    found = latest_checkpoint(checkpoints, tag, set_aside=True)
     if found is None:  # no epoch ended within the whole budget: that is the result, not a failure
         result = {
             "model": f"mace-{args.size} (mace_run_train command line)",
@@ -348,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                 entry["wall_s"] = round(entry["wall_s"] + first_seconds, 3)
             entry["epochs_completed"] = last_epochs + k + 1
         curve += resumed_curve
-        found_two = latest_checkpoint(checkpoints, tag, SWA_SUFFIX)
+        found_two = latest_checkpoint(checkpoints, tag, SWA_SUFFIX, set_aside=True)
         if found_two is None or found_two[1] < 1:
             stage_two_record["why_not_tested"] = "no Stage Two checkpoint that MACE's finalisation can load"
-            checkpoint, best_epoch = latest_checkpoint(checkpoints, tag)
+            checkpoint, best_epoch = latest_checkpoint(checkpoints, tag, set_aside=True)
         else:
             checkpoint, best_epoch = found_two
             stage_two_record["tested"] = True

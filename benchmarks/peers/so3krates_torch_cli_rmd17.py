@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     package_config_dump = work / "checkpoints" / "config.yaml"  # the package's own dump, defaults included
 
     # 3. Finalisation with the package's restart option: reload the best checkpoint, write the final model.
-    found = latest_checkpoint(work / "checkpoints", NAME_EXP)
+    found = latest_checkpoint(work / "checkpoints", NAME_EXP, set_aside=True)
     if found is None:
         raise fail(f"no checkpoint was written within the budget ({len(curve) - 1} validations)")
     checkpoint, best_epoch = found

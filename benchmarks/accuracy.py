@@ -208,6 +208,16 @@ def previous_entry(json_path: Path, name: str, entry: dict) -> dict:
     return previous if same else {}
 
 
+# Facts of a training run, not of its evaluation: a re-evaluation of the same run keeps them. An
+# investigation (sanity gate) was written about that run's learning curve, so it stays with the run.
+RUN_FACTS = ("date", "load_average_1min", "wall_seconds_total", "investigation")
+
+
+def keep_run_facts(entry: dict, previous: dict) -> dict:
+    """`entry`, a re-evaluation of a reused run, with the run's own facts from `previous` it lacks."""
+    return {**{key: previous[key] for key in RUN_FACTS if key in previous}, **entry}
+
+
 def run_peer(name: str, molecule: str, budget: float, run_dir: Path, rerun: bool) -> dict:
     """Train and test one peer through its own command line (`peers/*_cli_rmd17.py`); returns its entry."""
     model = PEER_MODELS[name]
@@ -812,11 +822,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{molecule} {name}: FAILED: {error}", file=sys.stderr, flush=True)
                 continue
             if entry.get("reused_finished_run"):
-                # Date, load and wall time belong to the training run, not to this re-evaluation.
-                previous = previous_entry(json_path, name, entry)
-                for key in ("date", "load_average_1min", "wall_seconds_total"):
-                    if key in previous:
-                        entry.setdefault(key, previous[key])
+                entry = keep_run_facts(entry, previous_entry(json_path, name, entry))
             entry.setdefault("date", started.isoformat(timespec="seconds"))
             entry.setdefault("wall_seconds_total", time.perf_counter() - tick)  # lock wait included
             # 1-minute load averages around the run: well above 2 means another job shared the cores.

@@ -220,12 +220,25 @@ def test_a_runner_refuses_to_replace_an_earlier_run_or_a_bad_budget(tmp_path):
         cli_runner.check_common_arguments(args, tmp_path, rmd17=False)
 
 
-def test_a_reused_run_keeps_the_date_of_its_training_not_of_the_re_evaluation(tmp_path):
+def test_a_reused_run_keeps_the_date_and_investigation_of_its_training_not_of_the_re_evaluation(tmp_path):
     run = {"run_dir": "/runs/aspirin/so3krates", "budget_seconds": 900.0}
-    old = {**run, "date": "2026-12-03T22:10:11+00:00", "load_average_1min": {"before": 1.0, "after": 0.9}}
+    old = {
+        **run,
+        "date": "2026-12-03T22:10:11+00:00",
+        "load_average_1min": {"before": 1.0, "after": 0.9},
+        "investigation": "flat because ...",
+        "test": {"forces_mae_meV_per_A": 40.0},
+    }
     path = tmp_path / "accuracy_aspirin.json"
     path.write_text(json.dumps({"models": {"so3krates": old}}))
     assert accuracy.previous_entry(path, "so3krates", dict(run))["date"] == old["date"]
+    fresh = {**run, "date": "2026-12-04T09:00:00+00:00", "test": {"forces_mae_meV_per_A": 39.0}}
+    kept = accuracy.keep_run_facts(fresh, accuracy.previous_entry(path, "so3krates", dict(run)))
+    # the re-evaluation's own numbers and date win; the run's investigation and load are carried over
+    assert kept["test"] == fresh["test"] and kept["date"] == fresh["date"]
+    assert kept["investigation"] == old["investigation"]
+    assert kept["load_average_1min"] == old["load_average_1min"]
+    assert accuracy.keep_run_facts({**run}, old)["date"] == old["date"]
     # another budget, another folder, another model or no file: nothing to carry over
     assert accuracy.previous_entry(path, "so3krates", {**run, "budget_seconds": 600.0}) == {}
     assert accuracy.previous_entry(path, "so3krates", {**run, "run_dir": "/elsewhere"}) == {}

@@ -17,6 +17,9 @@ import ase.io
 import yaml
 
 iteration, out, steps = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve(), int(sys.argv[3])
+missing = [m for m in range(4) if not (iteration / "committee" / f"member_{m}_train.extxyz").is_file()]
+if missing:
+    sys.exit(f"{iteration}/committee: no member_{missing[0]}_train.extxyz (not a learn iteration folder?)")
 out.mkdir(parents=True, exist_ok=True)
 for m in range(4):
     train = iteration / "committee" / f"member_{m}_train.extxyz"

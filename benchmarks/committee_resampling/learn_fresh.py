@@ -9,6 +9,7 @@ run's last iteration and rank its uncertainty with analyze.py (results:
     python benchmarks/committee_resampling/analyze.py OUT_DIR/fresh/member_*/best.pt
 """
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -16,10 +17,23 @@ from pathlib import Path
 import ase.io
 import yaml
 
-iteration, out, steps = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve(), int(sys.argv[3])
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument(
+    "iteration", type=Path, help="a learn iteration folder (iter_NNN)"
+)
+parser.add_argument("out", type=Path, help="folder for the member configs and runs")
+parser.add_argument("steps", type=int, help="optimizer steps per member")
+parser.add_argument("--overwrite", action="store_true", help="replace existing configs in OUT")
+args = parser.parse_args()
+iteration, out, steps = args.iteration.resolve(), args.out.resolve(), args.steps
 missing = [m for m in range(4) if not (iteration / "committee" / f"member_{m}_train.extxyz").is_file()]
 if missing:
     sys.exit(f"{iteration}/committee: no member_{missing[0]}_train.extxyz (not a learn iteration folder?)")
+if steps < 1:
+    sys.exit(f"steps must be positive, got {steps}")
+existing = sorted(out.glob("fresh_m*.yaml"))
+if existing and not args.overwrite:
+    sys.exit(f"{existing[0]} exists; pass --overwrite to replace the configs in {out}")
 out.mkdir(parents=True, exist_ok=True)
 for m in range(4):
     train = iteration / "committee" / f"member_{m}_train.extxyz"

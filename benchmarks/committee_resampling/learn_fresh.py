@@ -18,9 +18,7 @@ import ase.io
 import yaml
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument(
-    "iteration", type=Path, help="a learn iteration folder (iter_NNN)"
-)
+parser.add_argument("iteration", type=Path, help="a learn iteration folder (iter_NNN)")
 parser.add_argument("out", type=Path, help="folder for the member configs and runs")
 parser.add_argument("steps", type=int, help="optimizer steps per member")
 parser.add_argument("--overwrite", action="store_true", help="replace existing configs in OUT")

@@ -210,7 +210,7 @@ def previous_entry(json_path: Path, name: str, entry: dict) -> dict:
 
 # Facts of a training run, not of its evaluation: a re-evaluation of the same run keeps them. An
 # investigation (sanity gate) was written about that run's learning curve, so it stays with the run.
-RUN_FACTS = ("date", "load_average_1min", "wall_seconds_total", "investigation")
+RUN_FACTS = ("date", "cpu", "load_average_1min", "wall_seconds_total", "investigation")
 
 
 def keep_run_facts(entry: dict, previous: dict) -> dict:
@@ -526,9 +526,10 @@ def markdown_table(results: dict) -> str:
         f"`{protocol['test_file']}`. "
         "Best-validation weights; energy MAE per structure, force MAE per Cartesian component. Every model "
         "trained and tested by its own package's commands (see `commands` in the JSON).",
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"Machine: {machine_line(results)}, {results['machine']['cores']} cores, "
         f"up to {results['machine']['threads_per_model']} threads per model (each model's own choice, see the"
         f" descriptions), torch {results['machine']['torch']}.",
+        *cpu_note(results),
         "",
         "| model | package | parameters | threads | epochs | energy MAE (meV) | force MAE (meV/Å) "
         "| budget (min) | sanity gate |",
@@ -572,6 +573,32 @@ def markdown_table(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def entry_cpus(results: dict) -> dict[str, str]:
+    """Model → the CPU its run trained on (entries from before this was recorded: the header's)."""
+    return {name: e.get("cpu", results["machine"]["cpu"]) for name, e in results["models"].items()}
+
+
+def machine_line(results: dict) -> str:
+    """The CPU of the runs, or "several CPUs" where they differ (then named by :func:`cpu_note`)."""
+    cpus = set(entry_cpus(results).values())
+    return next(iter(cpus)) if len(cpus) == 1 else "several CPUs (below)"
+
+
+def cpu_note(results: dict) -> list[str]:
+    """Where the models of one table trained on different CPUs: which on which (a budget is then not
+    quite equal)."""
+    by_cpu: dict[str, list[str]] = {}
+    for name, cpu in entry_cpus(results).items():
+        by_cpu.setdefault(cpu, []).append(name)
+    if len(by_cpu) <= 1:
+        return []
+    listed = "; ".join(f"{', '.join(names)} on {cpu}" for cpu, names in by_cpu.items())
+    return [
+        f"Not every model trained on the same CPU ({listed}): the machine behind this VM changed between "
+        "sessions, and the same wall-clock budget buys a different amount of training on another CPU."
+    ]
 
 
 def entry_notes(name: str, entry: dict) -> list[str]:
@@ -662,6 +689,9 @@ def summary(out_dir: Path) -> tuple[str, dict] | None:
         + ".",
         "",
     ]
+    for molecule, entries in tables.items():
+        note = cpu_note({"models": entries, "machine": {"cpu": "an unrecorded CPU"}})
+        lines += [f"{molecule}: {note[0][0].lower()}{note[0][1:]}", ""] if note else []
     return "\n".join(lines), tables
 
 
@@ -824,6 +854,8 @@ def main(argv: list[str] | None = None) -> int:
             if entry.get("reused_finished_run"):
                 entry = keep_run_facts(entry, previous_entry(json_path, name, entry))
             entry.setdefault("date", started.isoformat(timespec="seconds"))
+            # The machine's CPU can change between sessions: a budget buys different training on another.
+            entry.setdefault("cpu", header["machine"]["cpu"])
             entry.setdefault("wall_seconds_total", time.perf_counter() - tick)  # lock wait included
             # 1-minute load averages around the run: well above 2 means another job shared the cores.
             entry.setdefault("load_average_1min", {"before": load_before[0], "after": os.getloadavg()[0]})

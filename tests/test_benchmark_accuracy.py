@@ -261,3 +261,27 @@ def test_a_model_that_finished_no_epoch_is_reported_as_such_and_the_row_still_co
     assert "no epoch completed within the budget" in text
     assert "**20.0 / 5.0**" in text  # a complete row: ours is the lowest of the models that have a number
     assert "so3krates 1" in text
+
+
+def test_a_table_whose_models_trained_on_different_cpus_says_which_on_which(tmp_path):
+    curve = [(60.0 * k, 100.0 * 0.8**k) for k in range(1, 15)]
+    test = {"energy_mae_meV": 5.0, "forces_mae_meV_per_A": 20.0}
+    results = {
+        "molecule": "ethanol",
+        "protocol": {"n_train": 950, "n_valid": 50, "train_file": "t", "test_file": "s", "split_seed": 0},
+        "machine": {"cpu": "Xeon", "cores": 2, "threads_per_model": 2, "torch": "2"},
+        "models": {"so3krates": entry(curve, test=test), "mace-small": entry(curve, test=test)},
+    }
+    results["protocol"]["n_test"] = 1
+    # entries from before the CPU was recorded count as the header's
+    assert "Machine: Xeon," in accuracy.markdown_table(results)
+    assert "same CPU" not in accuracy.markdown_table(results)
+    results["models"]["mace-small"]["cpu"] = "EPYC"
+    table = accuracy.markdown_table(results)
+    assert "Machine: several CPUs" in table
+    assert "so3krates on Xeon; mace-small on EPYC" in table
+    (tmp_path / "accuracy_ethanol.json").write_text(json.dumps(results))
+    text, _ = accuracy.summary(tmp_path)
+    assert "ethanol: not every model trained on the same CPU" in text
+    # a reused run keeps the CPU it trained on
+    assert "cpu" in accuracy.RUN_FACTS

@@ -1,7 +1,8 @@
 """Scaling mode of `speed.py`: time and peak memory per atom of energy + forces, water, 100–100,000 atoms.
 
-    python benchmarks/speed.py --scaling [--models so3krates-aoti,so3krates-aoti-no-blocks,so3krates-torch,
-        mace-small] [--scaling-atoms 100,300,1000,3000,10000,30000,100000] [--memory-limit-gb 20]
+    python benchmarks/speed.py --scaling [--models so3krates-aoti,so3krates-aoti-blocks,
+        so3krates-aoti-no-blocks,so3krates-torch,mace-small]
+        [--scaling-atoms 100,300,1000,3000,10000,30000,100000] [--memory-limit-gb 20]
         [--threads 2] [--dtype float32]
 
 Every (model, size) pair is one process of that model's speed runner (`peers/speed_*.py`, the protocol of
@@ -40,7 +41,13 @@ sys.path.insert(0, str(BENCH))
 from accuracy import _git_commit, env_python, machine_info, write_atomically  # noqa: E402
 
 DEFAULT_ATOMS = (100, 300, 1000, 3000, 10_000, 30_000, 100_000)
-DEFAULT_MODELS = ("so3krates-aoti", "so3krates-aoti-no-blocks", "so3krates-torch", "mace-small")
+DEFAULT_MODELS = (
+    "so3krates-aoti",
+    "so3krates-aoti-blocks",
+    "so3krates-aoti-no-blocks",
+    "so3krates-torch",
+    "mace-small",
+)
 #: Sizes from which a call takes long enough that one warm-up call and two timed ones suffice.
 LARGE_ATOMS = 30_000
 #: Messages of a process that ran out of (its limit of) memory.
@@ -118,7 +125,8 @@ def run_one(model: str, structure: Path, n_atoms: int, args: argparse.Namespace,
 
 
 def check_blocks(structure: Path, out: Path) -> None:
-    """In the project environment: forces of edge blocks vs the whole graph (float32) and vs float64."""
+    """In the project environment: forces of edge blocks (eager, and compiled with the spline as the planner
+    runs them under ``aoti``) vs the whole graph (float32) and vs float64."""
     import ase.io
     import torch
 
@@ -133,13 +141,14 @@ def check_blocks(structure: Path, out: Path) -> None:
     model = So3krates(preset("paper")).eval().requires_grad_(False)
     graph = atoms_to_graph(atoms, model.cutoff, pairs=True)
     results = {}
-    for name, dtype, planner in (
-        ("blocks float32", torch.float32, Planner(blocks_min_edges=1)),
-        ("whole float32", torch.float32, Planner(blocks_min_edges=0)),
-        ("blocks float64", torch.float64, Planner(blocks_min_edges=1)),
-        ("whole float64", torch.float64, Planner(blocks_min_edges=0)),
+    for name, dtype, planner, compile in (
+        ("blocks float32", torch.float32, Planner(blocks_min_edges=1), "none"),
+        ("compiled blocks float32", torch.float32, Planner(blocks_min_edges=1), "aoti"),
+        ("whole float32", torch.float32, Planner(blocks_min_edges=0), "none"),
+        ("blocks float64", torch.float64, Planner(blocks_min_edges=1), "none"),
+        ("whole float64", torch.float64, Planner(blocks_min_edges=0), "none"),
     ):
-        force_field = ForceField(model.to(dtype), frozen=True, planner=planner)
+        force_field = ForceField(model.to(dtype), compile=compile, frozen=True, planner=planner)
         plan = force_field.plan(graph)
         out_ = force_field(graph)
         results[name] = {
@@ -161,6 +170,8 @@ def check_blocks(structure: Path, out: Path) -> None:
         "blocks32_vs_whole32": largest("blocks float32", "whole float32"),
         "whole32_vs_whole64": largest("whole float32", "whole float64"),
         "blocks32_vs_whole64": largest("blocks float32", "whole float64"),
+        "compiled_blocks32_vs_whole32": largest("compiled blocks float32", "whole float32"),
+        "compiled_blocks32_vs_whole64": largest("compiled blocks float32", "whole float64"),
         "blocks64_vs_whole64": largest("blocks float64", "whole float64"),
         "energy_blocks32_minus_whole32_eV": results["blocks float32"]["energy"]
         - results["whole float32"]["energy"],
@@ -239,6 +250,12 @@ def markdown(results: dict) -> str:
             f"- blocks float32 vs whole graph float64: {check['blocks32_vs_whole64']:.2e}",
             f"- blocks float64 vs whole graph float64: {check['blocks64_vs_whole64']:.2e}",
         ]
+        if "compiled_blocks32_vs_whole32" in check:  # runs from before compiled blocks lack it
+            lines += [
+                "- compiled blocks (spline) float32 vs whole graph float32: "
+                f"{check['compiled_blocks32_vs_whole32']:.2e}, vs float64: "
+                f"{check['compiled_blocks32_vs_whole64']:.2e}",
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -102,6 +102,13 @@ MODELS = {
         "ours, AOTInductor, the whole graph at once at every size (no edge blocks)",
         None,
     ),
+    "so3krates-aoti-blocks": (
+        None,
+        "speed_so3krates.py",
+        ["--compile", "aoti", "--blocks"],
+        "ours, edge blocks at every size, each block's messages compiled by inductor",
+        None,
+    ),
     "so3krates-aoti-all-threads": (
         None,
         "speed_so3krates.py",

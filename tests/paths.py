@@ -1,9 +1,10 @@
 """Which execution paths the test session ran, and how many tests ran each.
 
 A path is (how, plan, dtype): ``eager`` (an :class:`EnergyFunction` called directly), ``inductor``
-(``torch.compile``), ``pt2`` or ``aoti`` (a traced or compiled :class:`Program`). ``conftest.py`` installs
-the recorder and prints the table at the end of the session, with the legal plans that no test ran in
-eager mode (there should be none: ``tests/test_plans.py`` runs them all in both dtypes).
+(``torch.compile``, of the energy function or of the messages of edge blocks), ``pt2`` or ``aoti`` (a
+traced or compiled :class:`Program`). ``conftest.py`` installs the recorder and prints the table at the
+end of the session, with the legal plans that no test ran in eager mode (there should be none:
+``tests/test_plans.py`` runs them all in both dtypes).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def install() -> None:
 
     def recorded_energy(self, vectors, atomic_numbers, edges):
         tracing = torch.compiler.is_compiling() or torch._subclasses.fake_tensor.is_fake(vectors)
-        if not tracing:
-            _record("eager", self.plan, self.model.dtype)
+        if not tracing:  # with compiled blocks, each block's messages run compiled by inductor
+            _record("inductor" if self.compile_blocks else "eager", self.plan, self.model.dtype)
         return energy_forward(self, vectors, atomic_numbers, edges)
 
     def recorded_evaluator(self, graph, *args, **kwargs):

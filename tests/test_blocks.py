@@ -158,23 +158,51 @@ def test_blocks_keep_per_atom_tensors_and_the_edge_vectors_not_edges_times_featu
     assert saved["blocks"] < saved["whole"] / 8
 
 
-def test_the_force_field_runs_large_graphs_in_blocks_eagerly_whatever_the_compile_mode():
-    model = make_model(preset("tiny"), torch.float32).requires_grad_(False)
+def test_the_force_field_runs_large_graphs_in_blocks_compiled_where_it_compiles():
+    """Eager blocks without compile; with ``inductor`` or ``aoti``, each block's messages and their
+    gradients run compiled (``compile_messages``): the eager blocks' numbers to round-off, stress included.
+    The spline, as compiled blocks take it in float32; float64, so that a dropped term cannot hide."""
+    from so3krates.runtime.evaluator import _layer_rows
+
+    model = make_model(preset("tiny", ev_init="neighbors"), torch.float64).requires_grad_(False)
     atoms = water_box(2)
-    planner = Planner(blocks_min_edges=10, block_edges=64)
+    # 64 edges per block: several full blocks and a shorter last one (two compiled shapes).
+    planner = Planner(blocks_min_edges=10, block_edges=64, spline=True)
     graph = atoms_to_graph(atoms, model.cutoff, pairs=True)
+    assert graph.n_edges % 64 != 0 and graph.n_edges > 3 * 64
     expected = reference_outputs(model, [atoms], stress=True)
-    for compile in ("none", "aoti"):  # aoti: nothing is compiled for a plan with blocks
+    outputs = {}
+    for compile in ("none", "aoti"):  # inductor mode takes the same path as aoti
         force_field = ForceField(model, compile=compile, frozen=True, planner=planner)
         plan = force_field.plan(graph)
-        assert plan.blocks
-        out = force_field(graph, compute_stress=True)
-        assert isinstance(force_field.evaluator(plan), Evaluator)
-        np.testing.assert_allclose(out["forces"].numpy(), expected["forces"], atol=1e-4)
-        np.testing.assert_allclose(out["stress"].detach().numpy(), expected["stress"], atol=1e-5)
-    calculator = So3kratesCalculator(model, dtype="float32", planner=planner)
+        assert plan == Plan("fused", "spline", pairs=True, blocks=True)
+        for _ in range(2):  # the second call runs the programs the first one made
+            out = force_field(graph, compute_stress=True)
+            outputs[compile] = {key: out[key].detach().numpy() for key in ("energy", "forces", "stress")}
+        evaluator = force_field.evaluator(plan)
+        assert isinstance(evaluator, Evaluator)
+        assert (evaluator.energy.layer_rows is _layer_rows) == (compile == "none")
+    for key in ("energy", "forces", "stress"):
+        np.testing.assert_allclose(outputs["aoti"][key], outputs["none"][key], rtol=0, atol=1e-11)
+    # Another number of edges (a new neighbour list in MD): the same programs, nothing compiled anew.
+    from torch._dynamo.utils import counters
+
+    other = water_box(2, spacing=2.95, seed=1)
+    other_graph = atoms_to_graph(other, model.cutoff, pairs=True)
+    # (a last block of one pair, 2 edges, would get programs of its own once)
+    assert other_graph.n_edges != graph.n_edges and other_graph.n_edges % 64 not in (0, 2)
+    compiled_graphs = counters["stats"]["unique_graphs"]
+    out = force_field(other_graph)
+    assert counters["stats"]["unique_graphs"] == compiled_graphs
+    np.testing.assert_allclose(
+        out["forces"].numpy(), reference_outputs(model, [other], stress=False)["forces"], atol=1e-6
+    )
+    # and the model's: the spline's interpolation error only
+    np.testing.assert_allclose(outputs["aoti"]["forces"], expected["forces"], atol=1e-6)
+    np.testing.assert_allclose(outputs["aoti"]["stress"], expected["stress"], atol=1e-7)
+    calculator = So3kratesCalculator(model, dtype="float64", planner=planner)
     atoms.calc = calculator
-    np.testing.assert_allclose(atoms.get_forces(), expected["forces"][0:], atol=1e-4)
+    np.testing.assert_allclose(atoms.get_forces(), outputs["none"]["forces"], atol=1e-11)
 
 
 def test_a_traced_program_refuses_blocks():

@@ -182,21 +182,24 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
     assert plan(54_000, compile="aoti", threads=1) == Plan("fused", spline, pairs=True)
     assert plan(200_000, compile="aoti", threads=2) == Plan("fused", spline, pairs=True, slots=True)
     # Inference where the whole graph would need more than a third of the machine's memory: edge blocks
-    # (eager, whatever the compile mode); never for training.
+    # (eager with the radial network; compiled with the spline in float32); never for training.
     eager_limit, aoti_limit = planner.blocks_threshold("none"), planner.blocks_threshold("aoti")
     assert eager_limit == int(physical_memory() / 3 / WHOLE_GRAPH_BYTES_PER_EDGE["none"])
     assert aoti_limit == int(physical_memory() / 3 / WHOLE_GRAPH_BYTES_PER_EDGE["aoti"]) > eager_limit
     blocks = Plan("fused", "network", pairs=True, blocks=True)
+    compiled_blocks = Plan("fused", spline, pairs=True, blocks=True)
     assert plan(eager_limit) == Plan("modules", "network", pairs=True)
     assert plan(eager_limit + 1) == blocks
     assert plan(aoti_limit, compile="aoti", threads=2) == Plan("modules", "network", pairs=True)
-    assert plan(aoti_limit + 1, compile="aoti", threads=2) == blocks
+    assert plan(aoti_limit + 1, compile="aoti", threads=2) == compiled_blocks
     assert plan(10**9, frozen=True, create_graph=True) == Plan("modules", "network", pairs=True)
     assert plan(10**9, frozen=False) == Plan("modules", "network", pairs=True)
     fixed = Planner(blocks_min_edges=200_000)
     for compile in ("none", "inductor", "aoti"):
         assert fixed.blocks_threshold(compile) == 200_000
-        assert fixed.plan(200_001, DTYPES[dtype], True, pairs=True, compile=compile, threads=2) == blocks
+        expected = blocks if compile == "none" else compiled_blocks
+        assert fixed.plan(200_001, DTYPES[dtype], True, pairs=True, compile=compile, threads=2) == expected
+    assert Planner(spline=False).plan(10**9, DTYPES[dtype], True, pairs=True, compile="aoti") == blocks
     assert Planner(blocks_min_edges=0).plan(10**9, DTYPES[dtype], True) == Plan("modules", "network")
     no_blocks = Planner(blocks_min_edges=0).plan(10**9, DTYPES[dtype], True, compile="aoti", threads=2)
     assert no_blocks == Plan("modules", "network")

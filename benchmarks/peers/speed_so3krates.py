@@ -4,7 +4,7 @@ Runs in the project environment, under the same protocol as the peers (`speed_pr
 
     python speed_so3krates.py --structure S.extxyz --threads 2 --dtype float32 --budget-seconds 20 \
         --md-steps 50 --out result.json [--preset paper] [--compile [aoti]] [--modules] [--no-spline] \
-        [--no-pairs] [--all-threads] [--no-blocks] [--no-flops]
+        [--no-pairs] [--all-threads] [--no-blocks | --blocks] [--no-flops]
 
 Besides the times it counts the floating-point operations of one energy+forces call (matrix products
 only, forward and backward, with `torch.utils.flop_counter`) for the roofline figure.
@@ -43,9 +43,16 @@ def main(argv: list[str] | None = None) -> None:
         "--no-blocks", action="store_true", help="the whole graph at once at every size (no edge blocks)"
     )
     parser.add_argument(
+        "--blocks",
+        action="store_true",
+        help="edge blocks at every size (compiled blocks with --compile), not only where memory asks",
+    )
+    parser.add_argument(
         "--no-flops", action="store_true", help="no FLOP count (it evaluates the whole graph eagerly)"
     )
     args = parser.parse_args(argv)
+    if args.blocks and args.no_blocks:
+        parser.error("--blocks and --no-blocks exclude each other")
     protocol.limit_threads(args.threads)
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         single_thread_edges=0 if args.all_threads else defaults.single_thread_edges,
         spline=False if args.no_spline else None,
         pairs=not args.no_pairs,
-        blocks_min_edges=0 if args.no_blocks else defaults.blocks_min_edges,
+        blocks_min_edges=0 if args.no_blocks else 1 if args.blocks else defaults.blocks_min_edges,
     )
     # The calculator's force field, plan choice and thread setting, called on a graph built once (float64
     # geometry, pair order): what one MD step costs without the neighbour list.
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     variant += " (radial network)" if args.no_spline else ""
     variant += " (plain neighbour list)" if args.no_pairs else ""
     variant += " (no edge blocks)" if args.no_blocks else ""
+    variant += " (edge blocks at every size)" if args.blocks else ""
     protocol.write_result(
         args.out,
         {

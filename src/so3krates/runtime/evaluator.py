@@ -27,7 +27,7 @@ from so3krates.model.so3krates import So3krates
 from so3krates.nn.transformer import EdgeFeatures, TransformerLayer
 from so3krates.ops.scatter import scatter_sum
 from so3krates.ops.spline import Spline, evaluate_spline
-from so3krates.runtime.blocks import BLOCK_EDGES, blocked_sum, edge_blocks
+from so3krates.runtime.blocks import BLOCK_EDGES, blocked_sum, compile_messages, edge_blocks
 from so3krates.runtime.derivatives import graph_derivatives
 from so3krates.runtime.fused import (
     LayerWeights,
@@ -186,10 +186,18 @@ class EnergyFunction(nn.Module):
             run on these weights.
         frozen: assemble the weights and the spline once, now (inference); otherwise on every call.
         block_edges: edges per block for plans with blocks (:mod:`so3krates.runtime.blocks`).
+        compile_blocks: with blocks, each block's messages and their gradients run as programs compiled by
+            ``torch.compile`` (:func:`~so3krates.runtime.blocks.compile_messages`); the block loop stays
+            Python.
     """
 
     def __init__(
-        self, model: So3krates, plan: Plan, frozen: bool = False, block_edges: int = BLOCK_EDGES
+        self,
+        model: So3krates,
+        plan: Plan,
+        frozen: bool = False,
+        block_edges: int = BLOCK_EDGES,
+        compile_blocks: bool = False,
     ) -> None:
         super().__init__()
         plan.check(frozen=frozen)
@@ -216,6 +224,7 @@ class EnergyFunction(nn.Module):
             _fused_layer if plan.layers == "fused" else module_layer
         )
         self.block_edges = block_edges
+        self.compile_blocks = compile_blocks and plan.blocks
         self._features_of_plan = self._blocked_features if plan.blocks else self._whole_features
         if plan.blocks:
             # Blocks evaluate the radial parts of one layer at a time, on the block's edges.
@@ -224,6 +233,11 @@ class EnergyFunction(nn.Module):
                 if spline is not None
                 else partial(_block_network_filters, model)
             )
+            self.initial_rows = partial(_initial_euclidean_rows, model)
+            self.layer_rows = _layer_rows
+            if self.compile_blocks:
+                self.initial_rows = compile_messages(self.initial_rows)
+                self.layer_rows = compile_messages(_layer_rows)
 
     def forward(self, vectors: Tensor, atomic_numbers: Tensor, edges: EdgeLayout) -> Tensor:
         """Args:
@@ -273,8 +287,10 @@ class EnergyFunction(nn.Module):
         if model.config.ev_init == "zeros":
             x = h.new_zeros((n_atoms, n_sph))
         else:
-            rows = partial(_initial_euclidean_rows, model)
-            x = blocked_sum(rows, blocks, n_atoms, n_sph, dtype, vectors) / model.config.avg_num_neighbors
+            x = (
+                blocked_sum(self.initial_rows, blocks, n_atoms, n_sph, dtype, vectors)
+                / model.config.avg_num_neighbors
+            )
         for k, layer in enumerate(model.layers):
             layer_weights = weights.layers[k]
             queries, keys_values = projections(layer, layer_weights, h)
@@ -285,7 +301,9 @@ class EnergyFunction(nn.Module):
             if layer_weights.spherical_in is not None:
                 inputs += [(x, "i1"), (x, "j1")]
                 width += n_sph
-            rows = partial(_layer_rows, model, layer, layer_weights, partial(self.block_radial, weights, k))
+            rows = partial(
+                self.layer_rows, model, layer, layer_weights, partial(self.block_radial, weights, k)
+            )
             updates = blocked_sum(rows, blocks, n_atoms, width, dtype, vectors, inputs)
             h, x = finish_updates(layer, h, x, updates)
         return h

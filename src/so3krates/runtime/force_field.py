@@ -108,8 +108,10 @@ class ForceField(nn.Module):
             if isinstance(self.model, So3lr):
                 energy_function = EnergyFunction(self.model, plan, self.frozen, block_edges)
                 evaluator = LongRangeEvaluator(energy_function, plan)
-            elif plan.blocks:  # eager whatever the compile mode: a block loop is Python
-                evaluator = Evaluator(EnergyFunction(self.model, plan, self.frozen, block_edges), plan)
+            elif plan.blocks:  # a Python loop over blocks; with compile, each block's messages compiled
+                compile_blocks = self.compile != "none"
+                energy_function = EnergyFunction(self.model, plan, self.frozen, block_edges, compile_blocks)
+                evaluator = Evaluator(energy_function, plan)
             elif self.compile == "aoti":
                 from so3krates.runtime.programs import cached_program
 

@@ -160,11 +160,12 @@ class Planner:
             layers, where its error is below float32 round-off; ``True`` wherever legal; ``False`` never.
         pairs: use pair order when the edges come in it (it is a property of the neighbour list).
         blocks_min_edges: inference calls (frozen weights, first derivatives) of more edges than this run
-            in edge blocks (eager, whatever the compile mode), so that memory grows with atoms, not edges ×
-            features; 0 turns blocks off. ``None`` (default): where the whole graph would need more than
-            ``blocks_memory_fraction`` of this machine's physical memory (:meth:`blocks_threshold`). Blocks
-            cost time (the messages are evaluated twice, eagerly), so they are used only where memory
-            asks for them.
+            in edge blocks, so that memory grows with atoms, not edges × features; 0 turns blocks off.
+            ``None`` (default): where the whole graph would need more than ``blocks_memory_fraction`` of
+            this machine's physical memory (:meth:`blocks_threshold`). The block loop is Python; with a
+            compile mode each block's messages run compiled (``compile_messages``), otherwise eagerly.
+            Blocks cost time (the messages are evaluated twice), so they are used only where memory asks
+            for them.
         blocks_memory_fraction: see ``blocks_min_edges``.
         block_edges: edges per block.
     """
@@ -214,9 +215,12 @@ class Planner:
         """
         once = frozen and not create_graph
         if once and 0 < self.blocks_threshold(compile) < n_edges:
-            # The radial network, not the spline, by default: as fast in blocks (the products are not what
-            # limits them) and without the spline's tables and interpolation error.
-            return _plan("fused", "spline" if self.spline else "network", pairs and self.pairs, False, True)
+            # Eager blocks: the radial network by default, as fast there (the products are not what limits
+            # them) and without the spline's tables. Compiled blocks: the spline for float32, as for the
+            # whole graph; it saves ~18 % of a call (999 water, 1 thread, benchmarks/results/thresholds.md).
+            compiled_float32 = compile != "none" and dtype == torch.float32
+            spline = self.spline if self.spline is not None else compiled_float32
+            return _plan("fused", "spline" if spline else "network", pairs and self.pairs, False, True)
         fused_max = self.aoti_fused_max_edges if compile == "aoti" else self.fused_max_edges
         layers = "fused" if n_edges <= fused_max else "modules"
         spline = self.spline if self.spline is not None else (dtype == torch.float32 and layers == "fused")

@@ -186,32 +186,30 @@ RECOMPILE_LIMIT = 256
 def compile_messages(messages: Messages) -> Messages:
     """``messages`` compiled by ``torch.compile`` (inductor) for any number of rows.
 
-        The forward pass calls it under ``no_grad`` (an inference program) and the backward pass with
-        gradients (inductor's forward and backward programs of the block, the recomputation included), so
-        one block costs a few fused kernels instead of the ~30 eager operations of each pass. The programs are
-        compiled once for any number of rows (dynamic shapes): the full blocks, the shorter last block of a
-        graph and those of every later neighbour list (MD) run the same programs (a block of a single pair gets
-    programs of its own once: the pair layout's reshape guards on more than one pair). Programs for the static
-        shape of the full blocks alone were no faster within this machine's noise (999 water, 1 thread, in
-        turn: 1.26 against 1.35 ms per atom, spread ±15 %), and two compiled wrappers of one function share
-        Dynamo's cache. They are made at the first calls (tens of seconds on a CPU; inductor caches them on
-        disk for later processes). The gathers and the sums over centre atoms stay outside, in
-        :class:`_BlockedSum`: inside, autograd would scatter each block's gradients into full per-atom
-        tensors. With no scatter in the programs, their kernels may run on all threads.
+    The forward pass calls it under ``no_grad`` (an inference program) and the backward pass with
+    gradients (inductor's forward and backward programs of the block, the recomputation included), so
+    one block costs a few fused kernels instead of the ~30 eager operations of each pass. The programs are
+    compiled once for any number of rows (dynamic shapes): the full blocks, the shorter last block of a
+    graph and those of every later neighbour list (MD) run the same programs (a block of a single pair
+    gets programs of its own once: the pair layout's reshape guards on more than one pair). Programs for
+    the static shape of the full blocks measured 7 % faster, within this machine's noise (999 water,
+    1 thread, in turn: 1.26 against 1.35 ms per atom, calls spread ±15 %), but would compile anew for
+    every other size, and two compiled wrappers of one function share Dynamo's cache. The programs are
+    made at the first calls (tens of seconds on a CPU; inductor caches them on disk for later processes).
 
-        A layer's weights are constants of its messages, so every layer has programs of its own; Dynamo's
-        default limit of 8 compiled variants per function would send the rest back to eager mode silently.
+    The gathers and the sums over centre atoms stay outside, in :class:`_BlockedSum`: inside, autograd
+    would scatter each block's gradients into full per-atom tensors. With no scatter in the programs,
+    their kernels may run on all threads. A layer's weights are constants of its messages, so every layer
+    has programs of its own; Dynamo's default limit of 8 compiled variants per function would send the
+    rest back to eager mode silently.
     """
     import torch._dynamo.config as dynamo_config
 
     compiled = torch.compile(messages, dynamic=True, options={"cpp.threads": -1})
-
-    limits = dynamo_config.patch(
-        recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=4 * RECOMPILE_LIMIT
-    )
+    limits = {"recompile_limit": RECOMPILE_LIMIT, "accumulated_recompile_limit": 4 * RECOMPILE_LIMIT}
 
     def run(*args: object) -> Tensor:
-        with limits:
+        with dynamo_config.patch(**limits):
             return compiled(*args)
 
     return run

@@ -158,19 +158,9 @@ def test_blocks_keep_per_atom_tensors_and_the_edge_vectors_not_edges_times_featu
     assert saved["blocks"] < saved["whole"] / 8
 
 
-def test_the_force_field_runs_large_graphs_in_blocks_compiled_where_it_compiles():
-    """Eager blocks without compile; with ``inductor`` or ``aoti``, each block's messages and their
-    gradients run compiled (``compile_messages``): the eager blocks' numbers to round-off, stress included.
-    The spline, as compiled blocks take it in float32; float64, so that a dropped term cannot hide."""
+def _compiled_and_eager_blocks(model, graph, planner):
     from so3krates.runtime.evaluator import _layer_rows
 
-    model = make_model(preset("tiny", ev_init="neighbors"), torch.float64).requires_grad_(False)
-    atoms = water_box(2)
-    # 64 edges per block: several full blocks and a shorter last one (two compiled shapes).
-    planner = Planner(blocks_min_edges=10, block_edges=64, spline=True)
-    graph = atoms_to_graph(atoms, model.cutoff, pairs=True)
-    assert graph.n_edges % 64 != 0 and graph.n_edges > 3 * 64
-    expected = reference_outputs(model, [atoms], stress=True)
     outputs = {}
     for compile in ("none", "aoti"):  # inductor mode takes the same path as aoti
         force_field = ForceField(model, compile=compile, frozen=True, planner=planner)
@@ -182,18 +172,41 @@ def test_the_force_field_runs_large_graphs_in_blocks_compiled_where_it_compiles(
         evaluator = force_field.evaluator(plan)
         assert isinstance(evaluator, Evaluator)
         assert (evaluator.energy.layer_rows is _layer_rows) == (compile == "none")
-    for key in ("energy", "forces", "stress"):
-        np.testing.assert_allclose(outputs["aoti"][key], outputs["none"][key], rtol=0, atol=1e-11)
-    # Another number of edges (a new neighbour list in MD): the same programs, nothing compiled anew.
+    outputs["force field"] = force_field
+    return outputs
+
+
+def test_the_force_field_runs_large_graphs_in_blocks_compiled_where_it_compiles():
+    """Eager blocks without compile; with ``inductor`` or ``aoti``, each block's messages and their
+    gradients run compiled (``compile_messages``): the eager blocks' numbers to round-off, stress included.
+    The spline, as compiled blocks take it in float32; float64, so that a dropped term cannot hide."""
+    model = make_model(preset("tiny", ev_init="neighbors"), torch.float64).requires_grad_(False)
+    atoms = water_box(2)
+    # 64 edges per block: several full blocks and a shorter last one (two compiled shapes).
+    # Several threads even on this small graph: threaded generated kernels crashed in the backward pass.
+    planner = Planner(blocks_min_edges=10, block_edges=64, spline=True, single_thread_edges=0)
+    graph = atoms_to_graph(atoms, model.cutoff, pairs=True)
+    assert graph.n_edges % 64 != 0 and graph.n_edges > 3 * 64
+    expected = reference_outputs(model, [atoms], stress=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    # Another number of edges (a new neighbour list in MD): the same programs, nothing compiled anew
+    # (Dynamo guards on the thread count: the same as for the first graph).
     from torch._dynamo.utils import counters
 
     other = water_box(2, spacing=2.95, seed=1)
     other_graph = atoms_to_graph(other, model.cutoff, pairs=True)
     # (a last block of one pair, 2 edges, would get programs of its own once)
     assert other_graph.n_edges != graph.n_edges and other_graph.n_edges % 64 not in (0, 2)
-    compiled_graphs = counters["stats"]["unique_graphs"]
-    out = force_field(other_graph)
-    assert counters["stats"]["unique_graphs"] == compiled_graphs
+    try:
+        outputs = _compiled_and_eager_blocks(model, graph, planner)
+        compiled_graphs = counters["stats"]["unique_graphs"]
+        out = outputs["force field"](other_graph)
+        assert counters["stats"]["unique_graphs"] == compiled_graphs
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("energy", "forces", "stress"):
+        np.testing.assert_allclose(outputs["aoti"][key], outputs["none"][key], rtol=0, atol=1e-11)
     np.testing.assert_allclose(
         out["forces"].numpy(), reference_outputs(model, [other], stress=False)["forces"], atol=1e-6
     )

@@ -198,14 +198,16 @@ def compile_messages(messages: Messages) -> Messages:
     made at the first calls (tens of seconds on a CPU; inductor caches them on disk for later processes).
 
     The gathers and the sums over centre atoms stay outside, in :class:`_BlockedSum`: inside, autograd
-    would scatter each block's gradients into full per-atom tensors. With no scatter in the programs,
-    their kernels may run on all threads. A layer's weights are constants of its messages, so every layer
-    has programs of its own; Dynamo's default limit of 8 compiled variants per function would send the
-    rest back to eager mode silently.
+    would scatter each block's gradients into full per-atom tensors. The generated kernels run on one
+    thread (the matrix products on all): with threaded kernels, the backward programs of torch 2.13
+    crashed (segmentation fault, 999 water on 2 threads), as threaded kernels corrupted memory in the
+    whole-graph programs before (``programs.compile_program``). A layer's weights are constants of its
+    messages, so every layer has programs of its own; Dynamo's default limit of 8 compiled variants per
+    function would send the rest back to eager mode silently.
     """
     import torch._dynamo.config as dynamo_config
 
-    compiled = torch.compile(messages, dynamic=True, options={"cpp.threads": -1})
+    compiled = torch.compile(messages, dynamic=True, options={"cpp.threads": 1})
     limits = {"recompile_limit": RECOMPILE_LIMIT, "accumulated_recompile_limit": 4 * RECOMPILE_LIMIT}
 
     def run(*args: object) -> Tensor:

@@ -41,14 +41,18 @@ class Spline(NamedTuple):
 
 
 def build_spline(
-    function: Callable[[Tensor], Tensor], end: float, n_intervals: int, dtype: torch.dtype
+    function: Callable[[Tensor], Tensor],
+    end: float,
+    n_intervals: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> Spline:
     """Samples ``function`` ((n,) float64 → (n, columns)) and its derivative on [0, end].
 
     The derivative comes from forward-mode differentiation (one pass for all columns), in float64; the
-    coefficients are then cast to ``dtype``.
+    coefficients are then cast to ``dtype``. ``device``: where ``function`` runs and the spline lives.
     """
-    nodes = torch.linspace(0.0, end, n_intervals + 1, dtype=torch.float64)
+    nodes = torch.linspace(0.0, end, n_intervals + 1, dtype=torch.float64, device=device)
     values, slopes = torch.func.jvp(function, (nodes,), (torch.ones_like(nodes),))
     h = end / n_intervals
     y0, y1 = values[:-1], values[1:]

@@ -81,7 +81,8 @@ def build_filter_spline(model: So3krates, n_intervals: int = SPLINE_INTERVALS) -
         rbf = exact.radial_basis(distances)
         return torch.cat([f for layer in weights for f in network_filters(layer, rbf)], dim=1)
 
-    return build_spline(filters, model.cutoff, n_intervals, dtype=model.dtype)
+    device = next(model.parameters()).device
+    return build_spline(filters, model.cutoff, n_intervals, dtype=model.dtype, device=device)
 
 
 def spline_filters(model: So3krates, spline: Spline, distances: Tensor) -> list[Tensor]:

@@ -29,7 +29,12 @@ from so3krates.runtime import (
     every_plan,
     legal_plans,
 )
-from so3krates.runtime.plan import WHOLE_GRAPH_BYTES_PER_EDGE, check_compile_mode, physical_memory
+from so3krates.runtime.plan import (
+    WHOLE_GRAPH_BYTES_PER_EDGE,
+    WHOLE_GRAPH_BYTES_PER_EDGE_CUDA,
+    check_compile_mode,
+    physical_memory,
+)
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 #: Relative to the force scale: round-off of the same function in another arrangement, and the spline's
@@ -220,6 +225,31 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
             continue
         chosen = plan(n_edges, frozen, create_graph, True, threads, compile)
         assert not chosen.problems(frozen, create_graph), chosen
+
+
+def test_on_a_gpu_edge_blocks_start_where_the_gpus_own_memory_would_run_out(monkeypatch):
+    """A GPU node has more host memory than GPU memory: the whole graph must fit the GPU's memory."""
+    model = make_model(VARIANTS["tiny"], torch.float32).requires_grad_(False)
+    graph = atoms_to_graph(ethanol(0), model.cutoff, pairs=True)
+    # A GPU whose memory holds the whole graph of one edge fewer than this one has.
+    gpu_memory = 3 * WHOLE_GRAPH_BYTES_PER_EDGE_CUDA["inductor"] * (graph.n_edges - 1)
+    monkeypatch.setattr("so3krates.runtime.plan._cuda_memory", lambda index: gpu_memory)
+    planner = Planner()
+    assert planner.blocks_threshold("inductor", "cuda:0") == graph.n_edges - 1
+    eager_edges = int(gpu_memory / 3 / WHOLE_GRAPH_BYTES_PER_EDGE_CUDA["none"])
+    assert planner.blocks_threshold("none", "cuda:0") == eager_edges < graph.n_edges - 1
+    cpu_limit = int(physical_memory() / 3 / WHOLE_GRAPH_BYTES_PER_EDGE["inductor"])
+    assert planner.blocks_threshold("inductor", "cpu") == planner.blocks_threshold("inductor") == cpu_limit
+    kwargs = {"dtype": torch.float32, "frozen": True, "pairs": True, "compile": "inductor"}
+    blocks = Plan("fused", "spline", pairs=True, blocks=True)
+    assert planner.plan(graph.n_edges, device="cuda:0", **kwargs) == blocks
+    assert planner.plan(graph.n_edges - 1, device="cuda:0", **kwargs) == Plan("fused", "spline", pairs=True)
+    assert planner.plan(graph.n_edges, device="cpu", **kwargs) == Plan("fused", "spline", pairs=True)
+    # A force field asks about its own device (the plan needs no GPU to be made).
+    force_field = ForceField(model, frozen=True, planner=planner)
+    assert force_field.plan(graph) == Plan("fused", "spline", pairs=True)
+    monkeypatch.setattr(force_field, "device", torch.device("cuda:0"))
+    assert force_field.plan(graph).blocks
 
 
 def test_a_live_force_field_follows_weight_updates_and_a_frozen_one_keeps_its_copy():

@@ -86,6 +86,7 @@ class ForceField(nn.Module):
             pairs=graph.pairs,
             threads=threads,
             compile=self.compile,
+            device=self.device,
         )
 
     def threads(self, graph: Graph) -> int:

@@ -135,6 +135,10 @@ def check_compile_mode(compile: str, frozen: bool, device: torch.device | str) -
 #: process's peak over edges, interpreter included): eager modules 4.07 GB at 163k edges (3,000 water);
 #: the ``aoti`` modules' program 6.9 GB at 544k edges (10,000 water). benchmarks/results/thresholds.md.
 WHOLE_GRAPH_BYTES_PER_EDGE = {"none": 23_000, "inductor": 23_000, "aoti": 13_000}
+#: The same on a CUDA GPU (peak of torch's allocator): eager 9.5 GB and ``inductor`` 2.45 GB at 544k edges
+#: (10,000 water, NVIDIA H200, torch 2.11; benchmarks/results/gpu/gpu_check.json). The generated Triton
+#: kernels keep far fewer per-edge tensors than the CPU's ``inductor`` programs.
+WHOLE_GRAPH_BYTES_PER_EDGE_CUDA = {"none": 19_000, "inductor": 5_000}
 
 
 @functools.cache
@@ -144,6 +148,20 @@ def physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - systems without these names
         return 16 * 2**30
+
+
+def device_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes of memory that a call on ``device`` can use: the GPU's own memory for ``cuda`` devices, else
+    this machine's physical memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_memory(device.index if device.index is not None else torch.cuda.current_device())
+    return physical_memory()
+
+
+@functools.cache
+def _cuda_memory(index: int) -> int:
+    return torch.cuda.get_device_properties(index).total_memory
 
 
 @dataclass(frozen=True)
@@ -162,7 +180,8 @@ class Planner:
         blocks_min_edges: inference calls (frozen weights, first derivatives) of more edges than this run
             in edge blocks, so that memory grows with atoms, not edges × features; 0 turns blocks off.
             ``None`` (default): where the whole graph would need more than ``blocks_memory_fraction`` of
-            this machine's physical memory (:meth:`blocks_threshold`). The block loop is Python; with a
+            the memory of the call's device (:meth:`blocks_threshold`: the machine's physical memory on a
+            CPU, the GPU's own memory on a GPU). The block loop is Python; with a
             compile mode each block's messages run compiled (``compile_messages``), otherwise eagerly.
             Blocks cost time (the messages are evaluated twice), so they are used only where memory asks
             for them.
@@ -179,12 +198,14 @@ class Planner:
     blocks_memory_fraction: float = 1.0 / 3.0
     block_edges: int = BLOCK_EDGES
 
-    def blocks_threshold(self, compile: str = "none") -> int:
-        """Edges beyond which inference runs in blocks (0: never), for a compile mode."""
+    def blocks_threshold(self, compile: str = "none", device: torch.device | str = "cpu") -> int:
+        """Edges beyond which inference runs in blocks (0: never), for a compile mode and a device."""
         if self.blocks_min_edges is not None:
             return self.blocks_min_edges
-        budget = self.blocks_memory_fraction * physical_memory()
-        return int(budget / WHOLE_GRAPH_BYTES_PER_EDGE.get(compile, WHOLE_GRAPH_BYTES_PER_EDGE["none"]))
+        budget = self.blocks_memory_fraction * device_memory(device)
+        table = WHOLE_GRAPH_BYTES_PER_EDGE_CUDA if torch.device(device).type == "cuda" else None
+        table = table or WHOLE_GRAPH_BYTES_PER_EDGE
+        return int(budget / table.get(compile, table["none"]))
 
     def threads(self, n_edges: int, available: int, device: torch.device | str, frozen: bool) -> int:
         """The number of threads a call of ``n_edges`` edges should run on (``device``: e.g. ``"cpu"``)."""
@@ -201,6 +222,7 @@ class Planner:
         pairs: bool = False,
         threads: int = 1,
         compile: str = "none",
+        device: torch.device | str = "cpu",
     ) -> Plan:
         """The plan for one call.
 
@@ -212,9 +234,10 @@ class Planner:
             pairs: the edges are in pair order.
             threads: threads the call runs on (see :meth:`threads`).
             compile: the compile mode (``COMPILE_MODES``).
+            device: where the call runs (its memory decides about edge blocks).
         """
         once = frozen and not create_graph
-        if once and 0 < self.blocks_threshold(compile) < n_edges:
+        if once and 0 < self.blocks_threshold(compile, device) < n_edges:
             # Eager blocks: the radial network by default, as fast there (the products are not what limits
             # them) and without the spline's tables. Compiled blocks: the spline for float32, as for the
             # whole graph; it saves ~18 % of a call (999 water, 1 thread, benchmarks/results/thresholds.md).

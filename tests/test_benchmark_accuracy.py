@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,3 +286,22 @@ def test_a_table_whose_models_trained_on_different_cpus_says_which_on_which(tmp_
     assert "ethanol: not every model trained on the same CPU" in text
     # a reused run keeps the CPU it trained on
     assert "cpu" in accuracy.RUN_FACTS
+
+
+def test_peers_get_each_molecule_at_its_centroid_with_unchanged_labels(tmp_path):
+    """rMD17 benzene sits ~20 Å from the origin, which made so3krates-torch's neighbour list crawl."""
+    coords = np.random.default_rng(0).normal(size=(3, 4, 3)) + np.array([-20.0, 21.0, -19.0])
+    forces = np.random.default_rng(1).normal(size=(3, 4, 3))
+    npz = tmp_path / "rmd17_test.npz"
+    np.savez(
+        npz, coords=coords, forces=forces, energies=np.array([1.0, 2.0, 3.0]), nuclear_charges=[6, 6, 1, 1]
+    )
+    assert cli_runner.write_frames(npz, [2, 0], tmp_path / "frames.xyz") == 2
+    written = cli_runner.xyz_reference(tmp_path / "frames.xyz")
+    np.testing.assert_allclose(written["positions"].mean(axis=1), 0.0, atol=1e-7)  # extxyz: 8 decimals
+    expected = coords[[2, 0]] - coords[[2, 0]].mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(written["positions"], expected, atol=1e-7)
+    labels = forces[[2, 0]] * cli_runner.EV_PER_KCAL_MOL
+    np.testing.assert_allclose(written["forces"], labels, rtol=1e-6, atol=1e-7)
+    reference = cli_runner.npz_reference(npz)
+    np.testing.assert_allclose(reference["positions"][[2, 0]], written["positions"], atol=1e-7)

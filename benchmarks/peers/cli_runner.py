@@ -52,17 +52,31 @@ EV_PER_KCAL_MOL = units.kcal / units.mol
 # ------------------------------------------------------------------------------------------------ data
 
 
+def centred(coords: np.ndarray) -> np.ndarray:
+    """Each molecule moved to its centroid: (frames, atoms, 3) Å, float64.
+
+    rMD17 benzene lies ~20 Å from the origin. so3krates-torch (0.2.1) puts a molecule into a box built from
+    its largest absolute coordinate before its neighbour list, which then took 15 minutes for benzene's 950
+    training frames (4 December) against seconds for molecules near the origin. A translation changes no
+    energy or force of an isolated molecule, so every peer gets the molecules centred.
+    """
+    coords = np.asarray(coords, dtype=float)
+    return coords - coords.mean(axis=1, keepdims=True)
+
+
 def write_frames(npz_path: Path, indices: list[int] | None, xyz_path: Path) -> int:
-    """rMD17 frames as extxyz with REF_energy (eV) and REF_forces (eV/Å); returns the number written.
+    """rMD17 frames as extxyz with REF_energy (eV) and REF_forces (eV/Å), each molecule at its centroid
+    (`centred`); returns the number written.
 
     Both peers read these keys by default (kcal/mol → eV with ase.units.kcal / ase.units.mol).
     """
     data = np.load(npz_path)
     numbers = data["nuclear_charges"].astype(int)
     frames = range(len(data["energies"])) if indices is None else indices
+    positions = centred(data["coords"])
     atoms_list = []
     for k in frames:
-        atoms = Atoms(numbers=numbers, positions=data["coords"][k], pbc=False)
+        atoms = Atoms(numbers=numbers, positions=positions[k], pbc=False)
         atoms.info["REF_energy"] = float(data["energies"][k]) * EV_PER_KCAL_MOL
         atoms.arrays["REF_forces"] = np.asarray(data["forces"][k], dtype=float) * EV_PER_KCAL_MOL
         atoms_list.append(atoms)
@@ -71,10 +85,11 @@ def write_frames(npz_path: Path, indices: list[int] | None, xyz_path: Path) -> i
 
 
 def npz_reference(npz_path: Path) -> dict[str, np.ndarray]:
-    """Positions (Å), energies (eV) and forces (eV/Å) of every frame of an rMD17 file."""
+    """Positions (Å, centred as `write_frames` writes them), energies (eV) and forces (eV/Å) of every frame
+    of an rMD17 file."""
     data = np.load(npz_path)
     return {
-        "positions": np.asarray(data["coords"], dtype=float),
+        "positions": centred(data["coords"]),
         "energy": data["energies"] * EV_PER_KCAL_MOL,
         "forces": data["forces"] * EV_PER_KCAL_MOL,
     }

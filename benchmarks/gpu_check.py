@@ -8,6 +8,7 @@ know what their GPU node gives. Each section writes `gpu_check.json` again when 
 run stopped at its time limit keeps what it measured; sections that would start after `--time-limit-s`
 are skipped and say so.
 
+- tests: `pytest tests/test_gpu.py` (the plan matrix, the calculator and SO3LR on the GPU against the CPU).
 - correctness: every legal inference plan (`legal_plans`, the matrix of `tests/test_plans.py`) × the model
   variants of the test suite × float32 and float64, energies/forces/stress on the GPU against the reference
   path on the CPU (float64 reference); and the physics of the paper preset on the GPU in float64: rotation
@@ -41,7 +42,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(BENCH))
 
-SECTIONS = ("correctness", "speed", "compiled", "md")
+SECTIONS = ("tests", "correctness", "speed", "compiled", "md")
 #: Relative to the force scale (as in tests/test_plans.py, with room for another device's summation order).
 TOLERANCE = {("float64", "network"): 1e-9, ("float64", "spline"): 1e-6, ("float32", "network"): 5e-5}
 TOLERANCE[("float32", "spline")] = TOLERANCE[("float32", "network")]
@@ -70,6 +71,16 @@ def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------- sections
+
+
+def gpu_tests() -> dict:
+    import subprocess
+
+    command = [sys.executable, "-m", "pytest", "-q", "tests/test_gpu.py", "-p", "no:cacheprovider"]
+    done = subprocess.run([*command, "-o", "addopts="], cwd=ROOT, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    summary = lines[-1] if lines else ""
+    return {"command": " ".join(command), "returncode": done.returncode, "summary": summary}
 
 
 def correctness(device: str) -> dict:
@@ -313,6 +324,9 @@ def markdown(results: dict) -> str:
         "",
     ]
     sections = results["sections"]
+    tests = sections.get("tests", {})
+    if "summary" in tests:
+        lines += ["## `tests/test_gpu.py`", "", f"`{tests['command']}`: {tests['summary']}", ""]
     correctness = sections.get("correctness", {})
     if "n_checked" in correctness:
         physics = correctness["physics_paper_float64"]
@@ -423,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         print(f"[{time.strftime('%H:%M:%S')}] {section}", flush=True)
         try:
-            if section == "correctness":
+            if section == "tests":
+                value = gpu_tests()
+            elif section == "correctness":
                 value = correctness(args.device)
             elif section == "compiled":
                 value = compiled(args.device)

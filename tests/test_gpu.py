@@ -49,3 +49,26 @@ def test_the_calculator_on_the_gpu_matches_the_cpu(dtype):
     tolerance = TOLERANCE[getattr(torch, dtype)]
     assert results["cuda"][0] == pytest.approx(results["cpu"][0], rel=tolerance)
     np.testing.assert_allclose(results["cuda"][1], results["cpu"][1], atol=tolerance * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_so3lr_on_the_gpu_matches_the_cpu(dtype):
+    """The long-range terms (electrostatics, dispersion, ZBL) and charge/spin embeddings on a GPU."""
+    from so3krates import ForceField
+    from test_so3lr import make_so3lr
+
+    structures = [ethanol(2), triclinic_cell(1)]
+    results = {}
+    for device in ("cpu", "cuda"):
+        force_field = ForceField(make_so3lr(dtype).to(device))
+        graphs = [
+            atoms_to_graph(
+                a, force_field.cutoff, long_range_cutoff=force_field.long_range_cutoff, total_charge=q
+            )
+            for a, q in zip(structures, (1.0, 0.0), strict=True)
+        ]
+        out = force_field(collate(graphs).to(device), compute_stress=True)
+        results[device] = {k: out[k].detach().double().cpu().numpy() for k in ("energy", "forces", "stress")}
+    scale = max(np.abs(results["cpu"]["forces"]).max(), 1.0)
+    for key in ("energy", "forces", "stress"):
+        np.testing.assert_allclose(results["cuda"][key], results["cpu"][key], atol=TOLERANCE[dtype] * scale)

@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = args.out / "gpu_check.json"
     if args.report:
+        if not path.is_file():
+            parser.error(f"--report: {path} does not exist (run the checks first)")
         write_atomically(path.with_suffix(".md"), markdown(json.loads(path.read_text())))
         return 0
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]

@@ -203,8 +203,8 @@ class Planner:
         if self.blocks_min_edges is not None:
             return self.blocks_min_edges
         budget = self.blocks_memory_fraction * device_memory(device)
-        table = WHOLE_GRAPH_BYTES_PER_EDGE_CUDA if torch.device(device).type == "cuda" else None
-        table = table or WHOLE_GRAPH_BYTES_PER_EDGE
+        on_gpu = torch.device(device).type == "cuda"
+        table = WHOLE_GRAPH_BYTES_PER_EDGE_CUDA if on_gpu else WHOLE_GRAPH_BYTES_PER_EDGE
         return int(budget / table.get(compile, table["none"]))
 
     def threads(self, n_edges: int, available: int, device: torch.device | str, frozen: bool) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import platform
 import sys
 import time
@@ -42,17 +41,12 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(BENCH))
 
+from accuracy import write_atomically  # noqa: E402
+
 SECTIONS = ("tests", "correctness", "speed", "compiled", "md")
 #: Relative to the force scale (as in tests/test_plans.py, with room for another device's summation order).
 TOLERANCE = {("float64", "network"): 1e-9, ("float64", "spline"): 1e-6, ("float32", "network"): 5e-5}
 TOLERANCE[("float32", "spline")] = TOLERANCE[("float32", "network")]
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def synchronize(device) -> None:
@@ -432,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "sections": {},
     }
     water_atoms = [int(n) for n in args.water_atoms.split(",") if n]
+    args.out.mkdir(parents=True, exist_ok=True)
     for section in sections:
         if time.perf_counter() > deadline:
             results["sections"][section] = {"skipped": "time limit"}

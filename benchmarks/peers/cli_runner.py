@@ -55,10 +55,10 @@ EV_PER_KCAL_MOL = units.kcal / units.mol
 def centred(coords: np.ndarray) -> np.ndarray:
     """Each molecule moved to its centroid: (frames, atoms, 3) Å, float64.
 
-    rMD17 benzene lies ~20 Å from the origin. so3krates-torch (0.2.1) puts a molecule into a box built from
-    its largest absolute coordinate before its neighbour list, which then took 15 minutes for benzene's 950
-    training frames (4 December) against seconds for molecules near the origin. A translation changes no
-    energy or force of an isolated molecule, so every peer gets the molecules centred.
+    rMD17 benzene lies ~20 Å from the origin. so3krates-torch (0.2.1) and MACE (0.3.16) put a molecule into a
+    box built from its largest absolute coordinate before their neighbour lists, which then took 15 minutes
+    for benzene's 950 training frames (4 December) against seconds for molecules near the origin. A
+    translation changes no energy or force of an isolated molecule, so every peer gets the molecules centred.
     """
     coords = np.asarray(coords, dtype=float)
     return coords - coords.mean(axis=1, keepdims=True)

@@ -1,12 +1,15 @@
-"""Edge blocks: time of energy + forces per block size and radial variant, against the whole graph at once.
+"""Edge blocks: time of energy + forces per block size, radial variant and number of block threads,
+against the whole graph at once.
 
-    python benchmarks/block_size.py [--molecules 1000] [--rounds 8] [--threads 2]
+    python benchmarks/block_size.py [--molecules 1000] [--rounds 8] [--threads 2]          # eager
+    python benchmarks/block_size.py --compile aoti --block-edges 8192 --workers 1,2       # compiled blocks
 
-One process, one water box (`speed.water_box`, paper preset, float32, random weights, eager): the
-variants take turns call by call for `--rounds` rounds (the order rotated every round), so that a slow
-minute of this shared machine hits all of them. Reports the median and quartiles per variant and the ratio
-to the whole graph (the planner's eager plan for it), in `results/scaling/block_size.md` and `.json`.
-Memory is not compared here (one process); `speed.py --scaling` measures it per process.
+One process, one water box (`speed.water_box`, paper preset, float32, random weights): the variants take
+turns call by call for `--rounds` rounds (the order rotated every round), so that a slow minute of this
+shared machine hits all of them. Reports the median and quartiles per variant, the ratio to the whole graph
+(the planner's plan for it in that compile mode) and how many cores the process kept busy (CPU time over
+wall time), in `results/scaling/block_size[_<compile>].md` and `.json`. Memory is not compared here (one
+process); `speed.py --scaling` measures it per process.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--molecules", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", choices=["none", "aoti"], default="none")
+    parser.add_argument("--block-edges", default="2048,4096,8192,16384,32768", help="comma list")
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="comma list: threads that evaluate blocks at once (Planner.block_workers)",
+    )
     parser.add_argument("--out-dir", type=Path, default=BENCH / "results" / "scaling")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -50,23 +60,31 @@ def main(argv: list[str] | None = None) -> int:
     model = So3krates(preset("paper")).float().eval().requires_grad_(False)
     graph = atoms_to_graph(atoms, model.cutoff, pairs=True)
     variants = {"whole graph": Planner(blocks_min_edges=0)}
-    for block_edges in (2048, 4096, 8192, 16384, 32768):
-        variants[f"blocks of {block_edges}"] = Planner(blocks_min_edges=1, block_edges=block_edges)
-    variants["blocks of 8192, spline"] = Planner(blocks_min_edges=1, block_edges=8192, spline=True)
-    force_fields = {name: ForceField(model, frozen=True, planner=p) for name, p in variants.items()}
+    workers = [int(w) for w in args.workers.split(",")]
+    for block_edges in (int(b) for b in args.block_edges.split(",")):
+        for w in workers:
+            name = f"blocks of {block_edges}" + (f", {w} thread{'s' * (w > 1)}" if len(workers) > 1 else "")
+            variants[name] = Planner(blocks_min_edges=1, block_edges=block_edges, block_workers=w)
+    if args.compile == "none":
+        variants["blocks of 8192, spline"] = Planner(blocks_min_edges=1, block_edges=8192, spline=True)
+    force_fields = {
+        name: ForceField(model, frozen=True, compile=args.compile, planner=p) for name, p in variants.items()
+    }
     plans = {name: ff.plan(graph).describe() for name, ff in force_fields.items()}
     reference = force_fields["whole graph"](graph)["forces"]
     differences = {}
     for name, force_field in force_fields.items():  # warm-up, and the forces of each variant
         differences[name] = float((force_field(graph)["forces"] - reference).abs().max())
     times: dict[str, list[float]] = {name: [] for name in force_fields}
+    busy: dict[str, list[float]] = {name: [] for name in force_fields}
     names = list(force_fields)
     for round_ in range(args.rounds):
         order = names[round_ % len(names) :] + names[: round_ % len(names)]
         for name in order:
-            start = time.perf_counter()
+            cpu, start = time.process_time(), time.perf_counter()
             force_fields[name](graph)
             times[name].append(time.perf_counter() - start)
+            busy[name].append((time.process_time() - cpu) / times[name][-1])
         print(f"round {round_ + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names), flush=True)
     whole = float(np.median(times["whole graph"]))
     results = {
@@ -74,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": _git_commit(),
         "machine": machine_info(),
         "threads": args.threads,
+        "compile": args.compile,
         "n_atoms": len(atoms),
         "n_edges": graph.n_edges,
         "rounds": args.rounds,
@@ -85,29 +104,33 @@ def main(argv: list[str] | None = None) -> int:
                 "q75_s": float(np.percentile(t, 75)),
                 "ratio_to_whole": float(np.median(t)) / whole,
                 "max_force_difference_to_whole_eV_A": differences[name],
+                "cores_busy": float(np.median(busy[name])),
                 "times_s": t,
             }
             for name, t in times.items()
         },
     }
+    command = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"# Edge blocks: block size ({len(atoms):,} atoms of water, {graph.n_edges:,} edges)",
         "",
-        f"{results['date']}, commit {results['commit']}, {args.threads} threads, float32, eager, paper "
-        f"preset; {args.rounds} rounds, variants in turn in one process (`python benchmarks/block_size.py`).",
+        f"{results['date']}, commit {results['commit']}, {results['machine'].get('cpu', '?')}, "
+        f"{args.threads} threads, float32, compile `{args.compile}`, paper preset; {args.rounds} rounds, "
+        f"variants in turn in one process (`python benchmarks/block_size.py {command}`).",
         "",
-        "| variant | plan | s per call (quartiles) | / whole graph | max |ΔF| to whole, eV/Å |",
-        "|---|---|---|---|---|",
+        "| variant | plan | s per call (quartiles) | / whole graph | cores busy | max |ΔF| to whole, eV/Å |",
+        "|---|---|---|---|---|---|",
     ]
     for name, entry in results["variants"].items():
         lines.append(
             f"| {name} | {entry['plan']} | {entry['median_s']:.2f} "
             f"({entry['q25_s']:.2f}–{entry['q75_s']:.2f}) | {entry['ratio_to_whole']:.2f} "
-            f"| {entry['max_force_difference_to_whole_eV_A']:.1e} |"
+            f"| {entry['cores_busy']:.2f} | {entry['max_force_difference_to_whole_eV_A']:.1e} |"
         )
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.out_dir / "block_size.json", json.dumps(results, indent=1))
-    write_atomically(args.out_dir / "block_size.md", "\n".join(lines) + "\n")
+    stem = "block_size" if args.compile == "none" else f"block_size_{args.compile}"
+    write_atomically(args.out_dir / f"{stem}.json", json.dumps(results, indent=1))
+    write_atomically(args.out_dir / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

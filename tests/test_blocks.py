@@ -56,9 +56,11 @@ def _unblocked(idx_i, idx_j, pairs, n_atoms, vectors, a, b, c):
     return torch.zeros(n_atoms, 4, dtype=rows.dtype).index_add(0, idx_i, rows)
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("block_edges", [2, 6, 7, 1000])
-def test_blocked_sums_and_their_gradients_equal_the_whole_graph(pairs, block_edges):
+def test_blocked_sums_and_their_gradients_equal_the_whole_graph(pairs, block_edges, workers):
+    """Also with the blocks shared among threads (``workers``, ``in_workers``)."""
     generator = torch.Generator().manual_seed(1)
     n_atoms, n_pairs = 7, 19
     first_i = torch.randint(0, n_atoms, (n_pairs,), generator=generator)
@@ -78,7 +80,7 @@ def test_blocked_sums_and_their_gradients_equal_the_whole_graph(pairs, block_edg
 
     def blocked(vectors, a, b, c):
         sides = [(a, "i"), (b, "j"), (c, "i1"), (c, "j1")]
-        return blocked_sum(_rows, blocks, n_atoms, 4, torch.float64, vectors, sides)
+        return blocked_sum(_rows, blocks, n_atoms, 4, torch.float64, vectors, sides, workers)
 
     def whole(vectors, a, b, c):
         return _unblocked(idx_i, idx_j, pairs, n_atoms, vectors, a, b, c)
@@ -93,6 +95,41 @@ def test_blocked_sums_and_their_gradients_equal_the_whole_graph(pairs, block_edg
     for g, e in zip(gradients, expected_gradients, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(blocked, tuple(t.clone().requires_grad_(True) for t in inputs))
+
+
+def test_blocks_shared_among_threads_give_the_same_numbers_on_every_call():
+    """The threads' partial sums are added in a fixed order: bit for bit the same result on every call,
+    whichever thread finishes first; torch's thread count is the caller's again afterwards, and an error in
+    a thread reaches the caller."""
+    generator = torch.Generator().manual_seed(2)
+    n_atoms, n_edges = 50, 400
+    idx_i = torch.randint(0, n_atoms, (n_edges,), generator=generator)
+    idx_j = (idx_i + torch.randint(1, n_atoms, (n_edges,), generator=generator)) % n_atoms
+    blocks = edge_blocks(EdgeLayout(idx_i, idx_j), 16)
+    vectors = torch.randn(n_edges, 3, generator=generator).requires_grad_(True)
+    a = torch.randn(n_atoms, 4, generator=generator).requires_grad_(True)
+
+    def rows(layout, vectors, a_i, a_j):
+        return torch.sin(a_i * a_j) * vectors.norm(dim=1, keepdim=True)
+
+    threads = torch.get_num_threads()
+    results = []
+    for _ in range(5):
+        total = blocked_sum(rows, blocks, n_atoms, 4, torch.float32, vectors, [(a, "i"), (a, "j")], 3)
+        results.append((total, *torch.autograd.grad(total.square().sum(), [vectors, a])))
+        assert torch.get_num_threads() == threads
+    for other in results[1:]:
+        for got, first in zip(other, results[0], strict=True):
+            torch.testing.assert_close(got, first, rtol=0, atol=0)
+
+    def broken(layout, vectors, a_i, a_j):
+        if layout.idx_i.shape[0] and int(layout.idx_i[0]) == int(blocks[-1].layout.idx_i[0]):
+            raise RuntimeError("a block failed")
+        return rows(layout, vectors, a_i, a_j)
+
+    with pytest.raises(RuntimeError, match="a block failed"):
+        blocked_sum(broken, blocks, n_atoms, 4, torch.float32, vectors, [(a, "i"), (a, "j")], 3)
+    assert torch.get_num_threads() == threads
 
 
 def test_blocks_need_two_edges_and_an_empty_graph_has_no_blocks():
@@ -183,7 +220,8 @@ def test_the_force_field_runs_large_graphs_in_blocks_compiled_where_it_compiles(
     model = make_model(preset("tiny", ev_init="neighbors"), torch.float64).requires_grad_(False)
     atoms = water_box(2)
     # 64 edges per block: several full blocks and a shorter last one (two compiled shapes).
-    # Several threads even on this small graph: threaded generated kernels crashed in the backward pass.
+    # Several threads even on this small graph: threaded generated kernels crashed in the backward pass;
+    # two threads also share out the blocks (``in_workers``).
     planner = Planner(blocks_min_edges=10, block_edges=64, spline=True, single_thread_edges=0)
     graph = atoms_to_graph(atoms, model.cutoff, pairs=True)
     assert graph.n_edges % 64 != 0 and graph.n_edges > 3 * 64
@@ -192,7 +230,10 @@ def test_the_force_field_runs_large_graphs_in_blocks_compiled_where_it_compiles(
     torch.set_num_threads(2)
     # Another number of edges (a new neighbour list in MD): the same programs, nothing compiled anew
     # (Dynamo guards on the thread count: the same as for the first graph).
+    import torch._dynamo.config as dynamo_config
     from torch._dynamo.utils import counters
+
+    limit = dynamo_config.recompile_limit
 
     other = water_box(2, spacing=2.95, seed=1)
     other_graph = atoms_to_graph(other, model.cutoff, pairs=True)
@@ -203,6 +244,8 @@ def test_the_force_field_runs_large_graphs_in_blocks_compiled_where_it_compiles(
         compiled_graphs = counters["stats"]["unique_graphs"]
         out = outputs["force field"](other_graph)
         assert counters["stats"]["unique_graphs"] == compiled_graphs
+        # raised only while compiled messages run (in several threads at once: two blocks per call)
+        assert dynamo_config.recompile_limit == limit
     finally:
         torch.set_num_threads(threads)
     for key in ("energy", "forces", "stress"):

@@ -22,8 +22,11 @@ would also recompute, but every block's gradients of the per-atom inputs would t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -105,53 +108,118 @@ class _BlockedSum(torch.autograd.Function):
         messages: Messages,
         blocks: Sequence[Block],
         sides: tuple[str, ...],
+        workers: int,
         n_atoms: int,
         width: int,
         dtype: torch.dtype,
         vectors: Tensor,
         *inputs: Tensor,
     ) -> Tensor:
-        total = vectors.new_zeros((n_atoms, width), dtype=dtype)
-        for block in blocks:
-            gathered = [x.index_select(0, block.index(side)) for x, side in zip(inputs, sides, strict=True)]
-            rows = messages(block.layout, block.take(vectors), *gathered)
-            total.index_add_(0, block.layout.idx_i, rows)
-        ctx.messages, ctx.blocks, ctx.sides = messages, blocks, sides
+        def part(own: Sequence[Block]) -> Tensor:
+            total = vectors.new_zeros((n_atoms, width), dtype=dtype)
+            with torch.no_grad():
+                for block in own:
+                    gathered = [
+                        x.index_select(0, block.index(side)) for x, side in zip(inputs, sides, strict=True)
+                    ]
+                    rows = messages(block.layout, block.take(vectors), *gathered)
+                    total.index_add_(0, block.layout.idx_i, rows)
+            return total
+
+        totals = in_workers(part, blocks, workers)
+        ctx.messages, ctx.blocks, ctx.sides, ctx.workers = messages, blocks, sides, workers
         ctx.save_for_backward(vectors, *inputs)
-        return total
+        return _sum(totals)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
         vectors, *inputs = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[6:]
+        wanted = ctx.needs_input_grad[7:]
         grad_vectors = torch.zeros_like(vectors) if wanted[0] else None
-        grad_inputs = [torch.zeros_like(x) if w else None for x, w in zip(inputs, wanted[1:], strict=True)]
-        for block in ctx.blocks:
-            with torch.enable_grad():
-                block_vectors = block.take(vectors).detach().requires_grad_(wanted[0])
-                gathered = [
-                    x.detach().index_select(0, block.index(side)).requires_grad_(w)
-                    for x, side, w in zip(inputs, ctx.sides, wanted[1:], strict=True)
-                ]
-                rows = ctx.messages(block.layout, block_vectors, *gathered)
-            leaves = [t for t in [block_vectors, *gathered] if t.requires_grad]
-            if not leaves or not rows.requires_grad:
-                continue
-            grads = torch.autograd.grad(
-                rows, leaves, grad_total.index_select(0, block.layout.idx_i), allow_unused=True
-            )
-            grads = iter(grads)
-            if wanted[0]:
-                g = next(grads)
-                if g is not None:
-                    block.put(grad_vectors, g)
-            for x_grad, side, w in zip(grad_inputs, ctx.sides, wanted[1:], strict=True):
-                if w:
+
+        def part(own: Sequence[Block]) -> list[Tensor | None]:
+            # Each part sums into gradients of its own; the rows of the edge vectors are disjoint.
+            grad_inputs = [
+                torch.zeros_like(x) if w else None for x, w in zip(inputs, wanted[1:], strict=True)
+            ]
+            for block in own:
+                with torch.enable_grad():
+                    block_vectors = block.take(vectors).detach().requires_grad_(wanted[0])
+                    gathered = [
+                        x.detach().index_select(0, block.index(side)).requires_grad_(w)
+                        for x, side, w in zip(inputs, ctx.sides, wanted[1:], strict=True)
+                    ]
+                    rows = ctx.messages(block.layout, block_vectors, *gathered)
+                leaves = [t for t in [block_vectors, *gathered] if t.requires_grad]
+                if not leaves or not rows.requires_grad:
+                    continue
+                grads = torch.autograd.grad(
+                    rows, leaves, grad_total.index_select(0, block.layout.idx_i), allow_unused=True
+                )
+                grads = iter(grads)
+                if wanted[0]:
                     g = next(grads)
                     if g is not None:
-                        x_grad.index_add_(0, block.index(side), g)
-        return (None, None, None, None, None, None, grad_vectors, *grad_inputs)
+                        block.put(grad_vectors, g)
+                for x_grad, side, w in zip(grad_inputs, ctx.sides, wanted[1:], strict=True):
+                    if w:
+                        g = next(grads)
+                        if g is not None:
+                            x_grad.index_add_(0, block.index(side), g)
+            return grad_inputs
+
+        parts = in_workers(part, ctx.blocks, ctx.workers)
+        grad_inputs = [_sum(list(g)) if g[0] is not None else None for g in zip(*parts, strict=True)]
+        return (None, None, None, None, None, None, None, grad_vectors, *grad_inputs)
+
+
+def _sum(parts: Sequence[Tensor]) -> Tensor:
+    """Σ of the parts in their order (the same order on every call: reproducible numbers)."""
+    total = parts[0]
+    for other in parts[1:]:
+        total = total.add_(other)
+    return total
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def in_workers(part: Callable[[Sequence[Block]], Any], blocks: Sequence[Block], workers: int) -> list[Any]:
+    """``part`` of each thread's share of the blocks: the first block on the calling thread, block k ≥ 1 on
+    pool thread (k − 1) mod ``workers``.
+
+    One worker: ``part(blocks)`` on the calling thread. Several: every thread, the calling one included,
+    runs on one intra-op thread (so that compiled messages meet one thread count, which Dynamo guards on);
+    the first block runs first, alone, on the calling thread (compiled messages compile there, once), then
+    each worker's share on a pool thread; the results come back in worker order, so the sums that follow
+    are the same on every call. Why threads over blocks: the kernels that inductor generates for a block
+    run on one thread (threaded ones crashed, :func:`compile_messages`), and the eager operations of a
+    block hardly divide over threads; two blocks at once keep both cores busy. The operations release the
+    interpreter lock while they compute.
+    """
+    workers = min(workers, len(blocks) - 1)
+    if workers <= 1:
+        return [part(blocks)]
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE < workers:
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(workers, thread_name_prefix="so3krates-blocks"), workers
+    shares = [list(blocks[w + 1 :: workers]) for w in range(workers)]
+    threads = torch.get_num_threads()
+
+    def run(share: Sequence[Block]) -> Any:
+        torch.set_num_threads(1)
+        return part(share)
+
+    try:
+        first = run(blocks[:1])
+        futures = [_POOL.submit(run, share) for share in shares]
+        wait(futures)  # all of them, also when one fails: none may still be writing when this returns
+        results = [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(threads)
+    return [first, *results]
 
 
 def blocked_sum(
@@ -162,6 +230,7 @@ def blocked_sum(
     dtype: torch.dtype,
     vectors: Tensor,
     inputs: Sequence[tuple[Tensor, str]] = (),
+    workers: int = 1,
 ) -> Tensor:
     """Σ_{e: i_e = i} messages(block layout, vec_e, inputs gathered at e) → (n_atoms, width).
 
@@ -172,10 +241,11 @@ def blocked_sum(
         n_atoms, width, dtype: shape and dtype of the result (the messages' dtype).
         vectors: (n_edges, 3) edge vectors (autograd flows to them).
         inputs: (per-atom tensor, side) pairs, ``side`` in ``SIDES``.
+        workers: threads that evaluate blocks at once (:func:`in_workers`).
     """
     tensors = tuple(x for x, _ in inputs)
     sides = tuple(side for _, side in inputs)
-    return _BlockedSum.apply(messages, blocks, sides, n_atoms, width, dtype, vectors, *tensors)
+    return _BlockedSum.apply(messages, blocks, sides, workers, n_atoms, width, dtype, vectors, *tensors)
 
 
 #: Compiled variants of one messages function a process may hold: per layer, with and without gradients,
@@ -205,13 +275,45 @@ def compile_messages(messages: Messages) -> Messages:
     messages, so every layer has programs of its own; Dynamo's default limit of 8 compiled variants per
     function would send the rest back to eager mode silently.
     """
-    import torch._dynamo.config as dynamo_config
-
     compiled = torch.compile(messages, dynamic=True, options={"cpp.threads": 1})
-    limits = {"recompile_limit": RECOMPILE_LIMIT, "accumulated_recompile_limit": 4 * RECOMPILE_LIMIT}
 
     def run(*args: object) -> Tensor:
-        with dynamo_config.patch(**limits):
+        with _raised_recompile_limits():
             return compiled(*args)
 
     return run
+
+
+_LIMITS_LOCK = threading.Lock()
+_LIMITS_USERS = 0
+_LIMITS_SAVED: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def _raised_recompile_limits() -> Iterator[None]:
+    """Dynamo's recompile limits raised to ``RECOMPILE_LIMIT`` while any compiled messages run.
+
+    Blocks run in several threads at once (:func:`in_workers`), and Dynamo's ``config.patch`` is not
+    thread-safe (two overlapping patches can leave the raised values behind for good): the first thread in
+    raises the limits, the last one out restores them.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    global _LIMITS_USERS
+    with _LIMITS_LOCK:
+        if _LIMITS_USERS == 0:
+            for name, value in (
+                ("recompile_limit", RECOMPILE_LIMIT),
+                ("accumulated_recompile_limit", 4 * RECOMPILE_LIMIT),
+            ):
+                _LIMITS_SAVED[name] = getattr(dynamo_config, name)
+                setattr(dynamo_config, name, max(value, _LIMITS_SAVED[name]))
+        _LIMITS_USERS += 1
+    try:
+        yield
+    finally:
+        with _LIMITS_LOCK:
+            _LIMITS_USERS -= 1
+            if _LIMITS_USERS == 0:
+                for name, value in _LIMITS_SAVED.items():
+                    setattr(dynamo_config, name, value)

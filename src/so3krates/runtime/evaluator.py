@@ -189,6 +189,8 @@ class EnergyFunction(nn.Module):
         compile_blocks: with blocks, each block's messages and their gradients run as programs compiled by
             ``torch.compile`` (:func:`~so3krates.runtime.blocks.compile_messages`); the block loop stays
             Python.
+        block_workers: threads that evaluate blocks at once (:func:`~so3krates.runtime.blocks.in_workers`);
+            default: torch's thread count at the call on a CPU, one on a GPU.
     """
 
     def __init__(
@@ -198,6 +200,7 @@ class EnergyFunction(nn.Module):
         frozen: bool = False,
         block_edges: int = BLOCK_EDGES,
         compile_blocks: bool = False,
+        block_workers: int | None = None,
     ) -> None:
         super().__init__()
         plan.check(frozen=frozen)
@@ -224,6 +227,7 @@ class EnergyFunction(nn.Module):
             _fused_layer if plan.layers == "fused" else module_layer
         )
         self.block_edges = block_edges
+        self.block_workers = block_workers
         self.compile_blocks = compile_blocks and plan.blocks
         self._features_of_plan = self._blocked_features if plan.blocks else self._whole_features
         if plan.blocks:
@@ -281,6 +285,7 @@ class EnergyFunction(nn.Module):
         model = self.model
         weights = self.weights()
         blocks = edge_blocks(edges, self.block_edges)
+        workers = 1 if vectors.device.type != "cpu" else self.block_workers or torch.get_num_threads()
         n_atoms, n_sph, dtype = atomic_numbers.shape[0], model.contraction.n_sph, model.dtype
         if h is None:
             h = model.embedding(atomic_numbers)
@@ -288,7 +293,7 @@ class EnergyFunction(nn.Module):
             x = h.new_zeros((n_atoms, n_sph))
         else:
             x = (
-                blocked_sum(self.initial_rows, blocks, n_atoms, n_sph, dtype, vectors)
+                blocked_sum(self.initial_rows, blocks, n_atoms, n_sph, dtype, vectors, workers=workers)
                 / model.config.avg_num_neighbors
             )
         for k, layer in enumerate(model.layers):
@@ -304,7 +309,7 @@ class EnergyFunction(nn.Module):
             rows = partial(
                 self.layer_rows, model, layer, layer_weights, partial(self.block_radial, weights, k)
             )
-            updates = blocked_sum(rows, blocks, n_atoms, width, dtype, vectors, inputs)
+            updates = blocked_sum(rows, blocks, n_atoms, width, dtype, vectors, inputs, workers)
             h, x = finish_updates(layer, h, x, updates)
         return h
 

@@ -111,7 +111,9 @@ class ForceField(nn.Module):
                 evaluator = LongRangeEvaluator(energy_function, plan)
             elif plan.blocks:  # a Python loop over blocks; with compile, each block's messages compiled
                 compile_blocks = self.compile != "none"
-                energy_function = EnergyFunction(self.model, plan, self.frozen, block_edges, compile_blocks)
+                energy_function = EnergyFunction(
+                    self.model, plan, self.frozen, block_edges, compile_blocks, self.planner.block_workers
+                )
                 evaluator = Evaluator(energy_function, plan)
             elif self.compile == "aoti":
                 from so3krates.runtime.programs import cached_program

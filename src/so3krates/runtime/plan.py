@@ -187,6 +187,8 @@ class Planner:
             for them.
         blocks_memory_fraction: see ``blocks_min_edges``.
         block_edges: edges per block.
+        block_workers: threads that evaluate edge blocks at once (``runtime.blocks.in_workers``), each on
+            one intra-op thread. ``None`` (default): torch's thread count at the call on a CPU, one on a GPU.
     """
 
     fused_max_edges: int = 2000
@@ -197,6 +199,7 @@ class Planner:
     blocks_min_edges: int | None = None
     blocks_memory_fraction: float = 1.0 / 3.0
     block_edges: int = BLOCK_EDGES
+    block_workers: int | None = None
 
     def blocks_threshold(self, compile: str = "none", device: torch.device | str = "cpu") -> int:
         """Edges beyond which inference runs in blocks (0: never), for a compile mode and a device."""

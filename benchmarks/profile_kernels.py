@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=15, help="kernels listed one by one")
     parser.add_argument("--out-dir", type=Path, default=BENCH / "results" / "profile")
     args = parser.parse_args(argv)
+    if not Path(args.structure).is_file():
+        parser.error(f"--structure {args.structure}: not a file (an extxyz file is needed)")
 
     import ase.io
     import torch

@@ -219,6 +219,13 @@ def markdown(r: dict) -> str:
     lines.append(
         "Test: all 1000 frames of `test_01`; MAE of the energy per structure and of every force component."
     )
+    if not r["finished"]:
+        lines += [
+            "",
+            "While it runs, this run can trail the 15-minute one: its learning rate stays at its start value "
+            "until the validation loss stalls, where the 15-minute run's exponential decay is aimed at 15 "
+            "minutes.",
+        ]
     return "\n".join(lines) + "\n"
 
 

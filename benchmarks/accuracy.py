@@ -299,6 +299,29 @@ def peer_parameters(name: str, result: dict) -> int | None:
     return count_parameters(env_python(PEER_MODELS[name].env), model)
 
 
+def our_train_command(config: Path, molecule: str, run_dir: Path, split: dict, max_time: float) -> list[str]:
+    """`so3krates train CONFIG` in the main `.venv` with the harness's data: the molecule's files, the shared
+    split (written to `run_dir/split.npz`), `run_dir/train` as the run directory and the time budget."""
+    train_file, test_file = data_files(molecule)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split_npz = run_dir / "split.npz"
+    np.savez(
+        split_npz, train=np.array(split["train"]), valid=np.array(split["valid"]), test=np.array([], int)
+    )
+    sets = {
+        "run_dir": run_dir / "train",
+        "data.train_file": train_file,
+        "data.test_file": test_file,
+        "data.split_file": split_npz,
+        "training.max_time": max_time,
+        "training.progress": "false",
+    }
+    command = [str(ROOT / ".venv" / "bin" / "python"), "-m", "so3krates", "train", str(config)]
+    for key, value in sets.items():
+        command += ["--set", f"{key}={value}"]
+    return command
+
+
 def run_ours(molecule: str, budget: float, run_dir: Path, split: dict, rerun: bool) -> dict:
     """Train and test our model with `so3krates train` / `so3krates evaluate` in the main `.venv`.
 
@@ -310,24 +333,9 @@ def run_ours(molecule: str, budget: float, run_dir: Path, split: dict, rerun: bo
     unless `rerun`.
     """
     python = ROOT / ".venv" / "bin" / "python"
-    train_file, test_file = data_files(molecule)
-    config = BENCH / "configs" / "rmd17.yaml"
-    split_npz = run_dir / "split.npz"
-    np.savez(
-        split_npz, train=np.array(split["train"]), valid=np.array(split["valid"]), test=np.array([], int)
-    )
+    _, test_file = data_files(molecule)
     train_dir = run_dir / "train"
-    sets = {
-        "run_dir": train_dir,
-        "data.train_file": train_file,
-        "data.test_file": test_file,
-        "data.split_file": split_npz,
-        "training.max_time": budget,
-        "training.progress": "false",
-    }
-    command = [str(python), "-m", "so3krates", "train", str(config)]
-    for key, value in sets.items():
-        command += ["--set", f"{key}={value}"]
+    command = our_train_command(BENCH / "configs" / "rmd17.yaml", molecule, run_dir, split, budget)
     train_wall = None
     finished = (train_dir / "results.json").is_file() and (train_dir / "config.yaml").is_file()
     if finished:

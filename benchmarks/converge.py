@@ -25,7 +25,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import yaml
 from accuracy import (
     BENCH,
@@ -35,6 +34,7 @@ from accuracy import (
     data_files,
     machine_info,
     make_split,
+    our_train_command,
     write_atomically,
 )
 
@@ -51,24 +51,9 @@ PAPER_SOURCE = ""
 
 def train(molecule: str, run_dir: Path, hours: float) -> list[str]:
     """Train, or resume the run in ``run_dir``; returns the command."""
-    train_file, test_file = data_files(molecule)
-    split = make_split(train_file)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    split_npz = run_dir / "split.npz"
-    np.savez(
-        split_npz, train=np.array(split["train"]), valid=np.array(split["valid"]), test=np.array([], int)
-    )
+    train_file, _ = data_files(molecule)
     train_dir = run_dir / "train"
-    sets = {
-        "run_dir": train_dir,
-        "data.train_file": train_file,
-        "data.test_file": test_file,
-        "data.split_file": split_npz,
-        "training.max_time": 3600.0 * hours,
-    }
-    command = [str(PYTHON), "-m", "so3krates", "train", str(CONFIG)]
-    for key, value in sets.items():
-        command += ["--set", f"{key}={value}"]
+    command = our_train_command(CONFIG, molecule, run_dir, make_split(train_file), 3600.0 * hours)
     if (train_dir / "last.pt").is_file():
         command.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")

@@ -60,6 +60,14 @@ LOCK = "/tmp/so3krates-cpu.lock"
 TORCH = "torch==2.13.0"  # the CPU build; installed first so that no peer pulls a CUDA build
 THREADS = 2
 N_TRAIN, N_VALID, SPLIT_SEED = 950, 50, 0
+#: What a results file keeps of `so3krates evaluate --json`.
+TEST_METRICS = (
+    "energy_mae_meV",
+    "energy_rmse_meV",
+    "forces_mae_meV_per_A",
+    "forces_rmse_meV_per_A",
+    "n_structures",
+)
 
 # Versions that install next to torch 2.13.0 on Python 3.11 (checked with pip; see README in this folder).
 # so3krates-torch needs its `vis` extra: its training module imports pandas.
@@ -395,16 +403,7 @@ def run_ours(molecule: str, budget: float, run_dir: Path, split: dict, rerun: bo
         "train_wall_seconds": train_wall,
         "torch_threads": int(resolved["training"]["threads"]),
         "settings": {k: resolved[k] for k in ("model", "loss", "training")},
-        "test": {
-            k: metrics[k]
-            for k in (
-                "energy_mae_meV",
-                "energy_rmse_meV",
-                "forces_mae_meV_per_A",
-                "forces_rmse_meV_per_A",
-                "n_structures",
-            )
-        },
+        "test": {k: metrics[k] for k in TEST_METRICS},
         "learning_curve": curve,
         "description": "ours: `so3krates train configs/rmd17.yaml`, paper preset (F=132, 3 layers, l=1-3, "
         "4 heads, 32 PhysNet RBF, r_c 5 Å), float32, 1 thread",
@@ -727,6 +726,13 @@ def plot_summary(tables: dict, path: Path) -> None:
     budgets = {e["budget_seconds"] / 60 for t in tables.values() for e in t.values()}
     ax.set_title(f"rMD17, {'/'.join(f'{b:g}' for b in sorted(budgets))} min of training per model")
     ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure to ``path`` (PNG) through a temporary name, then closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)

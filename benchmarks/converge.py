@@ -30,11 +30,13 @@ from accuracy import (
     BENCH,
     MOLECULES,
     ROOT,
+    TEST_METRICS,
     _git_commit,
     data_files,
     machine_info,
     make_split,
     our_train_command,
+    save_figure,
     write_atomically,
 )
 
@@ -139,16 +141,7 @@ def report(molecule: str, run_dir: Path, out_dir: Path, commands: dict) -> dict:
         "train_hours": rows[-1]["hours"],
         "best_epoch": best["epoch"],
         "final_learning_rate": rows[-1]["lr"],
-        "test": {
-            k: metrics[k]
-            for k in (
-                "energy_mae_meV",
-                "energy_rmse_meV",
-                "forces_mae_meV_per_A",
-                "forces_rmse_meV_per_A",
-                "n_structures",
-            )
-        },
+        "test": {k: metrics[k] for k in TEST_METRICS},
         "fifteen_minutes": fifteen_minutes(molecule),
         "paper": PAPER.get(molecule),
         "paper_source": PAPER_SOURCE,
@@ -237,11 +230,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title(f"rMD17 {r['molecule']}: ours to convergence")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,9 @@ class ForceField(nn.Module):
         if evaluator is None:
             block_edges = self.planner.block_edges
             if isinstance(self.model, So3lr):
-                energy_function = EnergyFunction(self.model, plan, self.frozen, block_edges)
+                energy_function = EnergyFunction(
+                    self.model, plan, self.frozen, block_edges, block_workers=self.planner.block_workers
+                )
                 evaluator = LongRangeEvaluator(energy_function, plan)
             elif plan.blocks:  # a Python loop over blocks; with compile, each block's messages compiled
                 compile_blocks = self.compile != "none"

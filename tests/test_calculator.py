@@ -94,6 +94,14 @@ def test_unknown_elements_and_close_atoms_are_refused(model):
     atoms.calc = calculator
     with pytest.raises(UnsupportedStructureError, match=r"element Cl \(Z=17\) was not in the training data"):
         atoms.get_potential_energy()
+    # The check is skipped while the atomic numbers stay those of the last call: a change is still seen.
+    known = ethanol()
+    known.calc = calculator
+    known.get_potential_energy()
+    known.get_forces()
+    known.numbers[1] = 17
+    with pytest.raises(UnsupportedStructureError, match=r"element Cl \(Z=17\)"):
+        known.get_potential_energy()
     close = Atoms("CO", positions=[[0, 0, 0], [0.3, 0, 0]])
     close.calc = calculator
     with pytest.raises(UnsupportedStructureError, match=r"0\.300 Å apart, closer than min_distance = 0\.5"):

@@ -176,7 +176,7 @@ class So3kratesCalculator(Calculator):
         self.n_neighbor_list_builds = 0
         self._reference: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._edge_arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the same, on the host
+        self._edge_arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # _edges on the host
         self._pairs = False  # the list is in pair order
         self._species_checked: np.ndarray | None = None  # atomic numbers that passed the species check
         self._closest_at_build = 0.0  # Å, shortest edge when the neighbour list was built
@@ -214,12 +214,8 @@ class So3kratesCalculator(Calculator):
         vectors = positions[edges.idx_j] - positions[edges.idx_i] + edges.shifts @ cell
         self._closest_at_build = float(np.min(np.linalg.norm(vectors, axis=1), initial=np.inf))
         self._displacement = 0.0
-        self._edges = (
-            torch.from_numpy(edges.idx_i).to(self.device),
-            torch.from_numpy(edges.idx_j).to(self.device),
-            torch.as_tensor(edges.shifts, dtype=torch.float64, device=self.device),
-        )
-        self._edge_arrays = (edges.idx_i, edges.idx_j, np.asarray(edges.shifts, dtype=np.float64))
+        self._edge_arrays = (edges.idx_i, edges.idx_j, edges.shifts.astype(np.float64))
+        self._edges = tuple(torch.from_numpy(array).to(self.device) for array in self._edge_arrays)
         self._reference = (positions.copy(), cell.copy(), pbc.copy(), numbers.copy())
         self.n_neighbor_list_builds += 1
         return self._edges

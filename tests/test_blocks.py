@@ -285,3 +285,32 @@ def test_so3lr_runs_its_local_layers_in_blocks():
     expected, got = whole(graph, compute_stress=False), blocked(graph, compute_stress=False)
     torch.testing.assert_close(got["energy"], expected["energy"], rtol=0, atol=1e-10)
     torch.testing.assert_close(got["forces"], expected["forces"], rtol=0, atol=1e-10)
+
+
+def test_compiled_kernels_release_the_interpreter_lock():
+    """Blocks run on several threads at once; inductor's kernels must not hold Python's lock while they
+    compute (``release_interpreter_lock_in_kernels``): the generated binding releases it, and the kernel
+    built through it gives the eager numbers."""
+    import sys
+    from pathlib import Path
+
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    from so3krates.runtime.blocks import release_interpreter_lock_in_kernels
+
+    assert release_interpreter_lock_in_kernels()
+    assert release_interpreter_lock_in_kernels()  # a second call changes nothing
+
+    def function(x):
+        return (x.sin() * 2.5 + x.cos() * x).sum(0)
+
+    compiled = torch.compile(function, dynamic=True, options={"cpp.threads": 1})
+    x = torch.randn(300, 7, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x), function(x), rtol=0, atol=1e-12)
+    sources = [
+        Path(sys.modules[name].__file__).with_suffix(".cpp")
+        for name in CppPythonBindingsCodeCache._loaded_module_names
+    ]
+    sources = [path.read_text() for path in sources if path.exists()]
+    assert sources, "no kernel of inductor's was loaded"
+    assert all("PyEval_SaveThread" in source for source in sources)

@@ -197,8 +197,8 @@ def in_workers(part: Callable[[Sequence[Block]], Any], blocks: Sequence[Block], 
     are the same on every call. Why threads over blocks: the kernels that inductor generates for a block
     run on one thread (threaded ones crashed, :func:`compile_messages`), and the eager operations of a
     block hardly divide over threads; two blocks at once keep both cores busier. ATen's operations release
-    the interpreter lock while they compute, inductor's generated kernels do not (torch 2.13), so two threads
-    of compiled blocks overlap only in part (1.5 of 2 cores busy at 3,000 water atoms).
+    the interpreter lock while they compute; inductor's generated kernels held it (torch 2.13) until
+    :func:`release_interpreter_lock_in_kernels` (3,000 water atoms, 2 threads: 1.47 → 1.77 cores busy).
     """
     workers = min(workers, len(blocks) - 1)
     if workers <= 1:
@@ -276,6 +276,7 @@ def compile_messages(messages: Messages) -> Messages:
     messages, so every layer has programs of its own; Dynamo's default limit of 8 compiled variants per
     function would send the rest back to eager mode silently.
     """
+    release_interpreter_lock_in_kernels()
     compiled = torch.compile(messages, dynamic=True, options={"cpp.threads": 1})
 
     def run(*args: object) -> Tensor:
@@ -283,6 +284,39 @@ def compile_messages(messages: Messages) -> Messages:
             return compiled(*args)
 
     return run
+
+
+#: How inductor's Python bindings call a generated CPU kernel (torch 2.13): with the interpreter lock held.
+_KERNEL_CALL_HELD = "kernel({}); Py_RETURN_NONE;"
+#: The same call with the lock released while the kernel runs. The arguments are read from the Python
+#: tuple first, with the lock (they are the arguments of the generic lambda); inside, a guard releases the
+#: lock and takes it back when the kernel returns or throws.
+_KERNEL_CALL_RELEASED = (
+    "[](auto... so3krates_args) {{ struct Released {{ PyThreadState* state = PyEval_SaveThread(); "
+    "~Released() {{ PyEval_RestoreThread(state); }} }} released; kernel(so3krates_args...); }}({}); "
+    "Py_RETURN_NONE;"
+)
+
+
+def release_interpreter_lock_in_kernels() -> bool:
+    """Makes the CPU kernels that inductor compiles from now on release Python's interpreter lock.
+
+    Two threads of compiled blocks (:func:`in_workers`) overlapped only in part: ATen's operations release
+    the lock while they compute, the Python bindings that inductor generates for its own kernels do not
+    (``CppPythonBindingsCodeCache.call_entry_function``), so one thread's fused kernels waited for the
+    other's. The kernels read and write only the buffers they are given (no Python objects), so they may
+    run without the lock. Why by hand: torch has no option for it. The binding's source is part of the key
+    of inductor's code cache, so kernels compiled before (or by another process without this) are not
+    reused with the other binding. Returns whether the bindings release the lock; a torch whose binding is
+    not the one this was written for is left alone (the kernels then hold the lock: slower, same numbers).
+    """
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache as bindings
+    except ImportError:  # pragma: no cover - a torch without this class
+        return False
+    if bindings.call_entry_function == _KERNEL_CALL_HELD:
+        bindings.call_entry_function = _KERNEL_CALL_RELEASED
+    return bindings.call_entry_function == _KERNEL_CALL_RELEASED
 
 
 _LIMITS_LOCK = threading.Lock()

@@ -110,7 +110,8 @@ def calculator_plans(dtype: torch.dtype) -> list[Plan]:
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_the_programs_the_calculator_compiles_give_the_reference_numbers(dtype, tmp_path):
     """Traced with each plan the calculator picks: fused (spline in float32) with and without slots, and
-    the modules beyond aoti_fused_max_edges; against the reference path, one structure at a time."""
+    the modules beyond the memory budget with blocks turned off; against the reference path, one structure
+    at a time."""
     plans = calculator_plans(DTYPES[dtype])
     assert len(plans) == 3 and {plan.slots for plan in plans} == {False, True}
     model = make_model(preset("tiny"), DTYPES[dtype])

@@ -182,7 +182,7 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
     assert plan(72, frozen=False, create_graph=True) == Plan("fused", "network", pairs=True)
     assert plan(72, frozen=True, create_graph=True) == Plan("fused", "network", pairs=True)
     assert plan(5000, frozen=False) == Plan("modules", "network", pairs=True)
-    # aoti: fused up to 200,000 edges, slots where the kernels run on several threads.
+    # aoti: fused wherever the whole graph runs, slots where the kernels run on several threads.
     assert plan(54_000, compile="aoti", threads=2) == Plan("fused", spline, pairs=True, slots=True)
     assert plan(54_000, compile="aoti", threads=1) == Plan("fused", spline, pairs=True)
     assert plan(200_000, compile="aoti", threads=2) == Plan("fused", spline, pairs=True, slots=True)
@@ -195,7 +195,8 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
     compiled_blocks = Plan("fused", spline, pairs=True, blocks=True)
     assert plan(eager_limit) == Plan("modules", "network", pairs=True)
     assert plan(eager_limit + 1) == blocks
-    assert plan(aoti_limit, compile="aoti", threads=2) == Plan("modules", "network", pairs=True)
+    assert planner.memory_threshold("aoti") == aoti_limit
+    assert plan(aoti_limit, compile="aoti", threads=2) == Plan("fused", spline, pairs=True, slots=True)
     assert plan(aoti_limit + 1, compile="aoti", threads=2) == compiled_blocks
     assert plan(10**9, frozen=True, create_graph=True) == Plan("modules", "network", pairs=True)
     assert plan(10**9, frozen=False) == Plan("modules", "network", pairs=True)
@@ -206,8 +207,14 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
         assert fixed.plan(200_001, DTYPES[dtype], True, pairs=True, compile=compile, threads=2) == expected
     assert Planner(spline=False).plan(10**9, DTYPES[dtype], True, pairs=True, compile="aoti") == blocks
     assert Planner(blocks_min_edges=0).plan(10**9, DTYPES[dtype], True) == Plan("modules", "network")
+    # Blocks turned off: beyond the memory budget the modules' program, for its smaller memory per edge.
     no_blocks = Planner(blocks_min_edges=0).plan(10**9, DTYPES[dtype], True, compile="aoti", threads=2)
     assert no_blocks == Plan("modules", "network")
+    no_blocks = Planner(blocks_min_edges=0).plan(aoti_limit, DTYPES[dtype], True, compile="aoti", threads=2)
+    assert no_blocks == Plan("fused", spline, slots=True)
+    assert Planner(aoti_fused_max_edges=100).plan(101, DTYPES[dtype], True, compile="aoti") == Plan(
+        "modules", "network"
+    )
     # Threads: frozen CPU calls of up to 1,000 edges on one thread.
     assert planner.threads(1000, 2, "cpu", frozen=True) == 1
     assert planner.threads(1001, 2, "cpu", frozen=True) == 2

@@ -64,7 +64,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--layers",
         choices=["modules", "fused"],
         default="modules",
-        help="pt2/aoti: fused layers are faster for molecules, the modules for thousands of atoms",
+        help="pt2/aoti: fused layers are faster (molecules to 10,000 atoms), the modules need less memory",
     )
     parser.add_argument(
         "--radial",

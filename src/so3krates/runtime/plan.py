@@ -133,7 +133,8 @@ def check_compile_mode(compile: str, frozen: bool, device: torch.device | str) -
 
 #: Peak memory per edge of energy + forces of the whole graph at once (paper preset, float32, pairs; the
 #: process's peak over edges, interpreter included): eager modules 4.07 GB at 163k edges (3,000 water);
-#: the ``aoti`` modules' program 6.9 GB at 544k edges (10,000 water). benchmarks/results/thresholds.md.
+#: the ``aoti`` modules' program 6.9 GB at 544k edges (10,000 water; 4.9 GB in December), its fused program
+#: 6.4 GB there (11.7 KB/edge). benchmarks/results/thresholds.md.
 WHOLE_GRAPH_BYTES_PER_EDGE = {"none": 23_000, "inductor": 23_000, "aoti": 13_000}
 #: The same on a CUDA GPU (peak of torch's allocator): eager 9.5 GB and ``inductor`` 2.45 GB at 544k edges
 #: (10,000 water, NVIDIA H200, torch 2.11; benchmarks/results/gpu/gpu_check.json). The generated Triton
@@ -171,7 +172,9 @@ class Planner:
     Args:
         fused_max_edges: fused layers up to this many edges in eager and ``inductor`` mode.
         aoti_fused_max_edges: fused layers up to this many edges in ``aoti`` programs (beyond, the modules'
-            program for its smaller memory).
+            program for its smaller memory). ``None`` (default): as long as the whole graph fits the
+            memory budget of ``blocks_memory_fraction`` (:meth:`memory_threshold`), that is wherever the
+            whole graph runs unless edge blocks are turned off.
         single_thread_edges: frozen CPU calls of up to this many edges run on one thread even when torch
             has more: a second thread costs more in synchronisation than it gains. 0 turns this off.
         spline: radial filters from the spline: ``None`` (default) for frozen float32 weights on the fused
@@ -192,7 +195,7 @@ class Planner:
     """
 
     fused_max_edges: int = 2000
-    aoti_fused_max_edges: int = 200_000
+    aoti_fused_max_edges: int | None = None
     single_thread_edges: int = 1000
     spline: bool | None = None
     pairs: bool = True
@@ -205,6 +208,10 @@ class Planner:
         """Edges beyond which inference runs in blocks (0: never), for a compile mode and a device."""
         if self.blocks_min_edges is not None:
             return self.blocks_min_edges
+        return self.memory_threshold(compile, device)
+
+    def memory_threshold(self, compile: str = "none", device: torch.device | str = "cpu") -> int:
+        """Edges up to which the whole graph needs at most ``blocks_memory_fraction`` of the memory."""
         budget = self.blocks_memory_fraction * device_memory(device)
         on_gpu = torch.device(device).type == "cuda"
         table = WHOLE_GRAPH_BYTES_PER_EDGE_CUDA if on_gpu else WHOLE_GRAPH_BYTES_PER_EDGE
@@ -248,6 +255,8 @@ class Planner:
             spline = self.spline if self.spline is not None else compiled_float32
             return _plan("fused", "spline" if spline else "network", pairs and self.pairs, False, True)
         fused_max = self.aoti_fused_max_edges if compile == "aoti" else self.fused_max_edges
+        if fused_max is None:
+            fused_max = self.memory_threshold(compile, device)
         layers = "fused" if n_edges <= fused_max else "modules"
         spline = self.spline if self.spline is not None else (dtype == torch.float32 and layers == "fused")
         # Slots pay off only where the kernels are threaded, which only an aoti program does for us.

@@ -26,7 +26,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from accuracy import _git_commit, machine_info, write_atomically  # noqa: E402
-from speed import water_box  # noqa: E402
+from speed import water_case  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,20 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON of the results")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
-    from so3krates import atoms_to_graph
-    from so3krates.memory import keep_freed_memory
-    from so3krates.model.config import preset
-    from so3krates.model.so3krates import So3krates
     from so3krates.runtime import ForceField, Planner
 
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()
-    atoms = water_box(args.molecules)
-    torch.manual_seed(0)
-    model = So3krates(preset("paper")).float().eval().requires_grad_(False)
-    graph = atoms_to_graph(atoms, model.cutoff, pairs=True)
+    atoms, model, graph = water_case(args.molecules, args.threads)
     print(f"{len(atoms)} atoms, {graph.n_edges} edges", flush=True)
     names = [args.only] if args.only else ["fused", "modules"]
     fields, forces, plans = {}, {}, {}

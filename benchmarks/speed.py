@@ -197,6 +197,25 @@ def water_box(n_molecules: int, seed: int = 0):
     return box
 
 
+def water_case(n_molecules: int, threads: int):
+    """`water_box(n_molecules)`, the paper preset with random weights (seed 0, float32, frozen as `load_model`
+    gives it) and the box's graph in pair order, with torch on `threads` threads and freed memory kept (as
+    the calculator does): the set-up of the one-process comparisons (`block_size.py`, `aoti_layers.py`)."""
+    import torch
+
+    from so3krates import atoms_to_graph
+    from so3krates.memory import keep_freed_memory
+    from so3krates.model.config import preset
+    from so3krates.model.so3krates import So3krates
+
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    atoms = water_box(n_molecules)
+    torch.manual_seed(0)
+    model = So3krates(preset("paper")).float().eval().requires_grad_(False)
+    return atoms, model, atoms_to_graph(atoms, model.cutoff, pairs=True)
+
+
 def build_systems(names: list[str], directory: Path) -> dict[str, Path]:
     """Writes each system to `directory/<name>.extxyz`; returns name → path (missing data: skipped)."""
     import ase.io

@@ -24,8 +24,12 @@ ENVIRONMENT_VARIABLE = "SO3KRATES_KEEP_MEMORY"
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-#: Free memory at the top of the heap beyond this is returned to the kernel (mallopt takes an int).
-TRIM_THRESHOLD = 2**31 - 1
+#: Free memory at the top of the heap beyond this is returned to the kernel; -1: never. It was 2 GiB (the
+#: largest int) until December 2026: a call whose heap grows by more than that, as a 10,000-atom water box's
+#: whole graph does (6.4 GB peak), then gave its memory back after every call and faulted it in again at the
+#: next: 3.4–5.8 million page faults in 7 calls against 1.6 million, 3.76–3.99 against 3.07–3.29 s per call
+#: (benchmarks/results/memory_trim/).
+TRIM_THRESHOLD = -1
 
 _applied: bool | None = None
 
@@ -34,8 +38,9 @@ def keep_freed_memory() -> bool:
     """Serve large allocations from the heap and keep freed memory for reuse; True if now in effect.
 
     Process-wide and applied once: ``mallopt(M_MMAP_MAX, 0)`` (no allocation gets its own mapping) and
-    ``mallopt(M_TRIM_THRESHOLD, 2 GiB)`` (freed memory stays mapped up to 2 GiB). The process then keeps
-    its peak heap instead of handing it back after every call, as jemalloc and tcmalloc do. Does nothing
+    ``mallopt(M_TRIM_THRESHOLD, -1)`` (freed memory is never handed back). The process then keeps its
+    peak heap instead of handing it back after every call (its peak resident memory is the same; the
+    memory is only not returned to the system while the process lives). Does nothing
     (returns False) outside Linux with glibc, or when ``SO3KRATES_KEEP_MEMORY=0``. Called by the
     calculators, the LAMMPS ML-IAP object, the command line (``so3krates md``, ``explore``, ...) and training.
     """

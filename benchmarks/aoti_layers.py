@@ -26,6 +26,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from accuracy import _git_commit, machine_info, write_atomically  # noqa: E402
+from scaling_in_turn import _writable  # noqa: E402
 from speed import water_case  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["fused", "modules"], help="one program (for its peak memory)")
-    parser.add_argument("--out", type=Path, help="JSON of the results")
+    parser.add_argument("--out", type=_writable, help="JSON of the results")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from so3krates.runtime import ForceField, Planner

@@ -31,18 +31,38 @@ from accuracy import _git_commit, machine_info, write_atomically  # noqa: E402
 from speed import water_case  # noqa: E402
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(m) for m in text.split(",")]
+    except ValueError:
+        message = f"expected a comma list of numbers of molecules, not {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"numbers of molecules must be positive, not {text!r}")
+    return sorted(sizes)
+
+
+def _writable(text: str) -> Path:
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {path.parent} for {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--molecules", default="333,3333,33333", help="comma list, one box each")
+    parser.add_argument(
+        "--molecules", type=_sizes, default="333,3333,33333", help="comma list, one box each, smallest first"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", choices=["none", "inductor", "aoti"], default="aoti")
-    parser.add_argument("--out", type=Path, help="JSON of the results")
+    parser.add_argument("--out", type=_writable, help="JSON of the results")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from so3krates.runtime import ForceField
 
-    sizes = [int(m) for m in args.molecules.split(",")]
+    sizes = args.molecules
     cases = {}
     force_field = None
     for molecules in sizes:

@@ -247,7 +247,9 @@ class Planner:
             device: where the call runs (its memory decides about edge blocks).
         """
         once = frozen and not create_graph
-        if once and 0 < self.blocks_threshold(compile, device) < n_edges:
+        memory_limit = self.memory_threshold(compile, device)  # once: plan() runs on every call
+        blocks_from = self.blocks_min_edges if self.blocks_min_edges is not None else memory_limit
+        if once and 0 < blocks_from < n_edges:
             # Eager blocks: the radial network by default, as fast there (the products are not what limits
             # them) and without the spline's tables. Compiled blocks: the spline for float32, as for the
             # whole graph; it saves ~18 % of a call (999 water, 1 thread, benchmarks/results/thresholds.md).
@@ -256,7 +258,7 @@ class Planner:
             return _plan("fused", "spline" if spline else "network", pairs and self.pairs, False, True)
         fused_max = self.aoti_fused_max_edges if compile == "aoti" else self.fused_max_edges
         if fused_max is None:
-            fused_max = self.memory_threshold(compile, device)
+            fused_max = memory_limit
         layers = "fused" if n_edges <= fused_max else "modules"
         spline = self.spline if self.spline is not None else (dtype == torch.float32 and layers == "fused")
         # Slots pay off only where the kernels are threaded, which only an aoti program does for us.

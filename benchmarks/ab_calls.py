@@ -31,7 +31,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from accuracy import _git_commit, machine_info, write_atomically  # noqa: E402
-from speed import baseline_worktree, build_systems  # noqa: E402
+from speed import SYSTEMS, baseline_worktree, build_systems, water_atoms  # noqa: E402
 
 WORKER = """
 import json, resource, sys, time
@@ -112,10 +112,23 @@ def compare(structure: Path, args: argparse.Namespace, baseline: Path) -> dict:
     }
 
 
+def _systems(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SYSTEMS and not water_atoms(name)]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown system(s) {', '.join(unknown) or '(none given)'}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, help="git revision to compare with")
-    parser.add_argument("--systems", default="ethanol,ala-dipeptide,3bpa,water-1000")
+    parser.add_argument(
+        "--systems",
+        type=_systems,
+        default="ethanol,ala-dipeptide,3bpa,water-1000",
+        help=f"comma list of {', '.join(SYSTEMS)} or water-N (a random box of N // 3 water molecules)",
+    )
     parser.add_argument("--compile", choices=["none", "inductor", "aoti"], default="aoti")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--threads", type=int, default=2)
@@ -124,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=BENCH / "results" / "execution_layer")
     args = parser.parse_args(argv)
     commit, baseline = baseline_worktree(args.baseline)
-    paths = build_systems(args.systems.split(","), BENCH / "runs" / "ab_calls" / "systems")
+    paths = build_systems(args.systems, BENCH / "runs" / "ab_calls" / "systems")
     results = {
         "date": datetime.date.today().isoformat(),
         "commit": _git_commit(),

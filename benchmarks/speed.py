@@ -216,6 +216,12 @@ def water_case(n_molecules: int, threads: int):
     return atoms, model, atoms_to_graph(atoms, model.cutoff, pairs=True)
 
 
+def water_atoms(name: str) -> int:
+    """N for a system named ``water-N`` (a random box of N // 3 water molecules), else 0."""
+    size = name[len("water-") :] if name.startswith("water-") else ""
+    return int(size) if size.isdigit() and int(size) >= 3 else 0
+
+
 def build_systems(names: list[str], directory: Path) -> dict[str, Path]:
     """Writes each system to `directory/<name>.extxyz`; returns name → path (missing data: skipped)."""
     import ase.io
@@ -240,6 +246,8 @@ def build_systems(names: list[str], directory: Path) -> dict[str, Path]:
             atoms = ase.io.read(SHARED / "botnet_3bpa/train_300K.xyz", index=0)
         elif name in WATER_BOXES:
             atoms = water_box(WATER_BOXES[name])
+        elif water_atoms(name):
+            atoms = water_box(water_atoms(name) // 3)
         elif name == "water-192-deepmd" and (SHARED / "periodic/deepmd_water_64H2O_400.extxyz").is_file():
             atoms = ase.io.read(SHARED / "periodic/deepmd_water_64H2O_400.extxyz", index=0)
         if atoms is None:

@@ -26,8 +26,9 @@ from helpers import ethanol
 from so3krates.cli.main import main
 from so3krates.errors import ConfigError
 from so3krates.learn import load_learn_config
-from so3krates.learn.loop import Learner, farthest_point_sampling, select_diverse
+from so3krates.learn.loop import Learner
 from so3krates.learn.reference import label_frames, read_journal
+from so3krates.learn.selection import farthest_point_sampling, select_diverse
 
 TESTS = Path(__file__).resolve().parent
 

@@ -29,14 +29,9 @@ with the same dataset as an uninterrupted one.
 from __future__ import annotations
 
 import csv
-import ctypes
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,17 +42,15 @@ import numpy as np
 import yaml
 from ase import Atoms
 
-from so3krates.errors import ConfigError, So3kratesError
+from so3krates.errors import ConfigError
 from so3krates.files import atomic_path, save_figure
 from so3krates.learn.config import LearnConfig
+from so3krates.learn.jobs import progress_bar, run_jobs
 from so3krates.learn.reference import label_frames, make_calculator, read_journal
+from so3krates.learn.selection import select_diverse
 
 #: MD statuses that end a replica (anything else is continued with --restart).
 _FINISHED = ("completed", "unstable", "uncertain")
-
-
-class LearnError(So3kratesError):
-    """A stage of the loop failed (a training or MD process exited with an error)."""
 
 
 # -- small utilities ----------------------------------------------------------------------------------------
@@ -77,116 +70,6 @@ def _read_frames(path: Path) -> list[Atoms]:
     if not path.is_file() or path.stat().st_size == 0:
         return []
     return list(ase.io.read(path, index=":", format="extxyz"))
-
-
-def _die_with_parent() -> None:
-    """In a child process: SIGKILL when the parent dies (Linux), so a killed loop leaves no orphans that
-    would go on writing into the directories a rerun continues in."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def run_jobs(jobs: list[tuple[str, list[str], Path]], parallel: int, threads: int, bar=None) -> None:
-    """Runs ``so3krates`` commands (name, argv after ``so3krates``, log file), ``parallel`` at a time.
-
-    A job that fails raises LearnError with the last line of its log.
-    """
-    environment = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "PYTHONUNBUFFERED": "1",
-    }
-    queue, running, failed = list(jobs), [], []
-    while queue or running:
-        while queue and len(running) < parallel:
-            name, argv, log_path = queue.pop(0)
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(log_path, "w", encoding="utf-8")  # closed when the process ends
-            process = subprocess.Popen(
-                [sys.executable, "-m", "so3krates", *argv],
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                env=environment,
-                preexec_fn=_die_with_parent,  # children die with the loop
-            )
-            running.append((name, process, handle, log_path))
-        time.sleep(0.2)
-        for entry in list(running):
-            name, process, handle, log_path = entry
-            if process.poll() is None:
-                continue
-            running.remove(entry)
-            handle.close()
-            if bar is not None:
-                bar.update(1)
-            if process.returncode != 0:
-                lines = [line for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-                failed.append(
-                    f"{name}: {lines[-1] if lines else f'exit status {process.returncode}'} ({log_path})"
-                )
-    if failed:
-        raise LearnError("; ".join(failed))
-
-
-def _progress_bar(total: int, description: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, desc=description, leave=False, dynamic_ncols=True, disable=None if enabled else True
-    )
-
-
-def inverse_distances(atoms: Atoms) -> np.ndarray:
-    """The descriptor of farthest-point sampling: all inverse interatomic distances (1/Å) in atom order.
-
-    Frames of one trajectory keep their atom order, so this compares like with like; it is invariant to
-    rotations and translations and sensitive to every bond and angle.
-    """
-    positions = atoms.positions
-    i, j = np.triu_indices(len(atoms), k=1)
-    return 1.0 / np.linalg.norm(positions[i] - positions[j], axis=1)
-
-
-def farthest_point_sampling(descriptors: np.ndarray, n: int, first: int = 0) -> list[int]:
-    """``n`` indices of ``descriptors`` (rows), each the farthest from those chosen before it."""
-    if len(descriptors) == 0 or n <= 0:
-        return []
-    chosen = [int(first)]
-    distance = np.linalg.norm(descriptors - descriptors[first], axis=1)
-    while len(chosen) < min(n, len(descriptors)):
-        k = int(np.argmax(distance))
-        if distance[k] <= 0:
-            break
-        chosen.append(k)
-        distance = np.minimum(distance, np.linalg.norm(descriptors - descriptors[k], axis=1))
-    return chosen
-
-
-def select_diverse(frames: list[Atoms], n: int, scores: np.ndarray | None = None) -> list[int]:
-    """``n`` diverse frames: per group of equal composition and atom order, farthest-point sampling that
-    starts from the frame with the highest score (the uncertainty); the quota is shared in proportion to
-    the groups' sizes."""
-    if n >= len(frames):
-        return list(range(len(frames)))
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for k, atoms in enumerate(frames):
-        groups.setdefault(tuple(atoms.numbers.tolist()), []).append(k)
-    scores = np.zeros(len(frames)) if scores is None else np.asarray(scores)
-    chosen: list[int] = []
-    remaining = n
-    for g, (_, members) in enumerate(sorted(groups.items(), key=lambda item: -len(item[1]))):
-        quota = remaining if g == len(groups) - 1 else max(1, round(n * len(members) / len(frames)))
-        quota = min(quota, remaining, len(members))
-        descriptors = np.stack([inverse_distances(frames[k]) for k in members])
-        first = int(np.argmax(scores[members]))
-        chosen += [members[k] for k in farthest_point_sampling(descriptors, quota, first)]
-        remaining = n - len(chosen)
-        if remaining <= 0:
-            break
-    return sorted(chosen)
 
 
 def _bare(atoms: Atoms) -> Atoms:
@@ -309,7 +192,7 @@ class Learner:
         if done_path.is_file():
             return _read_frames(done_path)
         c = self.config
-        bar = _progress_bar(len(frames), f"label {directory.name}", c.progress)
+        bar = progress_bar(len(frames), f"label {directory.name}", c.progress)
         try:
             records = label_frames(
                 frames,
@@ -564,7 +447,7 @@ class Learner:
             argv = ["train", str(config_path)] + (["--resume"] if resume else [])
             jobs.append((f"member {m}", argv, committee_dir / f"member_{m}.log"))
         if jobs:
-            bar = _progress_bar(len(jobs), f"train iteration {k} ({epochs} epochs)", c.progress)
+            bar = progress_bar(len(jobs), f"train iteration {k} ({epochs} epochs)", c.progress)
             try:
                 run_jobs(jobs, cc.parallel, cc.threads, bar)
             finally:
@@ -684,7 +567,7 @@ class Learner:
         jobs = [job for job in jobs if job is not None]
         if not jobs:
             return
-        bar = _progress_bar(len(jobs), description, self.config.progress)
+        bar = progress_bar(len(jobs), description, self.config.progress)
         try:
             run_jobs(jobs, self.config.exploration.parallel, self.config.exploration.threads, bar)
         finally:

@@ -1,0 +1,184 @@
+"""Issue 21, ρ ≥ 0.5: does an uncertainty rank per-structure errors where the data cover a trajectory evenly?
+
+    python benchmarks/committee_resampling/even_coverage.py setup     # frames, bootstrap draws, configs
+    bash benchmarks/committee_resampling/train.sh even                # (in benchmarks/runs/even_coverage)
+    python benchmarks/committee_resampling/even_coverage.py analyze   # rho of each uncertainty
+
+The `so3krates learn` committee's data cover the shared 2000-frame alanine-dipeptide trajectory evenly, and
+its force uncertainty ranks the per-structure error with ρ ≈ 0.2 only
+(`results/learn/committee_resampling.md`).
+Here a committee of the same size and model (4 members, paper preset with 2 layers, 3,000 optimizer steps,
+each on its own bootstrap draw) learns 115 frames taken at even intervals from that trajectory (as many as
+the loop labelled), and the remaining 1,885 frames are the test set. Besides the committee's spread, a
+second uncertainty that needs no committee is tried: the distance of each atom's last-layer features to the
+nearest training atom of the same element (per member, averaged over the members), largest per structure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RUN = HERE.parent / "runs" / "even_coverage"
+DATA = HERE.parents[2] / "shared" / "data" / "generated" / "ala_dipeptide_gfn2xtb_500K_2000.extxyz"
+N_FRAMES, STEPS, MEMBERS = 115, 3000, 4
+
+
+def selected() -> np.ndarray:
+    return np.unique(np.linspace(0, 1999, N_FRAMES).round().astype(int))
+
+
+def setup() -> None:
+    import ase.io
+    import yaml
+
+    RUN.mkdir(parents=True, exist_ok=True)
+    frames = ase.io.read(DATA, ":")
+    chosen = selected()
+    train = []
+    for k in chosen:
+        atoms = frames[k].copy()
+        atoms.info["REF_energy"] = frames[k].get_potential_energy()
+        atoms.arrays["REF_forces"] = frames[k].get_forces()
+        atoms.calc = None
+        train.append(atoms)
+    for m in range(MEMBERS):
+        draw = np.random.default_rng(1000 + m).choice(len(train), len(train), replace=True)
+        ase.io.write(RUN / f"boot_{m}.extxyz", [train[i] for i in draw])
+        n_train = int(0.9 * len(train))
+        config = {
+            "run_dir": f"even/member_{m}",
+            "data": {
+                "train_file": f"boot_{m}.extxyz",
+                "energy_key": "REF_energy",
+                "forces_key": "REF_forces",
+                "valid_fraction": 0.1,
+                "split_seed": m,
+                "n_test": 0,
+            },
+            "model": {"preset": "paper", "n_layers": 2},
+            "training": {
+                "progress": False,
+                "max_epochs": int(np.ceil(STEPS * 5 / n_train)),
+                "seed": m,
+                "threads": 1,
+                "dtype": "float32",
+            },
+        }
+        (RUN / f"even_m{m}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"{len(train)} frames, configs in {RUN}")
+
+
+def last_features(model, structure, dtype):
+    """Per-atom invariant features after the last layer (the readout's input), (n_atoms, F)."""
+    import torch
+
+    from so3krates import atoms_to_graph
+
+    graph = atoms_to_graph(structure, model.cutoff)
+    with torch.no_grad():
+        vectors = graph.edge_vectors().to(dtype)
+        edges = model.edge_features(vectors, graph.idx_i, graph.idx_j)
+        h = model.embedding(graph.atomic_numbers)
+        x = model.initial_euclidean(edges, graph.atomic_numbers.shape[0])
+        for layer in model.layers:
+            h, x = layer(h, x, edges)
+    return h.double().numpy()
+
+
+def spearman_ranks(values) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(values)
+
+
+def analyze() -> None:
+    import ase.io
+    import torch
+    from scipy.stats import spearmanr
+
+    from so3krates.committee import FORCES_UNCERTAINTY, load_committee
+    from so3krates.data.io import read_structures
+    from so3krates.evaluate import predict
+    from so3krates.model.checkpoint import load_model
+
+    torch.set_num_threads(2)
+    members = sorted(RUN.glob("even/member_*/best.pt"))
+    chosen = set(selected().tolist())
+    structures = read_structures(DATA)
+    test = [k for k in range(len(structures)) if k not in chosen]
+    test_structures = [structures[k] for k in test]
+    force_field, _ = load_committee([str(p) for p in members], "cpu", torch.float32)
+    prediction, metrics = predict(force_field, test_structures, 32, "cpu", False)
+    sigma = [np.asarray(u) for u in prediction[FORCES_UNCERTAINTY]]
+    error = [
+        np.linalg.norm(np.asarray(f) - s.forces, axis=1)
+        for s, f in zip(test_structures, prediction["forces"], strict=True)
+    ]
+    max_error = np.array([e.max() for e in error])
+    mean_error = np.array([e.mean() for e in error])
+    numbers = test_structures[0].atomic_numbers
+
+    def rho(a, b):
+        return float(spearmanr(a, b).statistic)
+
+    results = {
+        "n_train_frames": len(chosen),
+        "n_test_frames": len(test),
+        "members": [str(p.relative_to(RUN)) for p in members],
+        "committee_force_mae_eV_A": float(
+            np.mean(
+                [
+                    np.abs(np.asarray(f) - s.forces).mean()
+                    for s, f in zip(test_structures, prediction["forces"], strict=True)
+                ]
+            )
+        ),
+        "rho": {
+            "sigma max vs error max": rho([s.max() for s in sigma], max_error),
+            "sigma mean vs error mean": rho([s.mean() for s in sigma], mean_error),
+            "all atoms pooled": rho(np.concatenate(sigma), np.concatenate(error)),
+        },
+    }
+    # σ relative to its element's median over the test set: the largest relative σ per structure.
+    all_sigma = np.stack(sigma)
+    median_by_element = {z: np.median(all_sigma[:, numbers == z]) for z in set(numbers.tolist())}
+    scale = np.array([median_by_element[z] for z in numbers])
+    results["rho"]["sigma / element median, max vs error max"] = rho((all_sigma / scale).max(1), max_error)
+    # Not an uncertainty but a baseline: the largest predicted force per structure (errors grow with it).
+    force_norm = [np.linalg.norm(np.asarray(f), axis=1) for f in prediction["forces"]]
+    results["rho"]["largest predicted force vs error max"] = rho([f.max() for f in force_norm], max_error)
+    results["rho"]["sigma max + largest force (ranks summed) vs error max"] = rho(
+        spearman_ranks([s.max() for s in sigma]) + spearman_ranks([f.max() for f in force_norm]), max_error
+    )
+    # Feature distance to the nearest training atom of the same element, per member, then averaged.
+    train_frames = [ase.io.read(DATA, index=k) for k in sorted(chosen)]
+    distances = np.zeros((len(test), len(numbers)))
+    for path in members:
+        model, _ = load_model(path, "cpu", torch.float32)
+        train_h = np.stack([last_features(model, a, torch.float32) for a in train_frames])  # (T, n, F)
+        test_h = np.stack([last_features(model, s.to_atoms(), torch.float32) for s in test_structures])
+        for z in set(numbers.tolist()):
+            columns = numbers == z
+            reference = train_h[:, columns].reshape(-1, train_h.shape[-1])
+            query = test_h[:, columns].reshape(-1, test_h.shape[-1])
+            nearest = np.full(len(query), np.inf)
+            for start in range(0, len(reference), 256):
+                block = reference[start : start + 256]
+                d = np.sqrt(np.maximum(((query[:, None, :] - block[None]) ** 2).sum(-1), 0.0))
+                nearest = np.minimum(nearest, d.min(1))
+            distances[:, columns] += nearest.reshape(len(test), -1) / len(members)
+    results["rho"]["feature distance max vs error max"] = rho(distances.max(1), max_error)
+    results["rho"]["feature distance mean vs error mean"] = rho(distances.mean(1), mean_error)
+    results["rho"]["feature distance pooled atoms"] = rho(distances.ravel(), np.concatenate(error))
+    results["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    (RUN / "even_coverage.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results["rho"], indent=1), results["committee_force_mae_eV_A"])
+
+
+if __name__ == "__main__":
+    {"setup": setup, "analyze": analyze}[sys.argv[1]]()

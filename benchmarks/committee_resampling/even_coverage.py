@@ -16,6 +16,7 @@ nearest training atom of the same element (per member, averaged over the members
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -181,4 +182,11 @@ def analyze() -> None:
 
 
 if __name__ == "__main__":
-    {"setup": setup, "analyze": analyze}[sys.argv[1]]()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["setup", "analyze"])
+    stage = parser.parse_args().stage
+    if not DATA.is_file():
+        sys.exit(f"even_coverage.py: {DATA} is missing (the shared data folder)")
+    if stage == "analyze" and not list(RUN.glob("even/member_*/best.pt")):
+        sys.exit(f"even_coverage.py: no trained members in {RUN / 'even'}: run setup and train.sh first")
+    {"setup": setup, "analyze": analyze}[stage]()

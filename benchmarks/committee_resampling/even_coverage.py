@@ -50,28 +50,33 @@ def setup() -> None:
     for m in range(MEMBERS):
         draw = np.random.default_rng(1000 + m).choice(len(train), len(train), replace=True)
         ase.io.write(RUN / f"boot_{m}.extxyz", [train[i] for i in draw])
-        n_train = int(0.9 * len(train))
-        config = {
-            "run_dir": f"even/member_{m}",
-            "data": {
-                "train_file": f"boot_{m}.extxyz",
-                "energy_key": "REF_energy",
-                "forces_key": "REF_forces",
-                "valid_fraction": 0.1,
-                "split_seed": m,
-                "n_test": 0,
-            },
-            "model": {"preset": "paper", "n_layers": 2},
-            "training": {
-                "progress": False,
-                "max_epochs": int(np.ceil(STEPS * 5 / n_train)),
-                "seed": m,
-                "threads": 1,
-                "dtype": "float32",
-            },
-        }
+        config = member_config(m, f"even/member_{m}", f"boot_{m}.extxyz", STEPS, int(0.9 * len(train)))
         (RUN / f"even_m{m}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"{len(train)} frames, configs in {RUN}")
+
+
+def member_config(m: int, run_dir: str, train_file: str, steps: int, n_train: int) -> dict:
+    """`so3krates train` config of committee member m: the paper model with 2 layers (as `so3krates learn`
+    trains it), its own 10 % validation split and seed, about `steps` optimizer steps of batch 5."""
+    return {
+        "run_dir": run_dir,
+        "data": {
+            "train_file": train_file,
+            "energy_key": "REF_energy",
+            "forces_key": "REF_forces",
+            "valid_fraction": 0.1,
+            "split_seed": m,
+            "n_test": 0,
+        },
+        "model": {"preset": "paper", "n_layers": 2},
+        "training": {
+            "progress": False,
+            "max_epochs": int(np.ceil(steps * 5 / n_train)),
+            "seed": m,
+            "threads": 1,
+            "dtype": "float32",
+        },
+    }
 
 
 def last_features(model, structure, dtype):

@@ -99,6 +99,10 @@ def history(train_dir: Path) -> list[dict]:
         ]
 
 
+#: How the trainer's log says that it was stopped by a signal (a clean checkpoint; the run can be resumed).
+INTERRUPTED = "stopped by signal"
+
+
 def stop_reason(log: Path) -> str | None:
     """Why the last training process stopped, from its log; None while it runs (or after a kill)."""
     if not log.is_file():
@@ -107,7 +111,7 @@ def stop_reason(log: Path) -> str | None:
     for line in log.read_text().splitlines():
         if line.startswith("[") and "$ " in line:
             reason = None  # a later process: its own stop counts
-        elif line.startswith(("time budget of", "early stopping", "finished ")):
+        elif line.startswith(("time budget of", "early stopping", "finished ", INTERRUPTED)):
             reason = line.strip()
     return reason
 
@@ -128,7 +132,8 @@ def report(molecule: str, run_dir: Path, out_dir: Path, commands: dict) -> dict:
     metrics, evaluate_command = evaluate(molecule, run_dir)
     best = min(rows, key=lambda r: r["valid_loss"])
     config = yaml.safe_load((train_dir / "config.yaml").read_text())
-    stopped = reason is not None
+    stopped = reason is not None and not reason.startswith(INTERRUPTED)
+    floor = float(config["training"].get("min_learning_rate", 0.0))
     out = {
         "benchmark": "ours trained to convergence on rMD17",
         "molecule": molecule,
@@ -141,6 +146,7 @@ def report(molecule: str, run_dir: Path, out_dir: Path, commands: dict) -> dict:
         "train_hours": rows[-1]["hours"],
         "best_epoch": best["epoch"],
         "final_learning_rate": rows[-1]["lr"],
+        "learning_rate_at_floor": rows[-1]["lr"] <= floor * (1 + 1e-6),
         "test": {k: metrics[k] for k in TEST_METRICS},
         "fifteen_minutes": fifteen_minutes(molecule),
         "paper": PAPER.get(molecule),
@@ -158,11 +164,15 @@ def report(molecule: str, run_dir: Path, out_dir: Path, commands: dict) -> dict:
 
 def markdown(r: dict) -> str:
     t = r["test"]
-    state = (
-        f"stopped: {r['stop_reason']}"
-        if r["finished"]
-        else "**still training**: the numbers of the run so far"
-    )
+    interrupted = r["stop_reason"].startswith(INTERRUPTED)
+    if r["finished"]:
+        state = f"stopped: {r['stop_reason']}"
+    elif interrupted:
+        state = f"{r['stop_reason']} (a clean checkpoint; the same command resumes it)"
+        if r.get("learning_rate_at_floor"):
+            state += ", with the learning rate at its floor"
+    else:
+        state = "**still training**: the numbers of the run so far"
     lines = [
         f"# rMD17 {r['molecule']}: ours trained to convergence",
         "",
@@ -197,7 +207,7 @@ def markdown(r: dict) -> str:
     lines.append(
         "Test: all 1000 frames of `test_01`; MAE of the energy per structure and of every force component."
     )
-    if not r["finished"]:
+    if not r["finished"] and not interrupted:
         lines += [
             "",
             "While it runs, this run can trail the 15-minute one: its learning rate stays at its start value "
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.molecule}: test force MAE {t['forces_mae_meV_per_A']:.2f} meV/Å, energy MAE "
         f"{t['energy_mae_meV']:.2f} meV after {out['train_hours']:.2f} h ({out['epochs']} epochs)"
-        + ("" if out["finished"] else ", still training")
+        + ("" if out["finished"] else f", {out['stop_reason']}")
     )
     return 0
 

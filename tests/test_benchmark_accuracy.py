@@ -345,3 +345,35 @@ def test_the_speed_table_takes_each_peer_at_its_faster_thread_count():
     }
     table = speed.markdown(results)
     assert "16.70 (4.1×), 1 thread" in table
+
+
+def test_the_convergence_report_tells_a_run_stopped_by_hand_from_a_finished_one(tmp_path):
+    converge = pytest.importorskip("converge")
+    log = tmp_path / "train_log.txt"
+    log.write_text("[2026-12-05 01:24] $ so3krates train ...\nepoch 1 ...\nstopped by signal SIGINT\n")
+    assert converge.stop_reason(log) == "stopped by signal SIGINT"
+    with log.open("a") as handle:  # a later process (a resume) that is still running
+        handle.write("[2026-12-05 02:00] $ so3krates train ... --resume\nepoch 2 ...\n")
+    assert converge.stop_reason(log) is None
+    record = {
+        "molecule": "ethanol",
+        "date": "2026-12-05",
+        "commit": "abc",
+        "machine": {"cpu": "test"},
+        "finished": False,
+        "stop_reason": "stopped by signal SIGINT",
+        "epochs": 2,
+        "train_hours": 1.0,
+        "best_epoch": 2,
+        "final_learning_rate": 1e-5,
+        "learning_rate_at_floor": True,
+        "test": {"energy_mae_meV": 1.0, "forces_mae_meV_per_A": 7.0},
+        "fifteen_minutes": None,
+        "paper": None,
+        "paper_source": "",
+    }
+    text = converge.markdown(record)
+    assert "the same command resumes it), with the learning rate at its floor" in text
+    assert "still training" not in text and "While it runs" not in text
+    running = converge.markdown({**record, "stop_reason": "still training (report of the run so far)"})
+    assert "**still training**" in running and "While it runs" in running

@@ -79,38 +79,30 @@ def member_config(m: int, run_dir: str, train_file: str, steps: int, n_train: in
     }
 
 
-def last_features(model, structure, dtype):
+def last_features(energy_function, structure) -> np.ndarray:
     """Per-atom invariant features after the last layer (the readout's input), (n_atoms, F)."""
     import torch
 
     from so3krates import atoms_to_graph
+    from so3krates.runtime.layout import EdgeLayout
 
-    graph = atoms_to_graph(structure, model.cutoff)
+    graph = atoms_to_graph(structure, energy_function.model.cutoff)
     with torch.no_grad():
-        vectors = graph.edge_vectors().to(dtype)
-        edges = model.edge_features(vectors, graph.idx_i, graph.idx_j)
-        h = model.embedding(graph.atomic_numbers)
-        x = model.initial_euclidean(edges, graph.atomic_numbers.shape[0])
-        for layer in model.layers:
-            h, x = layer(h, x, edges)
+        vectors = graph.edge_vectors().to(energy_function.model.dtype)
+        h = energy_function.features(vectors, graph.atomic_numbers, EdgeLayout(graph.idx_i, graph.idx_j))
     return h.double().numpy()
 
 
-def spearman_ranks(values) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(values)
-
-
 def analyze() -> None:
-    import ase.io
     import torch
-    from scipy.stats import spearmanr
+    from scipy.stats import rankdata, spearmanr
 
     from so3krates.committee import FORCES_UNCERTAINTY, load_committee
     from so3krates.data.io import read_structures
     from so3krates.evaluate import predict
     from so3krates.model.checkpoint import load_model
+    from so3krates.runtime.evaluator import EnergyFunction
+    from so3krates.runtime.plan import Plan
 
     torch.set_num_threads(2)
     members = sorted(RUN.glob("even/member_*/best.pt"))
@@ -159,15 +151,16 @@ def analyze() -> None:
     force_norm = [np.linalg.norm(np.asarray(f), axis=1) for f in prediction["forces"]]
     results["rho"]["largest predicted force vs error max"] = rho([f.max() for f in force_norm], max_error)
     results["rho"]["sigma max + largest force (ranks summed) vs error max"] = rho(
-        spearman_ranks([s.max() for s in sigma]) + spearman_ranks([f.max() for f in force_norm]), max_error
+        rankdata([s.max() for s in sigma]) + rankdata([f.max() for f in force_norm]), max_error
     )
     # Feature distance to the nearest training atom of the same element, per member, then averaged.
-    train_frames = [ase.io.read(DATA, index=k) for k in sorted(chosen)]
+    train_frames = [structures[k].to_atoms() for k in sorted(chosen)]
     distances = np.zeros((len(test), len(numbers)))
     for path in members:
         model, _ = load_model(path, "cpu", torch.float32)
-        train_h = np.stack([last_features(model, a, torch.float32) for a in train_frames])  # (T, n, F)
-        test_h = np.stack([last_features(model, s.to_atoms(), torch.float32) for s in test_structures])
+        energy_function = EnergyFunction(model, Plan(), frozen=True)  # the modules' reference equations
+        train_h = np.stack([last_features(energy_function, a) for a in train_frames])  # (T, n, F)
+        test_h = np.stack([last_features(energy_function, s.to_atoms()) for s in test_structures])
         for z in set(numbers.tolist()):
             columns = numbers == z
             reference = train_h[:, columns].reshape(-1, train_h.shape[-1])

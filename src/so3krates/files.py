@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -43,3 +46,19 @@ def save_figure(figure, path: str | os.PathLike, dpi: int = 110) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi)
     plt.close(figure)
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """``payload`` as indented JSON, written atomically (non-finite numbers become null: strict JSON)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_finite(payload), indent=2) + "\n", encoding="utf-8")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value

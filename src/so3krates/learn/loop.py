@@ -28,7 +28,6 @@ with the same dataset as an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -43,10 +42,11 @@ import yaml
 from ase import Atoms
 
 from so3krates.errors import ConfigError
-from so3krates.files import atomic_path, save_figure
+from so3krates.files import atomic_path, write_json
 from so3krates.learn.config import LearnConfig
 from so3krates.learn.jobs import progress_bar, run_jobs
 from so3krates.learn.reference import label_frames, make_calculator, read_journal
+from so3krates.learn.report import iteration_line, write_iterations
 from so3krates.learn.selection import select_diverse
 
 #: MD statuses that end a replica (anything else is continued with --restart).
@@ -54,11 +54,6 @@ _FINISHED = ("completed", "unstable", "uncertain")
 
 
 # -- small utilities ----------------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
 def _write_frames(path: Path, frames: list[Atoms]) -> None:
@@ -83,7 +78,7 @@ def _key(atoms: Atoms) -> tuple:
 
 def labelled_frame(atoms: Atoms, record: dict[str, Any], **info: Any) -> Atoms:
     """A clean copy of ``atoms`` with the reference energy and forces as REF_energy / REF_forces."""
-    frame = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    frame = _bare(atoms)
     frame.info["REF_energy"] = float(record["energy"])
     frame.arrays["REF_forces"] = np.asarray(record["forces"], dtype=np.float64)
     frame.info.update(info)
@@ -111,7 +106,7 @@ class Learner:
         return self.elapsed_before + time.perf_counter() - self._clock
 
     def _save_elapsed(self) -> None:
-        _write_json(self.work / "progress.json", {"elapsed_s": self.elapsed()})
+        write_json(self.work / "progress.json", {"elapsed_s": self.elapsed()})
 
     def out_of_time(self) -> bool:
         budget = self.config.budget.max_time_min
@@ -502,7 +497,7 @@ class Learner:
         result["best_member"] = (
             int(np.argmin(result["member_forces_mae"])) if "member_forces_mae" in result else 0
         )
-        _write_json(path, result)
+        write_json(path, result)
         return result
 
     def _md_argv(
@@ -731,7 +726,7 @@ class Learner:
                     n = min(c.selection.labels_per_iteration, left)
                     chosen = select_diverse(frames, n, scores)
                     _write_frames(selection_path, [frames[j] for j in chosen])
-                    _write_json(directory / "candidates.json", {"n_candidates": len(frames)})
+                    write_json(directory / "candidates.json", {"n_candidates": len(frames)})
                 selected = _read_frames(selection_path)
                 n_candidates = json.loads((directory / "candidates.json").read_text())["n_candidates"]
                 n_selected = len(selected)
@@ -768,45 +763,16 @@ class Learner:
                 "elapsed_s": self.elapsed(),
                 "stop": stop,
             }
-            _write_json(summary_path, row)
+            write_json(summary_path, row)
             rows.append(row)
             self._save_elapsed()
-            self.log(self._line(row))
-            self._write_table(rows)
+            self.log(iteration_line(row))
+            write_iterations(self.work, rows, self.config.exploration.time_ps)
             if stop is not None:
                 reason = stop
                 break
             k += 1
         return self._finish(rows, reason)
-
-    def _line(self, row: dict[str, Any]) -> str:
-        mae = row["holdout_forces_mae"]
-        times = [t for t in row["stable_time_ps"] if t is not None]
-        return (
-            f"iteration {row['iteration']}: {row['n_train']} train / {row['n_holdout']} held-out frames, "
-            + (f"held-out F MAE {mae:.1f} meV/Å, " if mae is not None else "")
-            + f"threshold σ {row['threshold']:.3g} eV/Å (α {row['alpha']:.2f}); "
-            f"{row['stable_replicas']}/{row['replicas']} replicas completed "
-            f"(mean {np.mean(times) if times else 0:.2f} ps), "
-            f"max σ {row['max_force_uncertainty']:.3g} eV/Å; {row['n_candidates']} candidates → "
-            f"{row['n_selected']} labelled ({row['n_failed']} failed); {row['labels_used']} reference calls, "
-            f"{row['elapsed_s'] / 60:.1f} min" + (f"; stop: {row['stop']}" if row["stop"] else "")
-        )
-
-    def _write_table(self, rows: list[dict[str, Any]]) -> None:
-        columns = [
-            "iteration", "n_train", "n_holdout", "labels_used", "holdout_forces_mae",
-            "best_member_forces_mae", "alpha", "threshold", "spearman", "replicas", "stable_replicas",
-            "max_force_uncertainty",
-            "n_candidates", "n_selected", "n_failed", "wall_s", "elapsed_s", "stop",
-        ]  # fmt: skip
-        with atomic_path(self.work / "iterations.csv") as tmp:
-            with open(tmp, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(columns)
-                for row in rows:
-                    writer.writerow(["" if row.get(key) is None else row.get(key) for key in columns])
-        plot_learning(self.work / "learning.png", rows, self.config.exploration.time_ps)
 
     def _finish(self, rows: list[dict[str, Any]], reason: str) -> dict[str, Any]:
         last = rows[-1]
@@ -833,7 +799,7 @@ class Learner:
             "last_iteration": last,
             "elapsed_s": self.elapsed(),
         }
-        _write_json(final / "summary.json", summary)
+        write_json(final / "summary.json", summary)
         self.log(
             f"learn: stopped ({reason}) after {len(rows)} iteration(s), {summary['reference_calls']} "
             f"reference calls, {summary['elapsed_s'] / 60:.1f} min; committee → {final / 'committee'}, "
@@ -841,36 +807,6 @@ class Learner:
             f"{self.work / 'dataset.extxyz'}"
         )
         return summary
-
-
-def plot_learning(path: Path, rows: list[dict[str, Any]], target_ps: float) -> None:
-    """Dataset size, held-out error, uncertainty and stable time per replica, against the iteration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    it = [row["iteration"] for row in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    axes[0].plot(it, [row["n_train"] + row["n_holdout"] for row in rows], "o-")
-    axes[0].set_ylabel("labelled frames")
-    axes[1].plot(it, [row["holdout_forces_mae"] or np.nan for row in rows], "o-", label="committee")
-    axes[1].plot(it, [row["best_member_forces_mae"] or np.nan for row in rows], "s--", label="best member")
-    axes[1].set_ylabel("held-out force MAE / meV/Å")
-    axes[1].legend()
-    axes[2].semilogy(it, [row["max_force_uncertainty"] for row in rows], "o-", label="largest σ in MD")
-    axes[2].semilogy(it, [row["threshold"] for row in rows], "k--", label="threshold")
-    axes[2].set_ylabel("force uncertainty / eV/Å")
-    axes[2].legend()
-    for row in rows:
-        times = [t if t is not None else 0.0 for t in row["stable_time_ps"]]
-        axes[3].scatter([row["iteration"]] * len(times), times, s=14, color="C0")
-    axes[3].axhline(target_ps, color="k", linestyle="--", linewidth=1)
-    axes[3].set_ylabel("time per replica / ps")
-    for axis in axes:
-        axis.set_xlabel("iteration")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
 
 
 def learn(config: LearnConfig, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -116,22 +115,6 @@ def write_frame(path: Path, atoms: Atoms) -> None:
     """One frame as an extxyz file, written atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(extxyz_text(atoms), encoding="utf-8")
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """``payload`` as indented JSON, written atomically (non-finite numbers become null)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_finite(payload), indent=2) + "\n", encoding="utf-8")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from ase.md.velocitydistribution import Stationary, thermalize_momenta
 from so3krates.calculators.ase import So3kratesCalculator, UnsupportedStructureError
 from so3krates.committee import FORCES_UNCERTAINTY, Committee, load_committee, member_paths
 from so3krates.errors import ConfigError, DataError, So3kratesError
+from so3krates.files import write_json
 from so3krates.interrupt import stop_requests
 from so3krates.md import output
 from so3krates.md.config import NON_CONSERVING_ENSEMBLES, MDConfig
@@ -127,7 +128,7 @@ def run_md(config: MDConfig, log: Callable[[str], None] = print, restart: bool =
         changed = sorted(key for key in resolved if saved.get(key) != resolved[key])
         if changed:
             log(f"restart with changed settings: {', '.join(changed)}")
-    output.write_json(config_path, resolved)
+    write_json(config_path, resolved)
     runs: list[TrajectoryResult] = []
     summary_path = config.output_dir / "summary.json"
     for k, directory in enumerate(directories):
@@ -137,7 +138,7 @@ def run_md(config: MDConfig, log: Callable[[str], None] = print, restart: bool =
         runs.append(trajectory.run())
         if len(directories) > 1:
             summary = replica_summary(runs, total * config.timestep_fs / 1000)
-            output.write_json(summary_path, {**summary, "replicas_requested": len(directories)})
+            write_json(summary_path, {**summary, "replicas_requested": len(directories)})
         if runs[-1].status == "interrupted":
             break
     result = MDResult(config.output_dir, runs, summary_path, total * config.timestep_fs / 1000)
@@ -595,7 +596,7 @@ class Trajectory:
                 ),
             },
         )
-        output.write_json(self.directory / "summary.json", result.summary())
+        write_json(self.directory / "summary.json", result.summary())
         self._log_end(result)
         return result
 

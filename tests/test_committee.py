@@ -477,6 +477,26 @@ def test_evaluate_a_committee_directory(files, tmp_path, capsys):
     assert metrics["n_structures"] == 12
 
 
+def test_evaluate_a_committee_on_one_frame_writes_null_not_nan(files, tmp_path, capsys):
+    """One structure has no rank correlation: metrics.json says null (strict JSON), not a bare NaN."""
+    data = tmp_path / "one.extxyz"
+    ase.io.write(data, ase.io.read(files["data"], index=0))
+    out = tmp_path / "eval"
+    assert (
+        main(["evaluate", "--model", str(files["committee"]), "--data", str(data), "--out-dir", str(out)])
+        == 0
+    )
+    capsys.readouterr()
+
+    def refuse(constant):
+        raise AssertionError(f"metrics.json holds the non-standard JSON constant {constant}")
+
+    metrics = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["committee_size"] == 3
+    assert metrics["spearman_force_uncertainty_vs_error"] is None
+    assert metrics["spearman_energy_uncertainty_vs_error"] is None
+
+
 def test_uncertainty_against_error_on_chosen_numbers(files):
     structures = read_structures(files["data"])[:5]
     rng = np.random.default_rng(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from so3krates.data.dataset import GraphDataset
 from so3krates.data.io import read_structures, write_extxyz
 from so3krates.data.structure import Structure, unknown_elements
 from so3krates.errors import DataError, So3kratesError
-from so3krates.files import atomic_path, save_figure
+from so3krates.files import save_figure, write_json
 from so3krates.model.checkpoint import load_model
 from so3krates.runtime.force_field import ForceField
 from so3krates.runtime.predict import predict_batches
@@ -267,12 +266,9 @@ def evaluate_file(
             "spearman_energy_uncertainty_vs_error": analysis["spearman_energy"],
             "mean_max_force_uncertainty": float(np.mean(analysis["max_force_uncertainty"])),
         }
-    text = json.dumps(metrics, indent=2)
-    with atomic_path(out_dir / "metrics.json") as tmp:
-        tmp.write_text(text)
+    write_json(out_dir / "metrics.json", metrics)
     if json_path is not None:
-        with atomic_path(json_path) as tmp:
-            tmp.write_text(text)
+        write_json(json_path, metrics)
     log(format_table({"data": metrics}))
     if members is not None:
         log(

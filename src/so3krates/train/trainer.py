@@ -14,7 +14,6 @@ to rounding. Only rank 0 reads and writes the run directory and logs.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import warnings
@@ -31,7 +30,7 @@ from so3krates.checks import check_device, check_output_dir
 from so3krates.data.dataset import batches, collate_batch
 from so3krates.data.statistics import energy_shifts
 from so3krates.errors import ConfigError, TrainingError
-from so3krates.files import atomic_path
+from so3krates.files import atomic_path, write_json
 from so3krates.interrupt import stop_requests
 from so3krates.memory import keep_freed_memory
 from so3krates.model.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -592,8 +591,7 @@ class Trainer:
                 self.history.plot()
             rows = self._final_table()
             if main:
-                with atomic_path(self.run_dir / "results.json") as tmp:
-                    tmp.write_text(json.dumps(rows, indent=2))
+                write_json(self.run_dir / "results.json", rows)
             self.log(
                 "\nbest model ("
                 + ("EMA weights" if self.ema is not None else "weights")

@@ -1,8 +1,11 @@
 """Issue 21, ρ ≥ 0.5: does an uncertainty rank per-structure errors where the data cover a trajectory evenly?
 
-    python benchmarks/committee_resampling/even_coverage.py setup     # frames, bootstrap draws, configs
-    bash benchmarks/committee_resampling/train.sh even                # (in benchmarks/runs/even_coverage)
-    python benchmarks/committee_resampling/even_coverage.py analyze   # rho of each uncertainty
+    python benchmarks/committee_resampling/even_coverage.py setup [--steps N]    # frames, draws, configs
+    bash benchmarks/committee_resampling/train.sh VARIANT          # (in benchmarks/runs/even_coverage)
+    python benchmarks/committee_resampling/even_coverage.py analyze [--steps N]  # rho of each uncertainty
+
+VARIANT is `even` for the default 3,000 optimizer steps per member and `even_sN` for `--steps N` (the same
+frames and bootstrap draws, members trained longer); `setup` prints it.
 
 The `so3krates learn` committee's data cover the shared 2000-frame alanine-dipeptide trajectory evenly, and
 its force uncertainty ranks the per-structure error with ρ ≈ 0.2 only
@@ -33,7 +36,12 @@ def selected() -> np.ndarray:
     return np.unique(np.linspace(0, 1999, N_FRAMES).round().astype(int))
 
 
-def setup() -> None:
+def variant(steps: int) -> str:
+    """Name of the committee trained for ``steps`` optimizer steps per member (configs, runs, results)."""
+    return "even" if steps == STEPS else f"even_s{steps}"
+
+
+def setup(steps: int) -> None:
     import ase.io
     import yaml
 
@@ -50,9 +58,10 @@ def setup() -> None:
     for m in range(MEMBERS):
         draw = np.random.default_rng(1000 + m).choice(len(train), len(train), replace=True)
         ase.io.write(RUN / f"boot_{m}.extxyz", [train[i] for i in draw])
-        config = member_config(m, f"even/member_{m}", f"boot_{m}.extxyz", STEPS, int(0.9 * len(train)))
-        (RUN / f"even_m{m}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    print(f"{len(train)} frames, configs in {RUN}")
+        name = variant(steps)
+        config = member_config(m, f"{name}/member_{m}", f"boot_{m}.extxyz", steps, int(0.9 * len(train)))
+        (RUN / f"{name}_m{m}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"{len(train)} frames, configs in {RUN}; train with: bash train.sh {variant(steps)}")
 
 
 def member_config(m: int, run_dir: str, train_file: str, steps: int, n_train: int) -> dict:
@@ -93,7 +102,7 @@ def last_features(energy_function, structure) -> np.ndarray:
     return h.double().numpy()
 
 
-def analyze() -> None:
+def analyze(steps: int) -> None:
     import torch
     from scipy.stats import rankdata, spearmanr
 
@@ -105,7 +114,7 @@ def analyze() -> None:
     from so3krates.runtime.plan import Plan
 
     torch.set_num_threads(2)
-    members = sorted(RUN.glob("even/member_*/best.pt"))
+    members = sorted(RUN.glob(f"{variant(steps)}/member_*/best.pt"))
     chosen = set(selected().tolist())
     structures = read_structures(DATA)
     test = [k for k in range(len(structures)) if k not in chosen]
@@ -125,6 +134,7 @@ def analyze() -> None:
         return float(spearmanr(a, b).statistic)
 
     results = {
+        "steps_per_member": steps,
         "n_train_frames": len(chosen),
         "n_test_frames": len(test),
         "members": [str(p.relative_to(RUN)) for p in members],
@@ -175,16 +185,21 @@ def analyze() -> None:
     results["rho"]["feature distance mean vs error mean"] = rho(distances.mean(1), mean_error)
     results["rho"]["feature distance pooled atoms"] = rho(distances.ravel(), np.concatenate(error))
     results["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    (RUN / "even_coverage.json").write_text(json.dumps(results, indent=1))
+    name = "even_coverage" if steps == STEPS else f"even_coverage_s{steps}"
+    (RUN / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results["rho"], indent=1), results["committee_force_mae_eV_A"])
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["setup", "analyze"])
-    stage = parser.parse_args().stage
+    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per member")
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, not {args.steps}")
     if not DATA.is_file():
         sys.exit(f"even_coverage.py: {DATA} is missing (the shared data folder)")
-    if stage == "analyze" and not list(RUN.glob("even/member_*/best.pt")):
-        sys.exit(f"even_coverage.py: no trained members in {RUN / 'even'}: run setup and train.sh first")
-    {"setup": setup, "analyze": analyze}[stage]()
+    name = variant(args.steps)
+    if args.stage == "analyze" and not list(RUN.glob(f"{name}/member_*/best.pt")):
+        sys.exit(f"even_coverage.py: no trained members in {RUN / name}: run setup and train.sh {name} first")
+    {"setup": setup, "analyze": analyze}[args.stage](args.steps)

@@ -498,7 +498,7 @@ class Learner:
             int(np.argmin(result["member_forces_mae"])) if "member_forces_mae" in result else 0
         )
         write_json(path, result)
-        return result
+        return json.loads(path.read_text())  # as a rerun reads it (a non-finite number is None in both)
 
     def _md_argv(
         self,

@@ -48,6 +48,7 @@ def setup(steps: int) -> None:
     RUN.mkdir(parents=True, exist_ok=True)
     frames = ase.io.read(DATA, ":")
     chosen = selected()
+    name = variant(steps)
     train = []
     for k in chosen:
         atoms = frames[k].copy()
@@ -58,10 +59,9 @@ def setup(steps: int) -> None:
     for m in range(MEMBERS):
         draw = np.random.default_rng(1000 + m).choice(len(train), len(train), replace=True)
         ase.io.write(RUN / f"boot_{m}.extxyz", [train[i] for i in draw])
-        name = variant(steps)
         config = member_config(m, f"{name}/member_{m}", f"boot_{m}.extxyz", steps, int(0.9 * len(train)))
         (RUN / f"{name}_m{m}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    print(f"{len(train)} frames, configs in {RUN}; train with: bash train.sh {variant(steps)}")
+    print(f"{len(train)} frames, configs in {RUN}; train with: bash train.sh {name}")
 
 
 def member_config(m: int, run_dir: str, train_file: str, steps: int, n_train: int) -> dict:

@@ -26,6 +26,7 @@ from so3krates.errors import DataError, So3kratesError
 from so3krates.export import export_model, load_exported, read_metadata
 from so3krates.export.formats import METADATA_FILE
 from so3krates.model.checkpoint import save_checkpoint
+from so3krates.ops import pair_messages
 from so3krates.runtime import Plan, PlanError, Planner
 from so3krates.runtime.programs import graph_inputs
 
@@ -83,6 +84,7 @@ def test_pt2_gives_the_checkpoints_numbers(checkpoint, exported):
         "pairs": False,
         "slots": False,
         "blocks": False,
+        "kernel": False,
     }
     assert metadata["spline_intervals"] is None and metadata["cutoff"] == 4.0
     _compare(exported, checkpoint, "float64")
@@ -113,7 +115,11 @@ def test_the_programs_the_calculator_compiles_give_the_reference_numbers(dtype, 
     the modules beyond the memory budget with blocks turned off; against the reference path, one structure
     at a time."""
     plans = calculator_plans(DTYPES[dtype])
-    assert len(plans) == 3 and {plan.slots for plan in plans} == {False, True}
+    # With the pair-message kernel (where it builds) large graphs take the fused layers with the kernel
+    # instead of the modules.
+    kernel = pair_messages.available()
+    assert len(plans) == (4 if kernel else 3) and {plan.slots for plan in plans} == {False, True}
+    assert {plan.kernel for plan in plans} == ({False, True} if kernel else {False})
     model = make_model(preset("tiny"), DTYPES[dtype])
     tolerance = TOLERANCE[dtype] if dtype == "float64" else 2e-5
     for plan in plans:
@@ -201,6 +207,7 @@ def test_export_command_and_its_errors(checkpoint, tmp_path, capsys):
         "pairs": True,
         "slots": True,
         "blocks": False,
+        "kernel": False,
     }
     assert metadata["spline_intervals"] == 2048 and metadata["dtype"] == "float32"
     # Refused before anything is written: a wrong suffix, an illegal plan, plan options for ML-IAP.
@@ -358,7 +365,10 @@ def test_calculator_on_several_threads_takes_the_program_with_slots(checkpoint, 
     tolerance = TOLERANCE[dtype]
     try:
         compiled = So3kratesCalculator(
-            checkpoint, dtype=dtype, compile="aoti", planner=Planner(single_thread_edges=0)
+            checkpoint,
+            dtype=dtype,
+            compile="aoti",
+            planner=Planner(single_thread_edges=0, kernel_min_edges=None),  # the kernel: the next test
         )
         box = triclinic_cell().repeat((2, 2, 2))
         for atoms in (ethanol(), box):
@@ -383,10 +393,55 @@ def test_calculator_on_several_threads_takes_the_program_with_slots(checkpoint, 
             np.testing.assert_array_equal(compiled.get_property("forces", box), first)
         single = box.copy()
         single.calc = So3kratesCalculator(
-            checkpoint, dtype=dtype, compile="aoti", planner=Planner(single_thread_edges=10**9)
+            checkpoint,
+            dtype=dtype,
+            compile="aoti",
+            planner=Planner(single_thread_edges=10**9, kernel_min_edges=None),
         )
         np.testing.assert_allclose(single.get_forces(), box.get_forces(), atol=tolerance * scale)
         assert set(single.calc.force_field._evaluators) == {Plan("fused", spline, pairs=True)}  # one thread
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_calculator_programs_with_the_pair_kernel_give_the_same_numbers(
+    checkpoint, tmp_path, monkeypatch, dtype
+):
+    """The kernel called from an aoti program (threaded, with slots for the other sums): the numbers of the
+    eager path without it, the same on every call (each sum is written by one thread, in a fixed order)."""
+    if not pair_messages.available():
+        pytest.skip(f"the pair-message kernel cannot be built here: {pair_messages.unavailable_reason()}")
+    monkeypatch.setenv("SO3KRATES_CACHE_DIR", str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    tolerance = TOLERANCE[dtype]
+    try:
+        planner = Planner(single_thread_edges=0, kernel_min_edges=0)
+        compiled = So3kratesCalculator(checkpoint, dtype=dtype, compile="aoti", planner=planner)
+        box = triclinic_cell().repeat((2, 2, 2))
+        for atoms in (ethanol(), box):
+            reference = atoms.copy()
+            reference.calc = So3kratesCalculator(
+                checkpoint, dtype=dtype, planner=Planner(kernel_min_edges=None)
+            )
+            atoms.calc = compiled
+            forces = atoms.get_forces()
+            scale = max(1.0, np.abs(forces).max())
+            np.testing.assert_allclose(forces, reference.get_forces(), atol=tolerance * scale)
+            energy = reference.get_potential_energy()
+            assert atoms.get_potential_energy() == pytest.approx(energy, rel=tolerance, abs=tolerance)
+            if atoms.pbc.any():
+                np.testing.assert_allclose(atoms.get_stress(), reference.get_stress(), atol=tolerance)
+        spline = "spline" if dtype == "float32" else "network"
+        assert set(compiled.force_field._evaluators) == {
+            Plan("fused", spline, pairs=True, slots=True, kernel=True)
+        }
+        first = box.get_forces().copy()
+        for _ in range(5):
+            compiled.reset()
+            np.testing.assert_array_equal(compiled.get_property("forces", box), first)
     finally:
         torch.set_num_threads(threads)
 

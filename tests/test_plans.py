@@ -19,6 +19,7 @@ import torch
 
 from helpers import PLANS, TRAINING_PLANS, VARIANTS, ethanol, make_model, reference_outputs, triclinic_cell
 from so3krates import atoms_to_graph, collate, preset
+from so3krates.ops import pair_messages
 from so3krates.runtime import (
     EnergyFunction,
     Evaluator,
@@ -30,6 +31,7 @@ from so3krates.runtime import (
     legal_plans,
 )
 from so3krates.runtime.plan import (
+    KERNEL_MIN_EDGES,
     WHOLE_GRAPH_BYTES_PER_EDGE,
     WHOLE_GRAPH_BYTES_PER_EDGE_CUDA,
     check_compile_mode,
@@ -62,6 +64,8 @@ def evaluate_plan(model, plan: Plan, structures, frozen: bool = True) -> dict[st
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_legal_plan_gives_the_reference_numbers(variant, dtype, plan):
+    if plan.kernel and not pair_messages.available():
+        pytest.skip(f"the pair-message kernel cannot be built here: {pair_messages.unavailable_reason()}")
     model = make_model(VARIANTS[variant], DTYPES[dtype]).requires_grad_(False)
     structures = [ethanol(0), triclinic_cell()]  # a molecule and a periodic cell in one batch
     expected = reference_outputs(model, structures)
@@ -118,6 +122,16 @@ def test_every_illegal_plan_is_refused_with_a_clear_message():
             lambda plan, frozen, grad: plan.blocks and not frozen
         ),
         "second derivatives need blocks=False": lambda plan, frozen, grad: plan.blocks and grad,
+        "the pair-message kernel runs the fused layers on edges in pair order": lambda plan, frozen, grad: (
+            plan.kernel and (plan.layers != "fused" or not plan.pairs)
+        ),
+        "edge blocks compute their messages with PyTorch, not with the kernel": lambda plan, frozen, grad: (
+            plan.kernel and plan.blocks
+        ),
+        "the kernel is differentiable once: it needs frozen weights": lambda plan, frozen, grad: (
+            plan.kernel and not frozen
+        ),
+        "second derivatives need kernel=False": lambda plan, frozen, grad: plan.kernel and grad,
     }
     model = make_model(preset("tiny"), torch.float64)
     frozen_model = copy.deepcopy(model).requires_grad_(False)
@@ -166,7 +180,7 @@ def test_a_plan_with_pairs_needs_edges_in_pair_order():
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
-    planner = Planner()
+    planner = Planner(kernel_min_edges=None)  # the pair-message kernel: the next test
     float32 = DTYPES[dtype] == torch.float32
 
     def plan(n_edges, frozen=True, create_graph=False, pairs=True, threads=1, compile="none"):
@@ -232,6 +246,37 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
             continue
         chosen = plan(n_edges, frozen, create_graph, True, threads, compile)
         assert not chosen.problems(frozen, create_graph), chosen
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_the_planner_takes_the_pair_kernel_for_large_frozen_cpu_calls_in_pair_order(dtype, monkeypatch):
+    if not pair_messages.available():
+        pytest.skip(f"the pair-message kernel cannot be built here: {pair_messages.unavailable_reason()}")
+    planner = Planner()
+    spline = "spline" if DTYPES[dtype] == torch.float32 else "network"
+
+    def plan(n_edges, frozen=True, create_graph=False, pairs=True, threads=2, compile="none", device="cpu"):
+        return planner.plan(n_edges, DTYPES[dtype], frozen, create_graph, pairs, threads, compile, device)
+
+    large = KERNEL_MIN_EDGES + 1
+    # Fused layers at every size (no per-edge tensors to keep), slots where an aoti program is threaded.
+    assert plan(large) == Plan("fused", spline, pairs=True, kernel=True)
+    assert plan(large, compile="inductor") == Plan("fused", spline, pairs=True, kernel=True)
+    assert plan(large, compile="aoti") == Plan("fused", spline, pairs=True, slots=True, kernel=True)
+    assert plan(large, compile="aoti", threads=1) == Plan("fused", spline, pairs=True, kernel=True)
+    # Not at or below the threshold, nor without pair order, training, second derivatives, or on a GPU.
+    assert not plan(KERNEL_MIN_EDGES).kernel
+    assert not plan(large, pairs=False).kernel
+    assert not plan(large, frozen=False).kernel
+    assert not plan(large, create_graph=True).kernel
+    assert not plan(large, device="meta").kernel
+    # Edge blocks (beyond the memory budget) compute their messages with PyTorch.
+    beyond = planner.blocks_threshold("aoti") + 1
+    assert plan(beyond, compile="aoti") == Plan("fused", spline, pairs=True, blocks=True)
+    assert not Planner(kernel_min_edges=None).plan(large, DTYPES[dtype], True, pairs=True).kernel
+    # Where the kernel cannot be built, the plans stay what they were without it.
+    monkeypatch.setattr(pair_messages, "available", lambda: False)
+    assert plan(large) == Plan("modules", "network", pairs=True)
 
 
 def test_on_a_gpu_edge_blocks_start_where_the_gpus_own_memory_would_run_out(monkeypatch):

@@ -5,6 +5,8 @@
   edges ("slots"), so that compiled programs can run their kernels on all threads;
 - :mod:`~so3krates.ops.spline`: a cubic Hermite spline of a vector-valued function of one variable, which
   the execution layer uses to read the radial filters from a table instead of evaluating their network.
+- :mod:`~so3krates.ops.pair_messages`: a fused layer's per-edge messages and their sum over each atom's
+  edges in one hand-written C++ kernel (forward and backward), for edges in pair order.
 
 No equations of the model live here, and nothing here knows about the model.
 """

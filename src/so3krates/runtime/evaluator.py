@@ -64,7 +64,7 @@ def assemble(model: So3krates, plan: Plan) -> Weights:
     network, fused = plan.radial == "network", plan.layers == "fused"
     return Weights(
         tuple(radial_weights(layer) if network else None for layer in model.layers),
-        tuple(layer_weights(layer) if fused else None for layer in model.layers),
+        tuple(layer_weights(layer, heads=plan.kernel) if fused else None for layer in model.layers),
     )
 
 
@@ -118,6 +118,18 @@ def _fused_layer(
     edges: EdgeLayout,
 ) -> tuple[Tensor, Tensor]:
     return fused_layer(layer, weights, radial, h, x, features.cutoff, features.sph, edges)
+
+
+def _kernel_layer(
+    layer: TransformerLayer,
+    weights: LayerWeights | None,
+    radial: list[Tensor],
+    h: Tensor,
+    x: Tensor,
+    features: EdgeFeatures,
+    edges: EdgeLayout,
+) -> tuple[Tensor, Tensor]:
+    return fused_layer(layer, weights, radial, h, x, features.cutoff, features.sph, edges, kernel=True)
 
 
 def _layer_splines(model: So3krates, spline: Spline) -> list[Spline]:
@@ -224,7 +236,7 @@ class EnergyFunction(nn.Module):
         else:
             self.radial = partial(_network_filters, model)
         self.layer: Callable[..., tuple[Tensor, Tensor]] = (
-            _fused_layer if plan.layers == "fused" else module_layer
+            module_layer if plan.layers == "modules" else _kernel_layer if plan.kernel else _fused_layer
         )
         self.block_edges = block_edges
         self.block_workers = block_workers

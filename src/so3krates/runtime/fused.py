@@ -12,7 +12,9 @@ assembled into a few dense matrices, so that one layer is about 30 operations:
 - the per-head sums of q·w·k of both branches are one product with a fixed head-indicator matrix that
   also carries the 1/norm, and their expansion back to features (invariant branch) and spherical components
   (Euclidean branch) is another;
-- Δh and Δx are summed over edges in one sum (``EdgeLayout.sum_i``: a scatter-add, or through slots).
+- Δh and Δx are summed over edges in one sum (``EdgeLayout.sum_i``: a scatter-add, or through slots);
+- or, with the plan's ``kernel``, the products, coefficients, messages and their sum are one hand-written
+  CPU kernel (:mod:`so3krates.ops.pair_messages`), forward and backward, without per-edge tensors.
 
 The weights are read through the modules' named interfaces only (``HeadwiseLinear.dense``,
 ``FilterNet.spherical_in`` …); the layer norms, the exchange block and the residual MLPs are the modules
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from so3krates.nn.transformer import TransformerLayer
+from so3krates.ops.pair_messages import pair_messages
 from so3krates.runtime.layout import EdgeLayout
 
 
@@ -39,10 +42,12 @@ class LayerWeights(NamedTuple):
     spherical_out: tuple[Tensor, ...]  # per branch: second spherical layer (F/4, F), no bias
     head_sums: Tensor  # (B·F, H + D), column-major: 1/norm where feature f belongs to head k
     head_expand: Tensor  # (H + D, F + n_sph): 1 where a head's coefficient multiplies a value component
+    heads: tuple[Tensor, Tensor, Tensor] | None  # the same as ranges for the pair-message kernel, or None
 
 
-def layer_weights(layer: TransformerLayer) -> LayerWeights:
-    """Assembles the matrices of one layer from its parameters (differentiable: training can use them)."""
+def layer_weights(layer: TransformerLayer, heads: bool = False) -> LayerWeights:
+    """Assembles the matrices of one layer from its parameters (differentiable: training can use them);
+    ``heads``: also the head ranges of :func:`so3krates.ops.pair_messages.pair_messages` (on the CPU)."""
     invariant, euclidean = layer.invariant_attention, layer.euclidean_attention
     attentions = [invariant] + ([euclidean] if euclidean is not None else [])
     projection = torch.cat(
@@ -81,7 +86,22 @@ def layer_weights(layer: TransformerLayer) -> LayerWeights:
     if euclidean is not None:
         degree_index = layer.contraction.degree_index
         head_expand[n_heads[0] + degree_index, n_features + torch.arange(n_sph, device=device)] = 1.0
-    return LayerWeights(projection, spherical_in, spherical_out, head_sums, head_expand)
+    ranges = None
+    if heads:
+        ranges = (
+            _head_ranges(head_sums.argmax(dim=1)),
+            _head_ranges(head_expand.argmax(dim=0)),
+            head_sums.detach().amax(dim=0).contiguous(),
+        )
+    return LayerWeights(projection, spherical_in, spherical_out, head_sums, head_expand, ranges)
+
+
+def _head_ranges(owner: Tensor) -> Tensor:
+    """(R, 3) int32 [start, stop, head]: the runs of equal entries of ``owner`` (the head of each column)."""
+    heads = owner.cpu().tolist()
+    starts = [0] + [f for f in range(1, len(heads)) if heads[f] != heads[f - 1]]
+    stops = [*starts[1:], len(heads)]
+    return torch.tensor([[a, b, heads[a]] for a, b in zip(starts, stops, strict=True)], dtype=torch.int32)
 
 
 def projections(layer: TransformerLayer, weights: LayerWeights, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,9 +140,26 @@ def edge_messages(
         both: first rows → all rows (``EdgeLayout.both``: the reverses of pairs repeat their filters), or
             None for edges in pair order whose filters are to be broadcast over the two halves instead.
     """
-    n_branches = len(radial)
+    width = len(radial) * radial[0].shape[1]
     n_features = radial[0].shape[1]
-    width = n_branches * n_features
+    filters = edge_filters(layer, weights, radial, differences)
+    keys, values = keys_values.split([width, n_features], dim=1)
+    if both is None:  # pairs: the filters of the first half broadcast over both, not copied
+        products = (queries.view(2, -1, width) * filters * keys.view(2, -1, width)).view(-1, width)
+    else:
+        products = queries * both(filters) * keys
+    # α_ij (invariant heads) and β_ij (one head per degree), Eqs. (21–22), in one product.
+    coefficients = (products @ weights.head_sums) * cutoff[:, None]
+    if weights.spherical_in is not None:
+        values = torch.cat([values, sph], dim=1)
+    return (coefficients @ weights.head_expand) * values  # [α v_j | β Y_ij] per edge
+
+
+def edge_filters(
+    layer: TransformerLayer, weights: LayerWeights, radial: list[Tensor], differences: Tensor | None
+) -> Tensor:
+    """The filters of both branches on the rows of ``radial``: (n_first, B·F)."""
+    n_branches = len(radial)
     filters = radial
     if weights.spherical_in is not None:
         # w_ij = radial part + MLP_s(s_ij) − b_s per branch (Eq. 20), the spherical part in one small MLP.
@@ -134,17 +171,7 @@ def edge_messages(
         filters = [
             torch.addmm(f, s, w) for f, s, w in zip(filters, hidden, weights.spherical_out, strict=True)
         ]
-    filters = torch.cat(filters, dim=1) if n_branches > 1 else filters[0]
-    keys, values = keys_values.split([width, n_features], dim=1)
-    if both is None:  # pairs: the filters of the first half broadcast over both, not copied
-        products = (queries.view(2, -1, width) * filters * keys.view(2, -1, width)).view(-1, width)
-    else:
-        products = queries * both(filters) * keys
-    # α_ij (invariant heads) and β_ij (one head per degree), Eqs. (21–22), in one product.
-    coefficients = (products @ weights.head_sums) * cutoff[:, None]
-    if weights.spherical_in is not None:
-        values = torch.cat([values, sph], dim=1)
-    return (coefficients @ weights.head_expand) * values  # [α v_j | β Y_ij] per edge
+    return torch.cat(filters, dim=1) if n_branches > 1 else filters[0]
 
 
 def finish_updates(layer: TransformerLayer, h: Tensor, x: Tensor, updates: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,6 +191,7 @@ def fused_layer(
     cutoff: Tensor,
     sph: Tensor,
     edges: EdgeLayout,
+    kernel: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One transformer layer (the computation of ``TransformerLayer.forward``) with fused weights.
 
@@ -174,9 +202,19 @@ def fused_layer(
         h, x: (n_atoms, F), (n_atoms, n_sph) — features and Euclidean variables.
         cutoff: (n_edges,) φ(d_ij); sph: (n_edges, n_sph) Y(r̂_ij).
         edges: the layout; with pairs, ``radial`` holds the first of each pair only.
+        kernel: the messages and their sum in the pair-message kernel (:mod:`so3krates.ops.pair_messages`;
+            edges in pair order, weights assembled with ``heads``).
     """
     differences = edges.difference(x) if weights.spherical_in is not None else None
     queries, keys_values = projections(layer, weights, h)
+    if kernel:
+        filters = edge_filters(layer, weights, radial, differences)
+        if weights.spherical_in is None:  # no Euclidean branch: messages without Y
+            sph = cutoff.new_zeros((cutoff.shape[0], 0))
+        updates = pair_messages(
+            queries, keys_values, filters, cutoff, sph, edges.idx_i, edges.idx_j, weights.heads, h.shape[1]
+        )
+        return finish_updates(layer, h, x, updates)
     messages = edge_messages(
         layer,
         weights,

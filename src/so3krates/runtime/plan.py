@@ -14,6 +14,9 @@ A :class:`Plan` names one of the ways to compute the same energy (:mod:`so3krate
 - ``blocks``: the sums over edges a block of edges at a time, recomputed in the backward pass
   (:mod:`so3krates.runtime.blocks`): memory grows with the atoms instead of edges × features, for large
   systems, at the price of a second evaluation of the messages.
+- ``kernel``: each fused layer's messages and their sum in one hand-written CPU kernel, forward and
+  backward, for edges in pair order (:mod:`so3krates.ops.pair_messages`): no (edges × features) tensors
+  in between, which on large graphs is most of a compiled call's memory traffic.
 
 Every legal plan gives the reference model's numbers (to round-off; the spline to its interpolation error,
 below float32 round-off) — the test matrix in ``tests/test_plans.py`` runs them all. :meth:`Plan.check`
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from so3krates.errors import So3kratesError
+from so3krates.ops import pair_messages
 from so3krates.runtime.blocks import BLOCK_EDGES
 
 LAYERS = ("modules", "fused")
@@ -54,6 +58,7 @@ class Plan:
     pairs: bool = False
     slots: bool = False
     blocks: bool = False
+    kernel: bool = False
 
     def __post_init__(self) -> None:
         if self.layers not in LAYERS:
@@ -84,6 +89,14 @@ class Plan:
             )
         if create_graph and self.blocks:
             problems.append("blocks are differentiable once: second derivatives need blocks=False")
+        if self.kernel and (self.layers != "fused" or not self.pairs):
+            problems.append("the pair-message kernel runs the fused layers on edges in pair order")
+        if self.kernel and self.blocks:
+            problems.append("edge blocks compute their messages with PyTorch, not with the kernel")
+        if self.kernel and not frozen:
+            problems.append("the kernel is differentiable once: it needs frozen weights, not training")
+        if create_graph and self.kernel:
+            problems.append("the kernel is differentiable once: second derivatives need kernel=False")
         return problems
 
     def check(self, frozen: bool, create_graph: bool = False) -> None:
@@ -95,24 +108,29 @@ class Plan:
     def describe(self) -> str:
         """E.g. ``fused layers, spline, pairs, slots``."""
         parts = [f"{self.layers} layers", "spline" if self.radial == "spline" else "network"]
-        return ", ".join(parts + [name for name in ("pairs", "slots", "blocks") if getattr(self, name)])
+        flags = [name for name in ("pairs", "slots", "blocks", "kernel") if getattr(self, name)]
+        return ", ".join(parts + flags)
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
 
 @functools.cache
-def _plan(layers: str, radial: str, pairs: bool, slots: bool, blocks: bool = False) -> Plan:
+def _plan(
+    layers: str, radial: str, pairs: bool, slots: bool, blocks: bool = False, kernel: bool = False
+) -> Plan:
     """The one instance of each plan (``Planner.plan`` runs on every call; making a Plan takes µs)."""
-    return Plan(layers, radial, pairs, slots, blocks)
+    return Plan(layers, radial, pairs, slots, blocks, kernel)
 
 
 def every_plan() -> list[Plan]:
-    """All combinations of the five choices, legal or not (32)."""
+    """All combinations of the six choices, legal or not (64)."""
     flags = (False, True)
     return [
-        Plan(layers, radial, pairs, slots, blocks)
-        for layers, radial, pairs, slots, blocks in itertools.product(LAYERS, RADIAL, flags, flags, flags)
+        Plan(layers, radial, pairs, slots, blocks, kernel)
+        for layers, radial, pairs, slots, blocks, kernel in itertools.product(
+            LAYERS, RADIAL, flags, flags, flags, flags
+        )
     ]
 
 
@@ -130,6 +148,9 @@ def check_compile_mode(compile: str, frozen: bool, device: torch.device | str) -
     if compile == "aoti" and not frozen:
         raise PlanError("compile='aoti' compiles the weights into the program: it needs frozen weights")
 
+
+#: Edges above which frozen CPU calls in pair order use the pair-message kernel (Planner.kernel_min_edges).
+KERNEL_MIN_EDGES = 2000
 
 #: Peak memory per edge of energy + forces of the whole graph at once (paper preset, float32, pairs; the
 #: process's peak over edges, interpreter included): eager modules 4.07 GB at 163k edges (3,000 water);
@@ -192,6 +213,9 @@ class Planner:
         block_edges: edges per block.
         block_workers: threads that evaluate edge blocks at once (``runtime.blocks.in_workers``), each on
             one intra-op thread. ``None`` (default): torch's thread count at the call on a CPU, one on a GPU.
+        kernel_min_edges: frozen CPU calls of the whole graph in pair order with more edges than this run
+            each layer's messages in the pair-message kernel (:mod:`so3krates.ops.pair_messages`, built
+            on first use; not used where it cannot be built). ``None`` turns it off.
     """
 
     fused_max_edges: int = 2000
@@ -203,6 +227,7 @@ class Planner:
     blocks_memory_fraction: float = 1.0 / 3.0
     block_edges: int = BLOCK_EDGES
     block_workers: int | None = None
+    kernel_min_edges: int | None = KERNEL_MIN_EDGES
 
     def blocks_threshold(self, compile: str = "none", device: torch.device | str = "cpu") -> int:
         """Edges beyond which inference runs in blocks (0: never), for a compile mode and a device."""
@@ -259,11 +284,22 @@ class Planner:
         fused_max = self.aoti_fused_max_edges if compile == "aoti" else self.fused_max_edges
         if fused_max is None:
             fused_max = memory_limit
-        layers = "fused" if n_edges <= fused_max else "modules"
+        pairs = pairs and self.pairs
+        kernel = (
+            once
+            and pairs
+            and self.kernel_min_edges is not None
+            and n_edges > self.kernel_min_edges
+            and torch.device(device).type == "cpu"
+            and pair_messages.available()
+        )
+        # The kernel's layers need neither per-edge tensors nor their memory: fused at any size.
+        layers = "fused" if kernel or n_edges <= fused_max else "modules"
         spline = self.spline if self.spline is not None else (dtype == torch.float32 and layers == "fused")
         # Slots pay off only where the kernels are threaded, which only an aoti program does for us.
         slots = compile == "aoti" and layers == "fused" and threads > 1
-        return _plan(layers, "spline" if spline and once else "network", pairs and self.pairs, slots and once)
+        radial = "spline" if spline and once else "network"
+        return _plan(layers, radial, pairs, slots and once, False, kernel)
 
     def complete(
         self,

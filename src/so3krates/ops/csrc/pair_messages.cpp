@@ -1,0 +1,242 @@
+// The message chain of one fused transformer layer, summed over each centre atom's edges, for edges in pair
+// order (edge e + P is edge e reversed, P = E / 2) whose filters are given once per pair.
+// See so3krates/ops/pair_messages.py for the equations and why this is written by hand.
+//
+// Per edge e = (i, j) with pair p:   s_h  = Σ_{f ∈ head h} q_i[f] w_p[f] k_j[f]           (head sums)
+//                                    c_h  = s_h · scale_h · φ_e                           (α_ij, β_ij)
+//                                    U_i += [c_{h(f)} v_j[f] for f < F | c_{h(m)} Y_e[m] for m < S]
+// Forward: one pass over the atoms, each summing its own edges (no scatter, no atomics).
+// Backward: one pass over the atoms; at atom a, every edge e = (a, b) is taken with its reverse r = (b, a)
+// (same filter row), so that a's own gradients (queries from e; keys and values from r) are written by one
+// thread, and each pair's filter gradient is written once, by the visit of its first-half edge.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int kMaxHeads = 64;
+// Atoms per task of torch's intra-op thread pool (at::parallel_for: the threads torch.set_num_threads gives).
+constexpr int64_t kGrain = 16;
+
+// Contiguous ranges of features [start, stop) that belong to one head: rows of an (R, 3) int32 tensor.
+struct Ranges {
+  const int* r;
+  int n;
+  int start(int t) const { return r[3 * t]; }
+  int stop(int t) const { return r[3 * t + 1]; }
+  int head(int t) const { return r[3 * t + 2]; }
+};
+
+// Counting sort of the edges by atom: ptr (n + 1) and the edge ids in atom order (stable).
+void by_atom(const torch::Tensor& index, int64_t n, std::vector<int64_t>& ptr, std::vector<int64_t>& order) {
+  const int64_t n_edges = index.size(0);
+  const int64_t* x = index.data_ptr<int64_t>();
+  ptr.assign(n + 1, 0);
+  order.resize(n_edges);
+  for (int64_t e = 0; e < n_edges; ++e) {
+    TORCH_CHECK(x[e] >= 0 && x[e] < n, "pair_messages: atom index ", x[e], " out of range for ", n, " atoms");
+    ++ptr[x[e] + 1];
+  }
+  for (int64_t i = 0; i < n; ++i) ptr[i + 1] += ptr[i];
+  std::vector<int64_t> fill(ptr.begin(), ptr.end() - 1);
+  for (int64_t e = 0; e < n_edges; ++e) order[fill[x[e]]++] = e;
+}
+
+template <typename T>
+inline void head_sums(const T* q, const T* w, const T* k, Ranges in, T* s) {
+  for (int t = 0; t < in.n; ++t) {
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int f = in.start(t); f < in.stop(t); ++f) acc += q[f] * w[f] * k[f];
+    s[in.head(t)] = acc;
+  }
+}
+
+// ∂E/∂c_h of one edge: the incoming gradient of its centre atom against the values it multiplies.
+template <typename T>
+inline void coefficient_grads(const T* g, const T* v, const T* y, int64_t F, Ranges out, T* gc) {
+  for (int t = 0; t < out.n; ++t) {
+    const int lo = out.start(t), hi = out.stop(t);
+    const T* value = lo < F ? v : y - F;
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int f = lo; f < hi; ++f) acc += g[f] * value[f];
+    gc[out.head(t)] = acc;
+  }
+}
+
+template <typename T>
+void forward_kernel(const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
+                    const int64_t* idx_j, const std::vector<int64_t>& ptr, const std::vector<int64_t>& order,
+                    int64_t n, int64_t W, int64_t KVW, int64_t F, int64_t S, int64_t P, int H, Ranges in,
+                    Ranges out, T* u) {
+  const int64_t C = F + S;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    T* ui = u + i * C;
+    const T* qi = q + i * W;
+    T s[kMaxHeads];
+    for (int64_t t0 = ptr[i]; t0 < ptr[i + 1]; ++t0) {
+      const int64_t e = order[t0], j = idx_j[e];
+      const T* kj = kv + j * KVW;
+      head_sums(qi, w + (e % P) * W, kj, in, s);
+      for (int h = 0; h < H; ++h) s[h] *= scale[h] * phi[e];
+      for (int t = 0; t < out.n; ++t) {
+        const int lo = out.start(t), hi = out.stop(t);
+        const T c = s[out.head(t)];
+        const T* value = lo < F ? kj + W : y + e * S - F;
+#pragma omp simd
+        for (int f = lo; f < hi; ++f) ui[f] += c * value[f];
+      }
+    }
+  }
+  });
+}
+
+template <typename T>
+void backward_kernel(const T* g, const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
+                     const int64_t* idx_j, const std::vector<int64_t>& ptr, const std::vector<int64_t>& order,
+                     int64_t n, int64_t W, int64_t KVW, int64_t F, int64_t S, int64_t P, int H, Ranges in,
+                     Ranges out, T* dq, T* dkv, T* dw, T* dphi, T* dy) {
+  const int64_t C = F + S;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  for (int64_t a = begin; a < end; ++a) {
+    const T *qa = q + a * W, *kva = kv + a * KVW, *ga = g + a * C;
+    T *dqa = dq + a * W, *dka = dkv + a * KVW, *dva = dkv + a * KVW + W;
+    for (int64_t f = 0; f < W; ++f) dqa[f] = 0;
+    for (int64_t f = 0; f < KVW; ++f) dka[f] = 0;
+    T s_e[kMaxHeads], g_e[kMaxHeads], s_r[kMaxHeads], g_r[kMaxHeads];
+    for (int64_t t0 = ptr[a]; t0 < ptr[a + 1]; ++t0) {
+      const int64_t e = order[t0], b = idx_j[e], p = e % P, r = e < P ? e + P : e - P;
+      const T *qb = q + b * W, *kvb = kv + b * KVW, *gb = g + b * C, *wp = w + p * W;
+      head_sums(qa, wp, kvb, in, s_e);                              // e = (a, b), into U_a
+      coefficient_grads(ga, kvb + W, y + e * S, F, out, g_e);
+      head_sums(qb, wp, kva, in, s_r);                              // r = (b, a), into U_b
+      coefficient_grads(gb, kva + W, y + r * S, F, out, g_r);
+      T dphi_e = 0;
+      for (int h = 0; h < H; ++h) {
+        dphi_e += g_e[h] * s_e[h] * scale[h];
+        g_e[h] *= scale[h] * phi[e];  // ∂E/∂s_h of e
+        g_r[h] *= scale[h] * phi[r];  // ∂E/∂s_h of r
+        s_e[h] *= scale[h] * phi[e];  // c_h of e
+        s_r[h] *= scale[h] * phi[r];  // c_h of r
+      }
+      dphi[e] = dphi_e;
+      for (int t = 0; t < out.n; ++t) {
+        const int lo = out.start(t), hi = out.stop(t), h = out.head(t);
+        if (lo >= F) {  // Y_e multiplies c_h of e into U_a
+          T* dye = dy + e * S - F;
+          for (int f = lo; f < hi; ++f) dye[f] = s_e[h] * ga[f];
+        } else {  // v_a multiplies c_h of r into U_b
+          const T c = s_r[h];
+#pragma omp simd
+          for (int f = lo; f < hi; ++f) dva[f] += c * gb[f];
+        }
+      }
+      T* dwp = dw + p * W;
+      const bool writes_pair = e < P;
+      for (int t = 0; t < in.n; ++t) {
+        const int lo = in.start(t), hi = in.stop(t), h = in.head(t);
+        const T x_e = g_e[h], x_r = g_r[h];
+#pragma omp simd
+        for (int f = lo; f < hi; ++f) {
+          dqa[f] += x_e * wp[f] * kvb[f];
+          dka[f] += x_r * qb[f] * wp[f];
+        }
+        if (writes_pair) {
+#pragma omp simd
+          for (int f = lo; f < hi; ++f) dwp[f] = x_e * qa[f] * kvb[f] + x_r * qb[f] * kva[f];
+        }
+      }
+    }
+  }
+  });
+}
+
+struct Shapes {
+  int64_t n, W, KVW, F, S, P;
+  int H;
+};
+
+Shapes check(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& w, const torch::Tensor& phi,
+             const torch::Tensor& y, const torch::Tensor& idx_i, const torch::Tensor& idx_j,
+             const torch::Tensor& ranges_in, const torch::Tensor& ranges_out, const torch::Tensor& scale,
+             int64_t F) {
+  for (const auto* t : {&q, &kv, &w, &phi, &y, &scale})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type() && t->is_contiguous(),
+                "pair_messages: every float input must be a contiguous CPU tensor of one dtype");
+  TORCH_CHECK(idx_i.scalar_type() == torch::kLong && idx_j.scalar_type() == torch::kLong,
+              "pair_messages: edge indices must be int64");
+  TORCH_CHECK(ranges_in.scalar_type() == torch::kInt && ranges_out.scalar_type() == torch::kInt,
+              "pair_messages: head ranges must be int32");
+  const int64_t E = idx_i.size(0);
+  TORCH_CHECK(E % 2 == 0 && w.size(0) == E / 2, "pair_messages: edges must come in pairs, one filter row each");
+  TORCH_CHECK(phi.size(0) == E && y.size(0) == E && idx_j.size(0) == E, "pair_messages: per-edge sizes differ");
+  TORCH_CHECK(scale.size(0) <= kMaxHeads, "pair_messages: at most ", kMaxHeads, " heads");
+  // Pair order is what the backward pass relies on: edge e + P is edge e reversed. O(edges), checked.
+  const int64_t *ii = idx_i.data_ptr<int64_t>(), *jj = idx_j.data_ptr<int64_t>(), n = q.size(0), P = E / 2;
+  for (int64_t e = 0; e < P; ++e) {
+    TORCH_CHECK(ii[e] == jj[e + P] && jj[e] == ii[e + P], "pair_messages: edges are not in pair order (edge ",
+                e + P, " is not edge ", e, " reversed)");
+    TORCH_CHECK(jj[e] >= 0 && jj[e] < n && ii[e] >= 0 && ii[e] < n, "pair_messages: atom index out of range ",
+                "for ", n, " atoms");
+  }
+  return {q.size(0), q.size(1), kv.size(1), F, y.size(1), E / 2, static_cast<int>(scale.size(0))};
+}
+
+}  // namespace
+
+torch::Tensor pair_messages(torch::Tensor q, torch::Tensor kv, torch::Tensor w, torch::Tensor phi, torch::Tensor y,
+                            torch::Tensor idx_i, torch::Tensor idx_j, torch::Tensor ranges_in,
+                            torch::Tensor ranges_out, torch::Tensor scale, int64_t F) {
+  const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
+  std::vector<int64_t> ptr, order;
+  by_atom(idx_i, d.n, ptr, order);
+  auto u = torch::zeros({d.n, d.F + d.S}, q.options());
+  if (d.P == 0) return u;
+  const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
+  const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages", [&] {
+    forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                             phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+                             idx_j.data_ptr<int64_t>(), ptr, order, d.n, d.W, d.KVW, d.F, d.S, d.P, d.H, in, out,
+                             u.data_ptr<scalar_t>());
+  });
+  return u;
+}
+
+std::vector<torch::Tensor> pair_messages_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor kv,
+                                                  torch::Tensor w, torch::Tensor phi, torch::Tensor y,
+                                                  torch::Tensor idx_i, torch::Tensor idx_j,
+                                                  torch::Tensor ranges_in, torch::Tensor ranges_out,
+                                                  torch::Tensor scale, int64_t F) {
+  const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
+  grad = grad.contiguous();
+  std::vector<int64_t> ptr, order;
+  by_atom(idx_i, d.n, ptr, order);
+  if (d.P == 0) {
+    return {torch::zeros_like(q), torch::zeros_like(kv), torch::zeros_like(w), torch::zeros_like(phi),
+            torch::zeros_like(y)};
+  }
+  // Every row is written by the kernel: each atom's own rows, each edge's at its centre atom, each pair's
+  // filter gradient at the centre atom of its first-half edge.
+  auto dq = torch::empty_like(q), dkv = torch::empty_like(kv), dw = torch::empty_like(w);
+  auto dphi = torch::empty_like(phi), dy = torch::empty_like(y);
+  const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
+  const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_backward", [&] {
+    backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
+                              w.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                              scale.data_ptr<scalar_t>(), idx_j.data_ptr<int64_t>(), ptr, order, d.n, d.W, d.KVW,
+                              d.F, d.S, d.P, d.H, in, out, dq.data_ptr<scalar_t>(), dkv.data_ptr<scalar_t>(),
+                              dw.data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>());
+  });
+  return {dq, dkv, dw, dphi, dy};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pair_messages", &pair_messages, "messages of a fused layer summed per centre atom (pair order)");
+  m.def("pair_messages_backward", &pair_messages_backward, "its gradients: q, kv, w, phi, y");
+}

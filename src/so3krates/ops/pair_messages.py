@@ -1,0 +1,218 @@
+"""The message chain of a fused layer in one hand-written CPU kernel, for edges in pair order.
+
+For every edge e = (i, j) of a layer, :func:`so3krates.runtime.fused.edge_messages` forms the per-head sums
+s_h = Σ_f q_i[f] w_ij[f] k_j[f] (Eqs. 21–22), the coefficients c_h = s_h φ(d_ij) / norm and the message
+[α v_j | β Y_ij], and :meth:`EdgeLayout.sum_i` adds the messages into their centre atoms. In a compiled
+program every step writes and reads an (edges × 264) tensor (the paper model: both branches' features), and
+the backward pass as many again; at 999 water atoms (54,172 edges) that memory traffic, not arithmetic, is
+most of a call (``benchmarks/results/scaling/tries_dec5``). Here the chain is one pass over each atom's
+edges, forward and backward, with every per-edge vector in registers or the L1 cache:
+
+- forward: each atom sums its own edges (no scatter-add, any number of threads);
+- backward: at atom a, each edge e = (a, b) is taken together with its reverse r = (b, a), which shares its
+  filter row (pair order, :mod:`so3krates.runtime.layout`). The gradients of a's queries (from e) and of
+  its keys and values (from r) are then written by one thread, and each pair's filter gradient once, by the
+  visit of its first-half edge; nothing is summed over threads.
+
+Exact to round-off against the fused layers' equations (``tests/test_plans.py`` runs it in the matrix of
+plans). Differentiable once (forces, stress): the plan allows it for frozen weights only, as slots.
+
+Why by hand: no library has this operation; the compilers we use (inductor, AOTInductor) keep each step
+as its own loop over the edges with its own (edges × features) tensor. The kernel is C++ compiled on first
+use with PyTorch's extension builder (``torch.utils.cpp_extension``, a C++ compiler and ninja; ~40 s once
+per machine, cached) for this CPU's instruction set; where that fails, the plan is not used and the reason
+is in :func:`unavailable_reason`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "pair_messages.cpp"
+_FAILURE: list[str] = []
+
+
+def _machine_tag() -> str:
+    """This CPU's instruction-set flags and the source, hashed: the kernel is built with ``-march=native``,
+    so a build cache shared by different machines keeps one build per kind of CPU."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(platform.machine().encode())
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        )
+        digest.update(flags.encode())
+    except (OSError, StopIteration):  # not Linux: the machine name only
+        pass
+    return digest.hexdigest()[:12]
+
+
+@functools.cache
+def _extension() -> Any:
+    """The compiled kernel (built on first use), or None where it cannot be built (reason in _FAILURE)."""
+    if os.environ.get("SO3KRATES_NO_KERNELS"):
+        _FAILURE.append("turned off by SO3KRATES_NO_KERNELS")
+        return None
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("ninja") is None:  # the builder runs `ninja`; the pip package's is not always on PATH
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load(
+                name=f"so3krates_pair_messages_{_machine_tag()}",
+                sources=[str(SOURCE)],
+                # OpenMP: at::parallel_for is torch's thread pool only in code built with it (the header
+                # runs the loop in an OpenMP region), and the simd pragmas vectorize the feature loops.
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+    except Exception as error:  # no compiler, no ninja, a build error: the other plans still work
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _FAILURE.append(f"the pair-message kernel could not be built ({first})")
+        return None
+
+
+def available() -> bool:
+    """Whether the kernel is built or can be built here (builds it on the first call: ~40 s)."""
+    return _extension() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be used here, or None where it can."""
+    return None if available() else _FAILURE[-1]
+
+
+def _require() -> Any:
+    extension = _extension()
+    if extension is None:
+        raise RuntimeError(f"so3krates: {_FAILURE[-1]}")
+    return extension
+
+
+@torch.library.custom_op("so3krates::pair_messages", mutates_args=())
+def _pair_messages(
+    queries: Tensor,
+    keys_values: Tensor,
+    filters: Tensor,
+    cutoff: Tensor,
+    sph: Tensor,
+    idx_i: Tensor,
+    idx_j: Tensor,
+    ranges_in: Tensor,
+    ranges_out: Tensor,
+    scale: Tensor,
+    n_features: int,
+) -> Tensor:
+    return _require().pair_messages(
+        queries, keys_values, filters, cutoff, sph, idx_i, idx_j, ranges_in, ranges_out, scale, n_features
+    )
+
+
+@_pair_messages.register_fake
+def _(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, ranges_in, ranges_out, scale, n_features):
+    return queries.new_empty((queries.shape[0], n_features + sph.shape[1]))
+
+
+@torch.library.custom_op("so3krates::pair_messages_backward", mutates_args=())
+def _pair_messages_backward(
+    grad: Tensor,
+    queries: Tensor,
+    keys_values: Tensor,
+    filters: Tensor,
+    cutoff: Tensor,
+    sph: Tensor,
+    idx_i: Tensor,
+    idx_j: Tensor,
+    ranges_in: Tensor,
+    ranges_out: Tensor,
+    scale: Tensor,
+    n_features: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _require().pair_messages_backward(
+        grad,
+        queries,
+        keys_values,
+        filters,
+        cutoff,
+        sph,
+        idx_i,
+        idx_j,
+        ranges_in,
+        ranges_out,
+        scale,
+        n_features,
+    )
+    return tuple(grads)
+
+
+@_pair_messages_backward.register_fake
+def _(grad, queries, keys_values, filters, cutoff, sph, *rest):
+    return tuple(torch.empty_like(t) for t in (queries, keys_values, filters, cutoff, sph))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:10])
+    ctx.n_features = inputs[10]
+
+
+def _backward(ctx, grad: Tensor):
+    grads = _pair_messages_backward(grad, *ctx.saved_tensors, ctx.n_features)
+    return (*grads, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("so3krates::pair_messages", _backward, setup_context=_setup_context)
+
+
+def pair_messages(
+    queries: Tensor,
+    keys_values: Tensor,
+    filters: Tensor,
+    cutoff: Tensor,
+    sph: Tensor,
+    idx_i: Tensor,
+    idx_j: Tensor,
+    heads: tuple[Tensor, Tensor, Tensor],
+    n_features: int,
+) -> Tensor:
+    """Σ over the edges of each centre atom of [α_ij v_j | β_ij Y_ij]: (n_atoms, F + n_sph).
+
+    Args:
+        queries: (n_atoms, B·F) of all branches; keys_values: (n_atoms, B·F + F), keys then values.
+        filters: (n_pairs, B·F), one row per pair (the first half of the edges).
+        cutoff: (n_edges,) φ(d_ij); sph: (n_edges, n_sph) Y(r̂_ij) (n_sph = 0 without Euclidean branch).
+        idx_i, idx_j: (n_edges,) in pair order.
+        heads: ``LayerWeights.heads``: (R, 3) int32 ranges [start, stop, head] of the products' features,
+            (R', 3) of the message's columns, and (H,) the heads' 1/norm.
+        n_features: F.
+    """
+    ranges_in, ranges_out, scale = heads
+    return _pair_messages(
+        queries.contiguous(),
+        keys_values.contiguous(),
+        filters.contiguous(),
+        cutoff.contiguous(),
+        sph.contiguous(),
+        idx_i,
+        idx_j,
+        ranges_in,
+        ranges_out,
+        scale.to(queries.dtype),
+        n_features,
+    )

@@ -1,11 +1,12 @@
 """Issue 21, ρ ≥ 0.5: does an uncertainty rank per-structure errors where the data cover a trajectory evenly?
 
-    python benchmarks/committee_resampling/even_coverage.py setup [--steps N]    # frames, draws, configs
-    bash benchmarks/committee_resampling/train.sh VARIANT          # (in benchmarks/runs/even_coverage)
-    python benchmarks/committee_resampling/even_coverage.py analyze [--steps N]  # rho of each uncertainty
+    python benchmarks/committee_resampling/even_coverage.py setup [--steps N] [--frames M]  # configs
+    bash benchmarks/committee_resampling/train.sh VARIANT      # (in benchmarks/runs/even_coverage)
+    python benchmarks/committee_resampling/even_coverage.py analyze [--steps N] [--frames M]  # rho
 
-VARIANT is `even` for the default 3,000 optimizer steps per member and `even_sN` for `--steps N` (the same
-frames and bootstrap draws, members trained longer); `setup` prints it.
+VARIANT is `even` for the default 3,000 optimizer steps per member on 115 frames, with `_sN` appended for
+`--steps N` (the same frames and bootstrap draws, members trained longer) and `_fM` for `--frames M` (M
+frames at even intervals, e.g. 400 for the loop's whole label budget); `setup` prints it.
 
 The `so3krates learn` committee's data cover the shared 2000-frame alanine-dipeptide trajectory evenly, and
 its force uncertainty ranks the per-structure error with ρ ≈ 0.2 only
@@ -30,25 +31,41 @@ HERE = Path(__file__).resolve().parent
 RUN = HERE.parent / "runs" / "even_coverage"
 DATA = HERE.parents[2] / "shared" / "data" / "generated" / "ala_dipeptide_gfn2xtb_500K_2000.extxyz"
 N_FRAMES, STEPS, MEMBERS = 115, 3000, 4
+#: `--diverse`: every member its own architecture (same cutoff, so they still form one committee), so that
+#: their disagreement also contains the systematic errors that one architecture repeats in every seed.
+DIVERSE = (
+    {"preset": "paper", "n_layers": 2},
+    {"preset": "paper", "n_layers": 2, "n_features": 96, "degrees": [1, 2]},
+    {"preset": "paper", "n_layers": 3},
+    {
+        "preset": "paper",
+        "n_layers": 2,
+        "use_layer_norm": True,
+        "use_residual_mlp": True,
+        "use_qk_activation": True,
+    },
+)
 
 
-def selected() -> np.ndarray:
-    return np.unique(np.linspace(0, 1999, N_FRAMES).round().astype(int))
+def selected(frames: int) -> np.ndarray:
+    return np.unique(np.linspace(0, 1999, frames).round().astype(int))
 
 
-def variant(steps: int) -> str:
-    """Name of the committee trained for ``steps`` optimizer steps per member (configs, runs, results)."""
-    return "even" if steps == STEPS else f"even_s{steps}"
+def variant(steps: int, frames: int, diverse: bool) -> str:
+    """Name of the committee trained for ``steps`` optimizer steps per member on ``frames`` frames (configs,
+    runs, results)."""
+    name = "even" + (f"_s{steps}" if steps != STEPS else "") + (f"_f{frames}" if frames != N_FRAMES else "")
+    return name + ("_div" if diverse else "")
 
 
-def setup(steps: int) -> None:
+def setup(steps: int, n_frames: int, diverse: bool) -> None:
     import ase.io
     import yaml
 
     RUN.mkdir(parents=True, exist_ok=True)
     frames = ase.io.read(DATA, ":")
-    chosen = selected()
-    name = variant(steps)
+    chosen = selected(n_frames)
+    name = variant(steps, n_frames, diverse)
     train = []
     for k in chosen:
         atoms = frames[k].copy()
@@ -58,8 +75,11 @@ def setup(steps: int) -> None:
         train.append(atoms)
     for m in range(MEMBERS):
         draw = np.random.default_rng(1000 + m).choice(len(train), len(train), replace=True)
-        ase.io.write(RUN / f"boot_{m}.extxyz", [train[i] for i in draw])
-        config = member_config(m, f"{name}/member_{m}", f"boot_{m}.extxyz", steps, int(0.9 * len(train)))
+        draw_file = f"boot_{m}.extxyz" if n_frames == N_FRAMES else f"boot_f{n_frames}_{m}.extxyz"
+        ase.io.write(RUN / draw_file, [train[i] for i in draw])
+        config = member_config(m, f"{name}/member_{m}", draw_file, steps, int(0.9 * len(train)))
+        if diverse:
+            config["model"] = dict(DIVERSE[m])
         (RUN / f"{name}_m{m}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"{len(train)} frames, configs in {RUN}; train with: bash train.sh {name}")
 
@@ -102,7 +122,32 @@ def last_features(energy_function, structure) -> np.ndarray:
     return h.double().numpy()
 
 
-def analyze(steps: int) -> None:
+def calibrated_ceiling(sigma: np.ndarray, rng: np.random.Generator, draws: int = 200) -> dict:
+    """The ρ that a perfectly calibrated uncertainty with these σ would reach, (frames, atoms) → quantiles.
+
+    If every atom's error vector were drawn from an isotropic Gaussian whose spread is its σ (the committee's
+    σ, up to one common factor, which does not change ranks), the largest atomic error per structure would
+    still scatter around what σ predicts; how far σ can rank it then depends only on how much σ varies
+    between structures. Returned: quantiles over ``draws`` simulated error sets of ρ(largest σ,
+    largest simulated error) and ρ(mean σ, mean simulated error).
+    """
+    from scipy.stats import spearmanr
+
+    largest, mean = [], []
+    for _ in range(draws):
+        error = sigma * np.linalg.norm(rng.standard_normal((*sigma.shape, 3)), axis=-1) / np.sqrt(3.0)
+        largest.append(spearmanr(sigma.max(1), error.max(1)).statistic)
+        mean.append(spearmanr(sigma.mean(1), error.mean(1)).statistic)
+    quantiles = (0.05, 0.5, 0.95)
+    return {
+        "draws": draws,
+        "quantiles": list(quantiles),
+        "sigma max vs simulated error max": np.quantile(largest, quantiles).round(3).tolist(),
+        "sigma mean vs simulated error mean": np.quantile(mean, quantiles).round(3).tolist(),
+    }
+
+
+def analyze(steps: int, frames: int, diverse: bool) -> None:
     import torch
     from scipy.stats import rankdata, spearmanr
 
@@ -114,8 +159,9 @@ def analyze(steps: int) -> None:
     from so3krates.runtime.plan import Plan
 
     torch.set_num_threads(2)
-    members = sorted(RUN.glob(f"{variant(steps)}/member_*/best.pt"))
-    chosen = set(selected().tolist())
+    name = variant(steps, frames, diverse)
+    members = sorted(RUN.glob(f"{name}/member_*/best.pt"))
+    chosen = set(selected(frames).tolist())
     structures = read_structures(DATA)
     test = [k for k in range(len(structures)) if k not in chosen]
     test_structures = [structures[k] for k in test]
@@ -137,6 +183,7 @@ def analyze(steps: int) -> None:
         "steps_per_member": steps,
         "n_train_frames": len(chosen),
         "n_test_frames": len(test),
+        "architectures": list(DIVERSE) if diverse else "paper preset, 2 layers (every member)",
         "members": [str(p.relative_to(RUN)) for p in members],
         "committee_force_mae_eV_A": float(
             np.mean(
@@ -184,22 +231,27 @@ def analyze(steps: int) -> None:
     results["rho"]["feature distance max vs error max"] = rho(distances.max(1), max_error)
     results["rho"]["feature distance mean vs error mean"] = rho(distances.mean(1), mean_error)
     results["rho"]["feature distance pooled atoms"] = rho(distances.ravel(), np.concatenate(error))
+    results["calibrated_ceiling"] = calibrated_ceiling(all_sigma, np.random.default_rng(0))
     results["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    name = "even_coverage" if steps == STEPS else f"even_coverage_s{steps}"
-    (RUN / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (RUN / f"{name.replace('even', 'even_coverage', 1)}.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results["rho"], indent=1), results["committee_force_mae_eV_A"])
+    print("calibrated ceiling:", json.dumps(results["calibrated_ceiling"]))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["setup", "analyze"])
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per member")
+    parser.add_argument("--frames", type=int, default=N_FRAMES, help="training frames at even intervals")
+    parser.add_argument("--diverse", action="store_true", help="members of different architectures")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, not {args.steps}")
+    if not 10 <= args.frames <= 1000:
+        parser.error(f"--frames must be between 10 and 1000, not {args.frames}")
     if not DATA.is_file():
         sys.exit(f"even_coverage.py: {DATA} is missing (the shared data folder)")
-    name = variant(args.steps)
+    name = variant(args.steps, args.frames, args.diverse)
     if args.stage == "analyze" and not list(RUN.glob(f"{name}/member_*/best.pt")):
         sys.exit(f"even_coverage.py: no trained members in {RUN / name}: run setup and train.sh {name} first")
-    {"setup": setup, "analyze": analyze}[args.stage](args.steps)
+    {"setup": setup, "analyze": analyze}[args.stage](args.steps, args.frames, args.diverse)

@@ -276,7 +276,8 @@ def test_the_planner_takes_the_pair_kernel_for_large_frozen_cpu_calls_in_pair_or
     assert not Planner(kernel_min_edges=None).plan(large, DTYPES[dtype], True, pairs=True).kernel
     # Where the kernel cannot be built, the plans stay what they were without it.
     monkeypatch.setattr(pair_messages, "available", lambda: False)
-    assert plan(large) == Plan("modules", "network", pairs=True)
+    assert plan(5000) == Plan("modules", "network", pairs=True)
+    assert plan(large, compile="aoti") == Plan("fused", spline, pairs=True, slots=True)
 
 
 def test_on_a_gpu_edge_blocks_start_where_the_gpus_own_memory_would_run_out(monkeypatch):

@@ -34,6 +34,7 @@ from so3krates.runtime.plan import (
     KERNEL_MIN_EDGES,
     WHOLE_GRAPH_BYTES_PER_EDGE,
     WHOLE_GRAPH_BYTES_PER_EDGE_CUDA,
+    WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL,
     check_compile_mode,
     physical_memory,
 )
@@ -270,9 +271,16 @@ def test_the_planner_takes_the_pair_kernel_for_large_frozen_cpu_calls_in_pair_or
     assert not plan(large, frozen=False).kernel
     assert not plan(large, create_graph=True).kernel
     assert not plan(large, device="meta").kernel
-    # Edge blocks (beyond the memory budget) compute their messages with PyTorch.
-    beyond = planner.blocks_threshold("aoti") + 1
-    assert plan(beyond, compile="aoti") == Plan("fused", spline, pairs=True, blocks=True)
+    # The kernel's program keeps fewer bytes per edge: the whole graph runs further before edge blocks,
+    # which compute their messages with PyTorch.
+    kernel_limit = planner.blocks_threshold("aoti", kernel=True)
+    assert kernel_limit == int(physical_memory() / 3 / WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL["aoti"])
+    assert kernel_limit > planner.blocks_threshold("aoti")
+    whole = Plan("fused", spline, pairs=True, slots=True, kernel=True)
+    assert plan(planner.blocks_threshold("aoti") + 1, compile="aoti") == whole
+    assert plan(kernel_limit, compile="aoti") == whole
+    assert plan(kernel_limit + 1, compile="aoti") == Plan("fused", spline, pairs=True, blocks=True)
+    assert planner.blocks_threshold("none", kernel=True) == planner.blocks_threshold("none")  # not measured
     assert not Planner(kernel_min_edges=None).plan(large, DTYPES[dtype], True, pairs=True).kernel
     # Where the kernel cannot be built, the plans stay what they were without it.
     monkeypatch.setattr(pair_messages, "available", lambda: False)

@@ -160,6 +160,10 @@ KERNEL_MIN_EDGES = 1000
 #: the ``aoti`` modules' program 6.9 GB at 544k edges (10,000 water; 4.9 GB in December), its fused program
 #: 6.4 GB there (11.7 KB/edge). benchmarks/results/thresholds.md.
 WHOLE_GRAPH_BYTES_PER_EDGE = {"none": 23_000, "inductor": 23_000, "aoti": 13_000}
+#: The same for the fused ``aoti`` program with the pair-message kernel: 3.9 GB at 544k edges (9,999 water
+#: atoms), 9.6 GB at 1.66 M edges (30,000): 7.2 and 5.8 KB/edge (benchmarks/results/scaling/kernel_dec5).
+#: Eager and ``inductor`` calls with the kernel keep the table above (not measured).
+WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL = {"aoti": 7_200}
 #: The same on a CUDA GPU (peak of torch's allocator): eager 9.5 GB and ``inductor`` 2.45 GB at 544k edges
 #: (10,000 water, NVIDIA H200, torch 2.11; benchmarks/results/gpu/gpu_check.json). The generated Triton
 #: kernels keep far fewer per-edge tensors than the CPU's ``inductor`` programs.
@@ -232,18 +236,38 @@ class Planner:
     block_workers: int | None = None
     kernel_min_edges: int | None = KERNEL_MIN_EDGES
 
-    def blocks_threshold(self, compile: str = "none", device: torch.device | str = "cpu") -> int:
-        """Edges beyond which inference runs in blocks (0: never), for a compile mode and a device."""
+    def blocks_threshold(
+        self, compile: str = "none", device: torch.device | str = "cpu", kernel: bool = False
+    ) -> int:
+        """Edges beyond which inference runs in blocks (0: never), for a compile mode and a device
+        (``kernel``: for a whole graph that would run with the pair-message kernel)."""
         if self.blocks_min_edges is not None:
             return self.blocks_min_edges
-        return self.memory_threshold(compile, device)
+        return self.memory_threshold(compile, device, kernel)
 
-    def memory_threshold(self, compile: str = "none", device: torch.device | str = "cpu") -> int:
+    def memory_threshold(
+        self, compile: str = "none", device: torch.device | str = "cpu", kernel: bool = False
+    ) -> int:
         """Edges up to which the whole graph needs at most ``blocks_memory_fraction`` of the memory."""
         budget = self.blocks_memory_fraction * device_memory(device)
         on_gpu = torch.device(device).type == "cuda"
         table = WHOLE_GRAPH_BYTES_PER_EDGE_CUDA if on_gpu else WHOLE_GRAPH_BYTES_PER_EDGE
-        return int(budget / table.get(compile, table["none"]))
+        per_edge = table.get(compile, table["none"])
+        if kernel and not on_gpu:
+            per_edge = WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL.get(compile, per_edge)
+        return int(budget / per_edge)
+
+    def takes_kernel(self, n_edges: int, once: bool, pairs: bool, device: torch.device | str) -> bool:
+        """Whether a whole-graph call of ``n_edges`` edges runs its messages in the pair-message kernel."""
+        return (
+            once
+            and pairs
+            and self.pairs
+            and self.kernel_min_edges is not None
+            and n_edges > self.kernel_min_edges
+            and torch.device(device).type == "cpu"
+            and pair_messages.available()
+        )
 
     def threads(self, n_edges: int, available: int, device: torch.device | str, frozen: bool) -> int:
         """The number of threads a call of ``n_edges`` edges should run on (``device``: e.g. ``"cpu"``)."""
@@ -275,7 +299,8 @@ class Planner:
             device: where the call runs (its memory decides about edge blocks).
         """
         once = frozen and not create_graph
-        memory_limit = self.memory_threshold(compile, device)  # once: plan() runs on every call
+        kernel = self.takes_kernel(n_edges, once, pairs, device)
+        memory_limit = self.memory_threshold(compile, device, kernel)  # once: plan() runs on every call
         blocks_from = self.blocks_min_edges if self.blocks_min_edges is not None else memory_limit
         if once and 0 < blocks_from < n_edges:
             # Eager blocks: the radial network by default, as fast there (the products are not what limits
@@ -288,14 +313,6 @@ class Planner:
         if fused_max is None:
             fused_max = memory_limit
         pairs = pairs and self.pairs
-        kernel = (
-            once
-            and pairs
-            and self.kernel_min_edges is not None
-            and n_edges > self.kernel_min_edges
-            and torch.device(device).type == "cpu"
-            and pair_messages.available()
-        )
         # The kernel's layers need neither per-edge tensors nor their memory: fused at any size.
         layers = "fused" if kernel or n_edges <= fused_max else "modules"
         spline = self.spline if self.spline is not None else (dtype == torch.float32 and layers == "fused")

@@ -19,7 +19,7 @@ plans). Differentiable once (forces, stress): the plan allows it for frozen weig
 
 Why by hand: no library has this operation; the compilers we use (inductor, AOTInductor) keep each step
 as its own loop over the edges with its own (edges × features) tensor. The kernel is C++ compiled on first
-use with PyTorch's extension builder (``torch.utils.cpp_extension``, a C++ compiler and ninja; ~40 s once
+use with PyTorch's extension builder (``torch.utils.cpp_extension``, a C++ compiler and ninja; ~25 s once
 per machine, cached) for this CPU's instruction set; where that fails, the plan is not used and the reason
 is in :func:`unavailable_reason`.
 """
@@ -34,7 +34,6 @@ import platform
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,11 +58,13 @@ def _machine_tag() -> str:
 
 
 @functools.cache
-def _extension() -> Any:
-    """The compiled kernel (built on first use), or None where it cannot be built (reason in _FAILURE)."""
+def _extension() -> bool:
+    """Builds (on first use) and loads the kernel, registers its shapes and gradient; False where it cannot be
+    built (reason in _FAILURE). The operators ``torch.ops.so3krates.pair_messages`` and ``..._backward`` are
+    registered with the dispatcher by the library, so compiled programs call them without Python."""
     if os.environ.get("SO3KRATES_NO_KERNELS"):
         _FAILURE.append("turned off by SO3KRATES_NO_KERNELS")
-        return None
+        return False
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:  # the builder runs `ninja`; the pip package's is not always on PATH
@@ -74,24 +75,27 @@ def _extension() -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return load(
+            load(
                 name=f"so3krates_pair_messages_{_machine_tag()}",
                 sources=[str(SOURCE)],
                 # OpenMP: at::parallel_for is torch's thread pool only in code built with it (the header
                 # runs the loop in an OpenMP region), and the simd pragmas vectorize the feature loops.
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
+                is_python_module=False,
                 verbose=False,
             )
     except Exception as error:  # no compiler, no ninja, a build error: the other plans still work
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         _FAILURE.append(f"the pair-message kernel could not be built ({first})")
-        return None
+        return False
+    _register()
+    return True
 
 
 def available() -> bool:
-    """Whether the kernel is built or can be built here (builds it on the first call: ~40 s)."""
-    return _extension() is not None
+    """Whether the kernel is built or can be built here (builds it on the first call: ~25 s)."""
+    return _extension()
 
 
 def unavailable_reason() -> str | None:
@@ -99,85 +103,32 @@ def unavailable_reason() -> str | None:
     return None if available() else _FAILURE[-1]
 
 
-def _require() -> Any:
-    extension = _extension()
-    if extension is None:
+def require() -> None:
+    """Loads the kernel (a program traced with it calls it by name), or raises with the reason."""
+    if not _extension():
         raise RuntimeError(f"so3krates: {_FAILURE[-1]}")
-    return extension
 
 
-@torch.library.custom_op("so3krates::pair_messages", mutates_args=())
-def _pair_messages(
-    queries: Tensor,
-    keys_values: Tensor,
-    filters: Tensor,
-    cutoff: Tensor,
-    sph: Tensor,
-    idx_i: Tensor,
-    idx_j: Tensor,
-    ranges_in: Tensor,
-    ranges_out: Tensor,
-    scale: Tensor,
-    n_features: int,
-) -> Tensor:
-    return _require().pair_messages(
-        queries, keys_values, filters, cutoff, sph, idx_i, idx_j, ranges_in, ranges_out, scale, n_features
-    )
+def _register() -> None:
+    """Shapes for tracing (fake tensors) and the gradient of the forward operator."""
 
+    @torch.library.register_fake("so3krates::pair_messages")
+    def _(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, ranges_in, ranges_out, scale, n_features):
+        return queries.new_empty((queries.shape[0], n_features + sph.shape[1]))
 
-@_pair_messages.register_fake
-def _(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, ranges_in, ranges_out, scale, n_features):
-    return queries.new_empty((queries.shape[0], n_features + sph.shape[1]))
+    @torch.library.register_fake("so3krates::pair_messages_backward")
+    def _(grad, queries, keys_values, filters, cutoff, sph, *rest):
+        return tuple(torch.empty_like(t) for t in (queries, keys_values, filters, cutoff, sph))
 
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[:10])
+        ctx.n_features = inputs[10]
 
-@torch.library.custom_op("so3krates::pair_messages_backward", mutates_args=())
-def _pair_messages_backward(
-    grad: Tensor,
-    queries: Tensor,
-    keys_values: Tensor,
-    filters: Tensor,
-    cutoff: Tensor,
-    sph: Tensor,
-    idx_i: Tensor,
-    idx_j: Tensor,
-    ranges_in: Tensor,
-    ranges_out: Tensor,
-    scale: Tensor,
-    n_features: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _require().pair_messages_backward(
-        grad,
-        queries,
-        keys_values,
-        filters,
-        cutoff,
-        sph,
-        idx_i,
-        idx_j,
-        ranges_in,
-        ranges_out,
-        scale,
-        n_features,
-    )
-    return tuple(grads)
+    def backward(ctx, grad: Tensor):
+        grads = torch.ops.so3krates.pair_messages_backward(grad, *ctx.saved_tensors, ctx.n_features)
+        return (*grads, None, None, None, None, None, None)
 
-
-@_pair_messages_backward.register_fake
-def _(grad, queries, keys_values, filters, cutoff, sph, *rest):
-    return tuple(torch.empty_like(t) for t in (queries, keys_values, filters, cutoff, sph))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:10])
-    ctx.n_features = inputs[10]
-
-
-def _backward(ctx, grad: Tensor):
-    grads = _pair_messages_backward(grad, *ctx.saved_tensors, ctx.n_features)
-    return (*grads, None, None, None, None, None, None)
-
-
-torch.library.register_autograd("so3krates::pair_messages", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("so3krates::pair_messages", backward, setup_context=setup_context)
 
 
 def pair_messages(
@@ -202,8 +153,9 @@ def pair_messages(
             (R', 3) of the message's columns, and (H,) the heads' 1/norm.
         n_features: F.
     """
+    require()
     ranges_in, ranges_out, scale = heads
-    return _pair_messages(
+    return torch.ops.so3krates.pair_messages(
         queries.contiguous(),
         keys_values.contiguous(),
         filters.contiguous(),

@@ -150,9 +150,8 @@ def check_compile_mode(compile: str, frozen: bool, device: torch.device | str) -
 
 
 #: Edges above which frozen CPU calls in pair order use the pair-message kernel (Planner.kernel_min_edges).
-#: Paper model, float32, 2 threads, with / without (benchmarks/results/pair_kernel/): ``aoti`` 0.67× at 72
-#: edges, 0.93× at 446 (the kernel is a Python operator to the program: a fixed cost per call), 1.15× at
-#: 1,550, 1.32× at 54,172; eager 0.97×, 1.21×, 1.62×, 1.94×.
+#: Paper model, float32, the calculator's threads, with / without (benchmarks/results/pair_kernel/): ``aoti``
+#: 0.90× at 72 edges, 0.97× at 446, 1.27× at 1,550, 1.35× at 54,172; eager 1.02×, 1.33×, 1.63×, 1.76×.
 KERNEL_MIN_EDGES = 1000
 
 #: Peak memory per edge of energy + forces of the whole graph at once (paper preset, float32, pairs; the

@@ -31,6 +31,7 @@ from so3krates import __version__, keys
 from so3krates.data.graph import Graph
 from so3krates.files import atomic_path
 from so3krates.model.so3krates import So3krates
+from so3krates.ops import pair_messages
 from so3krates.ops.slots import build_slots
 from so3krates.runtime.derivatives import derivatives, stress_from_virial
 from so3krates.runtime.evaluator import EnergyFunction
@@ -245,6 +246,8 @@ def cached_program(model: So3krates, plan: Plan) -> Program:
         species = sorted({1, 6, 7, 8})  # any elements: the trace is symbolic in the atomic numbers
         program = trace(energy, example_inputs(model, species, plan))
         compile_program(program, path, plan, {"plan": json.dumps(plan.as_dict())})
+    if plan.kernel:
+        pair_messages.require()  # the program calls the kernel's operator by name
     return Program(load_program(path, "aoti"), plan, model.dtype, "aoti")
 
 
@@ -256,6 +259,8 @@ def source_digest() -> str:
     for folder in ("nn", "model", "ops", "runtime"):
         for path in sorted(package.joinpath(folder).glob("*.py")):
             digest.update(path.read_bytes())
+    for path in sorted(package.joinpath("ops", "csrc").glob("*.cpp")):  # the kernels programs call
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

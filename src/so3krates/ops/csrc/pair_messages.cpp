@@ -207,7 +207,9 @@ torch::Tensor pair_messages(torch::Tensor q, torch::Tensor kv, torch::Tensor w, 
   return u;
 }
 
-std::vector<torch::Tensor> pair_messages_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor kv,
+using Grads = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>;
+
+Grads pair_messages_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor kv,
                                                   torch::Tensor w, torch::Tensor phi, torch::Tensor y,
                                                   torch::Tensor idx_i, torch::Tensor idx_j,
                                                   torch::Tensor ranges_in, torch::Tensor ranges_out,
@@ -236,7 +238,19 @@ std::vector<torch::Tensor> pair_messages_backward(torch::Tensor grad, torch::Ten
   return {dq, dkv, dw, dphi, dy};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pair_messages", &pair_messages, "messages of a fused layer summed per centre atom (pair order)");
-  m.def("pair_messages_backward", &pair_messages_backward, "its gradients: q, kv, w, phi, y");
+// Registered with the dispatcher (not as a Python module), so that compiled programs call it directly.
+// Shapes for tracing and the autograd formula are registered from Python (so3krates/ops/pair_messages.py).
+TORCH_LIBRARY(so3krates, m) {
+  m.def(
+      "pair_messages(Tensor queries, Tensor keys_values, Tensor filters, Tensor cutoff, Tensor sph, "
+      "Tensor idx_i, Tensor idx_j, Tensor ranges_in, Tensor ranges_out, Tensor scale, int n_features) -> Tensor");
+  m.def(
+      "pair_messages_backward(Tensor grad, Tensor queries, Tensor keys_values, Tensor filters, Tensor cutoff, "
+      "Tensor sph, Tensor idx_i, Tensor idx_j, Tensor ranges_in, Tensor ranges_out, Tensor scale, "
+      "int n_features) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(so3krates, CPU, m) {
+  m.impl("pair_messages", &pair_messages);
+  m.impl("pair_messages_backward", &pair_messages_backward);
 }

@@ -354,6 +354,24 @@ def test_calculator_compiled_ahead_of_time_gives_the_same_numbers_and_is_cached(
     assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 2
 
 
+def _agrees_with_eager(compiled, checkpoint, dtype: str, structures) -> float:
+    """Energy, forces and stress of ``compiled`` against the eager calculator without the pair-message
+    kernel, on each structure; returns the force scale of the last one."""
+    tolerance = TOLERANCE[dtype]
+    for atoms in structures:
+        reference = atoms.copy()
+        reference.calc = So3kratesCalculator(checkpoint, dtype=dtype, planner=Planner(kernel_min_edges=None))
+        atoms.calc = compiled
+        forces = atoms.get_forces()
+        scale = max(1.0, np.abs(forces).max())
+        np.testing.assert_allclose(forces, reference.get_forces(), atol=tolerance * scale)
+        energy = reference.get_potential_energy()
+        assert atoms.get_potential_energy() == pytest.approx(energy, rel=tolerance, abs=tolerance)
+        if atoms.pbc.any():
+            np.testing.assert_allclose(atoms.get_stress(), reference.get_stress(), atol=tolerance)
+    return scale
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_calculator_on_several_threads_takes_the_program_with_slots(checkpoint, tmp_path, monkeypatch, dtype):
@@ -371,17 +389,7 @@ def test_calculator_on_several_threads_takes_the_program_with_slots(checkpoint, 
             planner=Planner(single_thread_edges=0, kernel_min_edges=None),  # the kernel: the next test
         )
         box = triclinic_cell().repeat((2, 2, 2))
-        for atoms in (ethanol(), box):
-            reference = atoms.copy()
-            reference.calc = So3kratesCalculator(checkpoint, dtype=dtype)
-            atoms.calc = compiled
-            forces = atoms.get_forces()
-            scale = max(1.0, np.abs(forces).max())
-            np.testing.assert_allclose(forces, reference.get_forces(), atol=tolerance * scale)
-            energy = reference.get_potential_energy()
-            assert atoms.get_potential_energy() == pytest.approx(energy, rel=tolerance, abs=tolerance)
-            if atoms.pbc.any():
-                np.testing.assert_allclose(atoms.get_stress(), reference.get_stress(), atol=tolerance)
+        scale = _agrees_with_eager(compiled, checkpoint, dtype, (ethanol(), box))
         spline = "spline" if dtype == "float32" else "network"
         assert set(compiled.force_field._evaluators) == {Plan("fused", spline, pairs=True, slots=True)}
         # Threaded kernels once corrupted memory in this model's backward pass: many calls, each giving
@@ -416,24 +424,11 @@ def test_calculator_programs_with_the_pair_kernel_give_the_same_numbers(
     monkeypatch.setenv("SO3KRATES_CACHE_DIR", str(tmp_path))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    tolerance = TOLERANCE[dtype]
     try:
         planner = Planner(single_thread_edges=0, kernel_min_edges=0)
         compiled = So3kratesCalculator(checkpoint, dtype=dtype, compile="aoti", planner=planner)
         box = triclinic_cell().repeat((2, 2, 2))
-        for atoms in (ethanol(), box):
-            reference = atoms.copy()
-            reference.calc = So3kratesCalculator(
-                checkpoint, dtype=dtype, planner=Planner(kernel_min_edges=None)
-            )
-            atoms.calc = compiled
-            forces = atoms.get_forces()
-            scale = max(1.0, np.abs(forces).max())
-            np.testing.assert_allclose(forces, reference.get_forces(), atol=tolerance * scale)
-            energy = reference.get_potential_energy()
-            assert atoms.get_potential_energy() == pytest.approx(energy, rel=tolerance, abs=tolerance)
-            if atoms.pbc.any():
-                np.testing.assert_allclose(atoms.get_stress(), reference.get_stress(), atol=tolerance)
+        _agrees_with_eager(compiled, checkpoint, dtype, (ethanol(), box))
         spline = "spline" if dtype == "float32" else "network"
         assert set(compiled.force_field._evaluators) == {
             Plan("fused", spline, pairs=True, slots=True, kernel=True)

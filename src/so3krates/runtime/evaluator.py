@@ -116,20 +116,9 @@ def _fused_layer(
     x: Tensor,
     features: EdgeFeatures,
     edges: EdgeLayout,
+    kernel: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    return fused_layer(layer, weights, radial, h, x, features.cutoff, features.sph, edges)
-
-
-def _kernel_layer(
-    layer: TransformerLayer,
-    weights: LayerWeights | None,
-    radial: list[Tensor],
-    h: Tensor,
-    x: Tensor,
-    features: EdgeFeatures,
-    edges: EdgeLayout,
-) -> tuple[Tensor, Tensor]:
-    return fused_layer(layer, weights, radial, h, x, features.cutoff, features.sph, edges, kernel=True)
+    return fused_layer(layer, weights, radial, h, x, features.cutoff, features.sph, edges, kernel)
 
 
 def _layer_splines(model: So3krates, spline: Spline) -> list[Spline]:
@@ -236,7 +225,7 @@ class EnergyFunction(nn.Module):
         else:
             self.radial = partial(_network_filters, model)
         self.layer: Callable[..., tuple[Tensor, Tensor]] = (
-            module_layer if plan.layers == "modules" else _kernel_layer if plan.kernel else _fused_layer
+            module_layer if plan.layers == "modules" else partial(_fused_layer, kernel=plan.kernel)
         )
         self.block_edges = block_edges
         self.block_workers = block_workers

@@ -40,6 +40,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--block-seconds", type=float, default=1.0)
     args = parser.parse_args()
+    unknown = sorted(set(args.compile.split(",")) - {"none", "inductor", "aoti"})
+    if unknown:
+        parser.error(f"--compile takes none, inductor, aoti (comma-separated), not {', '.join(unknown)}")
+    if args.rounds < 1 or args.threads < 1:
+        parser.error("--rounds and --threads must be at least 1")
 
     import torch
     from speed import build_systems, water_atoms, water_box

@@ -53,6 +53,18 @@ VARIANTS: dict[str, ModelConfig] = {
 #: each plan of training (trainable weights, second derivatives) on the gradients of a loss. A new way to
 #: run the model becomes a new plan, and so joins this matrix.
 PLANS: list[Plan] = legal_plans(frozen=True)
+
+
+def skip_without_kernel(plan: Plan) -> None:
+    """Skips the test (with the reason) where ``plan`` needs the pair-message kernel and it cannot build."""
+    import pytest
+
+    from so3krates.ops import pair_messages
+
+    if plan.kernel and not pair_messages.available():
+        pytest.skip(f"the pair-message kernel cannot be built here: {pair_messages.unavailable_reason()}")
+
+
 TRAINING_PLANS: list[Plan] = legal_plans(frozen=False, create_graph=True)
 
 #: Relative tolerance of exact symmetries per dtype (issue 2: < 1e-10 in float64, < 1e-5 in float32).

@@ -20,6 +20,7 @@ from helpers import (
     numerical_forces,
     numerical_stress,
     random_rotation,
+    skip_without_kernel,
     triclinic_cell,
     water,
 )
@@ -351,6 +352,7 @@ PLAN_TOLERANCE[("float32", "spline")] = PLAN_TOLERANCE[("float32", "network")]
 def test_every_plan_gives_the_reference_numbers(plan, dtype):
     """The backbone through each plan (fused layers, spline, pairs), heads and terms after it, against the
     model's own reference evaluation (``So3lr.outputs``) differentiated with respect to the positions."""
+    skip_without_kernel(plan)
     model = make_so3lr(getattr(torch, dtype)).requires_grad_(False)
     structures, charges = [ethanol(), triclinic_cell()], [1.0, 0.0]
     graph = collate(

@@ -19,9 +19,9 @@ plans). Differentiable once (forces, stress): the plan allows it for frozen weig
 
 Why by hand: no library has this operation; the compilers we use (inductor, AOTInductor) keep each step
 as its own loop over the edges with its own (edges × features) tensor. The kernel is C++ compiled on first
-use with PyTorch's extension builder (``torch.utils.cpp_extension``, a C++ compiler and ninja; ~25 s once
-per machine, cached) for this CPU's instruction set; where that fails, the plan is not used and the reason
-is in :func:`unavailable_reason`.
+use with PyTorch's extension builder (``torch.utils.cpp_extension``, a C++ compiler and ninja; ~10 s
+once per machine, cached) for this CPU's instruction set; where that fails, the plan is not used and the
+reason is in :func:`unavailable_reason`.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _extension() -> bool:
 
 
 def available() -> bool:
-    """Whether the kernel is built or can be built here (builds it on the first call: ~25 s)."""
+    """Whether the kernel is built or can be built here (builds it on the first call: ~10 s)."""
     return _extension()
 
 

@@ -9,8 +9,10 @@
 // Backward: one pass over the atoms; at atom a, every edge e = (a, b) is taken with its reverse r = (b, a)
 // (same filter row), so that a's own gradients (queries from e; keys and values from r) are written by one
 // thread, and each pair's filter gradient is written once, by the visit of its first-half edge.
+// ATen and the operator registry only: no Python headers are needed to build it.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <vector>
 
@@ -30,7 +32,7 @@ struct Ranges {
 };
 
 // Counting sort of the edges by atom: ptr (n + 1) and the edge ids in atom order (stable).
-void by_atom(const torch::Tensor& index, int64_t n, std::vector<int64_t>& ptr, std::vector<int64_t>& order) {
+void by_atom(const at::Tensor& index, int64_t n, std::vector<int64_t>& ptr, std::vector<int64_t>& order) {
   const int64_t n_edges = index.size(0);
   const int64_t* x = index.data_ptr<int64_t>();
   ptr.assign(n + 1, 0);
@@ -160,16 +162,16 @@ struct Shapes {
   int H;
 };
 
-Shapes check(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tensor& w, const torch::Tensor& phi,
-             const torch::Tensor& y, const torch::Tensor& idx_i, const torch::Tensor& idx_j,
-             const torch::Tensor& ranges_in, const torch::Tensor& ranges_out, const torch::Tensor& scale,
+Shapes check(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& w, const at::Tensor& phi,
+             const at::Tensor& y, const at::Tensor& idx_i, const at::Tensor& idx_j,
+             const at::Tensor& ranges_in, const at::Tensor& ranges_out, const at::Tensor& scale,
              int64_t F) {
   for (const auto* t : {&q, &kv, &w, &phi, &y, &scale})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type() && t->is_contiguous(),
                 "pair_messages: every float input must be a contiguous CPU tensor of one dtype");
-  TORCH_CHECK(idx_i.scalar_type() == torch::kLong && idx_j.scalar_type() == torch::kLong,
+  TORCH_CHECK(idx_i.scalar_type() == at::kLong && idx_j.scalar_type() == at::kLong,
               "pair_messages: edge indices must be int64");
-  TORCH_CHECK(ranges_in.scalar_type() == torch::kInt && ranges_out.scalar_type() == torch::kInt,
+  TORCH_CHECK(ranges_in.scalar_type() == at::kInt && ranges_out.scalar_type() == at::kInt,
               "pair_messages: head ranges must be int32");
   const int64_t E = idx_i.size(0);
   TORCH_CHECK(E % 2 == 0 && w.size(0) == E / 2, "pair_messages: edges must come in pairs, one filter row each");
@@ -188,13 +190,13 @@ Shapes check(const torch::Tensor& q, const torch::Tensor& kv, const torch::Tenso
 
 }  // namespace
 
-torch::Tensor pair_messages(torch::Tensor q, torch::Tensor kv, torch::Tensor w, torch::Tensor phi, torch::Tensor y,
-                            torch::Tensor idx_i, torch::Tensor idx_j, torch::Tensor ranges_in,
-                            torch::Tensor ranges_out, torch::Tensor scale, int64_t F) {
+at::Tensor pair_messages(at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi, at::Tensor y,
+                            at::Tensor idx_i, at::Tensor idx_j, at::Tensor ranges_in,
+                            at::Tensor ranges_out, at::Tensor scale, int64_t F) {
   const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
   std::vector<int64_t> ptr, order;
   by_atom(idx_i, d.n, ptr, order);
-  auto u = torch::zeros({d.n, d.F + d.S}, q.options());
+  auto u = at::zeros({d.n, d.F + d.S}, q.options());
   if (d.P == 0) return u;
   const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
   const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
@@ -207,25 +209,25 @@ torch::Tensor pair_messages(torch::Tensor q, torch::Tensor kv, torch::Tensor w, 
   return u;
 }
 
-using Grads = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Grads pair_messages_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor kv,
-                                                  torch::Tensor w, torch::Tensor phi, torch::Tensor y,
-                                                  torch::Tensor idx_i, torch::Tensor idx_j,
-                                                  torch::Tensor ranges_in, torch::Tensor ranges_out,
-                                                  torch::Tensor scale, int64_t F) {
+Grads pair_messages_backward(at::Tensor grad, at::Tensor q, at::Tensor kv,
+                                                  at::Tensor w, at::Tensor phi, at::Tensor y,
+                                                  at::Tensor idx_i, at::Tensor idx_j,
+                                                  at::Tensor ranges_in, at::Tensor ranges_out,
+                                                  at::Tensor scale, int64_t F) {
   const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
   grad = grad.contiguous();
   std::vector<int64_t> ptr, order;
   by_atom(idx_i, d.n, ptr, order);
   if (d.P == 0) {
-    return {torch::zeros_like(q), torch::zeros_like(kv), torch::zeros_like(w), torch::zeros_like(phi),
-            torch::zeros_like(y)};
+    return {at::zeros_like(q), at::zeros_like(kv), at::zeros_like(w), at::zeros_like(phi),
+            at::zeros_like(y)};
   }
   // Every row is written by the kernel: each atom's own rows, each edge's at its centre atom, each pair's
   // filter gradient at the centre atom of its first-half edge.
-  auto dq = torch::empty_like(q), dkv = torch::empty_like(kv), dw = torch::empty_like(w);
-  auto dphi = torch::empty_like(phi), dy = torch::empty_like(y);
+  auto dq = at::empty_like(q), dkv = at::empty_like(kv), dw = at::empty_like(w);
+  auto dphi = at::empty_like(phi), dy = at::empty_like(y);
   const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
   const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_backward", [&] {

@@ -53,6 +53,7 @@ VARIANTS: dict[str, ModelConfig] = {
 #: each plan of training (trainable weights, second derivatives) on the gradients of a loss. A new way to
 #: run the model becomes a new plan, and so joins this matrix.
 PLANS: list[Plan] = legal_plans(frozen=True)
+TRAINING_PLANS: list[Plan] = legal_plans(frozen=False, create_graph=True)
 
 
 def skip_without_kernel(plan: Plan) -> None:
@@ -64,8 +65,6 @@ def skip_without_kernel(plan: Plan) -> None:
     if plan.kernel and not pair_messages.available():
         pytest.skip(f"the pair-message kernel cannot be built here: {pair_messages.unavailable_reason()}")
 
-
-TRAINING_PLANS: list[Plan] = legal_plans(frozen=False, create_graph=True)
 
 #: Relative tolerance of exact symmetries per dtype (issue 2: < 1e-10 in float64, < 1e-5 in float32).
 SYMMETRY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}

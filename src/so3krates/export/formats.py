@@ -220,11 +220,7 @@ class ExportedModel:
         self.plan = Plan(**metadata["plan"])
         self.cutoff = float(metadata["cutoff"])
         self.species = list(metadata["species"])
-        if self.plan.kernel:  # the program calls the pair-message kernel's operator by name
-            from so3krates.ops import pair_messages
-
-            pair_messages.require()
-        self.program = Program(load_program(path, fmt), self.plan, DTYPES[metadata["dtype"]], fmt)
+        self.program = Program(load_program(path, fmt, self.plan), self.plan, DTYPES[metadata["dtype"]], fmt)
         self.planner = planner or Planner()
 
     @property

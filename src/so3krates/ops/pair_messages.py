@@ -165,6 +165,6 @@ def pair_messages(
         idx_j,
         ranges_in,
         ranges_out,
-        scale.to(queries.dtype),
+        scale,
         n_features,
     )

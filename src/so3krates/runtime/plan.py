@@ -256,12 +256,11 @@ class Planner:
             per_edge = WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL.get(compile, per_edge)
         return int(budget / per_edge)
 
-    def takes_kernel(self, n_edges: int, once: bool, pairs: bool, device: torch.device | str) -> bool:
+    def _takes_kernel(self, n_edges: int, once: bool, pairs: bool, device: torch.device | str) -> bool:
         """Whether a whole-graph call of ``n_edges`` edges runs its messages in the pair-message kernel."""
         return (
             once
             and pairs
-            and self.pairs
             and self.kernel_min_edges is not None
             and n_edges > self.kernel_min_edges
             and torch.device(device).type == "cpu"
@@ -298,7 +297,8 @@ class Planner:
             device: where the call runs (its memory decides about edge blocks).
         """
         once = frozen and not create_graph
-        kernel = self.takes_kernel(n_edges, once, pairs, device)
+        pairs = pairs and self.pairs
+        kernel = self._takes_kernel(n_edges, once, pairs, device)
         memory_limit = self.memory_threshold(compile, device, kernel)  # once: plan() runs on every call
         blocks_from = self.blocks_min_edges if self.blocks_min_edges is not None else memory_limit
         if once and 0 < blocks_from < n_edges:
@@ -307,11 +307,10 @@ class Planner:
             # whole graph; it saves ~18 % of a call (999 water, 1 thread, benchmarks/results/thresholds.md).
             compiled_float32 = compile != "none" and dtype == torch.float32
             spline = self.spline if self.spline is not None else compiled_float32
-            return _plan("fused", "spline" if spline else "network", pairs and self.pairs, False, True)
+            return _plan("fused", "spline" if spline else "network", pairs, False, True)
         fused_max = self.aoti_fused_max_edges if compile == "aoti" else self.fused_max_edges
         if fused_max is None:
             fused_max = memory_limit
-        pairs = pairs and self.pairs
         # The kernel's layers need neither per-edge tensors nor their memory: fused at any size.
         layers = "fused" if kernel or n_edges <= fused_max else "modules"
         spline = self.spline if self.spline is not None else (dtype == torch.float32 and layers == "fused")

@@ -167,8 +167,10 @@ def compile_program(
         )
 
 
-def load_program(path: str | os.PathLike, fmt: str) -> Any:
-    """The callable of a ``pt2`` (``torch.export``) or ``aoti`` (AOTInductor) file."""
+def load_program(path: str | os.PathLike, fmt: str, plan: Plan) -> Any:
+    """The callable of a ``pt2`` (``torch.export``) or ``aoti`` (AOTInductor) file traced with ``plan``."""
+    if plan.kernel:
+        pair_messages.require()  # the program calls the kernel's operator by name
     if fmt == "pt2":
         return torch.export.load(path).module()
     from torch._inductor import aoti_load_package
@@ -246,9 +248,7 @@ def cached_program(model: So3krates, plan: Plan) -> Program:
         species = sorted({1, 6, 7, 8})  # any elements: the trace is symbolic in the atomic numbers
         program = trace(energy, example_inputs(model, species, plan))
         compile_program(program, path, plan, {"plan": json.dumps(plan.as_dict())})
-    if plan.kernel:
-        pair_messages.require()  # the program calls the kernel's operator by name
-    return Program(load_program(path, "aoti"), plan, model.dtype, "aoti")
+    return Program(load_program(path, "aoti", plan), plan, model.dtype, "aoti")
 
 
 def source_digest() -> str:

@@ -1,13 +1,14 @@
 """Where the pair-message kernel pays: the same calculator with and without it, calls in turn, one process.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/kernel_threshold.py [--compile none,aoti] \
-        [--systems ethanol,3bpa,water-90,water-300,water-999,water-3000] [--threads 2] [--rounds 7]
+        [--systems ethanol,3bpa,water-90,water-300,water-999,water-3000] [--threads 2] [--rounds 7] \
+        [--out-dir DIR]
 
 For each system and compile mode, two `So3kratesCalculator`s of the paper model (seed-0 weights, float32)
 differ only in `Planner(kernel_min_edges=...)`: 0 (the kernel wherever it is legal) and None (never). Each
 round times a block of energy + forces calls of each (order swapped every round), on an unchanged
-structure. Written: `results/pair_kernel/threshold_<compile>.{json,md}` with both medians, the per-round
-ratio and the plan each side ran; the planner's `KERNEL_MIN_EDGES` is chosen from them.
+structure. Written: `<out-dir>/threshold_<compile>.{json,md}` (default `results/pair_kernel/`) with both
+medians, the per-round ratio and the plan each side ran; the planner's `KERNEL_MIN_EDGES` is chosen from them.
 """
 
 from __future__ import annotations
@@ -39,17 +40,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--block-seconds", type=float, default=1.0)
+    parser.add_argument("--out-dir", type=Path, default=HERE / "results" / "pair_kernel")
     args = parser.parse_args()
     unknown = sorted(set(args.compile.split(",")) - {"none", "inductor", "aoti"})
     if unknown:
         parser.error(f"--compile takes none, inductor, aoti (comma-separated), not {', '.join(unknown)}")
     if args.rounds < 1 or args.threads < 1:
         parser.error("--rounds and --threads must be at least 1")
+    try:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out-dir {args.out_dir}: {error.strerror}")
 
     import torch
     from speed import build_systems, water_atoms, water_box
 
     from so3krates import So3kratesCalculator
+    from so3krates.files import atomic_path, write_json
     from so3krates.memory import keep_freed_memory
     from so3krates.model.config import preset
     from so3krates.model.so3krates import So3krates
@@ -59,8 +66,7 @@ def main() -> None:
     keep_freed_memory()
     names = args.systems.split(",")
     molecules = build_systems([n for n in names if not water_atoms(n)], HERE / "runs" / "kernel_threshold")
-    out_dir = HERE / "results" / "pair_kernel"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out_dir
     import ase.io
 
     for compile in args.compile.split(","):
@@ -104,7 +110,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         result = {"compile": compile, "threads": args.threads, "rounds": args.rounds, "rows": rows}
         result["torch"] = torch.__version__
-        (out_dir / f"threshold_{compile}.json").write_text(json.dumps(result, indent=1))
+        write_json(out_dir / f"threshold_{compile}.json", result)
         lines = [
             f"# Pair-message kernel on and off, `compile={compile}`, {args.threads} threads, float32",
             "",
@@ -117,7 +123,8 @@ def main() -> None:
                 f"| {r['system']} | {r['atoms']} | {r['edges']} | {r['kernel_ms']:.2f} | "
                 f"{r['without_ms']:.2f} | {r['speed_up_median_of_rounds']:.2f} | {plans} |"
             )
-        (out_dir / f"threshold_{compile}.md").write_text("\n".join(lines) + "\n")
+        with atomic_path(out_dir / f"threshold_{compile}.md") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ def analyze(steps: int, frames: int, diverse: bool) -> None:
     from so3krates.committee import FORCES_UNCERTAINTY, load_committee
     from so3krates.data.io import read_structures
     from so3krates.evaluate import predict
+    from so3krates.files import write_json
     from so3krates.model.checkpoint import load_model
     from so3krates.runtime.evaluator import EnergyFunction
     from so3krates.runtime.plan import Plan
@@ -233,7 +234,7 @@ def analyze(steps: int, frames: int, diverse: bool) -> None:
     results["rho"]["feature distance pooled atoms"] = rho(distances.ravel(), np.concatenate(error))
     results["calibrated_ceiling"] = calibrated_ceiling(all_sigma, np.random.default_rng(0))
     results["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    (RUN / f"{name.replace('even', 'even_coverage', 1)}.json").write_text(json.dumps(results, indent=1))
+    write_json(RUN / f"{name.replace('even', 'even_coverage', 1)}.json", results)
     print(json.dumps(results["rho"], indent=1), results["committee_force_mae_eV_A"])
     print("calibrated ceiling:", json.dumps(results["calibrated_ceiling"]))
 

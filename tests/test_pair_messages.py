@@ -117,3 +117,50 @@ def test_no_edges_give_zeros_and_bad_input_one_clear_error():
     shuffled = torch.cat([idx_i[:9], idx_i[9:].roll(1)])
     with pytest.raises(RuntimeError, match="not in pair order"):
         kernel.pair_messages(**inputs, idx_i=shuffled, idx_j=idx_j, heads=heads, n_features=F)
+
+
+@pytest.mark.parametrize("euclidean", [True, False], ids=["euclidean", "invariant"])
+def test_blocks_of_pairs_add_up_to_the_whole_graph_forward_and_backward(euclidean):
+    """The block operations (edge blocks, runtime/blocks.py): two blocks of pairs, each in pair order, add
+    into the same sums and gradient buffers; together they give the whole-graph kernel's numbers."""
+    inputs, idx_i, idx_j, heads = graph(euclidean)
+    n_pairs = idx_i.shape[0] // 2
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    whole = kernel.pair_messages(**leaves, idx_i=idx_i, idx_j=idx_j, heads=heads, n_features=F)
+    grad = torch.randn_like(whole)
+    expected = dict(zip(leaves, torch.autograd.grad(whole, list(leaves.values()), grad), strict=True))
+
+    sums = torch.zeros_like(whole)
+    grad_queries = torch.zeros_like(inputs["queries"])
+    grad_keys_values = torch.zeros_like(inputs["keys_values"])
+    for pairs in (torch.arange(0, 4), torch.arange(4, n_pairs)):  # the self-image pair is in the second
+        edges = torch.cat([pairs, pairs + n_pairs])
+        block = {
+            "queries": inputs["queries"],
+            "keys_values": inputs["keys_values"],
+            "filters": inputs["filters"][pairs],
+            "cutoff": inputs["cutoff"][edges],
+            "sph": inputs["sph"][edges],
+        }
+        kernel.block_sums(sums, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads)
+        d_filters, d_cutoff, d_sph = kernel.block_sums_backward(
+            grad_queries, grad_keys_values, grad, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads
+        )
+        torch.testing.assert_close(d_filters, expected["filters"][pairs], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(d_cutoff, expected["cutoff"][edges], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(d_sph, expected["sph"][edges], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums, whole.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_queries, expected["queries"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_keys_values, expected["keys_values"], rtol=1e-12, atol=1e-12)
+
+
+def test_block_operations_refuse_buffers_of_the_wrong_shape():
+    inputs, idx_i, idx_j, heads = graph(True)
+    wrong = torch.zeros(7, 2 * F + 1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="sums must be a contiguous"):
+        kernel.block_sums(wrong, **inputs, idx_i=idx_i, idx_j=idx_j, heads=heads)
+    grad = torch.zeros(7, 2 * F, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="gradient buffers must be contiguous"):
+        kernel.block_sums_backward(
+            wrong, inputs["keys_values"], grad, **inputs, idx_i=idx_i, idx_j=idx_j, heads=heads
+        )

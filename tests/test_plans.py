@@ -134,9 +134,6 @@ def test_every_illegal_plan_is_refused_with_a_clear_message():
         "the pair-message kernel runs the fused layers on edges in pair order": lambda plan, frozen, grad: (
             plan.kernel and (plan.layers != "fused" or not plan.pairs)
         ),
-        "edge blocks compute their messages with PyTorch, not with the kernel": lambda plan, frozen, grad: (
-            plan.kernel and plan.blocks
-        ),
         "the kernel is differentiable once: it needs frozen weights": lambda plan, frozen, grad: (
             plan.kernel and not frozen
         ),
@@ -223,12 +220,13 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
     assert plan(aoti_limit + 1, compile="aoti", threads=2) == compiled_blocks
     assert plan(10**9, frozen=True, create_graph=True) == Plan("modules", "network", pairs=True)
     assert plan(10**9, frozen=False) == Plan("modules", "network", pairs=True)
-    fixed = Planner(blocks_min_edges=200_000)
+    fixed = Planner(blocks_min_edges=200_000, kernel_min_edges=None)
     for compile in ("none", "inductor", "aoti"):
         assert fixed.blocks_threshold(compile) == 200_000
         expected = blocks if compile == "none" else compiled_blocks
         assert fixed.plan(200_001, DTYPES[dtype], True, pairs=True, compile=compile, threads=2) == expected
-    assert Planner(spline=False).plan(10**9, DTYPES[dtype], True, pairs=True, compile="aoti") == blocks
+    without_kernel = Planner(spline=False, kernel_min_edges=None)
+    assert without_kernel.plan(10**9, DTYPES[dtype], True, pairs=True, compile="aoti") == blocks
     assert Planner(blocks_min_edges=0).plan(10**9, DTYPES[dtype], True) == Plan("modules", "network")
     # Blocks turned off: beyond the memory budget the modules' program, for its smaller memory per edge.
     no_blocks = Planner(blocks_min_edges=0).plan(10**9, DTYPES[dtype], True, compile="aoti", threads=2)
@@ -280,14 +278,18 @@ def test_the_planner_takes_the_pair_kernel_for_large_frozen_cpu_calls_in_pair_or
     assert not plan(large, create_graph=True).kernel
     assert not plan(large, device="meta").kernel
     # The kernel's program keeps fewer bytes per edge: the whole graph runs further before edge blocks,
-    # which compute their messages with PyTorch.
+    # whose messages then run in the kernel too.
     kernel_limit = planner.blocks_threshold("aoti", kernel=True)
     assert kernel_limit == int(physical_memory() / 3 / WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL["aoti"])
     assert kernel_limit > planner.blocks_threshold("aoti")
     whole = Plan("fused", spline, pairs=True, slots=True, kernel=True)
     assert plan(planner.blocks_threshold("aoti") + 1, compile="aoti") == whole
     assert plan(kernel_limit, compile="aoti") == whole
-    assert plan(kernel_limit + 1, compile="aoti") == Plan("fused", spline, pairs=True, blocks=True)
+    assert plan(kernel_limit + 1, compile="aoti") == Plan(
+        "fused", spline, pairs=True, blocks=True, kernel=True
+    )
+    assert plan(10**9) == Plan("fused", "network", pairs=True, blocks=True, kernel=True)
+    assert not plan(10**9, pairs=False).kernel  # blocks without pair order: messages in PyTorch
     assert planner.blocks_threshold("none", kernel=True) == planner.blocks_threshold("none")  # not measured
     assert not Planner(kernel_min_edges=None).plan(large, DTYPES[dtype], True, pairs=True).kernel
     # Where the kernel cannot be built, the plans stay what they were without it.

@@ -14,6 +14,10 @@ edges, forward and backward, with every per-edge vector in registers or the L1 c
   its keys and values (from r) are then written by one thread, and each pair's filter gradient once, by the
   visit of its first-half edge; nothing is summed over threads.
 
+Edge blocks (:func:`so3krates.runtime.blocks.blocked_kernel_sum`, for graphs whose filters do not fit in
+memory at once) call :func:`block_sums` and :func:`block_sums_backward`: one block of pairs on one thread,
+pair by pair, adding into per-atom buffers of the caller's thread.
+
 Exact to round-off against the fused layers' equations (``tests/test_plans.py`` runs it in the matrix of
 plans). Differentiable once (forces, stress): the plan allows it for frozen weights only, as slots.
 
@@ -167,4 +171,71 @@ def pair_messages(
         ranges_out,
         scale,
         n_features,
+    )
+
+
+def block_sums(
+    sums: Tensor,
+    queries: Tensor,
+    keys_values: Tensor,
+    filters: Tensor,
+    cutoff: Tensor,
+    sph: Tensor,
+    idx_i: Tensor,
+    idx_j: Tensor,
+    heads: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """Adds the messages of one block of edges (in pair order) into ``sums`` (n_atoms, F + n_sph), on the
+    calling thread: the forward pass of :func:`so3krates.runtime.blocks.blocked_kernel_sum`. The arguments
+    are those of :func:`pair_messages` for the block's edges; no autograd (the caller does the backward)."""
+    require()
+    ranges_in, ranges_out, scale = heads
+    torch.ops.so3krates.pair_messages_block(
+        sums,
+        queries,
+        keys_values,
+        filters,
+        cutoff,
+        sph,
+        idx_i,
+        idx_j,
+        ranges_in,
+        ranges_out,
+        scale,
+        keys_values.shape[1] - queries.shape[1],
+    )
+
+
+def block_sums_backward(
+    grad_queries: Tensor,
+    grad_keys_values: Tensor,
+    grad: Tensor,
+    queries: Tensor,
+    keys_values: Tensor,
+    filters: Tensor,
+    cutoff: Tensor,
+    sph: Tensor,
+    idx_i: Tensor,
+    idx_j: Tensor,
+    heads: tuple[Tensor, Tensor, Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward pass of :func:`block_sums` for ∂E/∂sums = ``grad``: adds into ``grad_queries`` and
+    ``grad_keys_values`` and returns the gradients of the block's filters, cutoff and sph."""
+    require()
+    ranges_in, ranges_out, scale = heads
+    return torch.ops.so3krates.pair_messages_block_backward(
+        grad_queries,
+        grad_keys_values,
+        grad,
+        queries,
+        keys_values,
+        filters,
+        cutoff,
+        sph,
+        idx_i,
+        idx_j,
+        ranges_in,
+        ranges_out,
+        scale,
+        keys_values.shape[1] - queries.shape[1],
     )

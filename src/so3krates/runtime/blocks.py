@@ -14,6 +14,13 @@ product with ∂E/∂U gathered to the block's edges, and adds the result into t
 vectors and of the per-atom inputs. Memory then grows with atoms (a few per-atom tensors per layer) and the
 edge list, not with (edges × features); the price is a second evaluation of the messages.
 
+With the plan's ``kernel`` (:func:`blocked_kernel_sum`), a block's messages and their sum are the pair-message
+kernel's (:mod:`so3krates.ops.pair_messages`): the only per-edge tensors of a block are then the kernel's
+inputs (filters once per pair, cutoff, spherical harmonics), recomputed in the backward pass; queries, keys
+and values are read by the kernel from the per-atom tensors, and their gradients added straight into
+per-thread buffers. Compiled, that halves the time of a block (3,000 water atoms: 178 against 375 µs per
+atom, ``benchmarks/results/scaling/kernel_blocks_dec5``).
+
 Only first derivatives, for weights that do not change (the weights are constants of the recomputation,
 :class:`so3krates.runtime.plan.Plan` refuses the rest). Why by hand: ``torch.utils.checkpoint`` of each block
 would also recompute, but every block's gradients of the per-atom inputs would then be a full
@@ -31,6 +38,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from so3krates.ops.pair_messages import block_sums, block_sums_backward
 from so3krates.runtime.layout import EdgeLayout
 
 #: Edges per block: large enough that the ~30 operations of a block are not dominated by dispatch (a few µs
@@ -247,6 +255,141 @@ def blocked_sum(
     tensors = tuple(x for x, _ in inputs)
     sides = tuple(side for _, side in inputs)
     return _BlockedSum.apply(messages, blocks, sides, workers, n_atoms, width, dtype, vectors, *tensors)
+
+
+#: rows(block layout, edge vectors of the block, x at i1, x at j1) → (filters (n_pairs, B·F), cutoff (rows,),
+#: sph (rows, n_sph)): the per-edge inputs of the pair-message kernel for one block (x: None, None without
+#: Euclidean variables).
+KernelRows = Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+class _BlockedKernelSum(torch.autograd.Function):
+    """One fused layer's summed messages, block by block, each block's messages in the pair-message kernel.
+
+    As :class:`_BlockedSum`, but a block's per-edge tensors are only the kernel's inputs (filters, cutoff,
+    sph, recomputed from the edge vectors and x in the backward pass); the queries, keys and values are not
+    gathered to the edges, and their gradients are added by the kernel straight into per-thread buffers.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        rows: KernelRows,
+        blocks: Sequence[Block],
+        heads: tuple[Tensor, Tensor, Tensor],
+        workers: int,
+        width: int,
+        vectors: Tensor,
+        queries: Tensor,
+        keys_values: Tensor,
+        x: Tensor | None,
+    ) -> Tensor:
+        n_atoms = queries.shape[0]
+
+        def part(own: Sequence[Block]) -> Tensor:
+            total = queries.new_zeros((n_atoms, width))
+            with torch.no_grad():
+                for block in own:
+                    layout = block.layout
+                    x_i, x_j = _at_first(x, layout)
+                    filters, cutoff, sph = rows(layout, block.take(vectors), x_i, x_j)
+                    block_sums(
+                        total, queries, keys_values, filters, cutoff, sph, layout.idx_i, layout.idx_j, heads
+                    )
+            return total
+
+        totals = in_workers(part, blocks, workers)
+        ctx.rows, ctx.blocks, ctx.heads, ctx.workers = rows, blocks, heads, workers
+        ctx.save_for_backward(vectors, queries, keys_values, x)
+        return _sum(totals)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        vectors, queries, keys_values, x = ctx.saved_tensors
+        grad_total = grad_total.contiguous()
+        grad_vectors = torch.zeros_like(vectors)
+
+        def part(own: Sequence[Block]) -> tuple[Tensor, Tensor, Tensor | None]:
+            grad_queries, grad_keys_values = torch.zeros_like(queries), torch.zeros_like(keys_values)
+            grad_x = torch.zeros_like(x) if x is not None else None
+            for block in own:
+                layout = block.layout
+                with torch.enable_grad():
+                    block_vectors = block.take(vectors).detach().requires_grad_(True)
+                    x_i, x_j = _at_first(x, layout, requires_grad=True)
+                    filters, cutoff, sph = ctx.rows(layout, block_vectors, x_i, x_j)
+                grads = block_sums_backward(
+                    grad_queries,
+                    grad_keys_values,
+                    grad_total,
+                    queries,
+                    keys_values,
+                    filters.detach(),
+                    cutoff.detach(),
+                    sph.detach(),
+                    layout.idx_i,
+                    layout.idx_j,
+                    ctx.heads,
+                )
+                outputs = [
+                    (t, g) for t, g in zip((filters, cutoff, sph), grads, strict=True) if t.requires_grad
+                ]
+                leaves = [block_vectors] + ([x_i, x_j] if x_i is not None else [])
+                found = torch.autograd.grad(
+                    [t for t, _ in outputs], leaves, [g for _, g in outputs], allow_unused=True
+                )
+                if found[0] is not None:
+                    block.put(grad_vectors, found[0])
+                if grad_x is not None:
+                    for g, side in zip(found[1:], ("i1", "j1"), strict=True):
+                        if g is not None:
+                            grad_x.index_add_(0, block.index(side), g)
+            return grad_queries, grad_keys_values, grad_x
+
+        parts = in_workers(part, ctx.blocks, ctx.workers)
+        grad_queries, grad_keys_values, grad_x = (
+            _sum(list(g)) if g[0] is not None else None for g in zip(*parts, strict=True)
+        )
+        return (None, None, None, None, None, grad_vectors, grad_queries, grad_keys_values, grad_x)
+
+
+def _at_first(x: Tensor | None, layout: EdgeLayout, requires_grad: bool = False) -> tuple[Tensor | None, ...]:
+    """x at the centre and neighbour atoms of a block's first rows (one per pair), or (None, None)."""
+    if x is None:
+        return None, None
+    return tuple(
+        x.detach().index_select(0, layout.first(index)).requires_grad_(requires_grad)
+        for index in (layout.idx_i, layout.idx_j)
+    )
+
+
+def blocked_kernel_sum(
+    rows: KernelRows,
+    blocks: Sequence[Block],
+    heads: tuple[Tensor, Tensor, Tensor],
+    width: int,
+    vectors: Tensor,
+    queries: Tensor,
+    keys_values: Tensor,
+    x: Tensor | None = None,
+    workers: int = 1,
+) -> Tensor:
+    """One fused layer's Σ_{e: i_e = i} [α_e v_j | β_e Y_e] → (n_atoms, width) over edge blocks in pair order,
+    each block's messages in the pair-message kernel (:func:`so3krates.ops.pair_messages.block_sums`).
+
+    Args:
+        rows: the kernel's per-edge inputs of one block (``KernelRows``); its weights must be constants.
+        blocks: :func:`edge_blocks` of a graph in pair order.
+        heads: ``LayerWeights.heads``.
+        width: F + n_sph (F without Euclidean variables).
+        vectors: (n_edges, 3) edge vectors; queries, keys_values: per atom (``fused.projections``);
+        x: (n_atoms, n_sph) Euclidean variables, or None without the Euclidean branch.
+        workers: threads that evaluate blocks at once (:func:`in_workers`).
+    """
+    return _BlockedKernelSum.apply(
+        rows, blocks, heads, workers, width, vectors, queries.contiguous(), keys_values.contiguous(), x
+    )
 
 
 #: Compiled variants of one messages function a process may hold: per layer, with and without gradients,

@@ -27,10 +27,17 @@ from so3krates.model.so3krates import So3krates
 from so3krates.nn.transformer import EdgeFeatures, TransformerLayer
 from so3krates.ops.scatter import scatter_sum
 from so3krates.ops.spline import Spline, evaluate_spline
-from so3krates.runtime.blocks import BLOCK_EDGES, blocked_sum, compile_messages, edge_blocks
+from so3krates.runtime.blocks import (
+    BLOCK_EDGES,
+    blocked_kernel_sum,
+    blocked_sum,
+    compile_messages,
+    edge_blocks,
+)
 from so3krates.runtime.derivatives import graph_derivatives
 from so3krates.runtime.fused import (
     LayerWeights,
+    edge_filters,
     edge_messages,
     finish_updates,
     fused_layer,
@@ -178,6 +185,27 @@ def _layer_rows(
     )
 
 
+def _kernel_rows(
+    model: So3krates,
+    layer: TransformerLayer,
+    weights: LayerWeights,
+    radial: Callable[[Tensor], list[Tensor]],
+    layout: EdgeLayout,
+    vectors: Tensor,
+    x_i: Tensor | None = None,
+    x_j: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The pair-message kernel's inputs on a block's edges (filters per pair, cutoff, sph), recomputed from
+    the vectors and x (``runtime.blocks.KernelRows``)."""
+    features = model.edge_features(vectors, layout.idx_i, layout.idx_j, with_rbf=False)
+    differences = None if x_i is None else x_j - x_i
+    filters = edge_filters(layer, weights, radial(layout.first(features.distances)), differences)
+    sph = (
+        features.sph if weights.spherical_in is not None else features.cutoff.new_zeros((vectors.shape[0], 0))
+    )
+    return filters, features.cutoff, sph
+
+
 class EnergyFunction(nn.Module):
     """Atomic energies of the model as ``plan`` evaluates them: (vectors, atomic numbers, edges) → E_i.
 
@@ -239,10 +267,10 @@ class EnergyFunction(nn.Module):
                 else partial(_block_network_filters, model)
             )
             self.initial_rows = partial(_initial_euclidean_rows, model)
-            self.layer_rows = _layer_rows
+            self.layer_rows = _kernel_rows if plan.kernel else _layer_rows
             if self.compile_blocks:
                 self.initial_rows = compile_messages(self.initial_rows)
-                self.layer_rows = compile_messages(_layer_rows)
+                self.layer_rows = compile_messages(self.layer_rows)
 
     def forward(self, vectors: Tensor, atomic_numbers: Tensor, edges: EdgeLayout) -> Tensor:
         """Args:
@@ -300,6 +328,25 @@ class EnergyFunction(nn.Module):
         for k, layer in enumerate(model.layers):
             layer_weights = weights.layers[k]
             queries, keys_values = projections(layer, layer_weights, h)
+            rows = partial(
+                self.layer_rows, model, layer, layer_weights, partial(self.block_radial, weights, k)
+            )
+            if self.plan.kernel:
+                euclidean = layer_weights.spherical_in is not None
+                width = h.shape[1] + (n_sph if euclidean else 0)
+                updates = blocked_kernel_sum(
+                    rows,
+                    blocks,
+                    layer_weights.heads,
+                    width,
+                    vectors,
+                    queries,
+                    keys_values,
+                    x if euclidean else None,
+                    workers,
+                )
+                h, x = finish_updates(layer, h, x, updates)
+                continue
             # Contiguous copies: both are column slices of one product, and every block gathers rows from
             # them twice (forward and recomputation); a gather from a strided view is ~3× slower here.
             inputs = [(queries.contiguous(), "i"), (keys_values.contiguous(), "j")]
@@ -307,9 +354,6 @@ class EnergyFunction(nn.Module):
             if layer_weights.spherical_in is not None:
                 inputs += [(x, "i1"), (x, "j1")]
                 width += n_sph
-            rows = partial(
-                self.layer_rows, model, layer, layer_weights, partial(self.block_radial, weights, k)
-            )
             updates = blocked_sum(rows, blocks, n_atoms, width, dtype, vectors, inputs, workers)
             h, x = finish_updates(layer, h, x, updates)
         return h

@@ -16,7 +16,8 @@ A :class:`Plan` names one of the ways to compute the same energy (:mod:`so3krate
   systems, at the price of a second evaluation of the messages.
 - ``kernel``: each fused layer's messages and their sum in one hand-written CPU kernel, forward and
   backward, for edges in pair order (:mod:`so3krates.ops.pair_messages`): no (edges × features) tensors
-  in between, which on large graphs is most of a compiled call's memory traffic.
+  in between, which on large graphs is most of a compiled call's memory traffic. With ``blocks``, each
+  block's messages run in the kernel and only its inputs are recomputed.
 
 Every legal plan gives the reference model's numbers (to round-off; the spline to its interpolation error,
 below float32 round-off) — the test matrix in ``tests/test_plans.py`` runs them all. :meth:`Plan.check`
@@ -91,8 +92,6 @@ class Plan:
             problems.append("blocks are differentiable once: second derivatives need blocks=False")
         if self.kernel and (self.layers != "fused" or not self.pairs):
             problems.append("the pair-message kernel runs the fused layers on edges in pair order")
-        if self.kernel and self.blocks:
-            problems.append("edge blocks compute their messages with PyTorch, not with the kernel")
         if self.kernel and not frozen:
             problems.append("the kernel is differentiable once: it needs frozen weights, not training")
         if create_graph and self.kernel:
@@ -307,7 +306,7 @@ class Planner:
             # whole graph; it saves ~18 % of a call (999 water, 1 thread, benchmarks/results/thresholds.md).
             compiled_float32 = compile != "none" and dtype == torch.float32
             spline = self.spline if self.spline is not None else compiled_float32
-            return _plan("fused", "spline" if spline else "network", pairs, False, True)
+            return _plan("fused", "spline" if spline else "network", pairs, False, True, kernel)
         fused_max = self.aoti_fused_max_edges if compile == "aoti" else self.fused_max_edges
         if fused_max is None:
             fused_max = memory_limit

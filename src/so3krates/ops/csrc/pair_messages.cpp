@@ -9,6 +9,8 @@
 // Backward: one pass over the atoms; at atom a, every edge e = (a, b) is taken with its reverse r = (b, a)
 // (same filter row), so that a's own gradients (queries from e; keys and values from r) are written by one
 // thread, and each pair's filter gradient is written once, by the visit of its first-half edge.
+// Blocks (pair_messages_block, ..._backward): the pairs of one block of edges on the calling thread, both
+// edges of a pair at once, adding into per-atom buffers that the caller owns (one set per thread of blocks).
 // ATen and the operator registry only: no Python headers are needed to build it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -157,6 +159,93 @@ void backward_kernel(const T* g, const T* q, const T* kv, const T* w, const T* p
   });
 }
 
+// Edge blocks (so3krates/runtime/blocks.py): the pairs of one block on one thread, pair by pair, both edges
+// of a pair at once, adding into the caller's per-atom buffers (one set per thread of blocks, so no atom is
+// written by two threads). No sort by atom is needed: an atom's rows are summed in pair order.
+template <typename T>
+void block_forward_kernel(const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
+                          const int64_t* idx_i, const int64_t* idx_j, int64_t W, int64_t KVW, int64_t F,
+                          int64_t S, int64_t P, int H, Ranges in, Ranges out, T* u) {
+  const int64_t C = F + S;
+  T s[2][kMaxHeads];
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t a = idx_i[p], b = idx_j[p];
+    const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
+    const T* wp = w + p * W;
+    for (int d = 0; d < 2; ++d) {  // d = 0: e = (a, b) into U_a; d = 1: its reverse into U_b
+      const int64_t e = edge[d];
+      const T* kj = kv + other[d] * KVW;
+      head_sums(q + centre[d] * W, wp, kj, in, s[d]);
+      for (int h = 0; h < H; ++h) s[d][h] *= scale[h] * phi[e];
+      T* ui = u + centre[d] * C;
+      for (int t = 0; t < out.n; ++t) {
+        const int lo = out.start(t), hi = out.stop(t);
+        const T c = s[d][out.head(t)];
+        const T* value = lo < F ? kj + W : y + e * S - F;
+#pragma omp simd
+        for (int f = lo; f < hi; ++f) ui[f] += c * value[f];
+      }
+    }
+  }
+}
+
+template <typename T>
+void block_backward_kernel(const T* g, const T* q, const T* kv, const T* w, const T* phi, const T* y,
+                           const T* scale, const int64_t* idx_i, const int64_t* idx_j, int64_t W, int64_t KVW,
+                           int64_t F, int64_t S, int64_t P, int H, Ranges in, Ranges out, T* dq, T* dkv, T* dw,
+                           T* dphi, T* dy) {
+  const int64_t C = F + S;
+  T s[2][kMaxHeads], gs[2][kMaxHeads];
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t a = idx_i[p], b = idx_j[p];
+    const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
+    const T* wp = w + p * W;
+    for (int d = 0; d < 2; ++d) {
+      const int64_t e = edge[d];
+      const T *qi = q + centre[d] * W, *kvj = kv + other[d] * KVW, *gi = g + centre[d] * C;
+      head_sums(qi, wp, kvj, in, s[d]);
+      coefficient_grads(gi, kvj + W, y + e * S, F, out, gs[d]);
+      T dphi_e = 0;
+      for (int h = 0; h < H; ++h) {
+        dphi_e += gs[d][h] * s[d][h] * scale[h];
+        gs[d][h] *= scale[h] * phi[e];  // ∂E/∂s_h of e
+        s[d][h] *= scale[h] * phi[e];   // c_h of e
+      }
+      dphi[e] = dphi_e;
+      T* dvj = dkv + other[d] * KVW + W;
+      for (int t = 0; t < out.n; ++t) {
+        const int lo = out.start(t), hi = out.stop(t);
+        const T c = s[d][out.head(t)];
+        if (lo >= F) {
+          T* dye = dy + e * S - F;
+          for (int f = lo; f < hi; ++f) dye[f] = c * gi[f];
+        } else {
+#pragma omp simd
+          for (int f = lo; f < hi; ++f) dvj[f] += c * gi[f];
+        }
+      }
+      T *dqi = dq + centre[d] * W, *dkj = dkv + other[d] * KVW;
+      for (int t = 0; t < in.n; ++t) {
+        const int lo = in.start(t), hi = in.stop(t);
+        const T x = gs[d][in.head(t)];
+#pragma omp simd
+        for (int f = lo; f < hi; ++f) {
+          dqi[f] += x * wp[f] * kvj[f];
+          dkj[f] += x * qi[f] * wp[f];
+        }
+      }
+    }
+    const T *qa = q + a * W, *qb = q + b * W, *ka = kv + a * KVW, *kb = kv + b * KVW;
+    T* dwp = dw + p * W;
+    for (int t = 0; t < in.n; ++t) {
+      const int lo = in.start(t), hi = in.stop(t), h = in.head(t);
+      const T x_e = gs[0][h], x_r = gs[1][h];
+#pragma omp simd
+      for (int f = lo; f < hi; ++f) dwp[f] = x_e * qa[f] * kb[f] + x_r * qb[f] * ka[f];
+    }
+  }
+}
+
 struct Shapes {
   int64_t n, W, KVW, F, S, P;
   int H;
@@ -240,6 +329,48 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor q, at::Tensor kv,
   return {dq, dkv, dw, dphi, dy};
 }
 
+void pair_messages_block(at::Tensor u, at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi, at::Tensor y,
+                         at::Tensor idx_i, at::Tensor idx_j, at::Tensor ranges_in, at::Tensor ranges_out,
+                         at::Tensor scale, int64_t F) {
+  const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
+  TORCH_CHECK(u.is_contiguous() && u.scalar_type() == q.scalar_type() && u.size(0) == d.n &&
+                  u.size(1) == d.F + d.S,
+              "pair_messages_block: the sums must be a contiguous (n_atoms, F + n_sph) tensor of the same dtype");
+  const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
+  const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_block", [&] {
+    block_forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                   phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+                                   idx_i.data_ptr<int64_t>(), idx_j.data_ptr<int64_t>(), d.W, d.KVW, d.F, d.S,
+                                   d.P, d.H, in, out, u.data_ptr<scalar_t>());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_messages_block_backward(
+    at::Tensor dq, at::Tensor dkv, at::Tensor grad, at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi,
+    at::Tensor y, at::Tensor idx_i, at::Tensor idx_j, at::Tensor ranges_in, at::Tensor ranges_out,
+    at::Tensor scale, int64_t F) {
+  const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
+  grad = grad.contiguous();
+  TORCH_CHECK(dq.is_contiguous() && dkv.is_contiguous() && dq.sizes() == q.sizes() && dkv.sizes() == kv.sizes() &&
+                  dq.scalar_type() == q.scalar_type() && dkv.scalar_type() == q.scalar_type(),
+              "pair_messages_block_backward: the gradient buffers must be contiguous and shaped as the inputs");
+  TORCH_CHECK(grad.size(0) == d.n && grad.size(1) == d.F + d.S, "pair_messages_block_backward: grad shape");
+  // Every row of these is written by the kernel (each edge once, each pair once).
+  auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y);
+  const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
+  const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_block_backward", [&] {
+    block_backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
+                                    w.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                    scale.data_ptr<scalar_t>(), idx_i.data_ptr<int64_t>(),
+                                    idx_j.data_ptr<int64_t>(), d.W, d.KVW, d.F, d.S, d.P, d.H, in, out,
+                                    dq.data_ptr<scalar_t>(), dkv.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                                    dphi.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>());
+  });
+  return {dw, dphi, dy};
+}
+
 // Registered with the dispatcher (not as a Python module), so that compiled programs call it directly.
 // Shapes for tracing and the autograd formula are registered from Python (so3krates/ops/pair_messages.py).
 TORCH_LIBRARY(so3krates, m) {
@@ -250,9 +381,19 @@ TORCH_LIBRARY(so3krates, m) {
       "pair_messages_backward(Tensor grad, Tensor queries, Tensor keys_values, Tensor filters, Tensor cutoff, "
       "Tensor sph, Tensor idx_i, Tensor idx_j, Tensor ranges_in, Tensor ranges_out, Tensor scale, "
       "int n_features) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "pair_messages_block(Tensor(a!) sums, Tensor queries, Tensor keys_values, Tensor filters, Tensor cutoff, "
+      "Tensor sph, Tensor idx_i, Tensor idx_j, Tensor ranges_in, Tensor ranges_out, Tensor scale, "
+      "int n_features) -> ()");
+  m.def(
+      "pair_messages_block_backward(Tensor(a!) grad_queries, Tensor(b!) grad_keys_values, Tensor grad, "
+      "Tensor queries, Tensor keys_values, Tensor filters, Tensor cutoff, Tensor sph, Tensor idx_i, "
+      "Tensor idx_j, Tensor ranges_in, Tensor ranges_out, Tensor scale, int n_features) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(so3krates, CPU, m) {
   m.impl("pair_messages", &pair_messages);
   m.impl("pair_messages_backward", &pair_messages_backward);
+  m.impl("pair_messages_block", &pair_messages_block);
+  m.impl("pair_messages_block_backward", &pair_messages_block_backward);
 }

@@ -113,8 +113,9 @@ def run_one(model: str, structure: Path, n_atoms: int, args: argparse.Namespace,
     if status != 0 or not out.is_file():
         text = log.read_text(errors="replace")
         lines = [line for line in text.strip().splitlines() if line.strip()] or ["(no output)"]
-        oom = any(marker in text.lower() for marker in OUT_OF_MEMORY)
-        return {"error": lines[-1][:300], "out_of_memory": oom, "wall_s": wall}
+        # The line that says why: the first one naming a lack of memory (a C++ traceback ends with frames).
+        marked = [line for line in lines if any(marker in line.lower() for marker in OUT_OF_MEMORY)]
+        return {"error": (marked or lines[-1:])[0][:300], "out_of_memory": bool(marked), "wall_s": wall}
     result = json.loads(out.read_text())
     times = np.array(result["ef_times_s"])
     result["ef_s_median"] = float(np.median(times))

@@ -164,3 +164,38 @@ def test_block_operations_refuse_buffers_of_the_wrong_shape():
         kernel.block_sums_backward(
             wrong, inputs["keys_values"], grad, **inputs, idx_i=idx_i, idx_j=idx_j, heads=heads
         )
+
+
+def test_pairs_shared_among_threads_give_the_written_out_sums_the_same_on_every_call():
+    """Enough pairs for several threads (each adds into rows of its own, summed in a fixed order)."""
+    generator = torch.Generator().manual_seed(3)
+    n, n_pairs = 200, 3000
+    first = torch.randint(0, n, (n_pairs,), generator=generator)
+    second = (first + torch.randint(1, n, (n_pairs,), generator=generator)) % n
+    idx_i, idx_j = torch.cat([first, second]), torch.cat([second, first])
+    inputs, _, _, heads = graph(True)
+    inputs = {
+        "queries": torch.randn(n, 2 * F, generator=generator, dtype=torch.float64),
+        "keys_values": torch.randn(n, 3 * F, generator=generator, dtype=torch.float64),
+        "filters": torch.randn(n_pairs, 2 * F, generator=generator, dtype=torch.float64),
+        "cutoff": torch.rand(2 * n_pairs, generator=generator, dtype=torch.float64),
+        "sph": torch.randn(2 * n_pairs, 8, generator=generator, dtype=torch.float64),
+    }
+    leaves = [t.clone().requires_grad_() for t in inputs.values()]
+    expected = written_out(*leaves, idx_i, idx_j, heads)
+    grad = torch.randn_like(expected)
+    theirs = torch.autograd.grad(expected, leaves, grad)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 2):
+            torch.set_num_threads(count)
+            got = kernel.pair_messages(*leaves, idx_i, idx_j, heads, F)
+            results.append((got, *torch.autograd.grad(got, leaves, grad)))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results:
+        for a, b in zip(result, (expected, *theirs), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-11)
+    for a, b in zip(results[1], results[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

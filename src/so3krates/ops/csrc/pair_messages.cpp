@@ -1,28 +1,30 @@
 // The message chain of one fused transformer layer, summed over each centre atom's edges, for edges in pair
-// order (edge e + P is edge e reversed, P = E / 2) whose filters are given once per pair.
+// order (edge p + P is edge p reversed, P = E / 2) whose filters are given once per pair.
 // See so3krates/ops/pair_messages.py for the equations and why this is written by hand.
 //
 // Per edge e = (i, j) with pair p:   s_h  = Σ_{f ∈ head h} q_i[f] w_p[f] k_j[f]           (head sums)
 //                                    c_h  = s_h · scale_h · φ_e                           (α_ij, β_ij)
 //                                    U_i += [c_{h(f)} v_j[f] for f < F | c_{h(m)} Y_e[m] for m < S]
-// Forward: one pass over the atoms, each summing its own edges (no scatter, no atomics).
-// Backward: one pass over the atoms; at atom a, every edge e = (a, b) is taken with its reverse r = (b, a)
-// (same filter row), so that a's own gradients (queries from e; keys and values from r) are written by one
-// thread, and each pair's filter gradient is written once, by the visit of its first-half edge.
-// Blocks (pair_messages_block, ..._backward): the pairs of one block of edges on the calling thread, both
-// edges of a pair at once, adding into per-atom buffers that the caller owns (one set per thread of blocks).
+// Pair by pair, both edges of a pair at once: each filter row is read once, in order, forward and backward,
+// and each pair's filter gradient written once. A thread adds its pairs' contributions to per-atom rows of
+// its own (the first thread into the result, the others into scratch rows summed afterwards in a fixed
+// order), so no row is written by two threads and the numbers are the same on every call.
+// Whole graph (pair_messages, ..._backward): the pairs split evenly among torch's intra-op threads.
+// Blocks (pair_messages_block, ..._backward): one block of pairs on the calling thread, adding into per-atom
+// buffers that the caller owns (one set per thread of blocks).
 // ATen and the operator registry only: no Python headers are needed to build it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
 
 constexpr int kMaxHeads = 64;
-// Atoms per task of torch's intra-op thread pool (at::parallel_for: the threads torch.set_num_threads gives).
-constexpr int64_t kGrain = 16;
+// Pairs per thread below which a whole-graph call uses fewer threads (scratch rows are not free).
+constexpr int64_t kMinPairsPerThread = 512;
 
 // Contiguous ranges of features [start, stop) that belong to one head: rows of an (R, 3) int32 tensor.
 struct Ranges {
@@ -32,21 +34,6 @@ struct Ranges {
   int stop(int t) const { return r[3 * t + 1]; }
   int head(int t) const { return r[3 * t + 2]; }
 };
-
-// Counting sort of the edges by atom: ptr (n + 1) and the edge ids in atom order (stable).
-void by_atom(const at::Tensor& index, int64_t n, std::vector<int64_t>& ptr, std::vector<int64_t>& order) {
-  const int64_t n_edges = index.size(0);
-  const int64_t* x = index.data_ptr<int64_t>();
-  ptr.assign(n + 1, 0);
-  order.resize(n_edges);
-  for (int64_t e = 0; e < n_edges; ++e) {
-    TORCH_CHECK(x[e] >= 0 && x[e] < n, "pair_messages: atom index ", x[e], " out of range for ", n, " atoms");
-    ++ptr[x[e] + 1];
-  }
-  for (int64_t i = 0; i < n; ++i) ptr[i + 1] += ptr[i];
-  std::vector<int64_t> fill(ptr.begin(), ptr.end() - 1);
-  for (int64_t e = 0; e < n_edges; ++e) order[fill[x[e]]++] = e;
-}
 
 template <typename T>
 inline void head_sums(const T* q, const T* w, const T* k, Ranges in, T* s) {
@@ -71,22 +58,23 @@ inline void coefficient_grads(const T* g, const T* v, const T* y, int64_t F, Ran
   }
 }
 
+// The pairs [p0, p1): edge p = (a, b) into U_a and its reverse p + P = (b, a) into U_b.
 template <typename T>
-void forward_kernel(const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
-                    const int64_t* idx_j, const std::vector<int64_t>& ptr, const std::vector<int64_t>& order,
-                    int64_t n, int64_t W, int64_t KVW, int64_t F, int64_t S, int64_t P, int H, Ranges in,
-                    Ranges out, T* u) {
+void pairs_forward(const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
+                   const int64_t* idx_i, const int64_t* idx_j, int64_t W, int64_t KVW, int64_t F, int64_t S,
+                   int64_t P, int64_t p0, int64_t p1, int H, Ranges in, Ranges out, T* u) {
   const int64_t C = F + S;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    T* ui = u + i * C;
-    const T* qi = q + i * W;
-    T s[kMaxHeads];
-    for (int64_t t0 = ptr[i]; t0 < ptr[i + 1]; ++t0) {
-      const int64_t e = order[t0], j = idx_j[e];
-      const T* kj = kv + j * KVW;
-      head_sums(qi, w + (e % P) * W, kj, in, s);
+  T s[kMaxHeads];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t a = idx_i[p], b = idx_j[p];
+    const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
+    const T* wp = w + p * W;
+    for (int d = 0; d < 2; ++d) {
+      const int64_t e = edge[d];
+      const T* kj = kv + other[d] * KVW;
+      head_sums(q + centre[d] * W, wp, kj, in, s);
       for (int h = 0; h < H; ++h) s[h] *= scale[h] * phi[e];
+      T* ui = u + centre[d] * C;
       for (int t = 0; t < out.n; ++t) {
         const int lo = out.start(t), hi = out.stop(t);
         const T c = s[out.head(t)];
@@ -96,107 +84,18 @@ void forward_kernel(const T* q, const T* kv, const T* w, const T* phi, const T* 
       }
     }
   }
-  });
 }
 
+// The backward pass of pairs_forward for ∂E/∂U = g: adds into dq and dkv, writes the pairs' rows of dw and
+// their edges' rows of dphi and dy.
 template <typename T>
-void backward_kernel(const T* g, const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
-                     const int64_t* idx_j, const std::vector<int64_t>& ptr, const std::vector<int64_t>& order,
-                     int64_t n, int64_t W, int64_t KVW, int64_t F, int64_t S, int64_t P, int H, Ranges in,
-                     Ranges out, T* dq, T* dkv, T* dw, T* dphi, T* dy) {
-  const int64_t C = F + S;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-  for (int64_t a = begin; a < end; ++a) {
-    const T *qa = q + a * W, *kva = kv + a * KVW, *ga = g + a * C;
-    T *dqa = dq + a * W, *dka = dkv + a * KVW, *dva = dkv + a * KVW + W;
-    for (int64_t f = 0; f < W; ++f) dqa[f] = 0;
-    for (int64_t f = 0; f < KVW; ++f) dka[f] = 0;
-    T s_e[kMaxHeads], g_e[kMaxHeads], s_r[kMaxHeads], g_r[kMaxHeads];
-    for (int64_t t0 = ptr[a]; t0 < ptr[a + 1]; ++t0) {
-      const int64_t e = order[t0], b = idx_j[e], p = e % P, r = e < P ? e + P : e - P;
-      const T *qb = q + b * W, *kvb = kv + b * KVW, *gb = g + b * C, *wp = w + p * W;
-      head_sums(qa, wp, kvb, in, s_e);                              // e = (a, b), into U_a
-      coefficient_grads(ga, kvb + W, y + e * S, F, out, g_e);
-      head_sums(qb, wp, kva, in, s_r);                              // r = (b, a), into U_b
-      coefficient_grads(gb, kva + W, y + r * S, F, out, g_r);
-      T dphi_e = 0;
-      for (int h = 0; h < H; ++h) {
-        dphi_e += g_e[h] * s_e[h] * scale[h];
-        g_e[h] *= scale[h] * phi[e];  // ∂E/∂s_h of e
-        g_r[h] *= scale[h] * phi[r];  // ∂E/∂s_h of r
-        s_e[h] *= scale[h] * phi[e];  // c_h of e
-        s_r[h] *= scale[h] * phi[r];  // c_h of r
-      }
-      dphi[e] = dphi_e;
-      for (int t = 0; t < out.n; ++t) {
-        const int lo = out.start(t), hi = out.stop(t), h = out.head(t);
-        if (lo >= F) {  // Y_e multiplies c_h of e into U_a
-          T* dye = dy + e * S - F;
-          for (int f = lo; f < hi; ++f) dye[f] = s_e[h] * ga[f];
-        } else {  // v_a multiplies c_h of r into U_b
-          const T c = s_r[h];
-#pragma omp simd
-          for (int f = lo; f < hi; ++f) dva[f] += c * gb[f];
-        }
-      }
-      T* dwp = dw + p * W;
-      const bool writes_pair = e < P;
-      for (int t = 0; t < in.n; ++t) {
-        const int lo = in.start(t), hi = in.stop(t), h = in.head(t);
-        const T x_e = g_e[h], x_r = g_r[h];
-#pragma omp simd
-        for (int f = lo; f < hi; ++f) {
-          dqa[f] += x_e * wp[f] * kvb[f];
-          dka[f] += x_r * qb[f] * wp[f];
-        }
-        if (writes_pair) {
-#pragma omp simd
-          for (int f = lo; f < hi; ++f) dwp[f] = x_e * qa[f] * kvb[f] + x_r * qb[f] * kva[f];
-        }
-      }
-    }
-  }
-  });
-}
-
-// Edge blocks (so3krates/runtime/blocks.py): the pairs of one block on one thread, pair by pair, both edges
-// of a pair at once, adding into the caller's per-atom buffers (one set per thread of blocks, so no atom is
-// written by two threads). No sort by atom is needed: an atom's rows are summed in pair order.
-template <typename T>
-void block_forward_kernel(const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
-                          const int64_t* idx_i, const int64_t* idx_j, int64_t W, int64_t KVW, int64_t F,
-                          int64_t S, int64_t P, int H, Ranges in, Ranges out, T* u) {
-  const int64_t C = F + S;
-  T s[2][kMaxHeads];
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t a = idx_i[p], b = idx_j[p];
-    const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
-    const T* wp = w + p * W;
-    for (int d = 0; d < 2; ++d) {  // d = 0: e = (a, b) into U_a; d = 1: its reverse into U_b
-      const int64_t e = edge[d];
-      const T* kj = kv + other[d] * KVW;
-      head_sums(q + centre[d] * W, wp, kj, in, s[d]);
-      for (int h = 0; h < H; ++h) s[d][h] *= scale[h] * phi[e];
-      T* ui = u + centre[d] * C;
-      for (int t = 0; t < out.n; ++t) {
-        const int lo = out.start(t), hi = out.stop(t);
-        const T c = s[d][out.head(t)];
-        const T* value = lo < F ? kj + W : y + e * S - F;
-#pragma omp simd
-        for (int f = lo; f < hi; ++f) ui[f] += c * value[f];
-      }
-    }
-  }
-}
-
-template <typename T>
-void block_backward_kernel(const T* g, const T* q, const T* kv, const T* w, const T* phi, const T* y,
-                           const T* scale, const int64_t* idx_i, const int64_t* idx_j, int64_t W, int64_t KVW,
-                           int64_t F, int64_t S, int64_t P, int H, Ranges in, Ranges out, T* dq, T* dkv, T* dw,
-                           T* dphi, T* dy) {
+void pairs_backward(const T* g, const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
+                    const int64_t* idx_i, const int64_t* idx_j, int64_t W, int64_t KVW, int64_t F, int64_t S,
+                    int64_t P, int64_t p0, int64_t p1, int H, Ranges in, Ranges out, T* dq, T* dkv, T* dw,
+                    T* dphi, T* dy) {
   const int64_t C = F + S;
   T s[2][kMaxHeads], gs[2][kMaxHeads];
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = p0; p < p1; ++p) {
     const int64_t a = idx_i[p], b = idx_j[p];
     const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
     const T* wp = w + p * W;
@@ -246,6 +145,13 @@ void block_backward_kernel(const T* g, const T* q, const T* kv, const T* w, cons
   }
 }
 
+// How many threads a whole-graph call of P pairs uses, and the pairs of thread k: [P k / T, P (k + 1) / T).
+int64_t threads_for(int64_t P) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P / kMinPairsPerThread));
+}
+
+int64_t part_start(int64_t P, int64_t k, int64_t T) { return P * k / T; }
+
 struct Shapes {
   int64_t n, W, KVW, F, S, P;
   int H;
@@ -280,53 +186,59 @@ Shapes check(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& w, con
 }  // namespace
 
 at::Tensor pair_messages(at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi, at::Tensor y,
-                            at::Tensor idx_i, at::Tensor idx_j, at::Tensor ranges_in,
-                            at::Tensor ranges_out, at::Tensor scale, int64_t F) {
+                         at::Tensor idx_i, at::Tensor idx_j, at::Tensor ranges_in, at::Tensor ranges_out,
+                         at::Tensor scale, int64_t F) {
   const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
-  std::vector<int64_t> ptr, order;
-  by_atom(idx_i, d.n, ptr, order);
-  auto u = at::zeros({d.n, d.F + d.S}, q.options());
-  if (d.P == 0) return u;
+  const int64_t T = threads_for(d.P);
+  // Rows of thread 0 are the result; threads 1.. add into scratch rows of their own, summed in order.
+  auto u = at::zeros({T, d.n, d.F + d.S}, q.options());
   const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
   const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages", [&] {
-    forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                             phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
-                             idx_j.data_ptr<int64_t>(), ptr, order, d.n, d.W, d.KVW, d.F, d.S, d.P, d.H, in, out,
-                             u.data_ptr<scalar_t>());
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k)
+        pairs_forward<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+                                idx_i.data_ptr<int64_t>(), idx_j.data_ptr<int64_t>(), d.W, d.KVW, d.F, d.S, d.P,
+                                part_start(d.P, k, T), part_start(d.P, k + 1, T), d.H, in, out,
+                                u[k].data_ptr<scalar_t>());
+    });
   });
-  return u;
+  auto result = u[0];
+  for (int64_t k = 1; k < T; ++k) result.add_(u[k]);
+  return T == 1 ? u.squeeze(0) : result.clone();
 }
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Grads pair_messages_backward(at::Tensor grad, at::Tensor q, at::Tensor kv,
-                                                  at::Tensor w, at::Tensor phi, at::Tensor y,
-                                                  at::Tensor idx_i, at::Tensor idx_j,
-                                                  at::Tensor ranges_in, at::Tensor ranges_out,
-                                                  at::Tensor scale, int64_t F) {
+Grads pair_messages_backward(at::Tensor grad, at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi,
+                             at::Tensor y, at::Tensor idx_i, at::Tensor idx_j, at::Tensor ranges_in,
+                             at::Tensor ranges_out, at::Tensor scale, int64_t F) {
   const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
   grad = grad.contiguous();
-  std::vector<int64_t> ptr, order;
-  by_atom(idx_i, d.n, ptr, order);
-  if (d.P == 0) {
-    return {at::zeros_like(q), at::zeros_like(kv), at::zeros_like(w), at::zeros_like(phi),
-            at::zeros_like(y)};
-  }
-  // Every row is written by the kernel: each atom's own rows, each edge's at its centre atom, each pair's
-  // filter gradient at the centre atom of its first-half edge.
-  auto dq = at::empty_like(q), dkv = at::empty_like(kv), dw = at::empty_like(w);
-  auto dphi = at::empty_like(phi), dy = at::empty_like(y);
+  const int64_t T = threads_for(d.P);
+  auto dq = at::zeros({T, d.n, d.W}, q.options()), dkv = at::zeros({T, d.n, d.KVW}, q.options());
+  // Every row of these is written (each pair's once, each edge's once).
+  auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y);
   const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
   const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_backward", [&] {
-    backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
-                              w.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                              scale.data_ptr<scalar_t>(), idx_j.data_ptr<int64_t>(), ptr, order, d.n, d.W, d.KVW,
-                              d.F, d.S, d.P, d.H, in, out, dq.data_ptr<scalar_t>(), dkv.data_ptr<scalar_t>(),
-                              dw.data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>());
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k)
+        pairs_backward<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
+                                 w.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                 scale.data_ptr<scalar_t>(), idx_i.data_ptr<int64_t>(), idx_j.data_ptr<int64_t>(),
+                                 d.W, d.KVW, d.F, d.S, d.P, part_start(d.P, k, T), part_start(d.P, k + 1, T), d.H,
+                                 in, out, dq[k].data_ptr<scalar_t>(), dkv[k].data_ptr<scalar_t>(),
+                                 dw.data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>());
+    });
   });
-  return {dq, dkv, dw, dphi, dy};
+  for (int64_t k = 1; k < T; ++k) {
+    dq[0].add_(dq[k]);
+    dkv[0].add_(dkv[k]);
+  }
+  if (T == 1) return {dq.squeeze(0), dkv.squeeze(0), dw, dphi, dy};
+  return {dq[0].clone(), dkv[0].clone(), dw, dphi, dy};
 }
 
 void pair_messages_block(at::Tensor u, at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi, at::Tensor y,
@@ -339,10 +251,10 @@ void pair_messages_block(at::Tensor u, at::Tensor q, at::Tensor kv, at::Tensor w
   const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
   const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_block", [&] {
-    block_forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                   phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
-                                   idx_i.data_ptr<int64_t>(), idx_j.data_ptr<int64_t>(), d.W, d.KVW, d.F, d.S,
-                                   d.P, d.H, in, out, u.data_ptr<scalar_t>());
+    pairs_forward<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                            phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+                            idx_i.data_ptr<int64_t>(), idx_j.data_ptr<int64_t>(), d.W, d.KVW, d.F, d.S, d.P, 0, d.P,
+                            d.H, in, out, u.data_ptr<scalar_t>());
   });
 }
 
@@ -356,17 +268,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_messages_block_backward(
                   dq.scalar_type() == q.scalar_type() && dkv.scalar_type() == q.scalar_type(),
               "pair_messages_block_backward: the gradient buffers must be contiguous and shaped as the inputs");
   TORCH_CHECK(grad.size(0) == d.n && grad.size(1) == d.F + d.S, "pair_messages_block_backward: grad shape");
-  // Every row of these is written by the kernel (each edge once, each pair once).
   auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y);
   const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
   const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_block_backward", [&] {
-    block_backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
-                                    w.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                    scale.data_ptr<scalar_t>(), idx_i.data_ptr<int64_t>(),
-                                    idx_j.data_ptr<int64_t>(), d.W, d.KVW, d.F, d.S, d.P, d.H, in, out,
-                                    dq.data_ptr<scalar_t>(), dkv.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
-                                    dphi.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>());
+    pairs_backward<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
+                             w.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                             scale.data_ptr<scalar_t>(), idx_i.data_ptr<int64_t>(), idx_j.data_ptr<int64_t>(), d.W,
+                             d.KVW, d.F, d.S, d.P, 0, d.P, d.H, in, out, dq.data_ptr<scalar_t>(),
+                             dkv.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(),
+                             dy.data_ptr<scalar_t>());
   });
   return {dw, dphi, dy};
 }

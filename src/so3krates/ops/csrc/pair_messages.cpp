@@ -25,6 +25,8 @@ namespace {
 constexpr int kMaxHeads = 64;
 // Pairs per thread below which a whole-graph call uses fewer threads (scratch rows are not free).
 constexpr int64_t kMinPairsPerThread = 512;
+// Pairs ahead whose neighbour atom's rows are prefetched.
+constexpr int64_t kAhead = 2;
 
 // Contiguous ranges of features [start, stop) that belong to one head: rows of an (R, 3) int32 tensor.
 struct Ranges {
@@ -58,6 +60,12 @@ inline void coefficient_grads(const T* g, const T* v, const T* y, int64_t F, Ran
   }
 }
 
+// Asks for the rows of a later pair's neighbour atom (random in memory) while this pair computes.
+template <typename T>
+inline void prefetch_rows(const T* row, int64_t length) {
+  for (int64_t f = 0; f < length; f += 64 / sizeof(T)) __builtin_prefetch(row + f);
+}
+
 // The pairs [p0, p1): edge p = (a, b) into U_a and its reverse p + P = (b, a) into U_b.
 template <typename T>
 void pairs_forward(const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
@@ -67,6 +75,11 @@ void pairs_forward(const T* q, const T* kv, const T* w, const T* phi, const T* y
   T s[kMaxHeads];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t a = idx_i[p], b = idx_j[p];
+    if (p + kAhead < p1) {
+      const int64_t later = idx_j[p + kAhead];
+      prefetch_rows(kv + later * KVW, KVW);
+      prefetch_rows(q + later * W, W);
+    }
     const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
     const T* wp = w + p * W;
     for (int d = 0; d < 2; ++d) {
@@ -97,6 +110,12 @@ void pairs_backward(const T* g, const T* q, const T* kv, const T* w, const T* ph
   T s[2][kMaxHeads], gs[2][kMaxHeads];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t a = idx_i[p], b = idx_j[p];
+    if (p + kAhead < p1) {
+      const int64_t later = idx_j[p + kAhead];
+      prefetch_rows(kv + later * KVW, KVW);
+      prefetch_rows(q + later * W, W);
+      prefetch_rows(g + later * C, C);
+    }
     const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
     const T* wp = w + p * W;
     for (int d = 0; d < 2; ++d) {

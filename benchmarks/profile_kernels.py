@@ -51,7 +51,13 @@ sys.path.insert(0, str(BENCH))
 from accuracy import _git_commit, write_atomically  # noqa: E402  (the benchmarks' shared helpers)
 
 VARIANTS = ("default", "threaded", "scatter-fallback", "slots")
-GROUPS = ("matrix products", "generated, with scatter-adds", "generated, other", "other ATen calls")
+GROUPS = (
+    "matrix products",
+    "generated, with scatter-adds",
+    "generated, other",
+    "pair-message kernel",
+    "other ATen calls",
+)
 
 
 def kernel_group(name: str) -> str:
@@ -64,7 +70,9 @@ def kernel_group(name: str) -> str:
         return GROUPS[0]
     if "cpp_fused" in name:
         return GROUPS[1] if ("index_add" in name or "index_put" in name) else GROUPS[2]
-    return GROUPS[3]
+    if name.startswith("so3krates::"):
+        return GROUPS[3]
+    return GROUPS[4]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", choices=["modules", "fused"], default="modules")
     parser.add_argument("--radial", choices=["network", "spline"], default="network")
     parser.add_argument("--variant", choices=VARIANTS, default="default")
+    parser.add_argument("--kernel", action="store_true", help="the pair-message kernel (fused layers)")
     parser.add_argument("--calls", type=int, default=5, help="timed calls, then as many profiled ones")
     parser.add_argument("--top", type=int, default=15, help="kernels listed one by one")
     parser.add_argument("--out-dir", type=Path, default=BENCH / "results" / "profile")
@@ -104,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     slots = args.variant == "slots"
     if slots and args.layers != "fused":
         parser.error("the slots variant is a program of the fused layers: add --layers fused")
-    plan = Plan(args.layers, args.radial, pairs=True, slots=slots)
+    if args.kernel and args.layers != "fused":
+        parser.error("the pair-message kernel runs the fused layers: add --layers fused")
+    plan = Plan(args.layers, args.radial, pairs=True, slots=slots, kernel=args.kernel)
     inputs = graph_inputs(graph, plan)
 
     configs: dict[str, object] = {"cpp.enable_kernel_profile": True}
@@ -178,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
-    stem = f"{Path(args.structure).stem}_{args.layers}_{args.radial}_{args.variant}_{args.threads}t"
+    kernel = "_kernel" if args.kernel else ""
+    stem = f"{Path(args.structure).stem}_{args.layers}_{args.radial}{kernel}_{args.variant}_{args.threads}t"
     markdown = render(result, args.top)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(args.out_dir / f"{stem}.json", json.dumps(result, indent=1) + "\n")

@@ -218,9 +218,10 @@ class Planner:
         block_edges: edges per block.
         block_workers: threads that evaluate edge blocks at once (``runtime.blocks.in_workers``), each on
             one intra-op thread. ``None`` (default): torch's thread count at the call on a CPU, one on a GPU.
-        kernel_min_edges: frozen CPU calls of the whole graph in pair order with more edges than this run
-            each layer's messages in the pair-message kernel (:mod:`so3krates.ops.pair_messages`, built
-            on first use; not used where it cannot be built). ``None`` turns it off.
+        kernel_min_edges: frozen CPU calls in pair order with more edges than this run each layer's
+            messages in the pair-message kernel (:mod:`so3krates.ops.pair_messages`, built on first use;
+            not used where it cannot be built), the whole graph at once or in edge blocks. ``None`` turns
+            it off.
     """
 
     fused_max_edges: int = 2000
@@ -256,7 +257,7 @@ class Planner:
         return int(budget / per_edge)
 
     def _takes_kernel(self, n_edges: int, once: bool, pairs: bool, device: torch.device | str) -> bool:
-        """Whether a whole-graph call of ``n_edges`` edges runs its messages in the pair-message kernel."""
+        """Whether a call of ``n_edges`` edges runs its messages in the pair-message kernel."""
         return (
             once
             and pairs

@@ -105,36 +105,3 @@ def test_arguments_beyond_the_spline_are_clamped_with_zero_gradient():
     np.testing.assert_allclose(values[1:].detach(), values[:1].detach().expand(2, 3), atol=1e-14)
     (gradient,) = torch.autograd.grad(values[1:].sum(), d)
     assert torch.all(gradient == 0)
-
-
-def test_the_spline_kernel_gives_the_splines_values_and_gradients():
-    """``spline_rows`` (hand-written CPU kernel, plans with ``kernel``) against ``evaluate_spline``: values and
-    gradients to round-off in both dtypes, at nodes, beyond the end and below zero (clamped, no gradient),
-    across threads; ``gradcheck`` in float64."""
-    import pytest
-
-    from so3krates.ops import pair_messages
-    from so3krates.ops.spline import spline_rows
-
-    if not pair_messages.available():
-        pytest.skip(f"the kernels cannot be built here: {pair_messages.unavailable_reason()}")
-    generator = torch.Generator().manual_seed(0)
-    inside = torch.rand(3000, generator=generator, dtype=torch.float64) * 5.0
-    special = torch.tensor([0.0, 5.0 * 17 / 64, 5.0, 5.3, -0.2], dtype=torch.float64)
-    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        spline = build_spline(_function, 5.0, 64, dtype)
-        packed = spline.packed()
-        assert packed.shape == (64, 4, 3)
-        d = torch.cat([inside, special]).to(dtype)
-        grad = torch.randn(d.shape[0], 3, generator=generator, dtype=torch.float64).to(dtype)
-        leaf_ours, leaf_ref = d.clone().requires_grad_(), d.clone().requires_grad_()
-        ours, expected = spline_rows(spline, packed, leaf_ours), evaluate_spline(spline, leaf_ref)
-        torch.testing.assert_close(ours, expected, rtol=tolerance, atol=tolerance)
-        (g_ours,) = torch.autograd.grad(ours, leaf_ours, grad)
-        (g_ref,) = torch.autograd.grad(expected, leaf_ref, grad)
-        torch.testing.assert_close(g_ours, g_ref, rtol=tolerance, atol=tolerance)
-        assert g_ours[-2:].eq(0).all()  # beyond the end and below zero
-    spline = build_spline(_function, 5.0, 64, torch.float64)
-    packed = spline.packed()
-    x = (torch.rand(40, generator=generator, dtype=torch.float64) * 4.9 + 0.05).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: spline_rows(spline, packed, t), (x,))

@@ -45,17 +45,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-#: The sources of the library: this kernel and the radial spline (:func:`so3krates.ops.spline.spline_rows`).
-SOURCES = tuple(
-    Path(__file__).resolve().parent / "csrc" / name for name in ("pair_messages.cpp", "spline.cpp")
-)
+SOURCE = Path(__file__).resolve().parent / "csrc" / "pair_messages.cpp"
 _FAILURE: list[str] = []
 
 
 def _machine_tag() -> str:
     """This CPU's instruction-set flags and the source, hashed: the kernel is built with ``-march=native``,
     so a build cache shared by different machines keeps one build per kind of CPU."""
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update(platform.machine().encode())
     try:
         flags = next(
@@ -87,7 +84,7 @@ def _extension() -> bool:
             warnings.simplefilter("ignore")
             load(
                 name=f"so3krates_pair_messages_{_machine_tag()}",
-                sources=[str(source) for source in SOURCES],
+                sources=[str(SOURCE)],
                 # OpenMP: at::parallel_for is torch's thread pool only in code built with it (the header
                 # runs the loop in an OpenMP region), and the simd pragmas vectorize the feature loops.
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -139,25 +136,6 @@ def _register() -> None:
         return (*grads, None, None, None, None, None, None)
 
     torch.library.register_autograd("so3krates::pair_messages", backward, setup_context=setup_context)
-
-    @torch.library.register_fake("so3krates::spline_rows")
-    def _(x, coefficients, spacing, end):
-        return coefficients.new_empty((x.shape[0], coefficients.shape[2]))
-
-    @torch.library.register_fake("so3krates::spline_rows_backward")
-    def _(grad, x, coefficients, spacing, end):
-        return torch.empty_like(x)
-
-    def spline_setup(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[0], inputs[1])
-        ctx.spacing, ctx.end = inputs[2], inputs[3]
-
-    def spline_backward(ctx, grad: Tensor):
-        x, coefficients = ctx.saved_tensors
-        dx = torch.ops.so3krates.spline_rows_backward(grad, x, coefficients, ctx.spacing, ctx.end)
-        return dx, None, None, None
-
-    torch.library.register_autograd("so3krates::spline_rows", spline_backward, setup_context=spline_setup)
 
 
 def pair_messages(

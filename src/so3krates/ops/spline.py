@@ -35,11 +35,6 @@ class Spline(NamedTuple):
     spacing: float
     end: float
 
-    def packed(self) -> Tensor:
-        """The coefficients as one (n_intervals, 4, n_columns) tensor: an interval's four rows together, as
-        :func:`spline_rows` reads them (a copy: make it once)."""
-        return torch.stack(self.coefficients, dim=1).contiguous()
-
     @property
     def n_intervals(self) -> int:
         return self.coefficients[0].shape[0]
@@ -80,18 +75,4 @@ def evaluate_spline(spline: Spline, x: Tensor) -> Tensor:
     t2 = t * t
     return (c0.index_select(0, index) + t * c1.index_select(0, index)) + (
         t2 * c2.index_select(0, index) + (t2 * t) * c3.index_select(0, index)
-    )
-
-
-def spline_rows(spline: Spline, packed: Tensor, x: Tensor) -> Tensor:
-    """:func:`evaluate_spline` in the hand-written CPU kernel of :mod:`so3krates.ops.csrc` (``spline.cpp``):
-    x (n,) → (n, n_columns), differentiable once in x; ``packed``: ``spline.packed()``. For the plans with
-    the kernels (``Plan.kernel``), whose programs need the library anyway. Equal to :func:`evaluate_spline`
-    to round-off; at 27,086 rows and 792 columns (999 water), forward and backward take 6.3 + 5.6 ms on one
-    thread where the same compiled by inductor took 23 ms."""
-    from so3krates.ops.pair_messages import require
-
-    require()
-    return torch.ops.so3krates.spline_rows(
-        x.to(packed.dtype).contiguous(), packed, spline.spacing, spline.end
     )

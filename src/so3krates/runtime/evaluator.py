@@ -26,7 +26,7 @@ from so3krates.data.graph import Graph
 from so3krates.model.so3krates import So3krates
 from so3krates.nn.transformer import EdgeFeatures, TransformerLayer
 from so3krates.ops.scatter import scatter_sum
-from so3krates.ops.spline import Spline, evaluate_spline, spline_rows
+from so3krates.ops.spline import Spline, evaluate_spline
 from so3krates.runtime.blocks import (
     BLOCK_EDGES,
     blocked_kernel_sum,
@@ -86,11 +86,10 @@ def _network_filters(model: So3krates, weights: Weights, distances: Tensor) -> C
 
 
 def _spline_filters(
-    model: So3krates, spline: Spline, packed: Tensor | None, weights: Weights, distances: Tensor
+    model: So3krates, spline: Spline, weights: Weights, distances: Tensor
 ) -> Callable[[int], list[Tensor]]:
-    """Layer k → its radial parts, read for all layers at once (four row gathers per edge; with ``packed``
-    in the hand-written kernel)."""
-    parts = spline_filters(model, spline, distances, packed)
+    """Layer k → its radial parts, read for all layers at once (four row gathers per edge)."""
+    parts = spline_filters(model, spline, distances)
     n_branches = len(parts) // len(model.layers)
     return lambda k: parts[k * n_branches : (k + 1) * n_branches]
 
@@ -147,18 +146,9 @@ def _block_network_filters(model: So3krates, weights: Weights, k: int, distances
 
 
 def _block_spline_filters(
-    model: So3krates,
-    splines: list[Spline],
-    packed: list[Tensor] | None,
-    weights: Weights,
-    k: int,
-    distances: Tensor,
+    model: So3krates, splines: list[Spline], weights: Weights, k: int, distances: Tensor
 ) -> list[Tensor]:
-    if packed is not None:
-        values = spline_rows(splines[k], packed[k], distances)
-    else:
-        values = evaluate_spline(splines[k], distances)
-    return list(values.split(model.config.n_features, dim=1))
+    return list(evaluate_spline(splines[k], distances).split(model.config.n_features, dim=1))
 
 
 def _initial_euclidean_rows(model: So3krates, layout: EdgeLayout, vectors: Tensor) -> Tensor:
@@ -258,10 +248,8 @@ class EnergyFunction(nn.Module):
         else:
             self.weights = partial(assemble, model, plan)
         spline = build_filter_spline(model) if plan.radial == "spline" else None
-        # Plans with the kernels read the spline in its hand-written kernel too (the library is loaded).
-        packed = spline.packed() if spline is not None and plan.kernel else None
         if spline is not None:
-            self.radial = partial(_spline_filters, model, spline, packed)
+            self.radial = partial(_spline_filters, model, spline)
         else:
             self.radial = partial(_network_filters, model)
         self.layer: Callable[..., tuple[Tensor, Tensor]] = (
@@ -273,14 +261,8 @@ class EnergyFunction(nn.Module):
         self._features_of_plan = self._blocked_features if plan.blocks else self._whole_features
         if plan.blocks:
             # Blocks evaluate the radial parts of one layer at a time, on the block's edges.
-            splines = _layer_splines(model, spline) if spline is not None else []
             self.block_radial = (
-                partial(
-                    _block_spline_filters,
-                    model,
-                    splines,
-                    [s.packed() for s in splines] if plan.kernel else None,
-                )
+                partial(_block_spline_filters, model, _layer_splines(model, spline))
                 if spline is not None
                 else partial(_block_network_filters, model)
             )

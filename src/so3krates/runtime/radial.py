@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from so3krates.model.so3krates import So3krates
 from so3krates.nn.transformer import TransformerLayer
-from so3krates.ops.spline import Spline, build_spline, evaluate_spline, spline_rows
+from so3krates.ops.spline import Spline, build_spline, evaluate_spline
 
 #: Intervals of the radial spline over [0, r_c]: its error is then below float32 round-off (the bound is
 #: tested in tests/test_plans.py; measured values in benchmarks/results/thresholds.md).
@@ -85,10 +85,6 @@ def build_filter_spline(model: So3krates, n_intervals: int = SPLINE_INTERVALS) -
     return build_spline(filters, model.cutoff, n_intervals, dtype=model.dtype, device=device)
 
 
-def spline_filters(
-    model: So3krates, spline: Spline, distances: Tensor, packed: Tensor | None = None
-) -> list[Tensor]:
-    """The radial parts of all T·B filters read from the spline: (n,) → T·B tensors (n, F); with
-    ``packed`` (``spline.packed()``) in the hand-written kernel (plans with ``kernel``)."""
-    values = evaluate_spline(spline, distances) if packed is None else spline_rows(spline, packed, distances)
-    return list(values.split(model.config.n_features, dim=1))
+def spline_filters(model: So3krates, spline: Spline, distances: Tensor) -> list[Tensor]:
+    """The radial parts of all T·B filters read from the spline: (n,) → T·B tensors (n, F)."""
+    return list(evaluate_spline(spline, distances).split(model.config.n_features, dim=1))

@@ -205,7 +205,8 @@ def render(result: dict, top: int) -> str:
         f"{result['n_edges']} edges",
         "",
         f"{result['date']}, commit {result['commit']}, torch {result['torch']}, {result['threads']} threads, "
-        f"plan: {result['plan']['layers']} layers, radial {result['plan']['radial']}, pairs, float32, "
+        f"plan: {result['plan']['layers']} layers, radial {result['plan']['radial']}, pairs, "
+        f"{'pair-message kernel, ' if result['plan'].get('kernel') else ''}float32, "
         f"variant `{result['variant']}`.",
         "",
         f"Wall time per call: median {result['median_wall_ms']:.0f} ms "

@@ -149,9 +149,11 @@ def check_compile_mode(compile: str, frozen: bool, device: torch.device | str) -
 
 
 #: Edges above which frozen CPU calls in pair order use the pair-message kernel (Planner.kernel_min_edges).
-#: Paper model, float32, the calculator's threads, with / without (benchmarks/results/pair_kernel/): ``aoti``
-#: 0.90× at 72 edges, 0.97× at 446, 1.27× at 1,550, 1.35× at 54,172; eager 1.02×, 1.33×, 1.63×, 1.76×.
-KERNEL_MIN_EDGES = 1000
+#: Paper model, float32, the calculator's threads, with / without (benchmarks/results/pair_kernel/): the
+#: first kernel ``aoti`` 0.90× at 72 edges, 0.97× at 446, 1.27× at 1,550, 1.35× at 54,172 (eager 1.02×,
+#: 1.33×, 1.63×, 1.76×); pair by pair (pairs_dec5/, three runs) 0.91–0.93× at 72, 1.03–1.07× at 446,
+#: 1.32–1.38× at 5,744, 1.63–1.67× at 54,172.
+KERNEL_MIN_EDGES = 400
 
 #: Peak memory per edge of energy + forces of the whole graph at once (paper preset, float32, pairs; the
 #: process's peak over edges, interpreter included): eager modules 4.07 GB at 163k edges (3,000 water);

@@ -295,12 +295,17 @@ def test_so3lr_runs_its_local_layers_in_blocks():
     model = So3lr(preset("so3lr")).double().eval().requires_grad_(False)
     atoms = molecule("C6H6")
     graph = atoms_to_graph(atoms, model.cutoff, pairs=True, long_range_cutoff=model.long_range_cutoff)
-    whole = ForceField(model, frozen=True, planner=Planner(blocks_min_edges=0))
-    blocked = ForceField(model, frozen=True, planner=Planner(blocks_min_edges=1, block_edges=16))
-    assert blocked.plan(graph).blocks and not whole.plan(graph).blocks
-    expected, got = whole(graph, compute_stress=False), blocked(graph, compute_stress=False)
-    torch.testing.assert_close(got["energy"], expected["energy"], rtol=0, atol=1e-10)
-    torch.testing.assert_close(got["forces"], expected["forces"], rtol=0, atol=1e-10)
+    whole = ForceField(model, frozen=True, planner=Planner(blocks_min_edges=0, kernel_min_edges=None))
+    expected = whole(graph, compute_stress=False)
+    # Blocks with the messages in PyTorch, and (where it builds) in the pair-message kernel.
+    for kernel in [None, 0] if pair_messages.available() else [None]:
+        planner = Planner(blocks_min_edges=1, block_edges=16, kernel_min_edges=kernel)
+        blocked = ForceField(model, frozen=True, planner=planner)
+        assert blocked.plan(graph).blocks and not whole.plan(graph).blocks
+        assert blocked.plan(graph).kernel == (kernel is not None)
+        got = blocked(graph, compute_stress=False)
+        torch.testing.assert_close(got["energy"], expected["energy"], rtol=0, atol=1e-10)
+        torch.testing.assert_close(got["forces"], expected["forces"], rtol=0, atol=1e-10)
 
 
 def test_compiled_kernels_release_the_interpreter_lock():

@@ -192,20 +192,8 @@ def block_sums(
     calling thread: the forward pass of :func:`so3krates.runtime.blocks.blocked_kernel_sum`. The arguments
     are those of :func:`pair_messages` for the block's edges; no autograd (the caller does the backward)."""
     require()
-    ranges_in, ranges_out, scale = heads
     torch.ops.so3krates.pair_messages_block(
-        sums,
-        queries,
-        keys_values,
-        filters,
-        cutoff,
-        sph,
-        idx_i,
-        idx_j,
-        ranges_in,
-        ranges_out,
-        scale,
-        keys_values.shape[1] - queries.shape[1],
+        sums, *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads)
     )
 
 
@@ -225,20 +213,24 @@ def block_sums_backward(
     """The backward pass of :func:`block_sums` for ∂E/∂sums = ``grad``: adds into ``grad_queries`` and
     ``grad_keys_values`` and returns the gradients of the block's filters, cutoff and sph."""
     require()
-    ranges_in, ranges_out, scale = heads
     return torch.ops.so3krates.pair_messages_block_backward(
         grad_queries,
         grad_keys_values,
         grad,
-        queries,
-        keys_values,
-        filters,
-        cutoff,
-        sph,
-        idx_i,
-        idx_j,
-        ranges_in,
-        ranges_out,
-        scale,
-        keys_values.shape[1] - queries.shape[1],
+        *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads),
     )
+
+
+def _arguments(
+    queries: Tensor,
+    keys_values: Tensor,
+    filters: Tensor,
+    cutoff: Tensor,
+    sph: Tensor,
+    idx_i: Tensor,
+    idx_j: Tensor,
+    heads: tuple[Tensor, Tensor, Tensor],
+) -> tuple[Tensor | int, ...]:
+    """The operators' arguments from ``queries`` to ``n_features`` (F: the values' width)."""
+    n_features = keys_values.shape[1] - queries.shape[1]
+    return (queries, keys_values, filters, cutoff, sph, idx_i, idx_j, *heads, n_features)

@@ -157,6 +157,14 @@ def _initial_euclidean_rows(model: So3krates, layout: EdgeLayout, vectors: Tenso
     return features.cutoff[:, None] * features.sph
 
 
+def _block_geometry(
+    model: So3krates, layout: EdgeLayout, vectors: Tensor, x_i: Tensor | None, x_j: Tensor | None
+) -> tuple[EdgeFeatures, Tensor | None]:
+    """A block's edge features and x_j − x_i on its first rows (None without Euclidean variables)."""
+    features = model.edge_features(vectors, layout.idx_i, layout.idx_j, with_rbf=False)
+    return features, None if x_i is None else x_j - x_i
+
+
 def _layer_rows(
     model: So3krates,
     layer: TransformerLayer,
@@ -170,8 +178,7 @@ def _layer_rows(
     x_j: Tensor | None = None,
 ) -> Tensor:
     """The messages of one layer on a block's edges, geometry and filters recomputed from the vectors."""
-    features = model.edge_features(vectors, layout.idx_i, layout.idx_j, with_rbf=False)
-    differences = None if x_i is None else x_j - x_i
+    features, differences = _block_geometry(model, layout, vectors, x_i, x_j)
     return edge_messages(
         layer,
         weights,
@@ -197,8 +204,7 @@ def _kernel_rows(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The pair-message kernel's inputs on a block's edges (filters per pair, cutoff, sph), recomputed from
     the vectors and x (``runtime.blocks.KernelRows``)."""
-    features = model.edge_features(vectors, layout.idx_i, layout.idx_j, with_rbf=False)
-    differences = None if x_i is None else x_j - x_i
+    features, differences = _block_geometry(model, layout, vectors, x_i, x_j)
     filters = edge_filters(layer, weights, radial(layout.first(features.distances)), differences)
     sph = (
         features.sph if weights.spherical_in is not None else features.cutoff.new_zeros((vectors.shape[0], 0))

@@ -66,6 +66,14 @@ inline void prefetch_rows(const T* row, int64_t length) {
   for (int64_t f = 0; f < length; f += 64 / sizeof(T)) __builtin_prefetch(row + f);
 }
 
+// The rows of atom j that a later pair reads: queries, keys and values, and (backward) its incoming gradient.
+template <typename T>
+inline void prefetch_atom(int64_t j, const T* q, const T* kv, int64_t W, int64_t KVW, const T* g, int64_t C) {
+  prefetch_rows(kv + j * KVW, KVW);
+  prefetch_rows(q + j * W, W);
+  if (g != nullptr) prefetch_rows(g + j * C, C);
+}
+
 // The pairs [p0, p1): edge p = (a, b) into U_a and its reverse p + P = (b, a) into U_b.
 template <typename T>
 void pairs_forward(const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
@@ -75,11 +83,7 @@ void pairs_forward(const T* q, const T* kv, const T* w, const T* phi, const T* y
   T s[kMaxHeads];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t a = idx_i[p], b = idx_j[p];
-    if (p + kAhead < p1) {
-      const int64_t later = idx_j[p + kAhead];
-      prefetch_rows(kv + later * KVW, KVW);
-      prefetch_rows(q + later * W, W);
-    }
+    if (p + kAhead < p1) prefetch_atom<T>(idx_j[p + kAhead], q, kv, W, KVW, nullptr, C);
     const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
     const T* wp = w + p * W;
     for (int d = 0; d < 2; ++d) {
@@ -110,12 +114,7 @@ void pairs_backward(const T* g, const T* q, const T* kv, const T* w, const T* ph
   T s[2][kMaxHeads], gs[2][kMaxHeads];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t a = idx_i[p], b = idx_j[p];
-    if (p + kAhead < p1) {
-      const int64_t later = idx_j[p + kAhead];
-      prefetch_rows(kv + later * KVW, KVW);
-      prefetch_rows(q + later * W, W);
-      prefetch_rows(g + later * C, C);
-    }
+    if (p + kAhead < p1) prefetch_atom(idx_j[p + kAhead], q, kv, W, KVW, g, C);
     const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
     const T* wp = w + p * W;
     for (int d = 0; d < 2; ++d) {

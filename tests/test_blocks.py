@@ -140,9 +140,11 @@ def test_blocks_need_two_edges_and_an_empty_graph_has_no_blocks():
         edge_blocks(layout, 1)
 
 
-def test_an_isolated_atom_and_a_lone_atom_give_zero_forces_in_blocks():
+@pytest.mark.parametrize("kernel", [False, True], ids=["messages", "kernel"])
+def test_an_isolated_atom_and_a_lone_atom_give_zero_forces_in_blocks(kernel):
     model = make_model(preset("tiny", ev_init="neighbors"), torch.float64).requires_grad_(False)
-    plan = Plan("fused", "network", pairs=True, blocks=True)
+    plan = Plan("fused", "network", pairs=True, blocks=True, kernel=kernel)
+    skip_without_kernel(plan)
     evaluator = Evaluator(EnergyFunction(model, plan, frozen=True, block_edges=4), plan)
     lone = Atoms("C", positions=[[0.0, 0.0, 0.0]])
     separate = molecule("H2O") + Atoms("C", positions=[[30.0, 0.0, 0.0]])

@@ -319,7 +319,7 @@ def test_compiled_kernels_release_the_interpreter_lock():
 
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-    from so3krates.runtime.blocks import release_interpreter_lock_in_kernels
+    from so3krates.runtime.block_programs import release_interpreter_lock_in_kernels
 
     assert release_interpreter_lock_in_kernels()
     assert release_interpreter_lock_in_kernels()  # a second call changes nothing

@@ -27,13 +27,8 @@ from so3krates.model.so3krates import So3krates
 from so3krates.nn.transformer import EdgeFeatures, TransformerLayer
 from so3krates.ops.scatter import scatter_sum
 from so3krates.ops.spline import Spline, evaluate_spline
-from so3krates.runtime.blocks import (
-    BLOCK_EDGES,
-    blocked_kernel_sum,
-    blocked_sum,
-    compile_messages,
-    edge_blocks,
-)
+from so3krates.runtime.block_programs import compile_messages
+from so3krates.runtime.blocks import BLOCK_EDGES, blocked_kernel_sum, blocked_sum, edge_blocks
 from so3krates.runtime.derivatives import graph_derivatives
 from so3krates.runtime.fused import (
     LayerWeights,
@@ -222,8 +217,8 @@ class EnergyFunction(nn.Module):
         frozen: assemble the weights and the spline once, now (inference); otherwise on every call.
         block_edges: edges per block for plans with blocks (:mod:`so3krates.runtime.blocks`).
         compile_blocks: with blocks, each block's messages and their gradients run as programs compiled by
-            ``torch.compile`` (:func:`~so3krates.runtime.blocks.compile_messages`); the block loop stays
-            Python.
+            ``torch.compile`` (:func:`~so3krates.runtime.block_programs.compile_messages`); the block loop
+            stays Python.
         block_workers: threads that evaluate blocks at once (:func:`~so3krates.runtime.blocks.in_workers`);
             default: torch's thread count at the call on a CPU, one on a GPU.
     """

@@ -67,7 +67,7 @@ def written_out(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads)
 @pytest.mark.parametrize("euclidean", [True, False], ids=["euclidean", "invariant"])
 def test_the_kernel_gives_the_written_out_sums_and_their_gradients(euclidean):
     inputs, idx_i, idx_j, heads = graph(euclidean)
-    got = kernel.pair_messages(**inputs, idx_i=idx_i, idx_j=idx_j, heads=heads, n_features=F)
+    got = kernel.pair_messages(**inputs, idx_i=idx_i, idx_j=idx_j, heads=heads)
     expected = written_out(**inputs, idx_i=idx_i, idx_j=idx_j, heads=heads)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert not got[6].any()  # the atom without edges
@@ -76,7 +76,7 @@ def test_the_kernel_gives_the_written_out_sums_and_their_gradients(euclidean):
 
     def function(*tensors):
         return kernel.pair_messages(
-            **dict(zip(names, tensors, strict=True)), idx_i=idx_i, idx_j=idx_j, heads=heads, n_features=F
+            **dict(zip(names, tensors, strict=True)), idx_i=idx_i, idx_j=idx_j, heads=heads
         )
 
     leaves = [t.clone().requires_grad_() for t in inputs.values()]
@@ -93,8 +93,8 @@ def test_the_kernel_in_float32_matches_float64_to_round_off():
     inputs, idx_i, idx_j, heads = graph(True)
     single = {k: v.float() for k, v in inputs.items()}
     heads32 = (*heads[:2], heads[2].float())
-    got = kernel.pair_messages(**single, idx_i=idx_i, idx_j=idx_j, heads=heads32, n_features=F)
-    expected = kernel.pair_messages(**inputs, idx_i=idx_i, idx_j=idx_j, heads=heads, n_features=F)
+    got = kernel.pair_messages(**single, idx_i=idx_i, idx_j=idx_j, heads=heads32)
+    expected = kernel.pair_messages(**inputs, idx_i=idx_i, idx_j=idx_j, heads=heads)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -108,15 +108,15 @@ def test_no_edges_give_zeros_and_bad_input_one_clear_error():
         "sph": inputs["sph"][:0],
     }
     none = torch.zeros(0, dtype=torch.long)
-    out = kernel.pair_messages(**empty, idx_i=none, idx_j=none, heads=heads, n_features=F)
+    out = kernel.pair_messages(**empty, idx_i=none, idx_j=none, heads=heads)
     assert out.shape == (7, 2 * F) and not out.any()
     with pytest.raises(RuntimeError, match="edges must come in pairs"):
-        kernel.pair_messages(**inputs, idx_i=idx_i[:-1], idx_j=idx_j[:-1], heads=heads, n_features=F)
+        kernel.pair_messages(**inputs, idx_i=idx_i[:-1], idx_j=idx_j[:-1], heads=heads)
     with pytest.raises(RuntimeError, match="out of range for 7 atoms"):
-        kernel.pair_messages(**inputs, idx_i=idx_i + 7, idx_j=idx_j + 7, heads=heads, n_features=F)
+        kernel.pair_messages(**inputs, idx_i=idx_i + 7, idx_j=idx_j + 7, heads=heads)
     shuffled = torch.cat([idx_i[:9], idx_i[9:].roll(1)])
     with pytest.raises(RuntimeError, match="not in pair order"):
-        kernel.pair_messages(**inputs, idx_i=shuffled, idx_j=idx_j, heads=heads, n_features=F)
+        kernel.pair_messages(**inputs, idx_i=shuffled, idx_j=idx_j, heads=heads)
 
 
 @pytest.mark.parametrize("euclidean", [True, False], ids=["euclidean", "invariant"])
@@ -126,7 +126,7 @@ def test_blocks_of_pairs_add_up_to_the_whole_graph_forward_and_backward(euclidea
     inputs, idx_i, idx_j, heads = graph(euclidean)
     n_pairs = idx_i.shape[0] // 2
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    whole = kernel.pair_messages(**leaves, idx_i=idx_i, idx_j=idx_j, heads=heads, n_features=F)
+    whole = kernel.pair_messages(**leaves, idx_i=idx_i, idx_j=idx_j, heads=heads)
     grad = torch.randn_like(whole)
     expected = dict(zip(leaves, torch.autograd.grad(whole, list(leaves.values()), grad), strict=True))
 
@@ -190,7 +190,7 @@ def test_pairs_shared_among_threads_give_the_written_out_sums_the_same_on_every_
     try:
         for count in (1, 2, 2):
             torch.set_num_threads(count)
-            got = kernel.pair_messages(*leaves, idx_i, idx_j, heads, F)
+            got = kernel.pair_messages(*leaves, idx_i, idx_j, heads)
             results.append((got, *torch.autograd.grad(got, leaves, grad)))
     finally:
         torch.set_num_threads(threads)

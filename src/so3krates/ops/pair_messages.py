@@ -147,33 +147,21 @@ def pair_messages(
     idx_i: Tensor,
     idx_j: Tensor,
     heads: tuple[Tensor, Tensor, Tensor],
-    n_features: int,
 ) -> Tensor:
     """Σ over the edges of each centre atom of [α_ij v_j | β_ij Y_ij]: (n_atoms, F + n_sph).
 
     Args:
-        queries: (n_atoms, B·F) of all branches; keys_values: (n_atoms, B·F + F), keys then values.
+        queries: (n_atoms, B·F) of all branches; keys_values: (n_atoms, B·F + F), keys then values (so F,
+            the values' width, is the difference of the two widths).
         filters: (n_pairs, B·F), one row per pair (the first half of the edges).
         cutoff: (n_edges,) φ(d_ij); sph: (n_edges, n_sph) Y(r̂_ij) (n_sph = 0 without Euclidean branch).
         idx_i, idx_j: (n_edges,) in pair order.
         heads: ``LayerWeights.heads``: (R, 3) int32 ranges [start, stop, head] of the products' features,
             (R', 3) of the message's columns, and (H,) the heads' 1/norm.
-        n_features: F.
     """
     require()
-    ranges_in, ranges_out, scale = heads
     return torch.ops.so3krates.pair_messages(
-        queries.contiguous(),
-        keys_values.contiguous(),
-        filters.contiguous(),
-        cutoff.contiguous(),
-        sph.contiguous(),
-        idx_i,
-        idx_j,
-        ranges_in,
-        ranges_out,
-        scale,
-        n_features,
+        *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads)
     )
 
 
@@ -231,6 +219,8 @@ def _arguments(
     idx_j: Tensor,
     heads: tuple[Tensor, Tensor, Tensor],
 ) -> tuple[Tensor | int, ...]:
-    """The operators' arguments from ``queries`` to ``n_features`` (F: the values' width)."""
+    """The operators' arguments from ``queries`` to ``n_features`` (F: the values' width), the float inputs
+    contiguous as the kernel reads them (queries and keys are column slices of one product)."""
     n_features = keys_values.shape[1] - queries.shape[1]
-    return (queries, keys_values, filters, cutoff, sph, idx_i, idx_j, *heads, n_features)
+    floats = (t.contiguous() for t in (queries, keys_values, filters, cutoff, sph))
+    return (*floats, idx_i, idx_j, *heads, n_features)

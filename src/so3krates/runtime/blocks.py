@@ -277,13 +277,14 @@ class _BlockedKernelSum(torch.autograd.Function):
         blocks: Sequence[Block],
         heads: tuple[Tensor, Tensor, Tensor],
         workers: int,
-        width: int,
         vectors: Tensor,
         queries: Tensor,
         keys_values: Tensor,
         x: Tensor | None,
     ) -> Tensor:
+        # F + n_sph columns; F is the values' width (keys_values: keys as wide as the queries, then values).
         n_atoms = queries.shape[0]
+        width = keys_values.shape[1] - queries.shape[1] + (x.shape[1] if x is not None else 0)
 
         def part(own: Sequence[Block]) -> Tensor:
             total = queries.new_zeros((n_atoms, width))
@@ -350,7 +351,7 @@ class _BlockedKernelSum(torch.autograd.Function):
         grad_queries, grad_keys_values, grad_x = (
             _sum(list(g)) if g[0] is not None else None for g in zip(*parts, strict=True)
         )
-        return (None, None, None, None, None, grad_vectors, grad_queries, grad_keys_values, grad_x)
+        return (None, None, None, None, grad_vectors, grad_queries, grad_keys_values, grad_x)
 
 
 def _at_first(x: Tensor | None, layout: EdgeLayout, requires_grad: bool = False) -> tuple[Tensor | None, ...]:
@@ -367,25 +368,24 @@ def blocked_kernel_sum(
     rows: KernelRows,
     blocks: Sequence[Block],
     heads: tuple[Tensor, Tensor, Tensor],
-    width: int,
     vectors: Tensor,
     queries: Tensor,
     keys_values: Tensor,
     x: Tensor | None = None,
     workers: int = 1,
 ) -> Tensor:
-    """One fused layer's Σ_{e: i_e = i} [α_e v_j | β_e Y_e] → (n_atoms, width) over edge blocks in pair order,
-    each block's messages in the pair-message kernel (:func:`so3krates.ops.pair_messages.block_sums`).
+    """One fused layer's Σ_{e: i_e = i} [α_e v_j | β_e Y_e] → (n_atoms, F + n_sph) over edge blocks in pair
+    order, each block's messages in the pair-message kernel (:func:`so3krates.ops.pair_messages.block_sums`).
 
     Args:
         rows: the kernel's per-edge inputs of one block (``KernelRows``); its weights must be constants.
         blocks: :func:`edge_blocks` of a graph in pair order.
         heads: ``LayerWeights.heads``.
-        width: F + n_sph (F without Euclidean variables).
-        vectors: (n_edges, 3) edge vectors; queries, keys_values: per atom (``fused.projections``);
-        x: (n_atoms, n_sph) Euclidean variables, or None without the Euclidean branch.
+        vectors: (n_edges, 3) edge vectors; queries, keys_values: per atom (``fused.projections``), copied
+            to contiguous memory once here rather than by every block;
+        x: (n_atoms, n_sph) Euclidean variables, or None without the Euclidean branch (no Y columns).
         workers: threads that evaluate blocks at once (:func:`in_workers`).
     """
     return _BlockedKernelSum.apply(
-        rows, blocks, heads, workers, width, vectors, queries.contiguous(), keys_values.contiguous(), x
+        rows, blocks, heads, workers, vectors, queries.contiguous(), keys_values.contiguous(), x
     )

@@ -332,30 +332,26 @@ class EnergyFunction(nn.Module):
             rows = partial(
                 self.layer_rows, model, layer, layer_weights, partial(self.block_radial, weights, k)
             )
+            euclidean = layer_weights.spherical_in is not None
             if self.plan.kernel:
-                euclidean = layer_weights.spherical_in is not None
-                width = h.shape[1] + (n_sph if euclidean else 0)
                 updates = blocked_kernel_sum(
                     rows,
                     blocks,
                     layer_weights.heads,
-                    width,
                     vectors,
                     queries,
                     keys_values,
                     x if euclidean else None,
                     workers,
                 )
-                h, x = finish_updates(layer, h, x, updates)
-                continue
-            # Contiguous copies: both are column slices of one product, and every block gathers rows from
-            # them twice (forward and recomputation); a gather from a strided view is ~3× slower here.
-            inputs = [(queries.contiguous(), "i"), (keys_values.contiguous(), "j")]
-            width = h.shape[1]
-            if layer_weights.spherical_in is not None:
-                inputs += [(x, "i1"), (x, "j1")]
-                width += n_sph
-            updates = blocked_sum(rows, blocks, n_atoms, width, dtype, vectors, inputs, workers)
+            else:
+                # Contiguous copies: both are column slices of one product, and every block gathers rows from
+                # them twice (forward and recomputation); a gather from a strided view is ~3× slower here.
+                inputs = [(queries.contiguous(), "i"), (keys_values.contiguous(), "j")]
+                if euclidean:
+                    inputs += [(x, "i1"), (x, "j1")]
+                width = h.shape[1] + (n_sph if euclidean else 0)
+                updates = blocked_sum(rows, blocks, n_atoms, width, dtype, vectors, inputs, workers)
             h, x = finish_updates(layer, h, x, updates)
         return h
 

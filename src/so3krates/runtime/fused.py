@@ -212,7 +212,7 @@ def fused_layer(
         if weights.spherical_in is None:  # no Euclidean branch: messages without Y
             sph = cutoff.new_zeros((cutoff.shape[0], 0))
         updates = pair_messages(
-            queries, keys_values, filters, cutoff, sph, edges.idx_i, edges.idx_j, weights.heads, h.shape[1]
+            queries, keys_values, filters, cutoff, sph, edges.idx_i, edges.idx_j, weights.heads
         )
         return finish_updates(layer, h, x, updates)
     messages = edge_messages(

@@ -74,12 +74,24 @@ inline void prefetch_atom(int64_t j, const T* q, const T* kv, int64_t W, int64_t
   if (g != nullptr) prefetch_rows(g + j * C, C);
 }
 
+// The checked inputs of one call: data pointers and shapes (W: queries' width, KVW: keys' and values', F:
+// values', S: Y's, P: pairs, H: heads).
+template <typename T>
+struct Inputs {
+  const T *q, *kv, *w, *phi, *y, *scale;
+  const int64_t *idx_i, *idx_j;
+  int64_t n, W, KVW, F, S, P;
+  int H;
+  Ranges in, out;
+};
+
 // The pairs [p0, p1): edge p = (a, b) into U_a and its reverse p + P = (b, a) into U_b.
 template <typename T>
-void pairs_forward(const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
-                   const int64_t* idx_i, const int64_t* idx_j, int64_t W, int64_t KVW, int64_t F, int64_t S,
-                   int64_t P, int64_t p0, int64_t p1, int H, Ranges in, Ranges out, T* u) {
-  const int64_t C = F + S;
+void pairs_forward(const Inputs<T>& x, int64_t p0, int64_t p1, T* u) {
+  const T *q = x.q, *kv = x.kv, *w = x.w, *phi = x.phi, *y = x.y, *scale = x.scale;
+  const int64_t *idx_i = x.idx_i, *idx_j = x.idx_j, W = x.W, KVW = x.KVW, F = x.F, S = x.S, P = x.P, C = F + S;
+  const int H = x.H;
+  const Ranges in = x.in, out = x.out;
   T s[kMaxHeads];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t a = idx_i[p], b = idx_j[p];
@@ -106,11 +118,11 @@ void pairs_forward(const T* q, const T* kv, const T* w, const T* phi, const T* y
 // The backward pass of pairs_forward for ∂E/∂U = g: adds into dq and dkv, writes the pairs' rows of dw and
 // their edges' rows of dphi and dy.
 template <typename T>
-void pairs_backward(const T* g, const T* q, const T* kv, const T* w, const T* phi, const T* y, const T* scale,
-                    const int64_t* idx_i, const int64_t* idx_j, int64_t W, int64_t KVW, int64_t F, int64_t S,
-                    int64_t P, int64_t p0, int64_t p1, int H, Ranges in, Ranges out, T* dq, T* dkv, T* dw,
-                    T* dphi, T* dy) {
-  const int64_t C = F + S;
+void pairs_backward(const Inputs<T>& x, const T* g, int64_t p0, int64_t p1, T* dq, T* dkv, T* dw, T* dphi, T* dy) {
+  const T *q = x.q, *kv = x.kv, *w = x.w, *phi = x.phi, *y = x.y, *scale = x.scale;
+  const int64_t *idx_i = x.idx_i, *idx_j = x.idx_j, W = x.W, KVW = x.KVW, F = x.F, S = x.S, P = x.P, C = F + S;
+  const int H = x.H;
+  const Ranges in = x.in, out = x.out;
   T s[2][kMaxHeads], gs[2][kMaxHeads];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t a = idx_i[p], b = idx_j[p];
@@ -144,11 +156,11 @@ void pairs_backward(const T* g, const T* q, const T* kv, const T* w, const T* ph
       T *dqi = dq + centre[d] * W, *dkj = dkv + other[d] * KVW;
       for (int t = 0; t < in.n; ++t) {
         const int lo = in.start(t), hi = in.stop(t);
-        const T x = gs[d][in.head(t)];
+        const T gh = gs[d][in.head(t)];
 #pragma omp simd
         for (int f = lo; f < hi; ++f) {
-          dqi[f] += x * wp[f] * kvj[f];
-          dkj[f] += x * qi[f] * wp[f];
+          dqi[f] += gh * wp[f] * kvj[f];
+          dkj[f] += gh * qi[f] * wp[f];
         }
       }
     }
@@ -170,15 +182,10 @@ int64_t threads_for(int64_t P) {
 
 int64_t part_start(int64_t P, int64_t k, int64_t T) { return P * k / T; }
 
-struct Shapes {
-  int64_t n, W, KVW, F, S, P;
-  int H;
-};
-
-Shapes check(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& w, const at::Tensor& phi,
-             const at::Tensor& y, const at::Tensor& idx_i, const at::Tensor& idx_j,
-             const at::Tensor& ranges_in, const at::Tensor& ranges_out, const at::Tensor& scale,
-             int64_t F) {
+template <typename T>
+Inputs<T> check(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& w, const at::Tensor& phi,
+                const at::Tensor& y, const at::Tensor& idx_i, const at::Tensor& idx_j, const at::Tensor& ranges_in,
+                const at::Tensor& ranges_out, const at::Tensor& scale, int64_t F) {
   for (const auto* t : {&q, &kv, &w, &phi, &y, &scale})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type() && t->is_contiguous(),
                 "pair_messages: every float input must be a contiguous CPU tensor of one dtype");
@@ -198,33 +205,45 @@ Shapes check(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& w, con
     TORCH_CHECK(jj[e] >= 0 && jj[e] < n && ii[e] >= 0 && ii[e] < n, "pair_messages: atom index out of range ",
                 "for ", n, " atoms");
   }
-  return {q.size(0), q.size(1), kv.size(1), F, y.size(1), E / 2, static_cast<int>(scale.size(0))};
+  return {q.data_ptr<T>(),
+          kv.data_ptr<T>(),
+          w.data_ptr<T>(),
+          phi.data_ptr<T>(),
+          y.data_ptr<T>(),
+          scale.data_ptr<T>(),
+          ii,
+          jj,
+          n,
+          q.size(1),
+          kv.size(1),
+          F,
+          y.size(1),
+          P,
+          static_cast<int>(scale.size(0)),
+          {ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))},
+          {ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))}};
 }
 
 }  // namespace
 
+#define SO3KRATES_CHECK(scalar) check<scalar>(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F)
+
 at::Tensor pair_messages(at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi, at::Tensor y,
                          at::Tensor idx_i, at::Tensor idx_j, at::Tensor ranges_in, at::Tensor ranges_out,
                          at::Tensor scale, int64_t F) {
-  const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
-  const int64_t T = threads_for(d.P);
-  // Rows of thread 0 are the result; threads 1.. add into scratch rows of their own, summed in order.
-  auto u = at::zeros({T, d.n, d.F + d.S}, q.options());
-  const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
-  const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
+  at::Tensor u;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages", [&] {
+    const auto x = SO3KRATES_CHECK(scalar_t);
+    const int64_t T = threads_for(x.P);
+    // Rows of thread 0 are the result; threads 1.. add into scratch rows of their own, summed in order.
+    u = at::zeros({T, x.n, x.F + x.S}, q.options());
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
-        pairs_forward<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
-                                idx_i.data_ptr<int64_t>(), idx_j.data_ptr<int64_t>(), d.W, d.KVW, d.F, d.S, d.P,
-                                part_start(d.P, k, T), part_start(d.P, k + 1, T), d.H, in, out,
-                                u[k].data_ptr<scalar_t>());
+        pairs_forward(x, part_start(x.P, k, T), part_start(x.P, k + 1, T), u[k].data_ptr<scalar_t>());
     });
   });
-  auto result = u[0];
-  for (int64_t k = 1; k < T; ++k) result.add_(u[k]);
-  return T == 1 ? u.squeeze(0) : result.clone();
+  for (int64_t k = 1; k < u.size(0); ++k) u[0].add_(u[k]);
+  return u[0];
 }
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -232,47 +251,38 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 Grads pair_messages_backward(at::Tensor grad, at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi,
                              at::Tensor y, at::Tensor idx_i, at::Tensor idx_j, at::Tensor ranges_in,
                              at::Tensor ranges_out, at::Tensor scale, int64_t F) {
-  const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
   grad = grad.contiguous();
-  const int64_t T = threads_for(d.P);
-  auto dq = at::zeros({T, d.n, d.W}, q.options()), dkv = at::zeros({T, d.n, d.KVW}, q.options());
   // Every row of these is written (each pair's once, each edge's once).
   auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y);
-  const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
-  const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
+  at::Tensor dq, dkv;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_backward", [&] {
+    const auto x = SO3KRATES_CHECK(scalar_t);
+    const int64_t T = threads_for(x.P);
+    dq = at::zeros({T, x.n, x.W}, q.options());
+    dkv = at::zeros({T, x.n, x.KVW}, q.options());
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
-        pairs_backward<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
-                                 w.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                 scale.data_ptr<scalar_t>(), idx_i.data_ptr<int64_t>(), idx_j.data_ptr<int64_t>(),
-                                 d.W, d.KVW, d.F, d.S, d.P, part_start(d.P, k, T), part_start(d.P, k + 1, T), d.H,
-                                 in, out, dq[k].data_ptr<scalar_t>(), dkv[k].data_ptr<scalar_t>(),
-                                 dw.data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>());
+        pairs_backward(x, grad.data_ptr<scalar_t>(), part_start(x.P, k, T), part_start(x.P, k + 1, T),
+                       dq[k].data_ptr<scalar_t>(), dkv[k].data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                       dphi.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>());
     });
   });
-  for (int64_t k = 1; k < T; ++k) {
+  for (int64_t k = 1; k < dq.size(0); ++k) {
     dq[0].add_(dq[k]);
     dkv[0].add_(dkv[k]);
   }
-  if (T == 1) return {dq.squeeze(0), dkv.squeeze(0), dw, dphi, dy};
-  return {dq[0].clone(), dkv[0].clone(), dw, dphi, dy};
+  return {dq[0], dkv[0], dw, dphi, dy};
 }
 
 void pair_messages_block(at::Tensor u, at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi, at::Tensor y,
                          at::Tensor idx_i, at::Tensor idx_j, at::Tensor ranges_in, at::Tensor ranges_out,
                          at::Tensor scale, int64_t F) {
-  const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
-  TORCH_CHECK(u.is_contiguous() && u.scalar_type() == q.scalar_type() && u.size(0) == d.n &&
-                  u.size(1) == d.F + d.S,
-              "pair_messages_block: the sums must be a contiguous (n_atoms, F + n_sph) tensor of the same dtype");
-  const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
-  const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_block", [&] {
-    pairs_forward<scalar_t>(q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                            phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
-                            idx_i.data_ptr<int64_t>(), idx_j.data_ptr<int64_t>(), d.W, d.KVW, d.F, d.S, d.P, 0, d.P,
-                            d.H, in, out, u.data_ptr<scalar_t>());
+    const auto x = SO3KRATES_CHECK(scalar_t);
+    TORCH_CHECK(u.is_contiguous() && u.scalar_type() == q.scalar_type() && u.size(0) == x.n &&
+                    u.size(1) == x.F + x.S,
+                "pair_messages_block: the sums must be a contiguous (n_atoms, F + n_sph) tensor of the same dtype");
+    pairs_forward(x, 0, x.P, u.data_ptr<scalar_t>());
   });
 }
 
@@ -280,22 +290,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_messages_block_backward(
     at::Tensor dq, at::Tensor dkv, at::Tensor grad, at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi,
     at::Tensor y, at::Tensor idx_i, at::Tensor idx_j, at::Tensor ranges_in, at::Tensor ranges_out,
     at::Tensor scale, int64_t F) {
-  const Shapes d = check(q, kv, w, phi, y, idx_i, idx_j, ranges_in, ranges_out, scale, F);
   grad = grad.contiguous();
-  TORCH_CHECK(dq.is_contiguous() && dkv.is_contiguous() && dq.sizes() == q.sizes() && dkv.sizes() == kv.sizes() &&
-                  dq.scalar_type() == q.scalar_type() && dkv.scalar_type() == q.scalar_type(),
-              "pair_messages_block_backward: the gradient buffers must be contiguous and shaped as the inputs");
-  TORCH_CHECK(grad.size(0) == d.n && grad.size(1) == d.F + d.S, "pair_messages_block_backward: grad shape");
   auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y);
-  const Ranges in{ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))};
-  const Ranges out{ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_block_backward", [&] {
-    pairs_backward<scalar_t>(grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
-                             w.data_ptr<scalar_t>(), phi.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                             scale.data_ptr<scalar_t>(), idx_i.data_ptr<int64_t>(), idx_j.data_ptr<int64_t>(), d.W,
-                             d.KVW, d.F, d.S, d.P, 0, d.P, d.H, in, out, dq.data_ptr<scalar_t>(),
-                             dkv.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(),
-                             dy.data_ptr<scalar_t>());
+    const auto x = SO3KRATES_CHECK(scalar_t);
+    TORCH_CHECK(dq.is_contiguous() && dkv.is_contiguous() && dq.sizes() == q.sizes() &&
+                    dkv.sizes() == kv.sizes() && dq.scalar_type() == q.scalar_type() &&
+                    dkv.scalar_type() == q.scalar_type(),
+                "pair_messages_block_backward: the gradient buffers must be contiguous and shaped as the inputs");
+    TORCH_CHECK(grad.size(0) == x.n && grad.size(1) == x.F + x.S, "pair_messages_block_backward: grad shape");
+    pairs_backward(x, grad.data_ptr<scalar_t>(), 0, x.P, dq.data_ptr<scalar_t>(), dkv.data_ptr<scalar_t>(),
+                   dw.data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>());
   });
   return {dw, dphi, dy};
 }

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from so3krates.ops import pair_messages as kernel
+from so3krates.ops.spline import build_spline, evaluate_spline
 
 pytestmark = pytest.mark.skipif(
     not kernel.available(),
@@ -143,9 +144,10 @@ def test_blocks_of_pairs_add_up_to_the_whole_graph_forward_and_backward(euclidea
             "sph": inputs["sph"][edges],
         }
         kernel.block_sums(sums, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads)
-        d_filters, d_cutoff, d_sph = kernel.block_sums_backward(
+        d_filters, d_cutoff, d_sph, d_distances = kernel.block_sums_backward(
             grad_queries, grad_keys_values, grad, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads
         )
+        assert d_distances is None  # no spline
         torch.testing.assert_close(d_filters, expected["filters"][pairs], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(d_cutoff, expected["cutoff"][edges], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(d_sph, expected["sph"][edges], rtol=1e-12, atol=1e-12)
@@ -199,3 +201,117 @@ def test_pairs_shared_among_threads_give_the_written_out_sums_the_same_on_every_
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-11)
     for a, b in zip(results[1], results[2], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def radial_spline(width: int, n_pairs: int, dtype=torch.float64, seed: int = 1):
+    """A spline of a smooth (n,) → (n, width) function on [0, 4] in 12 intervals and one distance per pair:
+    most inside, one at 0, one at the end and one beyond it (clamped: no gradient there)."""
+    generator = torch.Generator().manual_seed(seed)
+    frequencies = torch.rand(width, generator=generator, dtype=torch.float64) * 2
+    phases = torch.rand(width, generator=generator, dtype=torch.float64) * 6
+
+    def function(d):
+        return torch.sin(d[:, None] * frequencies + phases) * torch.exp(-0.3 * d[:, None])
+
+    spline = build_spline(function, 4.0, 12, dtype=dtype)
+    distances = 0.3 + 3.5 * torch.rand(n_pairs, generator=generator, dtype=dtype)
+    distances[:3] = torch.tensor([0.0, 4.0, 4.5])
+    return spline, distances
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["spherical-plus-spline", "spline-alone"])
+@pytest.mark.parametrize("euclidean", [True, False], ids=["euclidean", "invariant"])
+def test_the_spline_read_in_the_kernel_equals_the_filters_it_adds_up_to(euclidean, given):
+    """Filters = given part + spline(d) per pair: the kernel reading the spline itself gives the sums, and
+    the gradients (of the given part and of the distances), of the kernel fed the written-out filters."""
+    inputs, idx_i, idx_j, heads = graph(euclidean)
+    spline, distances = radial_spline(inputs["filters"].shape[1], inputs["filters"].shape[0])
+    table = kernel.spline_table(spline.coefficients)
+    names = [n for n in inputs if n != "filters"]
+    leaves = {n: inputs[n].clone().requires_grad_() for n in names}
+    spherical = inputs["filters"].clone().requires_grad_()
+    d = distances.clone().requires_grad_()
+
+    radial = evaluate_spline(spline, d)
+    written = kernel.pair_messages(
+        **leaves, filters=spherical + radial if given else radial, idx_i=idx_i, idx_j=idx_j, heads=heads
+    )
+    read = kernel.pair_messages(
+        **leaves,
+        filters=spherical if given else None,
+        idx_i=idx_i,
+        idx_j=idx_j,
+        heads=heads,
+        radial=kernel.RadialSpline(d, table, spline.spacing),
+    )
+    torch.testing.assert_close(read, written, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(written)
+    wrt = [*leaves.values(), d] + ([spherical] if given else [])
+    ours = torch.autograd.grad(read, wrt, grad)
+    for a, b in zip(ours, torch.autograd.grad(written, wrt, grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert ours[len(leaves)][2] == 0 and ours[len(leaves)][0] != 0  # beyond the end: clamped; at 0: not
+
+    # ∂E/∂d by finite differences too (inside the intervals, where the spline is smooth).
+    def energy(dd):
+        radial_ = kernel.RadialSpline(dd, table, spline.spacing)
+        sums = kernel.pair_messages(**inputs, idx_i=idx_i, idx_j=idx_j, heads=heads, radial=radial_)
+        return (sums * grad).sum()
+
+    inner = distances.clone()
+    inner[:3] = torch.tensor([0.5, 1.7, 3.9], dtype=inner.dtype)
+    assert torch.autograd.gradcheck(energy, [inner.requires_grad_()], eps=1e-7, atol=1e-7)
+
+
+def test_blocks_of_pairs_with_the_spline_add_up_to_the_whole_graph():
+    inputs, idx_i, idx_j, heads = graph(True)
+    n_pairs = idx_i.shape[0] // 2
+    spline, distances = radial_spline(inputs["filters"].shape[1], n_pairs)
+    table = kernel.spline_table(spline.coefficients)
+    d = distances.clone().requires_grad_()
+    spherical = inputs["filters"].clone().requires_grad_()
+    rest = {n: v for n, v in inputs.items() if n != "filters"}
+    whole = kernel.pair_messages(
+        **rest, filters=spherical, idx_i=idx_i, idx_j=idx_j, heads=heads,
+        radial=kernel.RadialSpline(d, table, spline.spacing),
+    )  # fmt: skip
+    grad = torch.randn_like(whole)
+    d_spherical, d_distances = torch.autograd.grad(whole, [spherical, d], grad)
+    sums = torch.zeros_like(whole)
+    grad_queries = torch.zeros_like(inputs["queries"])
+    grad_keys_values = torch.zeros_like(inputs["keys_values"])
+    for pairs in (torch.arange(0, 4), torch.arange(4, n_pairs)):
+        edges = torch.cat([pairs, pairs + n_pairs])
+        block = {
+            "queries": inputs["queries"],
+            "keys_values": inputs["keys_values"],
+            "filters": inputs["filters"][pairs],
+            "cutoff": inputs["cutoff"][edges],
+            "sph": inputs["sph"][edges],
+            "radial": kernel.RadialSpline(distances[pairs], table, spline.spacing),
+        }
+        kernel.block_sums(sums, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads)
+        got = kernel.block_sums_backward(
+            grad_queries, grad_keys_values, grad, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads
+        )
+        torch.testing.assert_close(got[0], d_spherical[pairs], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[3], d_distances[pairs], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums, whole.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_a_bad_spline_gives_one_clear_error():
+    inputs, idx_i, idx_j, heads = graph(True)
+    spline, distances = radial_spline(inputs["filters"].shape[1], inputs["filters"].shape[0])
+    table = kernel.spline_table(spline.coefficients)
+    with pytest.raises(RuntimeError, match=r"radial spline must be \(intervals, 4, queries' width\)"):
+        kernel.pair_messages(
+            **inputs, idx_i=idx_i, idx_j=idx_j, heads=heads,
+            radial=kernel.RadialSpline(distances[:-1], table, spline.spacing),
+        )  # fmt: skip
+    with pytest.raises(RuntimeError, match="radial spline must be"):
+        kernel.pair_messages(
+            **inputs, idx_i=idx_i, idx_j=idx_j, heads=heads,
+            radial=kernel.RadialSpline(distances, table[:, :, :-1].contiguous(), spline.spacing),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="filters or a radial spline"):
+        kernel.pair_messages(**{**inputs, "filters": None}, idx_i=idx_i, idx_j=idx_j, heads=heads)

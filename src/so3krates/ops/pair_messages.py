@@ -17,6 +17,14 @@ atom summing its own edges; backward: each edge with its reverse): it read each 
 scattered order, and took 1.7–1.8× the time (999 water atoms, one thread: 11.2 / 35.7 ms forward /
 backward per layer against 6.8 / 19.6 ms).
 
+With a radial spline (:class:`RadialSpline`, the plan's ``radial="spline"``), the kernel reads the radial
+part of each pair's filter row from the spline's coefficients at the pair's distance and adds it to the given
+spherical part (Eq. 20; :mod:`so3krates.runtime.radial`), and its backward pass returns ∂E/∂d per pair. The
+radial rows then never exist as a (pairs × B·F) tensor, nor their gradient, which a compiled program
+otherwise writes, copies into the filters and reads back to reduce over the columns (999 water atoms: the
+spline's backward fused with the force sums was the largest generated kernel, 22.7 ms of a 114 ms call;
+``benchmarks/results/profile/pairs_dec5``).
+
 Edge blocks (:func:`so3krates.runtime.blocks.blocked_kernel_sum`, for graphs whose filters do not fit in
 memory at once) call :func:`block_sums` and :func:`block_sums_backward`: one block of pairs on the calling
 thread, adding into per-atom buffers of that thread.
@@ -41,6 +49,7 @@ import platform
 import shutil
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -116,24 +125,50 @@ def require() -> None:
         raise RuntimeError(f"so3krates: {_FAILURE[-1]}")
 
 
+class RadialSpline(NamedTuple):
+    """The radial parts of one layer's filters as the kernel reads them: a spline in the pair distances.
+
+    distances: (n_pairs,) d of each pair; table: (n_intervals, 4, B·F), the coefficient rows c0..c3 of each
+    interval side by side (:func:`spline_table`); spacing: the width of an interval (the spline's end is
+    ``spacing · n_intervals``, as :func:`so3krates.ops.spline.build_spline` makes it).
+    """
+
+    distances: Tensor
+    table: Tensor
+    spacing: float
+
+
+def spline_table(coefficients: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+    """A spline's four (n_intervals, columns) coefficient tensors as one (n_intervals, 4, columns) table."""
+    return torch.stack(coefficients, dim=1).contiguous()
+
+
 def _register() -> None:
-    """Shapes for tracing (fake tensors) and the gradient of the forward operator."""
+    """Shapes for tracing (fake tensors) and the gradient of the forward operator. Inputs 0–6 are tensors
+    (queries, keys_values, filters, cutoff, sph, distances, spline), 7 the spacing, 8–12 the edge indices and
+    head ranges, 13 F; an absent filter or spline is an empty 1-d tensor, and so is its gradient."""
 
     @torch.library.register_fake("so3krates::pair_messages")
-    def _(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, ranges_in, ranges_out, scale, n_features):
+    def _(queries, keys_values, filters, cutoff, sph, *rest):
+        n_features = keys_values.shape[1] - queries.shape[1]
         return queries.new_empty((queries.shape[0], n_features + sph.shape[1]))
 
     @torch.library.register_fake("so3krates::pair_messages_backward")
-    def _(grad, queries, keys_values, filters, cutoff, sph, *rest):
-        return tuple(torch.empty_like(t) for t in (queries, keys_values, filters, cutoff, sph))
+    def _(grad, queries, keys_values, filters, cutoff, sph, distances, *rest):
+        return tuple(torch.empty_like(t) for t in (queries, keys_values, filters, cutoff, sph, distances))
 
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs[:10])
-        ctx.n_features = inputs[10]
+        ctx.save_for_backward(*inputs[:7], *inputs[8:13])
+        ctx.spacing, ctx.n_features = inputs[7], inputs[13]
 
     def backward(ctx, grad: Tensor):
-        grads = torch.ops.so3krates.pair_messages_backward(grad, *ctx.saved_tensors, ctx.n_features)
-        return (*grads, None, None, None, None, None, None)
+        saved = ctx.saved_tensors
+        dq, dkv, dw, dphi, dy, dd = torch.ops.so3krates.pair_messages_backward(
+            grad, *saved[:7], ctx.spacing, *saved[7:], ctx.n_features
+        )
+        dw = dw if saved[2].dim() == 2 else None
+        dd = dd if saved[6].dim() == 3 else None
+        return (dq, dkv, dw, dphi, dy, dd, *(None,) * 8)
 
     torch.library.register_autograd("so3krates::pair_messages", backward, setup_context=setup_context)
 
@@ -141,27 +176,30 @@ def _register() -> None:
 def pair_messages(
     queries: Tensor,
     keys_values: Tensor,
-    filters: Tensor,
+    filters: Tensor | None,
     cutoff: Tensor,
     sph: Tensor,
     idx_i: Tensor,
     idx_j: Tensor,
     heads: tuple[Tensor, Tensor, Tensor],
+    radial: RadialSpline | None = None,
 ) -> Tensor:
     """Σ over the edges of each centre atom of [α_ij v_j | β_ij Y_ij]: (n_atoms, F + n_sph).
 
     Args:
         queries: (n_atoms, B·F) of all branches; keys_values: (n_atoms, B·F + F), keys then values (so F,
             the values' width, is the difference of the two widths).
-        filters: (n_pairs, B·F), one row per pair (the first half of the edges).
+        filters: (n_pairs, B·F), one row per pair (the first half of the edges); with ``radial``, the part
+            of the filters that the spline does not hold (the spherical part), or None for none.
         cutoff: (n_edges,) φ(d_ij); sph: (n_edges, n_sph) Y(r̂_ij) (n_sph = 0 without Euclidean branch).
         idx_i, idx_j: (n_edges,) in pair order.
         heads: ``LayerWeights.heads``: (R, 3) int32 ranges [start, stop, head] of the products' features,
             (R', 3) of the message's columns, and (H,) the heads' 1/norm.
+        radial: the radial parts of the filters as a spline (added to ``filters``), or None.
     """
     require()
     return torch.ops.so3krates.pair_messages(
-        *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads)
+        *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads, radial)
     )
 
 
@@ -169,19 +207,20 @@ def block_sums(
     sums: Tensor,
     queries: Tensor,
     keys_values: Tensor,
-    filters: Tensor,
+    filters: Tensor | None,
     cutoff: Tensor,
     sph: Tensor,
     idx_i: Tensor,
     idx_j: Tensor,
     heads: tuple[Tensor, Tensor, Tensor],
+    radial: RadialSpline | None = None,
 ) -> None:
     """Adds the messages of one block of edges (in pair order) into ``sums`` (n_atoms, F + n_sph), on the
     calling thread: the forward pass of :func:`so3krates.runtime.blocks.blocked_kernel_sum`. The arguments
     are those of :func:`pair_messages` for the block's edges; no autograd (the caller does the backward)."""
     require()
     torch.ops.so3krates.pair_messages_block(
-        sums, *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads)
+        sums, *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads, radial)
     )
 
 
@@ -191,36 +230,48 @@ def block_sums_backward(
     grad: Tensor,
     queries: Tensor,
     keys_values: Tensor,
-    filters: Tensor,
+    filters: Tensor | None,
     cutoff: Tensor,
     sph: Tensor,
     idx_i: Tensor,
     idx_j: Tensor,
     heads: tuple[Tensor, Tensor, Tensor],
-) -> tuple[Tensor, Tensor, Tensor]:
+    radial: RadialSpline | None = None,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
     """The backward pass of :func:`block_sums` for ∂E/∂sums = ``grad``: adds into ``grad_queries`` and
-    ``grad_keys_values`` and returns the gradients of the block's filters, cutoff and sph."""
+    ``grad_keys_values`` and returns the gradients of the block's filters, cutoff, sph and (with ``radial``)
+    distances; None for the filters or distances where they were not given."""
     require()
-    return torch.ops.so3krates.pair_messages_block_backward(
+    dw, dphi, dy, dd = torch.ops.so3krates.pair_messages_block_backward(
         grad_queries,
         grad_keys_values,
         grad,
-        *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads),
+        *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads, radial),
     )
+    return (dw if filters is not None else None), dphi, dy, (dd if radial is not None else None)
 
 
 def _arguments(
     queries: Tensor,
     keys_values: Tensor,
-    filters: Tensor,
+    filters: Tensor | None,
     cutoff: Tensor,
     sph: Tensor,
     idx_i: Tensor,
     idx_j: Tensor,
     heads: tuple[Tensor, Tensor, Tensor],
-) -> tuple[Tensor | int, ...]:
+    radial: RadialSpline | None,
+) -> tuple[Tensor | int | float, ...]:
     """The operators' arguments from ``queries`` to ``n_features`` (F: the values' width), the float inputs
-    contiguous as the kernel reads them (queries and keys are column slices of one product)."""
+    contiguous as the kernel reads them (queries and keys are column slices of one product); an absent
+    filter or spline is an empty 1-d tensor."""
+    if filters is None and radial is None:
+        raise ValueError("pair_messages: filters or a radial spline (or both) are needed")
     n_features = keys_values.shape[1] - queries.shape[1]
-    floats = (t.contiguous() for t in (queries, keys_values, filters, cutoff, sph))
-    return (*floats, idx_i, idx_j, *heads, n_features)
+    none = cutoff.new_empty(0)
+    distances, table, spacing = radial if radial is not None else (none, none, 1.0)
+    floats = (
+        t.contiguous()
+        for t in (queries, keys_values, none if filters is None else filters, cutoff, sph, distances, table)
+    )
+    return (*floats, spacing, idx_i, idx_j, *heads, n_features)

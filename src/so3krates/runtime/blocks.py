@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from so3krates.ops.pair_messages import block_sums, block_sums_backward
+from so3krates.ops.pair_messages import RadialSpline, block_sums, block_sums_backward
 from so3krates.runtime.layout import EdgeLayout
 
 #: Edges per block: large enough that the ~30 operations of a block are not dominated by dispatch (a few µs
@@ -259,15 +259,18 @@ def blocked_sum(
 #: rows(block layout, edge vectors of the block, x at i1, x at j1) → (filters (n_pairs, B·F), cutoff (rows,),
 #: sph (rows, n_sph)): the per-edge inputs of the pair-message kernel for one block (x: None, None without
 #: Euclidean variables).
-KernelRows = Callable[..., tuple[Tensor, Tensor, Tensor]]
+# A block's (filters or None, cutoff, sph, pair distances or None): the distances where the kernel reads the
+# radial parts of the filters from a spline (then the filters are the rest, or None).
+KernelRows = Callable[..., tuple[Tensor | None, Tensor, Tensor, Tensor | None]]
 
 
 class _BlockedKernelSum(torch.autograd.Function):
     """One fused layer's summed messages, block by block, each block's messages in the pair-message kernel.
 
     As :class:`_BlockedSum`, but a block's per-edge tensors are only the kernel's inputs (filters, cutoff,
-    sph, recomputed from the edge vectors and x in the backward pass); the queries, keys and values are not
-    gathered to the edges, and their gradients are added by the kernel straight into per-thread buffers.
+    sph, and with a radial spline the pair distances; recomputed from the edge vectors and x in the backward
+    pass); the queries, keys and values are not gathered to the edges, and their gradients are added by the
+    kernel straight into per-thread buffers.
     """
 
     @staticmethod
@@ -276,6 +279,7 @@ class _BlockedKernelSum(torch.autograd.Function):
         rows: KernelRows,
         blocks: Sequence[Block],
         heads: tuple[Tensor, Tensor, Tensor],
+        spline: tuple[Tensor, float] | None,
         workers: int,
         vectors: Tensor,
         queries: Tensor,
@@ -292,14 +296,23 @@ class _BlockedKernelSum(torch.autograd.Function):
                 for block in own:
                     layout = block.layout
                     x_i, x_j = _at_first(x, layout)
-                    filters, cutoff, sph = rows(layout, block.take(vectors), x_i, x_j)
+                    filters, cutoff, sph, distances = rows(layout, block.take(vectors), x_i, x_j)
                     block_sums(
-                        total, queries, keys_values, filters, cutoff, sph, layout.idx_i, layout.idx_j, heads
+                        total,
+                        queries,
+                        keys_values,
+                        filters,
+                        cutoff,
+                        sph,
+                        layout.idx_i,
+                        layout.idx_j,
+                        heads,
+                        _radial(distances, spline),
                     )
             return total
 
         totals = in_workers(part, blocks, workers)
-        ctx.rows, ctx.blocks, ctx.heads, ctx.workers = rows, blocks, heads, workers
+        ctx.rows, ctx.blocks, ctx.heads, ctx.spline, ctx.workers = rows, blocks, heads, spline, workers
         ctx.save_for_backward(vectors, queries, keys_values, x)
         return _sum(totals)
 
@@ -318,22 +331,23 @@ class _BlockedKernelSum(torch.autograd.Function):
                 with torch.enable_grad():
                     block_vectors = block.take(vectors).detach().requires_grad_(True)
                     x_i, x_j = _at_first(x, layout, requires_grad=True)
-                    filters, cutoff, sph = ctx.rows(layout, block_vectors, x_i, x_j)
+                    filters, cutoff, sph, distances = ctx.rows(layout, block_vectors, x_i, x_j)
+                inputs = (filters, cutoff, sph, distances)
+                detached = [t.detach() if t is not None else None for t in inputs]
                 grads = block_sums_backward(
                     grad_queries,
                     grad_keys_values,
                     grad_total,
                     queries,
                     keys_values,
-                    filters.detach(),
-                    cutoff.detach(),
-                    sph.detach(),
+                    *detached[:3],
                     layout.idx_i,
                     layout.idx_j,
                     ctx.heads,
+                    _radial(detached[3], ctx.spline),
                 )
                 outputs = [
-                    (t, g) for t, g in zip((filters, cutoff, sph), grads, strict=True) if t.requires_grad
+                    (t, g) for t, g in zip(inputs, grads, strict=True) if t is not None and t.requires_grad
                 ]
                 leaves = [block_vectors] + ([x_i, x_j] if x_i is not None else [])
                 found = torch.autograd.grad(
@@ -351,7 +365,12 @@ class _BlockedKernelSum(torch.autograd.Function):
         grad_queries, grad_keys_values, grad_x = (
             _sum(list(g)) if g[0] is not None else None for g in zip(*parts, strict=True)
         )
-        return (None, None, None, None, grad_vectors, grad_queries, grad_keys_values, grad_x)
+        return (None, None, None, None, None, grad_vectors, grad_queries, grad_keys_values, grad_x)
+
+
+def _radial(distances: Tensor | None, spline: tuple[Tensor, float] | None) -> RadialSpline | None:
+    """The kernel's radial spline for a block's pair distances (None without a spline)."""
+    return None if spline is None else RadialSpline(distances, *spline)
 
 
 def _at_first(x: Tensor | None, layout: EdgeLayout, requires_grad: bool = False) -> tuple[Tensor | None, ...]:
@@ -373,6 +392,7 @@ def blocked_kernel_sum(
     keys_values: Tensor,
     x: Tensor | None = None,
     workers: int = 1,
+    spline: tuple[Tensor, float] | None = None,
 ) -> Tensor:
     """One fused layer's Σ_{e: i_e = i} [α_e v_j | β_e Y_e] → (n_atoms, F + n_sph) over edge blocks in pair
     order, each block's messages in the pair-message kernel (:func:`so3krates.ops.pair_messages.block_sums`).
@@ -385,7 +405,9 @@ def blocked_kernel_sum(
             to contiguous memory once here rather than by every block;
         x: (n_atoms, n_sph) Euclidean variables, or None without the Euclidean branch (no Y columns).
         workers: threads that evaluate blocks at once (:func:`in_workers`).
+        spline: (table, spacing) of the layer's radial spline (:class:`RadialSpline`) where the kernel reads
+            the radial parts of the filters; ``rows`` then gives the pair distances.
     """
     return _BlockedKernelSum.apply(
-        rows, blocks, heads, workers, vectors, queries.contiguous(), keys_values.contiguous(), x
+        rows, blocks, heads, spline, workers, vectors, queries.contiguous(), keys_values.contiguous(), x
     )

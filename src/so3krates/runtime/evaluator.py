@@ -25,6 +25,7 @@ from so3krates import keys
 from so3krates.data.graph import Graph
 from so3krates.model.so3krates import So3krates
 from so3krates.nn.transformer import EdgeFeatures, TransformerLayer
+from so3krates.ops.pair_messages import RadialSpline, spline_table
 from so3krates.ops.scatter import scatter_sum
 from so3krates.ops.spline import Spline, evaluate_spline
 from so3krates.runtime.block_programs import compile_messages
@@ -136,6 +137,18 @@ def _layer_splines(model: So3krates, spline: Spline) -> list[Spline]:
     ]
 
 
+def _kernel_splines(model: So3krates, spline: Spline) -> list[tuple[Tensor, float]]:
+    """Per layer, (table, spacing) of its radial spline as the pair-message kernel reads it."""
+    return [(spline_table(s.coefficients), s.spacing) for s in _layer_splines(model, spline)]
+
+
+def _kernel_spline_filters(
+    splines: list[tuple[Tensor, float]], weights: Weights, distances: Tensor
+) -> Callable[[int], RadialSpline]:
+    """Layer k → its radial spline at the pair distances: the kernel reads the radial parts itself."""
+    return lambda k: RadialSpline(distances, *splines[k])
+
+
 def _block_network_filters(model: So3krates, weights: Weights, k: int, distances: Tensor) -> list[Tensor]:
     return network_filters(weights.radial[k], model.radial_basis(distances))
 
@@ -191,20 +204,22 @@ def _kernel_rows(
     model: So3krates,
     layer: TransformerLayer,
     weights: LayerWeights,
-    radial: Callable[[Tensor], list[Tensor]],
+    radial: Callable[[Tensor], list[Tensor]] | None,
     layout: EdgeLayout,
     vectors: Tensor,
     x_i: Tensor | None = None,
     x_j: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The pair-message kernel's inputs on a block's edges (filters per pair, cutoff, sph), recomputed from
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+    """The pair-message kernel's inputs on a block's edges (filters per pair, cutoff, sph, and with ``radial``
+    None the pair distances, for the kernel to read the radial parts from the layer's spline), recomputed from
     the vectors and x (``runtime.blocks.KernelRows``)."""
     features, differences = _block_geometry(model, layout, vectors, x_i, x_j)
-    filters = edge_filters(layer, weights, radial(layout.first(features.distances)), differences)
+    distances = layout.first(features.distances)
+    filters = edge_filters(layer, weights, radial(distances) if radial is not None else None, differences)
     sph = (
         features.sph if weights.spherical_in is not None else features.cutoff.new_zeros((vectors.shape[0], 0))
     )
-    return filters, features.cutoff, sph
+    return filters, features.cutoff, sph, distances if radial is None else None
 
 
 class EnergyFunction(nn.Module):
@@ -249,7 +264,11 @@ class EnergyFunction(nn.Module):
         else:
             self.weights = partial(assemble, model, plan)
         spline = build_filter_spline(model) if plan.radial == "spline" else None
-        if spline is not None:
+        # With the kernel, it reads each layer's radial parts from the spline itself (ops.pair_messages).
+        self.kernel_splines = _kernel_splines(model, spline) if spline is not None and plan.kernel else None
+        if self.kernel_splines is not None:
+            self.radial = partial(_kernel_spline_filters, self.kernel_splines)
+        elif spline is not None:
             self.radial = partial(_spline_filters, model, spline)
         else:
             self.radial = partial(_network_filters, model)
@@ -263,7 +282,9 @@ class EnergyFunction(nn.Module):
         if plan.blocks:
             # Blocks evaluate the radial parts of one layer at a time, on the block's edges.
             self.block_radial = (
-                partial(_block_spline_filters, model, _layer_splines(model, spline))
+                None
+                if self.kernel_splines is not None
+                else partial(_block_spline_filters, model, _layer_splines(model, spline))
                 if spline is not None
                 else partial(_block_network_filters, model)
             )
@@ -329,9 +350,8 @@ class EnergyFunction(nn.Module):
         for k, layer in enumerate(model.layers):
             layer_weights = weights.layers[k]
             queries, keys_values = projections(layer, layer_weights, h)
-            rows = partial(
-                self.layer_rows, model, layer, layer_weights, partial(self.block_radial, weights, k)
-            )
+            radial = partial(self.block_radial, weights, k) if self.block_radial is not None else None
+            rows = partial(self.layer_rows, model, layer, layer_weights, radial)
             euclidean = layer_weights.spherical_in is not None
             if self.plan.kernel:
                 updates = blocked_kernel_sum(
@@ -343,6 +363,7 @@ class EnergyFunction(nn.Module):
                     keys_values,
                     x if euclidean else None,
                     workers,
+                    self.kernel_splines[k] if self.kernel_splines is not None else None,
                 )
             else:
                 # Contiguous copies: both are column slices of one product, and every block gathers rows from

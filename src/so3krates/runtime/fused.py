@@ -14,7 +14,8 @@ assembled into a few dense matrices, so that one layer is about 30 operations:
   (Euclidean branch) is another;
 - Δh and Δx are summed over edges in one sum (``EdgeLayout.sum_i``: a scatter-add, or through slots);
 - or, with the plan's ``kernel``, the products, coefficients, messages and their sum are one hand-written
-  CPU kernel (:mod:`so3krates.ops.pair_messages`), forward and backward, without per-edge tensors.
+  CPU kernel (:mod:`so3krates.ops.pair_messages`), forward and backward, without per-edge tensors; with a
+  radial spline the kernel also reads the radial parts of the filters from the spline itself.
 
 The weights are read through the modules' named interfaces only (``HeadwiseLinear.dense``,
 ``FilterNet.spherical_in`` …); the layer norms, the exchange block and the residual MLPs are the modules
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from so3krates.nn.transformer import TransformerLayer
-from so3krates.ops.pair_messages import pair_messages
+from so3krates.ops.pair_messages import RadialSpline, pair_messages
 from so3krates.runtime.layout import EdgeLayout
 
 
@@ -156,22 +157,29 @@ def edge_messages(
 
 
 def edge_filters(
-    layer: TransformerLayer, weights: LayerWeights, radial: list[Tensor], differences: Tensor | None
-) -> Tensor:
-    """The filters of both branches on the rows of ``radial``: (n_first, B·F)."""
-    n_branches = len(radial)
-    filters = radial
-    if weights.spherical_in is not None:
+    layer: TransformerLayer, weights: LayerWeights, radial: list[Tensor] | None, differences: Tensor | None
+) -> Tensor | None:
+    """The filters of both branches on the rows of ``radial``: (n_first, B·F); with ``radial`` None, their
+    spherical parts only (the pair-message kernel adds the radial parts from a spline), or None where the
+    layer has no Euclidean branch."""
+    if weights.spherical_in is None:
+        filters = radial
+    else:
         # w_ij = radial part + MLP_s(s_ij) − b_s per branch (Eq. 20), the spherical part in one small MLP.
         invariants = layer.contraction(differences)
         hidden = torch.nn.functional.silu(
             torch.addmm(weights.spherical_in[1], invariants, weights.spherical_in[0])
         )
-        hidden = hidden.split(hidden.shape[1] // n_branches, dim=1)
-        filters = [
-            torch.addmm(f, s, w) for f, s, w in zip(filters, hidden, weights.spherical_out, strict=True)
-        ]
-    return torch.cat(filters, dim=1) if n_branches > 1 else filters[0]
+        hidden = hidden.split(hidden.shape[1] // len(weights.spherical_out), dim=1)
+        if radial is None:
+            filters = [torch.mm(s, w) for s, w in zip(hidden, weights.spherical_out, strict=True)]
+        else:
+            filters = [
+                torch.addmm(f, s, w) for f, s, w in zip(radial, hidden, weights.spherical_out, strict=True)
+            ]
+    if filters is None:
+        return None
+    return torch.cat(filters, dim=1) if len(filters) > 1 else filters[0]
 
 
 def finish_updates(layer: TransformerLayer, h: Tensor, x: Tensor, updates: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,7 +193,7 @@ def finish_updates(layer: TransformerLayer, h: Tensor, x: Tensor, updates: Tenso
 def fused_layer(
     layer: TransformerLayer,
     weights: LayerWeights,
-    radial: list[Tensor],
+    radial: list[Tensor] | RadialSpline,
     h: Tensor,
     x: Tensor,
     cutoff: Tensor,
@@ -198,7 +206,8 @@ def fused_layer(
     Args:
         layer: the TransformerLayer (for its layer norms, exchange block and MLPs).
         weights: its fused matrices.
-        radial: per branch, the radial part of its filters (n_first, F) (:mod:`so3krates.runtime.radial`).
+        radial: per branch, the radial part of its filters (n_first, F) (:mod:`so3krates.runtime.radial`);
+            with ``kernel``, also the layer's radial spline for the kernel to read.
         h, x: (n_atoms, F), (n_atoms, n_sph) — features and Euclidean variables.
         cutoff: (n_edges,) φ(d_ij); sph: (n_edges, n_sph) Y(r̂_ij).
         edges: the layout; with pairs, ``radial`` holds the first of each pair only.
@@ -208,11 +217,12 @@ def fused_layer(
     differences = edges.difference(x) if weights.spherical_in is not None else None
     queries, keys_values = projections(layer, weights, h)
     if kernel:
-        filters = edge_filters(layer, weights, radial, differences)
+        spline = radial if isinstance(radial, RadialSpline) else None
+        filters = edge_filters(layer, weights, None if spline is not None else radial, differences)
         if weights.spherical_in is None:  # no Euclidean branch: messages without Y
             sph = cutoff.new_zeros((cutoff.shape[0], 0))
         updates = pair_messages(
-            queries, keys_values, filters, cutoff, sph, edges.idx_i, edges.idx_j, weights.heads
+            queries, keys_values, filters, cutoff, sph, edges.idx_i, edges.idx_j, weights.heads, spline
         )
         return finish_updates(layer, h, x, updates)
     messages = edge_messages(

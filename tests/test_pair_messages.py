@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from so3krates.ops import pair_messages as kernel
 from so3krates.ops.spline import build_spline, evaluate_spline
@@ -144,10 +145,10 @@ def test_blocks_of_pairs_add_up_to_the_whole_graph_forward_and_backward(euclidea
             "sph": inputs["sph"][edges],
         }
         kernel.block_sums(sums, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads)
-        d_filters, d_cutoff, d_sph, d_distances = kernel.block_sums_backward(
+        d_filters, d_cutoff, d_sph, d_distances, d_hidden = kernel.block_sums_backward(
             grad_queries, grad_keys_values, grad, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads
         )
-        assert d_distances is None  # no spline
+        assert d_distances is None and d_hidden is None  # no spline, no spherical part
         torch.testing.assert_close(d_filters, expected["filters"][pairs], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(d_cutoff, expected["cutoff"][edges], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(d_sph, expected["sph"][edges], rtol=1e-12, atol=1e-12)
@@ -219,34 +220,56 @@ def radial_spline(width: int, n_pairs: int, dtype=torch.float64, seed: int = 1):
     return spline, distances
 
 
-@pytest.mark.parametrize("given", [True, False], ids=["spherical-plus-spline", "spline-alone"])
+def spherical_part(n_pairs: int, n_branches: int, width: int, hidden: int = 5, seed: int = 2):
+    """Hidden rows (pairs, B·K) and last-layer weights (B, K, F) of a spherical filter MLP."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(n_pairs, n_branches * hidden, generator=generator, dtype=torch.float64)
+    weights = torch.randn(n_branches, hidden, width, generator=generator, dtype=torch.float64)
+    return rows, weights
+
+
+def products(rows: Tensor, weights: Tensor) -> Tensor:
+    """Σ_k h[p, b, k] V[b, k, f] per branch, branches side by side: (pairs, B·F)."""
+    n_branches, hidden, _ = weights.shape
+    per_branch = rows.view(-1, n_branches, hidden)
+    return torch.einsum("pbk,bkf->pbf", per_branch, weights).reshape(rows.shape[0], -1)
+
+
+@pytest.mark.parametrize("part", ["given", "alone", "hidden"], ids=lambda p: f"spline-{p}")
 @pytest.mark.parametrize("euclidean", [True, False], ids=["euclidean", "invariant"])
-def test_the_spline_read_in_the_kernel_equals_the_filters_it_adds_up_to(euclidean, given):
-    """Filters = given part + spline(d) per pair: the kernel reading the spline itself gives the sums, and
-    the gradients (of the given part and of the distances), of the kernel fed the written-out filters."""
+def test_the_spline_and_products_in_the_kernel_equal_the_filters_they_add_up_to(euclidean, part):
+    """Filters = spline(d) per pair plus a given part, or alone, or plus the spherical MLP's last layer of
+    hidden rows: the kernel making the filters itself gives the sums and the gradients (of the given part or
+    hidden rows, and of the distances) of the kernel fed the written-out filters."""
     inputs, idx_i, idx_j, heads = graph(euclidean)
-    spline, distances = radial_spline(inputs["filters"].shape[1], inputs["filters"].shape[0])
+    n_pairs, width = inputs["filters"].shape
+    spline, distances = radial_spline(width, n_pairs)
     table = kernel.spline_table(spline.coefficients)
     names = [n for n in inputs if n != "filters"]
     leaves = {n: inputs[n].clone().requires_grad_() for n in names}
-    spherical = inputs["filters"].clone().requires_grad_()
+    given = inputs["filters"].clone().requires_grad_()
+    n_branches = 2 if euclidean else 1
+    rows, weights = spherical_part(n_pairs, n_branches, width // n_branches)
+    rows.requires_grad_()
     d = distances.clone().requires_grad_()
 
     radial = evaluate_spline(spline, d)
-    written = kernel.pair_messages(
-        **leaves, filters=spherical + radial if given else radial, idx_i=idx_i, idx_j=idx_j, heads=heads
-    )
+    extra = {"given": given, "alone": 0.0, "hidden": products(rows, weights) if part == "hidden" else 0.0}[
+        part
+    ]
+    written = kernel.pair_messages(**leaves, filters=radial + extra, idx_i=idx_i, idx_j=idx_j, heads=heads)
     read = kernel.pair_messages(
         **leaves,
-        filters=spherical if given else None,
+        filters=given if part == "given" else None,
         idx_i=idx_i,
         idx_j=idx_j,
         heads=heads,
         radial=kernel.RadialSpline(d, table, spline.spacing),
+        spherical=kernel.SphericalFilters(rows, weights) if part == "hidden" else None,
     )
     torch.testing.assert_close(read, written, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(written)
-    wrt = [*leaves.values(), d] + ([spherical] if given else [])
+    wrt = [*leaves.values(), d] + {"given": [given], "alone": [], "hidden": [rows]}[part]
     ours = torch.autograd.grad(read, wrt, grad)
     for a, b in zip(ours, torch.autograd.grad(written, wrt, grad), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -315,3 +338,53 @@ def test_a_bad_spline_gives_one_clear_error():
         )  # fmt: skip
     with pytest.raises(ValueError, match="filters or a radial spline"):
         kernel.pair_messages(**{**inputs, "filters": None}, idx_i=idx_i, idx_j=idx_j, heads=heads)
+    rows, weights = spherical_part(distances.shape[0], 2, F)
+    with pytest.raises(RuntimeError, match="spherical part must be hidden rows"):
+        kernel.pair_messages(
+            **inputs, idx_i=idx_i, idx_j=idx_j, heads=heads,
+            spherical=kernel.SphericalFilters(rows[:, :-1].contiguous(), weights),
+        )  # fmt: skip
+
+
+def test_the_spherical_products_over_wide_rows_as_in_the_paper_model():
+    """Branches of 132 features (the paper model's: 8 register chunks of 16 columns and a remainder) and 33
+    hidden units (3 chunks, padded), enough pairs for the kernel's own products (kProductsMinPairs; fewer
+    go to the matrix library: the other tests), on two threads: the filters' products equal the written-out
+    filters, and so do their gradients."""
+    generator = torch.Generator().manual_seed(5)
+    n, n_pairs, width, n_sph = 40, 2501, 132, 8
+    first = torch.randint(0, n, (n_pairs,), generator=generator)
+    second = (first + torch.randint(1, n, (n_pairs,), generator=generator)) % n
+    idx_i, idx_j = torch.cat([first, second]), torch.cat([second, first])
+    ranges_in = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 264, 2]], dtype=torch.int32)
+    ranges_out = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 140, 2]], dtype=torch.int32)
+    heads = (ranges_in, ranges_out, torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64))
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    q, kv = rand(n, 2 * width), rand(n, 3 * width)
+    cutoff, sph = torch.rand(2 * n_pairs, generator=generator, dtype=torch.float64), rand(2 * n_pairs, n_sph)
+    spline, distances = radial_spline(2 * width, n_pairs)
+    table = kernel.spline_table(spline.coefficients)
+    rows, weights = spherical_part(n_pairs, 2, width, hidden=33)
+    rows.requires_grad_()
+    d = distances.clone().requires_grad_()
+    written = kernel.pair_messages(
+        q, kv, evaluate_spline(spline, d) + products(rows, weights), cutoff, sph, idx_i, idx_j, heads
+    )
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        read = kernel.pair_messages(
+            q, kv, None, cutoff, sph, idx_i, idx_j, heads,
+            radial=kernel.RadialSpline(d, table, spline.spacing),
+            spherical=kernel.SphericalFilters(rows, weights),
+        )  # fmt: skip
+        grad = torch.randn_like(written)
+        ours = torch.autograd.grad(read, [rows, d], grad)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(read, written, rtol=1e-12, atol=1e-11)
+    for a, b in zip(ours, torch.autograd.grad(written, [rows, d], grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)

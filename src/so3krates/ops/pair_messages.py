@@ -138,37 +138,53 @@ class RadialSpline(NamedTuple):
     spacing: float
 
 
+class SphericalFilters(NamedTuple):
+    """The spherical parts of one layer's filters as the kernel computes them: the last (linear, bias-free)
+    layer of the spherical filter MLP, applied pair by pair.
+
+    hidden: (n_pairs, B·K), the MLP's hidden rows (both branches side by side); weights: (B, K, F), each
+    branch's last layer (``LayerWeights.spherical_out`` stacked).
+    """
+
+    hidden: Tensor
+    weights: Tensor
+
+
 def spline_table(coefficients: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
     """A spline's four (n_intervals, columns) coefficient tensors as one (n_intervals, 4, columns) table."""
     return torch.stack(coefficients, dim=1).contiguous()
 
 
 def _register() -> None:
-    """Shapes for tracing (fake tensors) and the gradient of the forward operator. Inputs 0–6 are tensors
-    (queries, keys_values, filters, cutoff, sph, distances, spline), 7 the spacing, 8–12 the edge indices and
-    head ranges, 13 F; an absent filter or spline is an empty 1-d tensor, and so is its gradient."""
+    """Shapes for tracing (fake tensors) and the gradient of the forward operator. Inputs 0–13 are tensors
+    (queries, keys_values, filters, cutoff, sph, distances, spline, hidden, spherical_out, the edge indices
+    and head ranges), 14 the spacing, 15 F; an absent filter part is an empty 1-d tensor, as is its
+    gradient."""
 
     @torch.library.register_fake("so3krates::pair_messages")
-    def _(queries, keys_values, filters, cutoff, sph, *rest):
+    def _(queries, keys_values, filters, cutoff, sph, distances, spline, hidden, spherical_out, idx_i, *rest):
         n_features = keys_values.shape[1] - queries.shape[1]
-        return queries.new_empty((queries.shape[0], n_features + sph.shape[1]))
+        sums = queries.new_empty((queries.shape[0], n_features + sph.shape[1]))
+        return sums, queries.new_empty((idx_i.shape[0] // 2, queries.shape[1]))
 
     @torch.library.register_fake("so3krates::pair_messages_backward")
-    def _(grad, queries, keys_values, filters, cutoff, sph, distances, *rest):
-        return tuple(torch.empty_like(t) for t in (queries, keys_values, filters, cutoff, sph, distances))
+    def _(grad, rows, queries, keys_values, filters, cutoff, sph, distances, spline, hidden, *rest):
+        inputs = (queries, keys_values, filters, cutoff, sph, distances, hidden)
+        return tuple(torch.empty_like(t) for t in inputs)
 
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs[:7], *inputs[8:13])
-        ctx.spacing, ctx.n_features = inputs[7], inputs[13]
+        ctx.save_for_backward(output[1], *inputs[:14])
+        ctx.spacing, ctx.n_features = inputs[14], inputs[15]
 
-    def backward(ctx, grad: Tensor):
-        saved = ctx.saved_tensors
-        dq, dkv, dw, dphi, dy, dd = torch.ops.so3krates.pair_messages_backward(
-            grad, *saved[:7], ctx.spacing, *saved[7:], ctx.n_features
+    def backward(ctx, grad: Tensor, grad_rows: Tensor | None):
+        rows, *saved = ctx.saved_tensors
+        dq, dkv, dw, dphi, dy, dd, dh = torch.ops.so3krates.pair_messages_backward(
+            grad, rows, *saved, ctx.spacing, ctx.n_features
         )
         dw = dw if saved[2].dim() == 2 else None
         dd = dd if saved[6].dim() == 3 else None
-        return (dq, dkv, dw, dphi, dy, dd, *(None,) * 8)
+        dh = dh if saved[8].dim() == 3 else None
+        return (dq, dkv, dw, dphi, dy, dd, None, dh, *(None,) * 8)
 
     torch.library.register_autograd("so3krates::pair_messages", backward, setup_context=setup_context)
 
@@ -183,6 +199,7 @@ def pair_messages(
     idx_j: Tensor,
     heads: tuple[Tensor, Tensor, Tensor],
     radial: RadialSpline | None = None,
+    spherical: SphericalFilters | None = None,
 ) -> Tensor:
     """Σ over the edges of each centre atom of [α_ij v_j | β_ij Y_ij]: (n_atoms, F + n_sph).
 
@@ -196,11 +213,13 @@ def pair_messages(
         heads: ``LayerWeights.heads``: (R, 3) int32 ranges [start, stop, head] of the products' features,
             (R', 3) of the message's columns, and (H,) the heads' 1/norm.
         radial: the radial parts of the filters as a spline (added to ``filters``), or None.
+        spherical: the spherical parts from the MLP's hidden rows (added too), or None.
     """
     require()
-    return torch.ops.so3krates.pair_messages(
-        *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads, radial)
+    sums, _ = torch.ops.so3krates.pair_messages(
+        *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads, radial, spherical)
     )
+    return sums
 
 
 def block_sums(
@@ -214,13 +233,14 @@ def block_sums(
     idx_j: Tensor,
     heads: tuple[Tensor, Tensor, Tensor],
     radial: RadialSpline | None = None,
+    spherical: SphericalFilters | None = None,
 ) -> None:
     """Adds the messages of one block of edges (in pair order) into ``sums`` (n_atoms, F + n_sph), on the
     calling thread: the forward pass of :func:`so3krates.runtime.blocks.blocked_kernel_sum`. The arguments
     are those of :func:`pair_messages` for the block's edges; no autograd (the caller does the backward)."""
     require()
     torch.ops.so3krates.pair_messages_block(
-        sums, *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads, radial)
+        sums, *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads, radial, spherical)
     )
 
 
@@ -237,18 +257,25 @@ def block_sums_backward(
     idx_j: Tensor,
     heads: tuple[Tensor, Tensor, Tensor],
     radial: RadialSpline | None = None,
-) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+    spherical: SphericalFilters | None = None,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None, Tensor | None]:
     """The backward pass of :func:`block_sums` for ∂E/∂sums = ``grad``: adds into ``grad_queries`` and
-    ``grad_keys_values`` and returns the gradients of the block's filters, cutoff, sph and (with ``radial``)
-    distances; None for the filters or distances where they were not given."""
+    ``grad_keys_values`` and returns the gradients of the block's filters, cutoff, sph, distances (with
+    ``radial``) and hidden rows (with ``spherical``); None for the parts that were not given."""
     require()
-    dw, dphi, dy, dd = torch.ops.so3krates.pair_messages_block_backward(
+    dw, dphi, dy, dd, dh = torch.ops.so3krates.pair_messages_block_backward(
         grad_queries,
         grad_keys_values,
         grad,
-        *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads, radial),
+        *_arguments(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads, radial, spherical),
     )
-    return (dw if filters is not None else None), dphi, dy, (dd if radial is not None else None)
+    return (
+        dw if filters is not None else None,
+        dphi,
+        dy,
+        dd if radial is not None else None,
+        dh if spherical is not None else None,
+    )
 
 
 def _arguments(
@@ -261,17 +288,17 @@ def _arguments(
     idx_j: Tensor,
     heads: tuple[Tensor, Tensor, Tensor],
     radial: RadialSpline | None,
+    spherical: SphericalFilters | None,
 ) -> tuple[Tensor | int | float, ...]:
     """The operators' arguments from ``queries`` to ``n_features`` (F: the values' width), the float inputs
     contiguous as the kernel reads them (queries and keys are column slices of one product); an absent
-    filter or spline is an empty 1-d tensor."""
+    filter part is an empty 1-d tensor."""
     if filters is None and radial is None:
         raise ValueError("pair_messages: filters or a radial spline (or both) are needed")
     n_features = keys_values.shape[1] - queries.shape[1]
     none = cutoff.new_empty(0)
     distances, table, spacing = radial if radial is not None else (none, none, 1.0)
-    floats = (
-        t.contiguous()
-        for t in (queries, keys_values, none if filters is None else filters, cutoff, sph, distances, table)
-    )
-    return (*floats, spacing, idx_i, idx_j, *heads, n_features)
+    hidden, weights = spherical if spherical is not None else (none, none)
+    parts = (none if filters is None else filters, cutoff, sph, distances, table, hidden, weights)
+    floats = (t.contiguous() for t in (queries, keys_values, *parts))
+    return (*floats, idx_i, idx_j, *heads, spacing, n_features)

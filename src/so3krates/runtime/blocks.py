@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from so3krates.ops.pair_messages import RadialSpline, block_sums, block_sums_backward
+from so3krates.ops.pair_messages import RadialSpline, SphericalFilters, block_sums, block_sums_backward
 from so3krates.runtime.layout import EdgeLayout
 
 #: Edges per block: large enough that the ~30 operations of a block are not dominated by dispatch (a few µs
@@ -259,9 +259,19 @@ def blocked_sum(
 #: rows(block layout, edge vectors of the block, x at i1, x at j1) → (filters (n_pairs, B·F), cutoff (rows,),
 #: sph (rows, n_sph)): the per-edge inputs of the pair-message kernel for one block (x: None, None without
 #: Euclidean variables).
-# A block's (filters or None, cutoff, sph, pair distances or None): the distances where the kernel reads the
-# radial parts of the filters from a spline (then the filters are the rest, or None).
-KernelRows = Callable[..., tuple[Tensor | None, Tensor, Tensor, Tensor | None]]
+# A block's (filters, cutoff, sph, pair distances, hidden rows): filters None where the kernel makes them
+# from the layer's spline at the distances and the spherical MLP's hidden rows (None without a Euclidean
+# branch); else the distances and hidden rows are None.
+KernelRows = Callable[..., tuple[Tensor | None, Tensor, Tensor, Tensor | None, Tensor | None]]
+
+
+class KernelSpline(NamedTuple):
+    """What the kernel needs besides a block's rows to make a layer's filters itself: the radial spline's
+    (intervals, 4, B·F) table and spacing, and the spherical MLP's last layer (B, K, F) or None."""
+
+    table: Tensor
+    spacing: float
+    spherical_out: Tensor | None
 
 
 class _BlockedKernelSum(torch.autograd.Function):
@@ -279,7 +289,7 @@ class _BlockedKernelSum(torch.autograd.Function):
         rows: KernelRows,
         blocks: Sequence[Block],
         heads: tuple[Tensor, Tensor, Tensor],
-        spline: tuple[Tensor, float] | None,
+        spline: KernelSpline | None,
         workers: int,
         vectors: Tensor,
         queries: Tensor,
@@ -296,7 +306,7 @@ class _BlockedKernelSum(torch.autograd.Function):
                 for block in own:
                     layout = block.layout
                     x_i, x_j = _at_first(x, layout)
-                    filters, cutoff, sph, distances = rows(layout, block.take(vectors), x_i, x_j)
+                    filters, cutoff, sph, distances, hidden = rows(layout, block.take(vectors), x_i, x_j)
                     block_sums(
                         total,
                         queries,
@@ -307,7 +317,7 @@ class _BlockedKernelSum(torch.autograd.Function):
                         layout.idx_i,
                         layout.idx_j,
                         heads,
-                        _radial(distances, spline),
+                        *_parts(distances, hidden, spline),
                     )
             return total
 
@@ -331,8 +341,7 @@ class _BlockedKernelSum(torch.autograd.Function):
                 with torch.enable_grad():
                     block_vectors = block.take(vectors).detach().requires_grad_(True)
                     x_i, x_j = _at_first(x, layout, requires_grad=True)
-                    filters, cutoff, sph, distances = ctx.rows(layout, block_vectors, x_i, x_j)
-                inputs = (filters, cutoff, sph, distances)
+                    inputs = ctx.rows(layout, block_vectors, x_i, x_j)
                 detached = [t.detach() if t is not None else None for t in inputs]
                 grads = block_sums_backward(
                     grad_queries,
@@ -344,7 +353,7 @@ class _BlockedKernelSum(torch.autograd.Function):
                     layout.idx_i,
                     layout.idx_j,
                     ctx.heads,
-                    _radial(detached[3], ctx.spline),
+                    *_parts(*detached[3:], ctx.spline),
                 )
                 outputs = [
                     (t, g) for t, g in zip(inputs, grads, strict=True) if t is not None and t.requires_grad
@@ -368,9 +377,14 @@ class _BlockedKernelSum(torch.autograd.Function):
         return (None, None, None, None, None, grad_vectors, grad_queries, grad_keys_values, grad_x)
 
 
-def _radial(distances: Tensor | None, spline: tuple[Tensor, float] | None) -> RadialSpline | None:
-    """The kernel's radial spline for a block's pair distances (None without a spline)."""
-    return None if spline is None else RadialSpline(distances, *spline)
+def _parts(
+    distances: Tensor | None, hidden: Tensor | None, spline: KernelSpline | None
+) -> tuple[RadialSpline | None, SphericalFilters | None]:
+    """The kernel's filter parts for a block's pair distances and hidden rows (None without a spline)."""
+    if spline is None:
+        return None, None
+    spherical = SphericalFilters(hidden, spline.spherical_out) if hidden is not None else None
+    return RadialSpline(distances, spline.table, spline.spacing), spherical
 
 
 def _at_first(x: Tensor | None, layout: EdgeLayout, requires_grad: bool = False) -> tuple[Tensor | None, ...]:
@@ -392,7 +406,7 @@ def blocked_kernel_sum(
     keys_values: Tensor,
     x: Tensor | None = None,
     workers: int = 1,
-    spline: tuple[Tensor, float] | None = None,
+    spline: KernelSpline | None = None,
 ) -> Tensor:
     """One fused layer's Σ_{e: i_e = i} [α_e v_j | β_e Y_e] → (n_atoms, F + n_sph) over edge blocks in pair
     order, each block's messages in the pair-message kernel (:func:`so3krates.ops.pair_messages.block_sums`).
@@ -405,8 +419,8 @@ def blocked_kernel_sum(
             to contiguous memory once here rather than by every block;
         x: (n_atoms, n_sph) Euclidean variables, or None without the Euclidean branch (no Y columns).
         workers: threads that evaluate blocks at once (:func:`in_workers`).
-        spline: (table, spacing) of the layer's radial spline (:class:`RadialSpline`) where the kernel reads
-            the radial parts of the filters; ``rows`` then gives the pair distances.
+        spline: where the kernel makes the layer's filters itself, its spline and spherical weights;
+            ``rows`` then gives the pair distances and hidden rows instead of filters.
     """
     return _BlockedKernelSum.apply(
         rows, blocks, heads, spline, workers, vectors, queries.contiguous(), keys_values.contiguous(), x

@@ -29,7 +29,7 @@ from so3krates.ops.pair_messages import RadialSpline, spline_table
 from so3krates.ops.scatter import scatter_sum
 from so3krates.ops.spline import Spline, evaluate_spline
 from so3krates.runtime.block_programs import compile_messages
-from so3krates.runtime.blocks import BLOCK_EDGES, blocked_kernel_sum, blocked_sum, edge_blocks
+from so3krates.runtime.blocks import BLOCK_EDGES, KernelSpline, blocked_kernel_sum, blocked_sum, edge_blocks
 from so3krates.runtime.derivatives import graph_derivatives
 from so3krates.runtime.fused import (
     LayerWeights,
@@ -39,6 +39,7 @@ from so3krates.runtime.fused import (
     fused_layer,
     layer_weights,
     projections,
+    spherical_hidden,
 )
 from so3krates.runtime.layout import EdgeLayout
 from so3krates.runtime.plan import Plan, PlanError
@@ -209,17 +210,19 @@ def _kernel_rows(
     vectors: Tensor,
     x_i: Tensor | None = None,
     x_j: Tensor | None = None,
-) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
-    """The pair-message kernel's inputs on a block's edges (filters per pair, cutoff, sph, and with ``radial``
-    None the pair distances, for the kernel to read the radial parts from the layer's spline), recomputed from
-    the vectors and x (``runtime.blocks.KernelRows``)."""
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The pair-message kernel's inputs on a block's edges, recomputed from the vectors and x
+    (``runtime.blocks.KernelRows``): filters per pair, cutoff and sph; or with ``radial`` None, where the
+    kernel makes the filters from the layer's spline, the pair distances and spherical hidden rows instead."""
     features, differences = _block_geometry(model, layout, vectors, x_i, x_j)
     distances = layout.first(features.distances)
-    filters = edge_filters(layer, weights, radial(distances) if radial is not None else None, differences)
     sph = (
         features.sph if weights.spherical_in is not None else features.cutoff.new_zeros((vectors.shape[0], 0))
     )
-    return filters, features.cutoff, sph, distances if radial is None else None
+    if radial is None:
+        hidden = spherical_hidden(layer, weights, differences)
+        return None, features.cutoff, sph, distances, hidden
+    return edge_filters(layer, weights, radial(distances), differences), features.cutoff, sph, None, None
 
 
 class EnergyFunction(nn.Module):
@@ -363,7 +366,12 @@ class EnergyFunction(nn.Module):
                     keys_values,
                     x if euclidean else None,
                     workers,
-                    self.kernel_splines[k] if self.kernel_splines is not None else None,
+                    None
+                    if self.kernel_splines is None
+                    else KernelSpline(
+                        *self.kernel_splines[k],
+                        torch.stack(layer_weights.spherical_out) if euclidean else None,
+                    ),
                 )
             else:
                 # Contiguous copies: both are column slices of one product, and every block gathers rows from

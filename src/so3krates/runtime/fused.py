@@ -15,7 +15,8 @@ assembled into a few dense matrices, so that one layer is about 30 operations:
 - Δh and Δx are summed over edges in one sum (``EdgeLayout.sum_i``: a scatter-add, or through slots);
 - or, with the plan's ``kernel``, the products, coefficients, messages and their sum are one hand-written
   CPU kernel (:mod:`so3krates.ops.pair_messages`), forward and backward, without per-edge tensors; with a
-  radial spline the kernel also reads the radial parts of the filters from the spline itself.
+  radial spline the kernel also makes the filters itself, from the spline and the spherical MLP's hidden
+  rows (its last layer in the kernel).
 
 The weights are read through the modules' named interfaces only (``HeadwiseLinear.dense``,
 ``FilterNet.spherical_in`` …); the layer norms, the exchange block and the residual MLPs are the modules
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from so3krates.nn.transformer import TransformerLayer
-from so3krates.ops.pair_messages import RadialSpline, pair_messages
+from so3krates.ops.pair_messages import RadialSpline, SphericalFilters, pair_messages
 from so3krates.runtime.layout import EdgeLayout
 
 
@@ -156,29 +157,39 @@ def edge_messages(
     return (coefficients @ weights.head_expand) * values  # [α v_j | β Y_ij] per edge
 
 
-def edge_filters(
-    layer: TransformerLayer, weights: LayerWeights, radial: list[Tensor] | None, differences: Tensor | None
+def spherical_hidden(
+    layer: TransformerLayer, weights: LayerWeights, differences: Tensor | None
 ) -> Tensor | None:
-    """The filters of both branches on the rows of ``radial``: (n_first, B·F); with ``radial`` None, their
-    spherical parts only (the pair-message kernel adds the radial parts from a spline), or None where the
-    layer has no Euclidean branch."""
+    """The spherical filter MLP's hidden rows of both branches, silu(s_ij W + b): (n_first, B·K), or None
+    without a Euclidean branch."""
+    if weights.spherical_in is None:
+        return None
+    invariants = layer.contraction(differences)
+    return torch.nn.functional.silu(torch.addmm(weights.spherical_in[1], invariants, weights.spherical_in[0]))
+
+
+def kernel_filters(
+    layer: TransformerLayer, weights: LayerWeights, differences: Tensor | None
+) -> SphericalFilters | None:
+    """The spherical parts of the filters as the pair-message kernel takes them (hidden rows and the last
+    layer's weights, which it applies pair by pair), or None without a Euclidean branch."""
+    hidden = spherical_hidden(layer, weights, differences)
+    return None if hidden is None else SphericalFilters(hidden, torch.stack(weights.spherical_out))
+
+
+def edge_filters(
+    layer: TransformerLayer, weights: LayerWeights, radial: list[Tensor], differences: Tensor | None
+) -> Tensor:
+    """The filters of both branches on the rows of ``radial``: (n_first, B·F)."""
     if weights.spherical_in is None:
         filters = radial
     else:
         # w_ij = radial part + MLP_s(s_ij) − b_s per branch (Eq. 20), the spherical part in one small MLP.
-        invariants = layer.contraction(differences)
-        hidden = torch.nn.functional.silu(
-            torch.addmm(weights.spherical_in[1], invariants, weights.spherical_in[0])
-        )
+        hidden = spherical_hidden(layer, weights, differences)
         hidden = hidden.split(hidden.shape[1] // len(weights.spherical_out), dim=1)
-        if radial is None:
-            filters = [torch.mm(s, w) for s, w in zip(hidden, weights.spherical_out, strict=True)]
-        else:
-            filters = [
-                torch.addmm(f, s, w) for f, s, w in zip(radial, hidden, weights.spherical_out, strict=True)
-            ]
-    if filters is None:
-        return None
+        filters = [
+            torch.addmm(f, s, w) for f, s, w in zip(radial, hidden, weights.spherical_out, strict=True)
+        ]
     return torch.cat(filters, dim=1) if len(filters) > 1 else filters[0]
 
 
@@ -217,12 +228,23 @@ def fused_layer(
     differences = edges.difference(x) if weights.spherical_in is not None else None
     queries, keys_values = projections(layer, weights, h)
     if kernel:
-        spline = radial if isinstance(radial, RadialSpline) else None
-        filters = edge_filters(layer, weights, None if spline is not None else radial, differences)
         if weights.spherical_in is None:  # no Euclidean branch: messages without Y
             sph = cutoff.new_zeros((cutoff.shape[0], 0))
+        if isinstance(radial, RadialSpline):  # the kernel makes the filters from the spline and hidden rows
+            filters, spline, spherical = None, radial, kernel_filters(layer, weights, differences)
+        else:
+            filters, spline, spherical = edge_filters(layer, weights, radial, differences), None, None
         updates = pair_messages(
-            queries, keys_values, filters, cutoff, sph, edges.idx_i, edges.idx_j, weights.heads, spline
+            queries,
+            keys_values,
+            filters,
+            cutoff,
+            sph,
+            edges.idx_i,
+            edges.idx_j,
+            weights.heads,
+            spline,
+            spherical,
         )
         return finish_updates(layer, h, x, updates)
     messages = edge_messages(

@@ -5,9 +5,11 @@
 // Per edge e = (i, j) with pair p:   s_h  = Σ_{f ∈ head h} q_i[f] w_p[f] k_j[f]           (head sums)
 //                                    c_h  = s_h · scale_h · φ_e                           (α_ij, β_ij)
 //                                    U_i += [c_{h(f)} v_j[f] for f < F | c_{h(m)} Y_e[m] for m < S]
-// The filter row w_p is given, or given plus the radial part read from a cubic spline in the pair's distance
-// d_p (so3krates/ops/spline.py: c0 + t c1 + t² c2 + t³ c3 on the interval of d_p), or that radial part
-// alone; with the spline the backward pass returns ∂E/∂d_p, and the radial rows never exist in memory.
+// The filter row w_p is the sum of up to three parts, each optional: a given row; the radial part read from a
+// cubic spline in the pair's distance d_p (so3krates/ops/spline.py: c0 + t c1 + t² c2 + t³ c3 on the
+// interval of d_p); and the spherical part, the last layer of the spherical filter MLP, Σ_k h_p[b, k] V[b, k, f]
+// per branch b (h_p: the MLP's hidden row of the pair). With the spline the backward pass returns ∂E/∂d_p,
+// with the spherical part ∂E/∂h_p, and the (pairs × B·F) filters never exist in memory.
 // Pair by pair, both edges of a pair at once: each filter row is read once, in order, forward and backward,
 // and each pair's filter gradient written once. A thread adds its pairs' contributions to per-atom rows of
 // its own (the first thread into the result, the others into scratch rows summed afterwards in a fixed
@@ -27,6 +29,8 @@
 namespace {
 
 constexpr int kMaxHeads = 64;
+// Hidden units of the spherical filter MLP, all branches (the paper model: 2 × 33).
+constexpr int64_t kMaxHidden = 512;
 // Pairs per thread below which a whole-graph call uses fewer threads (scratch rows are not free).
 constexpr int64_t kMinPairsPerThread = 512;
 // Pairs ahead whose neighbour atom's rows are prefetched.
@@ -87,8 +91,16 @@ struct Radial {
   T inv_spacing, end;
 };
 
+// The spherical part of the filters (absent: h == nullptr): per pair the hidden row h (B·K), and the last
+// layer's weights per branch, V (B, K, Fb) and its transpose Vt (B, Fb, K); B·Fb = W.
+template <typename T>
+struct Spherical {
+  const T *h, *v, *vt;
+  int64_t B, K, Fb;
+};
+
 // The checked inputs of one call: data pointers and shapes (W: queries' width, KVW: keys' and values', F:
-// values', S: Y's, P: pairs, H: heads). w == nullptr: the filters are the spline's radial part alone.
+// values', S: Y's, P: pairs, H: heads). w == nullptr: no given filter rows.
 template <typename T>
 struct Inputs {
   const T *q, *kv, *w, *phi, *y, *scale;
@@ -97,6 +109,7 @@ struct Inputs {
   int H;
   Ranges in, out;
   Radial<T> radial;
+  Spherical<T> spherical;
 };
 
 // Where pair p's distance falls in the spline: its interval's coefficient rows and t ∈ [0, 1]; inside is
@@ -116,24 +129,109 @@ inline Knot<T> knot(const Radial<T>& r, int64_t p, int64_t W) {
   return {r.table + static_cast<int64_t>(g) * 4 * W, s - g, d >= T(0) && d <= r.end};
 }
 
-// Pair p's filter row: the given row, or (with a spline) the given row plus the radial part, or the radial
-// part alone, written into buf.
+// The spherical products run over groups of kGroup pairs: each weight vector loaded is used for every pair
+// of the group (a pair alone would read all of V, ~35 KB in the paper model, from the L2 cache per pair).
+// Accumulators: kGroup × kLanes values, kept in vector registers (8 AVX-512 registers of float).
+constexpr int64_t kGroup = 8;
+constexpr int64_t kLanes = 16;
+
+// out[i, f] += Σ_k h[i, k] v[k, f] for the kGroup rows i of a group (h's rows hs apart, out's os apart).
 template <typename T>
-inline const T* filter_row(const Inputs<T>& x, int64_t p, T* buf) {
-  const int64_t W = x.W;
-  if (x.radial.table == nullptr) return x.w + p * W;
-  const Knot<T> k = knot(x.radial, p, W);
-  const T t = k.t, t2 = t * t, t3 = t2 * t;
-  const T *c0 = k.c, *c1 = c0 + W, *c2 = c1 + W, *c3 = c2 + W;
-  if (x.w != nullptr) {
-    const T* base = x.w + p * W;
+inline void group_product(const T* h, int64_t hs, const T* v, int64_t K, int64_t Fb, T* out, int64_t os) {
+  int64_t f0 = 0;
+  for (; f0 + kLanes <= Fb; f0 += kLanes) {
+    T acc[kGroup][kLanes];
+    for (int64_t i = 0; i < kGroup; ++i)
 #pragma omp simd
-    for (int64_t f = 0; f < W; ++f) buf[f] = base[f] + ((c0[f] + t * c1[f]) + (t2 * c2[f] + t3 * c3[f]));
-  } else {
+      for (int64_t j = 0; j < kLanes; ++j) acc[i][j] = out[i * os + f0 + j];
+    for (int64_t k = 0; k < K; ++k) {
+      const T* row = v + k * Fb + f0;
+#pragma GCC unroll 8
+      for (int64_t i = 0; i < kGroup; ++i) {
+        const T hik = h[i * hs + k];
 #pragma omp simd
-    for (int64_t f = 0; f < W; ++f) buf[f] = (c0[f] + t * c1[f]) + (t2 * c2[f] + t3 * c3[f]);
+        for (int64_t j = 0; j < kLanes; ++j) acc[i][j] += hik * row[j];
+      }
+    }
+    for (int64_t i = 0; i < kGroup; ++i)
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) out[i * os + f0 + j] = acc[i][j];
   }
-  return buf;
+  for (; f0 < Fb; ++f0)  // the last Fb mod kLanes columns
+    for (int64_t i = 0; i < kGroup; ++i) {
+      T a = out[i * os + f0];
+      for (int64_t k = 0; k < K; ++k) a += h[i * hs + k] * v[k * Fb + f0];
+      out[i * os + f0] = a;
+    }
+}
+
+// The filter rows of pairs [g0, g1) (at most kGroup) into buf (kGroup rows of W): the given row, plus the
+// spline's radial part, plus the spherical part; rows past g1 hold the products of zero hidden rows.
+template <typename T>
+void filter_rows(const Inputs<T>& x, int64_t g0, int64_t g1, T* buf) {
+  const int64_t W = x.W;
+  for (int64_t p = g0; p < g1; ++p) {
+    T* out = buf + (p - g0) * W;
+    const T* base = x.w != nullptr ? x.w + p * W : nullptr;
+    if (x.radial.table != nullptr) {
+      const Knot<T> k = knot(x.radial, p, W);
+      const T t = k.t, t2 = t * t, t3 = t2 * t;
+      const T *c0 = k.c, *c1 = c0 + W, *c2 = c1 + W, *c3 = c2 + W;
+#pragma omp simd
+      for (int64_t f = 0; f < W; ++f) out[f] = (c0[f] + t * c1[f]) + (t2 * c2[f] + t3 * c3[f]);
+      if (base != nullptr) {
+#pragma omp simd
+        for (int64_t f = 0; f < W; ++f) out[f] += base[f];
+      }
+    } else {
+      for (int64_t f = 0; f < W; ++f) out[f] = base != nullptr ? base[f] : T(0);
+    }
+  }
+  const Spherical<T>& sp = x.spherical;
+  if (sp.h == nullptr) return;
+  const int64_t BK = sp.B * sp.K;
+  T hidden[kGroup * kMaxHidden];
+  for (int64_t i = 0; i < kGroup; ++i)
+    for (int64_t c = 0; c < BK; ++c) hidden[i * BK + c] = g0 + i < g1 ? sp.h[(g0 + i) * BK + c] : T(0);
+  for (int64_t b = 0; b < sp.B; ++b)
+    group_product(hidden + b * sp.K, BK, sp.v + b * sp.K * sp.Fb, sp.K, sp.Fb, buf + b * sp.Fb, W);
+}
+
+// ∂E/∂h of a group from its pairs' filter-row gradients g[i] (kGroup rows; zero rows past the group's
+// end): dh[i, b, k] = Σ_f g[i][b, f] V[b, k, f], through the transpose (vectorized over k: no horizontal
+// sums). Writes the rows of the first `count` pairs, dh's rows BK apart.
+template <typename T>
+void group_hidden_grads(const Spherical<T>& sp, const T* const* g, int64_t count, T* dh) {
+  const int64_t BK = sp.B * sp.K;
+  for (int64_t b = 0; b < sp.B; ++b) {
+    const T* vt = sp.vt + b * sp.Fb * sp.K;
+    for (int64_t k0 = 0; k0 + kLanes <= sp.K; k0 += kLanes) {
+      T acc[kGroup][kLanes] = {};
+      for (int64_t f = 0; f < sp.Fb; ++f) {
+        const T* row = vt + f * sp.K + k0;
+#pragma GCC unroll 8
+        for (int64_t i = 0; i < kGroup; ++i) {
+          const T gif = g[i][b * sp.Fb + f];
+#pragma omp simd
+          for (int64_t j = 0; j < kLanes; ++j) acc[i][j] += gif * row[j];
+        }
+      }
+      for (int64_t i = 0; i < count; ++i)
+        for (int64_t j = 0; j < kLanes; ++j) dh[i * BK + b * sp.K + k0 + j] = acc[i][j];
+    }
+    // The last K mod kLanes units (the paper model: 1 of 33) as dot products with V's rows, not as a
+    // chunk of kLanes mostly padded ones.
+    for (int64_t k = sp.K / kLanes * kLanes; k < sp.K; ++k) {
+      const T* row = sp.v + (b * sp.K + k) * sp.Fb;
+      for (int64_t i = 0; i < count; ++i) {
+        const T* gi = g[i] + b * sp.Fb;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t f = 0; f < sp.Fb; ++f) acc += gi[f] * row[f];
+        dh[i * BK + b * sp.K + k] = acc;
+      }
+    }
+  }
 }
 
 // ∂E/∂d_p from the gradient of pair p's filter row: Σ_f dw[f] ∂S_f/∂t / spacing (0 where d was clamped).
@@ -151,96 +249,119 @@ inline T distance_grad(const Radial<T>& r, int64_t p, int64_t W, const T* dw) {
 
 // The pairs [p0, p1): edge p = (a, b) into U_a and its reverse p + P = (b, a) into U_b.
 template <typename T>
-void pairs_forward(const Inputs<T>& x, int64_t p0, int64_t p1, T* u) {
+void pairs_forward(const Inputs<T>& x, int64_t p0, int64_t p1, T* u, T* keep) {
   const T *q = x.q, *kv = x.kv, *phi = x.phi, *y = x.y, *scale = x.scale;
   const int64_t *idx_i = x.idx_i, *idx_j = x.idx_j, W = x.W, KVW = x.KVW, F = x.F, S = x.S, P = x.P, C = F + S;
   const int H = x.H;
   const Ranges in = x.in, out = x.out;
   T s[kMaxHeads];
-  std::vector<T> row(x.radial.table != nullptr ? W : 0);
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t a = idx_i[p], b = idx_j[p];
-    if (p + kAhead < p1) prefetch_atom<T>(idx_j[p + kAhead], q, kv, W, KVW, nullptr, C);
-    const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
-    const T* wp = filter_row(x, p, row.data());
-    for (int d = 0; d < 2; ++d) {
-      const int64_t e = edge[d];
-      const T* kj = kv + other[d] * KVW;
-      head_sums(q + centre[d] * W, wp, kj, in, s);
-      for (int h = 0; h < H; ++h) s[h] *= scale[h] * phi[e];
-      T* ui = u + centre[d] * C;
-      for (int t = 0; t < out.n; ++t) {
-        const int lo = out.start(t), hi = out.stop(t);
-        const T c = s[out.head(t)];
-        const T* value = lo < F ? kj + W : y + e * S - F;
+  const bool made = x.radial.table != nullptr || x.spherical.h != nullptr;
+  std::vector<T> rows(made ? kGroup * W : 0);
+  for (int64_t g0 = p0; g0 < p1; g0 += kGroup) {
+    const int64_t g1 = std::min(g0 + kGroup, p1);
+    if (made) filter_rows(x, g0, g1, rows.data());
+    if (keep != nullptr) std::copy(rows.data(), rows.data() + (g1 - g0) * W, keep + g0 * W);
+    for (int64_t p = g0; p < g1; ++p) {
+      const int64_t a = idx_i[p], b = idx_j[p];
+      if (p + kAhead < p1) prefetch_atom<T>(idx_j[p + kAhead], q, kv, W, KVW, nullptr, C);
+      const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
+      const T* wp = made ? rows.data() + (p - g0) * W : x.w + p * W;
+      for (int d = 0; d < 2; ++d) {
+        const int64_t e = edge[d];
+        const T* kj = kv + other[d] * KVW;
+        head_sums(q + centre[d] * W, wp, kj, in, s);
+        for (int h = 0; h < H; ++h) s[h] *= scale[h] * phi[e];
+        T* ui = u + centre[d] * C;
+        for (int t = 0; t < out.n; ++t) {
+          const int lo = out.start(t), hi = out.stop(t);
+          const T c = s[out.head(t)];
+          const T* value = lo < F ? kj + W : y + e * S - F;
 #pragma omp simd
-        for (int f = lo; f < hi; ++f) ui[f] += c * value[f];
+          for (int f = lo; f < hi; ++f) ui[f] += c * value[f];
+        }
       }
     }
   }
 }
 
-// The backward pass of pairs_forward for ∂E/∂U = g: adds into dq and dkv, writes the pairs' rows of dw (where
-// the filters were given), their edges' rows of dphi and dy, and with a spline the pairs' dd.
+// The pairs' gradients of the filters' parts: rows of dw (given filters), dd (spline), dh (spherical part).
 template <typename T>
-void pairs_backward(const Inputs<T>& x, const T* g, int64_t p0, int64_t p1, T* dq, T* dkv, T* dw, T* dphi, T* dy,
-                    T* dd) {
+struct FilterGrads {
+  T *dw, *dd, *dh;
+};
+
+// The backward pass of pairs_forward for ∂E/∂U = g: adds into dq and dkv, writes the pairs' rows of the
+// filters' parts' gradients and their edges' rows of dphi and dy.
+template <typename T>
+void pairs_backward(const Inputs<T>& x, const T* g, int64_t p0, int64_t p1, T* dq, T* dkv, T* dphi, T* dy,
+                    FilterGrads<T> grads, const T* kept) {
   const T *q = x.q, *kv = x.kv, *phi = x.phi, *y = x.y, *scale = x.scale;
   const int64_t *idx_i = x.idx_i, *idx_j = x.idx_j, W = x.W, KVW = x.KVW, F = x.F, S = x.S, P = x.P, C = F + S;
   const int H = x.H;
   const Ranges in = x.in, out = x.out;
   T s[2][kMaxHeads], gs[2][kMaxHeads];
-  const bool spline = x.radial.table != nullptr;
-  std::vector<T> row(spline ? W : 0), grad_row(spline && x.w == nullptr ? W : 0);
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t a = idx_i[p], b = idx_j[p];
-    if (p + kAhead < p1) prefetch_atom(idx_j[p + kAhead], q, kv, W, KVW, g, C);
-    const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
-    const T* wp = filter_row(x, p, row.data());
-    for (int d = 0; d < 2; ++d) {
-      const int64_t e = edge[d];
-      const T *qi = q + centre[d] * W, *kvj = kv + other[d] * KVW, *gi = g + centre[d] * C;
-      head_sums(qi, wp, kvj, in, s[d]);
-      coefficient_grads(gi, kvj + W, y + e * S, F, out, gs[d]);
-      T dphi_e = 0;
-      for (int h = 0; h < H; ++h) {
-        dphi_e += gs[d][h] * s[d][h] * scale[h];
-        gs[d][h] *= scale[h] * phi[e];  // ∂E/∂s_h of e
-        s[d][h] *= scale[h] * phi[e];   // c_h of e
-      }
-      dphi[e] = dphi_e;
-      T* dvj = dkv + other[d] * KVW + W;
-      for (int t = 0; t < out.n; ++t) {
-        const int lo = out.start(t), hi = out.stop(t);
-        const T c = s[d][out.head(t)];
-        if (lo >= F) {
-          T* dye = dy + e * S - F;
-          for (int f = lo; f < hi; ++f) dye[f] = c * gi[f];
-        } else {
+  const bool spline = x.radial.table != nullptr, spherical = x.spherical.h != nullptr, made = spline || spherical;
+  std::vector<T> rows(made ? kGroup * W : 0), grad_rows(x.w == nullptr ? kGroup * W : 0), zeros(W, T(0));
+  const T* dws[kGroup];
+  for (int64_t g0 = p0; g0 < p1; g0 += kGroup) {
+    const int64_t g1 = std::min(g0 + kGroup, p1);
+    const T* source = kept != nullptr ? kept + g0 * W : rows.data();
+    if (made && kept == nullptr) filter_rows(x, g0, g1, rows.data());
+    for (int64_t p = g0; p < g1; ++p) {
+      const int64_t a = idx_i[p], b = idx_j[p];
+      if (p + kAhead < p1) prefetch_atom(idx_j[p + kAhead], q, kv, W, KVW, g, C);
+      const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
+      const T* wp = made ? source + (p - g0) * W : x.w + p * W;
+      for (int d = 0; d < 2; ++d) {
+        const int64_t e = edge[d];
+        const T *qi = q + centre[d] * W, *kvj = kv + other[d] * KVW, *gi = g + centre[d] * C;
+        head_sums(qi, wp, kvj, in, s[d]);
+        coefficient_grads(gi, kvj + W, y + e * S, F, out, gs[d]);
+        T dphi_e = 0;
+        for (int h = 0; h < H; ++h) {
+          dphi_e += gs[d][h] * s[d][h] * scale[h];
+          gs[d][h] *= scale[h] * phi[e];  // ∂E/∂s_h of e
+          s[d][h] *= scale[h] * phi[e];   // c_h of e
+        }
+        dphi[e] = dphi_e;
+        T* dvj = dkv + other[d] * KVW + W;
+        for (int t = 0; t < out.n; ++t) {
+          const int lo = out.start(t), hi = out.stop(t);
+          const T c = s[d][out.head(t)];
+          if (lo >= F) {
+            T* dye = dy + e * S - F;
+            for (int f = lo; f < hi; ++f) dye[f] = c * gi[f];
+          } else {
 #pragma omp simd
-          for (int f = lo; f < hi; ++f) dvj[f] += c * gi[f];
+            for (int f = lo; f < hi; ++f) dvj[f] += c * gi[f];
+          }
+        }
+        T *dqi = dq + centre[d] * W, *dkj = dkv + other[d] * KVW;
+        for (int t = 0; t < in.n; ++t) {
+          const int lo = in.start(t), hi = in.stop(t);
+          const T gh = gs[d][in.head(t)];
+#pragma omp simd
+          for (int f = lo; f < hi; ++f) {
+            dqi[f] += gh * wp[f] * kvj[f];
+            dkj[f] += gh * qi[f] * wp[f];
+          }
         }
       }
-      T *dqi = dq + centre[d] * W, *dkj = dkv + other[d] * KVW;
+      const T *qa = q + a * W, *qb = q + b * W, *ka = kv + a * KVW, *kb = kv + b * KVW;
+      T* dwp = x.w != nullptr ? grads.dw + p * W : grad_rows.data() + (p - g0) * W;
       for (int t = 0; t < in.n; ++t) {
-        const int lo = in.start(t), hi = in.stop(t);
-        const T gh = gs[d][in.head(t)];
+        const int lo = in.start(t), hi = in.stop(t), h = in.head(t);
+        const T x_e = gs[0][h], x_r = gs[1][h];
 #pragma omp simd
-        for (int f = lo; f < hi; ++f) {
-          dqi[f] += gh * wp[f] * kvj[f];
-          dkj[f] += gh * qi[f] * wp[f];
-        }
+        for (int f = lo; f < hi; ++f) dwp[f] = x_e * qa[f] * kb[f] + x_r * qb[f] * ka[f];
       }
+      if (spline) grads.dd[p] = distance_grad(x.radial, p, W, dwp);
+      dws[p - g0] = dwp;
     }
-    const T *qa = q + a * W, *qb = q + b * W, *ka = kv + a * KVW, *kb = kv + b * KVW;
-    T* dwp = x.w != nullptr ? dw + p * W : grad_row.data();
-    for (int t = 0; t < in.n; ++t) {
-      const int lo = in.start(t), hi = in.stop(t), h = in.head(t);
-      const T x_e = gs[0][h], x_r = gs[1][h];
-#pragma omp simd
-      for (int f = lo; f < hi; ++f) dwp[f] = x_e * qa[f] * kb[f] + x_r * qb[f] * ka[f];
+    if (spherical) {
+      for (int64_t i = g1 - g0; i < kGroup; ++i) dws[i] = zeros.data();
+      group_hidden_grads(x.spherical, dws, g1 - g0, grads.dh + g0 * x.spherical.B * x.spherical.K);
     }
-    if (spline) dd[p] = distance_grad(x.radial, p, W, dwp);
   }
 }
 
@@ -251,168 +372,217 @@ int64_t threads_for(int64_t P) {
 
 int64_t part_start(int64_t P, int64_t k, int64_t T) { return P * k / T; }
 
+// The operators' inputs after the first (sums or gradient buffers): the float tensors, the edge indices and
+// head ranges, the spline's spacing and F. An absent filter part is an empty 1-d tensor.
+#define SO3KRATES_INPUTS                                                                                 \
+  at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi, at::Tensor y, at::Tensor d, at::Tensor table, \
+      at::Tensor hidden, at::Tensor v, at::Tensor idx_i, at::Tensor idx_j, at::Tensor ranges_in,         \
+      at::Tensor ranges_out, at::Tensor scale, double spacing, int64_t F
+
+struct Tensors {
+  at::Tensor q, kv, w, phi, y, d, table, hidden, v, vt, idx_i, idx_j, ranges_in, ranges_out, scale;
+  double spacing;
+  int64_t F;
+};
+
+void check_spherical(const Tensors& a) {
+  const at::Tensor &v = a.v, &hidden = a.hidden;
+  TORCH_CHECK(v.dim() != 3 || (v.size(0) * v.size(2) == a.q.size(1) && hidden.dim() == 2 &&
+                               hidden.size(0) == a.idx_i.size(0) / 2 && hidden.size(1) == v.size(0) * v.size(1)),
+              "pair_messages: the spherical part must be hidden rows (pairs, B·K) and weights (B, K, F_b) with "
+              "B·F_b the queries' width");
+}
+
 template <typename T>
-Inputs<T> check(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& w, const at::Tensor& phi,
-                const at::Tensor& y, const at::Tensor& d, const at::Tensor& table, double spacing,
-                const at::Tensor& idx_i, const at::Tensor& idx_j, const at::Tensor& ranges_in,
-                const at::Tensor& ranges_out, const at::Tensor& scale, int64_t F) {
-  for (const auto* t : {&q, &kv, &w, &phi, &y, &d, &table, &scale})
+Inputs<T> check(const Tensors& a) {
+  const at::Tensor &q = a.q, &w = a.w, &d = a.d, &table = a.table, &hidden = a.hidden, &v = a.v;
+  for (const auto* t : {&a.q, &a.kv, &a.w, &a.phi, &a.y, &a.d, &a.table, &a.hidden, &a.v, &a.scale})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type() && t->is_contiguous(),
                 "pair_messages: every float input must be a contiguous CPU tensor of one dtype");
-  TORCH_CHECK(idx_i.scalar_type() == at::kLong && idx_j.scalar_type() == at::kLong,
+  TORCH_CHECK(a.idx_i.scalar_type() == at::kLong && a.idx_j.scalar_type() == at::kLong,
               "pair_messages: edge indices must be int64");
-  TORCH_CHECK(ranges_in.scalar_type() == at::kInt && ranges_out.scalar_type() == at::kInt,
+  TORCH_CHECK(a.ranges_in.scalar_type() == at::kInt && a.ranges_out.scalar_type() == at::kInt,
               "pair_messages: head ranges must be int32");
-  const int64_t E = idx_i.size(0), W = q.size(1);
-  // An absent input is an empty 1-d tensor (not 2- or 3-d).
-  const bool given = w.dim() == 2, spline = table.dim() == 3;
+  const int64_t E = a.idx_i.size(0), W = q.size(1), P = E / 2;
+  // An absent part is an empty 1-d tensor (the given filters are 2-d, the spline's table and V 3-d).
+  const bool given = w.dim() == 2, spline = table.dim() == 3, spherical = v.dim() == 3;
   TORCH_CHECK(E % 2 == 0, "pair_messages: edges must come in pairs");
   TORCH_CHECK(given || spline, "pair_messages: filters or a radial spline (or both) are needed");
-  TORCH_CHECK(!given || (w.dim() == 2 && w.size(0) == E / 2 && w.size(1) == W),
+  TORCH_CHECK(!given || (w.size(0) == P && w.size(1) == W),
               "pair_messages: the filters must have one row per pair, as wide as the queries");
-  TORCH_CHECK(!spline || (table.dim() == 3 && table.size(1) == 4 && table.size(2) == W && d.dim() == 1 &&
-                          d.size(0) == E / 2 && table.size(0) > 0 && spacing > 0),
+  TORCH_CHECK(!spline || (table.size(1) == 4 && table.size(2) == W && d.dim() == 1 && d.size(0) == P &&
+                          table.size(0) > 0 && a.spacing > 0),
               "pair_messages: the radial spline must be (intervals, 4, queries' width), with one distance per pair");
-  TORCH_CHECK(phi.size(0) == E && y.size(0) == E && idx_j.size(0) == E, "pair_messages: per-edge sizes differ");
-  TORCH_CHECK(scale.size(0) <= kMaxHeads, "pair_messages: at most ", kMaxHeads, " heads");
+  check_spherical(a);
+  TORCH_CHECK(a.phi.size(0) == E && a.y.size(0) == E && a.idx_j.size(0) == E,
+              "pair_messages: per-edge sizes differ");
+  TORCH_CHECK(a.scale.size(0) <= kMaxHeads, "pair_messages: at most ", kMaxHeads, " heads");
   // Pair order is what the backward pass relies on: edge e + P is edge e reversed. O(edges), checked.
-  const int64_t *ii = idx_i.data_ptr<int64_t>(), *jj = idx_j.data_ptr<int64_t>(), n = q.size(0), P = E / 2;
+  const int64_t *ii = a.idx_i.data_ptr<int64_t>(), *jj = a.idx_j.data_ptr<int64_t>(), n = q.size(0);
   for (int64_t e = 0; e < P; ++e) {
     TORCH_CHECK(ii[e] == jj[e + P] && jj[e] == ii[e + P], "pair_messages: edges are not in pair order (edge ",
                 e + P, " is not edge ", e, " reversed)");
     TORCH_CHECK(jj[e] >= 0 && jj[e] < n && ii[e] >= 0 && ii[e] < n, "pair_messages: atom index out of range ",
                 "for ", n, " atoms");
   }
-  const Radial<T> radial{spline ? d.data_ptr<T>() : nullptr,
-                         spline ? table.data_ptr<T>() : nullptr,
-                         spline ? table.size(0) : 0,
-                         static_cast<T>(1.0 / spacing),
-                         static_cast<T>(spacing * (spline ? table.size(0) : 0))};
+  const Radial<T> radial{spline ? d.data_ptr<T>() : nullptr, spline ? table.data_ptr<T>() : nullptr,
+                         spline ? table.size(0) : 0, static_cast<T>(1.0 / a.spacing),
+                         static_cast<T>(a.spacing * (spline ? table.size(0) : 0))};
+  TORCH_CHECK(!spherical || v.size(0) * v.size(1) <= kMaxHidden, "pair_messages: at most ", kMaxHidden,
+              " hidden units in the spherical filter MLP");
+  const Spherical<T> sph{spherical ? hidden.data_ptr<T>() : nullptr,
+                         spherical ? v.data_ptr<T>() : nullptr,
+                         spherical ? a.vt.data_ptr<T>() : nullptr,
+                         spherical ? v.size(0) : 0,
+                         spherical ? v.size(1) : 0,
+                         spherical ? v.size(2) : 0};
   return {q.data_ptr<T>(),
-          kv.data_ptr<T>(),
+          a.kv.data_ptr<T>(),
           given ? w.data_ptr<T>() : nullptr,
-          phi.data_ptr<T>(),
-          y.data_ptr<T>(),
-          scale.data_ptr<T>(),
+          a.phi.data_ptr<T>(),
+          a.y.data_ptr<T>(),
+          a.scale.data_ptr<T>(),
           ii,
           jj,
           n,
-          q.size(1),
-          kv.size(1),
-          F,
-          y.size(1),
+          W,
+          a.kv.size(1),
+          a.F,
+          a.y.size(1),
           P,
-          static_cast<int>(scale.size(0)),
-          {ranges_in.data_ptr<int>(), static_cast<int>(ranges_in.size(0))},
-          {ranges_out.data_ptr<int>(), static_cast<int>(ranges_out.size(0))},
-          radial};
+          static_cast<int>(a.scale.size(0)),
+          {a.ranges_in.data_ptr<int>(), static_cast<int>(a.ranges_in.size(0))},
+          {a.ranges_out.data_ptr<int>(), static_cast<int>(a.ranges_out.size(0))},
+          radial,
+          sph};
+}
+
+// Pairs of a whole-graph call up to which the forward pass keeps the filter rows it makes (spline, spherical
+// products) for the backward pass, which then need not make them again: in small graphs they stay in the
+// cache and the products cost more than reading them; in large ones memory traffic costs more (999 water
+// atoms: ~2 ms per layer to read the rows back, against ~1.2 ms to recompute them).
+constexpr int64_t kKeepRowsMaxPairs = 2048;
+
+bool keeps_rows(int64_t P, bool made) { return made && P <= kKeepRowsMaxPairs; }
+
+// Whether the kernel makes the filter rows (from the spline or the spherical part) instead of reading them.
+template <typename T>
+bool made_rows(const Inputs<T>& x) {
+  return x.radial.table != nullptr || x.spherical.h != nullptr;
 }
 
 }  // namespace
 
-#define SO3KRATES_CHECK(scalar) \
-  check<scalar>(q, kv, w, phi, y, d, table, spacing, idx_i, idx_j, ranges_in, ranges_out, scale, F)
+// The inputs of an entry point as one struct, with V's transpose made once per call.
+#define SO3KRATES_TENSORS                                                                                   \
+  Tensors {                                                                                                 \
+    q, kv, w, phi, y, d, table, hidden, v, v.dim() == 3 ? v.transpose(1, 2).contiguous() : v, idx_i, idx_j, \
+        ranges_in, ranges_out, scale, spacing, F                                                            \
+  }
 
+// Gradients of the filters' parts, each as its input (empty where the part is absent).
+#define SO3KRATES_FILTER_GRADS(scalar) \
+  FilterGrads<scalar> { dw.data_ptr<scalar>(), dd.data_ptr<scalar>(), dh.data_ptr<scalar>() }
 
-at::Tensor pair_messages(at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi, at::Tensor y, at::Tensor d,
-                         at::Tensor table, double spacing, at::Tensor idx_i, at::Tensor idx_j,
-                         at::Tensor ranges_in, at::Tensor ranges_out, at::Tensor scale, int64_t F) {
-  at::Tensor u;
+// The sums, and the (pairs, W) filter rows that the backward pass reads where the forward pass keeps them
+// (keeps_rows; elsewhere the tensor is allocated, never written nor read, so that its shape does not
+// depend on the size).
+std::tuple<at::Tensor, at::Tensor> pair_messages(SO3KRATES_INPUTS) {
+  const Tensors a = SO3KRATES_TENSORS;
+  at::Tensor u, rows;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages", [&] {
-    const auto x = SO3KRATES_CHECK(scalar_t);
+    const auto x = check<scalar_t>(a);
     const int64_t T = threads_for(x.P);
+    rows = at::empty({x.P, x.W}, q.options());
+    scalar_t* keep = keeps_rows(x.P, made_rows(x)) ? rows.data_ptr<scalar_t>() : nullptr;
     // Rows of thread 0 are the result; threads 1.. add into scratch rows of their own, summed in order.
     u = at::zeros({T, x.n, x.F + x.S}, q.options());
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
-        pairs_forward(x, part_start(x.P, k, T), part_start(x.P, k + 1, T), u[k].data_ptr<scalar_t>());
+        pairs_forward(x, part_start(x.P, k, T), part_start(x.P, k + 1, T), u[k].data_ptr<scalar_t>(), keep);
     });
   });
   for (int64_t k = 1; k < u.size(0); ++k) u[0].add_(u[k]);
-  return u[0];
+  return {u[0], rows};
 }
 
-using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Grads pair_messages_backward(at::Tensor grad, at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi,
-                             at::Tensor y, at::Tensor d, at::Tensor table, double spacing, at::Tensor idx_i,
-                             at::Tensor idx_j, at::Tensor ranges_in, at::Tensor ranges_out, at::Tensor scale,
-                             int64_t F) {
+Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS) {
+  const Tensors a = SO3KRATES_TENSORS;
   grad = grad.contiguous();
-  // Every row of these is written (each pair's once, each edge's once); an absent input's gradient is as empty.
-  auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y), dd = at::empty_like(d);
+  // Every row of these is written (each pair's once, each edge's once); an absent part's gradient is empty.
+  auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y), dd = at::empty_like(d),
+       dh = at::empty_like(hidden);
   at::Tensor dq, dkv;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_backward", [&] {
-    const auto x = SO3KRATES_CHECK(scalar_t);
+    const auto x = check<scalar_t>(a);
     const int64_t T = threads_for(x.P);
+    TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == q.scalar_type() && rows.dim() == 2 &&
+                    rows.size(0) == x.P && rows.size(1) == x.W,
+                "pair_messages_backward: the forward pass's filter rows must be (pairs, queries' width)");
+    const scalar_t* kept = keeps_rows(x.P, made_rows(x)) ? rows.data_ptr<scalar_t>() : nullptr;
     dq = at::zeros({T, x.n, x.W}, q.options());
     dkv = at::zeros({T, x.n, x.KVW}, q.options());
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
         pairs_backward(x, grad.data_ptr<scalar_t>(), part_start(x.P, k, T), part_start(x.P, k + 1, T),
-                       dq[k].data_ptr<scalar_t>(), dkv[k].data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
-                       dphi.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dd.data_ptr<scalar_t>());
+                       dq[k].data_ptr<scalar_t>(), dkv[k].data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(),
+                       dy.data_ptr<scalar_t>(), SO3KRATES_FILTER_GRADS(scalar_t), kept);
     });
   });
   for (int64_t k = 1; k < dq.size(0); ++k) {
     dq[0].add_(dq[k]);
     dkv[0].add_(dkv[k]);
   }
-  return {dq[0], dkv[0], dw, dphi, dy, dd};
+  return {dq[0], dkv[0], dw, dphi, dy, dd, dh};
 }
 
-void pair_messages_block(at::Tensor u, at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi, at::Tensor y,
-                         at::Tensor d, at::Tensor table, double spacing, at::Tensor idx_i, at::Tensor idx_j,
-                         at::Tensor ranges_in, at::Tensor ranges_out, at::Tensor scale, int64_t F) {
+void pair_messages_block(at::Tensor u, SO3KRATES_INPUTS) {
+  const Tensors a = SO3KRATES_TENSORS;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_block", [&] {
-    const auto x = SO3KRATES_CHECK(scalar_t);
+    const auto x = check<scalar_t>(a);
     TORCH_CHECK(u.is_contiguous() && u.scalar_type() == q.scalar_type() && u.size(0) == x.n &&
                     u.size(1) == x.F + x.S,
                 "pair_messages_block: the sums must be a contiguous (n_atoms, F + n_sph) tensor of the same dtype");
-    pairs_forward(x, 0, x.P, u.data_ptr<scalar_t>());
+    pairs_forward(x, 0, x.P, u.data_ptr<scalar_t>(), static_cast<scalar_t*>(nullptr));
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_messages_block_backward(
-    at::Tensor dq, at::Tensor dkv, at::Tensor grad, at::Tensor q, at::Tensor kv, at::Tensor w, at::Tensor phi,
-    at::Tensor y, at::Tensor d, at::Tensor table, double spacing, at::Tensor idx_i, at::Tensor idx_j,
-    at::Tensor ranges_in, at::Tensor ranges_out, at::Tensor scale, int64_t F) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_messages_block_backward(
+    at::Tensor dq, at::Tensor dkv, at::Tensor grad, SO3KRATES_INPUTS) {
+  const Tensors a = SO3KRATES_TENSORS;
   grad = grad.contiguous();
-  auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y), dd = at::empty_like(d);
+  auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y), dd = at::empty_like(d),
+       dh = at::empty_like(hidden);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_block_backward", [&] {
-    const auto x = SO3KRATES_CHECK(scalar_t);
+    const auto x = check<scalar_t>(a);
     TORCH_CHECK(dq.is_contiguous() && dkv.is_contiguous() && dq.sizes() == q.sizes() &&
                     dkv.sizes() == kv.sizes() && dq.scalar_type() == q.scalar_type() &&
                     dkv.scalar_type() == q.scalar_type(),
                 "pair_messages_block_backward: the gradient buffers must be contiguous and shaped as the inputs");
     TORCH_CHECK(grad.size(0) == x.n && grad.size(1) == x.F + x.S, "pair_messages_block_backward: grad shape");
     pairs_backward(x, grad.data_ptr<scalar_t>(), 0, x.P, dq.data_ptr<scalar_t>(), dkv.data_ptr<scalar_t>(),
-                   dw.data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dd.data_ptr<scalar_t>());
+                   dphi.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), SO3KRATES_FILTER_GRADS(scalar_t),
+                   static_cast<const scalar_t*>(nullptr));
   });
-  return {dw, dphi, dy, dd};
+  return {dw, dphi, dy, dd, dh};
 }
 
 // Registered with the dispatcher (not as a Python module), so that compiled programs call it directly.
 // Shapes for tracing and the autograd formula are registered from Python (so3krates/ops/pair_messages.py).
+#define SO3KRATES_SCHEMA                                                                                      \
+  "Tensor queries, Tensor keys_values, Tensor filters, Tensor cutoff, Tensor sph, Tensor distances, "        \
+  "Tensor spline, Tensor hidden, Tensor spherical_out, Tensor idx_i, Tensor idx_j, Tensor ranges_in, "       \
+  "Tensor ranges_out, Tensor scale, float spacing, int n_features"
+
 TORCH_LIBRARY(so3krates, m) {
-  m.def(
-      "pair_messages(Tensor queries, Tensor keys_values, Tensor filters, Tensor cutoff, Tensor sph, "
-      "Tensor distances, Tensor spline, float spacing, Tensor idx_i, Tensor idx_j, Tensor ranges_in, "
-      "Tensor ranges_out, Tensor scale, int n_features) -> Tensor");
-  m.def(
-      "pair_messages_backward(Tensor grad, Tensor queries, Tensor keys_values, Tensor filters, Tensor cutoff, "
-      "Tensor sph, Tensor distances, Tensor spline, float spacing, Tensor idx_i, Tensor idx_j, "
-      "Tensor ranges_in, Tensor ranges_out, Tensor scale, int n_features) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "pair_messages_block(Tensor(a!) sums, Tensor queries, Tensor keys_values, Tensor filters, Tensor cutoff, "
-      "Tensor sph, Tensor distances, Tensor spline, float spacing, Tensor idx_i, Tensor idx_j, "
-      "Tensor ranges_in, Tensor ranges_out, Tensor scale, int n_features) -> ()");
-  m.def(
-      "pair_messages_block_backward(Tensor(a!) grad_queries, Tensor(b!) grad_keys_values, Tensor grad, "
-      "Tensor queries, Tensor keys_values, Tensor filters, Tensor cutoff, Tensor sph, Tensor distances, "
-      "Tensor spline, float spacing, Tensor idx_i, Tensor idx_j, Tensor ranges_in, Tensor ranges_out, "
-      "Tensor scale, int n_features) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("pair_messages(" SO3KRATES_SCHEMA ") -> (Tensor, Tensor)");
+  m.def("pair_messages_backward(Tensor grad, Tensor rows, " SO3KRATES_SCHEMA
+        ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("pair_messages_block(Tensor(a!) sums, " SO3KRATES_SCHEMA ") -> ()");
+  m.def("pair_messages_block_backward(Tensor(a!) grad_queries, Tensor(b!) grad_keys_values, Tensor grad, "
+        SO3KRATES_SCHEMA ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(so3krates, CPU, m) {

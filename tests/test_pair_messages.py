@@ -388,3 +388,39 @@ def test_the_spherical_products_over_wide_rows_as_in_the_paper_model():
     torch.testing.assert_close(read, written, rtol=1e-12, atol=1e-11)
     for a, b in zip(ours, torch.autograd.grad(written, [rows, d], grad), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_pairs", [9, 2501], ids=["rows-kept", "rows-made-again"])
+def test_the_flop_counter_sees_the_products_the_kernel_executes(n_pairs):
+    """The speed benchmark's roofline counts matrix-product FLOPs with torch's flop counter: the spherical
+    products inside the kernel count, forward, again in the backward pass where the rows were not kept, and
+    transposed for ∂E/∂h."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    generator = torch.Generator().manual_seed(7)
+    n = 30
+    first = torch.randint(0, n, (n_pairs,), generator=generator)
+    second = (first + torch.randint(1, n, (n_pairs,), generator=generator)) % n
+    idx_i, idx_j = torch.cat([first, second]), torch.cat([second, first])
+    inputs, _, _, heads = graph(True)
+    width = inputs["queries"].shape[1]
+    spline, distances = radial_spline(width, n_pairs)
+    rows, weights = spherical_part(n_pairs, 2, width // 2)
+    rows.requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        sums = kernel.pair_messages(
+            torch.randn(n, width, dtype=torch.float64),
+            torch.randn(n, width + F, dtype=torch.float64),
+            None,
+            torch.rand(2 * n_pairs, dtype=torch.float64),
+            torch.randn(2 * n_pairs, 8, dtype=torch.float64),
+            idx_i,
+            idx_j,
+            heads,
+            radial=kernel.RadialSpline(distances, kernel.spline_table(spline.coefficients), spline.spacing),
+            spherical=kernel.SphericalFilters(rows, weights),
+        )
+        sums.sum().backward()
+    once = 2 * n_pairs * rows.shape[1] * weights.shape[2]
+    passes = 3 if n_pairs > kernel.KEEP_ROWS_MAX_PAIRS else 2
+    assert counter.get_total_flops() == passes * once

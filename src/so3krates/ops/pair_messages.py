@@ -17,13 +17,17 @@ atom summing its own edges; backward: each edge with its reverse): it read each 
 scattered order, and took 1.7–1.8× the time (999 water atoms, one thread: 11.2 / 35.7 ms forward /
 backward per layer against 6.8 / 19.6 ms).
 
-With a radial spline (:class:`RadialSpline`, the plan's ``radial="spline"``), the kernel reads the radial
-part of each pair's filter row from the spline's coefficients at the pair's distance and adds it to the given
-spherical part (Eq. 20; :mod:`so3krates.runtime.radial`), and its backward pass returns ∂E/∂d per pair. The
-radial rows then never exist as a (pairs × B·F) tensor, nor their gradient, which a compiled program
-otherwise writes, copies into the filters and reads back to reduce over the columns (999 water atoms: the
-spline's backward fused with the force sums was the largest generated kernel, 22.7 ms of a 114 ms call;
-``benchmarks/results/profile/pairs_dec5``).
+With the radial spline (:class:`RadialSpline`, the plan's ``radial="spline"``), the kernel makes each pair's
+filter row itself (Eq. 20; :mod:`so3krates.runtime.radial`): the radial part from the spline's coefficients
+at the pair's distance, plus the spherical part, the spherical MLP's last (linear) layer applied to the
+pair's hidden row (:class:`SphericalFilters`); its backward pass returns ∂E/∂d and ∂E/∂h per pair. The
+filters then never exist as (pairs × B·F) tensors, nor their gradients: a compiled program otherwise
+writes the spline's rows, the products and their sum, reads them back in the kernel, forward and backward,
+and writes and reads their gradients (999 water atoms: the spline's backward fused with the force sums
+alone was the largest generated kernel, 22.7 ms of a 114 ms call; ``benchmarks/results/profile/pairs_dec5``).
+The products run over groups of 8 pairs, so that each weight vector loaded serves 8 pairs. Graphs of up to
+``KEEP_ROWS_MAX_PAIRS`` pairs keep the filter rows made in the forward pass for the backward pass (they stay
+in the cache); larger ones make them again, which costs less than the memory traffic of keeping them.
 
 Edge blocks (:func:`so3krates.runtime.blocks.blocked_kernel_sum`, for graphs whose filters do not fit in
 memory at once) call :func:`block_sums` and :func:`block_sums_backward`: one block of pairs on the calling
@@ -55,6 +59,9 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "pair_messages.cpp"
+#: Pairs up to which a whole-graph forward pass keeps the filter rows it makes for the backward pass (the
+#: kernel's kKeepRowsMaxPairs; beyond, the backward pass makes them again).
+KEEP_ROWS_MAX_PAIRS = 2048
 _FAILURE: list[str] = []
 
 
@@ -187,6 +194,39 @@ def _register() -> None:
         return (dq, dkv, dw, dphi, dy, dd, None, dh, *(None,) * 8)
 
     torch.library.register_autograd("so3krates::pair_messages", backward, setup_context=setup_context)
+    _register_flops()
+
+
+def _register_flops() -> None:
+    """The matrix-product FLOPs that the operators execute, for ``torch.utils.flop_counter`` (the speed
+    benchmark's roofline counts matrix-product FLOPs): the spherical MLP's last layer, 2·P·(B·K)·F per pass
+    over the pairs, applied in the forward pass, again in the backward pass where the rows were not kept,
+    and transposed for ∂E/∂h. The rest of the kernel is elementwise work, not counted (as for the compiled
+    programs' own kernels)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    def products(shapes, first: int) -> int:
+        """2·P·(B·K)·F from the shapes of ``hidden`` and ``spherical_out``, which come after ``first``
+        leading arguments (sums or gradients) and the 7 filter inputs' tensors before them."""
+        hidden, weights = shapes[first + 7], shapes[first + 8]
+        return 2 * hidden[0] * hidden[1] * weights[2] if len(weights) == 3 else 0
+
+    @register_flop_formula(torch.ops.so3krates.pair_messages)
+    def _(*shapes, **kwargs):
+        return products(shapes, 0)
+
+    @register_flop_formula(torch.ops.so3krates.pair_messages_backward)
+    def _(*shapes, **kwargs):  # grad, rows, inputs: ∂E/∂h, and the products again where rows were not kept
+        again = shapes[2 + 7][0] > KEEP_ROWS_MAX_PAIRS
+        return products(shapes, 2) * (2 if again else 1)
+
+    @register_flop_formula(torch.ops.so3krates.pair_messages_block)
+    def _(*shapes, **kwargs):
+        return products(shapes, 1)
+
+    @register_flop_formula(torch.ops.so3krates.pair_messages_block_backward)
+    def _(*shapes, **kwargs):  # blocks never keep rows
+        return 2 * products(shapes, 3)
 
 
 def pair_messages(

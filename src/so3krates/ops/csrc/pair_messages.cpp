@@ -166,10 +166,11 @@ inline void group_product(const T* h, int64_t hs, const T* v, int64_t K, int64_t
 }
 
 // The filter rows of pairs [g0, g1) (at most kGroup) into buf (kGroup rows of W): the given row, plus the
-// spline's radial part, plus the spherical part; rows past g1 hold the products of zero hidden rows.
+// spline's radial part, plus the spherical part; rows past g1 (the last group of a range) stay zero.
 template <typename T>
 void filter_rows(const Inputs<T>& x, int64_t g0, int64_t g1, T* buf) {
   const int64_t W = x.W;
+  std::fill(buf + (g1 - g0) * W, buf + kGroup * W, T(0));
   for (int64_t p = g0; p < g1; ++p) {
     T* out = buf + (p - g0) * W;
     const T* base = x.w != nullptr ? x.w + p * W : nullptr;

@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_flops:
         # Executed FLOPs: the eager evaluator of the same plan. The roofline counts the matrix products of
         # the network evaluated edge by edge, which a run with the spline or with pairs does not all execute.
-        executed_plan = Plan(plan.layers, plan.radial, plan.pairs)  # slots change no product
+        # Slots change no product; the pair-message kernel executes the spherical MLP's last layer itself
+        # (counted by its flop formulas: in large graphs its backward pass applies it again) and edge blocks
+        # evaluate their filters twice, so both stay in the plan.
+        executed_plan = Plan(plan.layers, plan.radial, plan.pairs, blocks=plan.blocks, kernel=plan.kernel)
         evaluator = Evaluator(EnergyFunction(force_field.model, executed_plan, frozen=True), executed_plan)
         with FlopCounterMode(display=False) as executed:
             evaluator(graph)

@@ -256,12 +256,11 @@ def blocked_sum(
     return _BlockedSum.apply(messages, blocks, sides, workers, n_atoms, width, dtype, vectors, *tensors)
 
 
-#: rows(block layout, edge vectors of the block, x at i1, x at j1) → (filters (n_pairs, B·F), cutoff (rows,),
-#: sph (rows, n_sph)): the per-edge inputs of the pair-message kernel for one block (x: None, None without
-#: Euclidean variables).
-# A block's (filters, cutoff, sph, pair distances, hidden rows): filters None where the kernel makes them
-# from the layer's spline at the distances and the spherical MLP's hidden rows (None without a Euclidean
-# branch); else the distances and hidden rows are None.
+#: rows(block layout, the block's rows of the per-edge inputs, x at i1, x at j1) → (filters (n_pairs, B·F),
+#: cutoff (rows,), sph (rows, n_sph), pair distances, hidden rows): the inputs of the pair-message kernel for
+#: one block (x: None, None without Euclidean variables). Filters None where the kernel makes them from the
+#: layer's spline at the distances and the spherical MLP's hidden rows (None without a Euclidean branch);
+#: else the distances and hidden rows are None.
 KernelRows = Callable[..., tuple[Tensor | None, Tensor, Tensor, Tensor | None, Tensor | None]]
 
 
@@ -278,9 +277,9 @@ class _BlockedKernelSum(torch.autograd.Function):
     """One fused layer's summed messages, block by block, each block's messages in the pair-message kernel.
 
     As :class:`_BlockedSum`, but a block's per-edge tensors are only the kernel's inputs (filters, cutoff,
-    sph, and with a radial spline the pair distances; recomputed from the edge vectors and x in the backward
-    pass); the queries, keys and values are not gathered to the edges, and their gradients are added by the
-    kernel straight into per-thread buffers.
+    sph, and with a radial spline the pair distances; recomputed from the per-edge inputs and x in the
+    backward pass); the queries, keys and values are not gathered to the edges, and their gradients are
+    added by the kernel straight into per-thread buffers.
     """
 
     @staticmethod
@@ -291,7 +290,7 @@ class _BlockedKernelSum(torch.autograd.Function):
         heads: tuple[Tensor, Tensor, Tensor],
         spline: KernelSpline | None,
         workers: int,
-        vectors: Tensor,
+        edge_inputs: Tensor,
         queries: Tensor,
         keys_values: Tensor,
         x: Tensor | None,
@@ -306,7 +305,7 @@ class _BlockedKernelSum(torch.autograd.Function):
                 for block in own:
                     layout = block.layout
                     x_i, x_j = _at_first(x, layout)
-                    filters, cutoff, sph, distances, hidden = rows(layout, block.take(vectors), x_i, x_j)
+                    filters, cutoff, sph, distances, hidden = rows(layout, block.take(edge_inputs), x_i, x_j)
                     block_sums(
                         total,
                         queries,
@@ -323,15 +322,15 @@ class _BlockedKernelSum(torch.autograd.Function):
 
         totals = in_workers(part, blocks, workers)
         ctx.rows, ctx.blocks, ctx.heads, ctx.spline, ctx.workers = rows, blocks, heads, spline, workers
-        ctx.save_for_backward(vectors, queries, keys_values, x)
+        ctx.save_for_backward(edge_inputs, queries, keys_values, x)
         return _sum(totals)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
-        vectors, queries, keys_values, x = ctx.saved_tensors
+        edge_inputs, queries, keys_values, x = ctx.saved_tensors
         grad_total = grad_total.contiguous()
-        grad_vectors = torch.zeros_like(vectors)
+        grad_edge_inputs = torch.zeros_like(edge_inputs)
 
         def part(own: Sequence[Block]) -> tuple[Tensor, Tensor, Tensor | None]:
             grad_queries, grad_keys_values = torch.zeros_like(queries), torch.zeros_like(keys_values)
@@ -339,9 +338,9 @@ class _BlockedKernelSum(torch.autograd.Function):
             for block in own:
                 layout = block.layout
                 with torch.enable_grad():
-                    block_vectors = block.take(vectors).detach().requires_grad_(True)
+                    block_inputs = block.take(edge_inputs).detach().requires_grad_(True)
                     x_i, x_j = _at_first(x, layout, requires_grad=True)
-                    inputs = ctx.rows(layout, block_vectors, x_i, x_j)
+                    inputs = ctx.rows(layout, block_inputs, x_i, x_j)
                 detached = [t.detach() if t is not None else None for t in inputs]
                 grads = block_sums_backward(
                     grad_queries,
@@ -358,12 +357,12 @@ class _BlockedKernelSum(torch.autograd.Function):
                 outputs = [
                     (t, g) for t, g in zip(inputs, grads, strict=True) if t is not None and t.requires_grad
                 ]
-                leaves = [block_vectors] + ([x_i, x_j] if x_i is not None else [])
+                leaves = [block_inputs] + ([x_i, x_j] if x_i is not None else [])
                 found = torch.autograd.grad(
                     [t for t, _ in outputs], leaves, [g for _, g in outputs], allow_unused=True
                 )
                 if found[0] is not None:
-                    block.put(grad_vectors, found[0])
+                    block.put(grad_edge_inputs, found[0])
                 if grad_x is not None:
                     for g, side in zip(found[1:], ("i1", "j1"), strict=True):
                         if g is not None:
@@ -374,7 +373,7 @@ class _BlockedKernelSum(torch.autograd.Function):
         grad_queries, grad_keys_values, grad_x = (
             _sum(list(g)) if g[0] is not None else None for g in zip(*parts, strict=True)
         )
-        return (None, None, None, None, None, grad_vectors, grad_queries, grad_keys_values, grad_x)
+        return (None, None, None, None, None, grad_edge_inputs, grad_queries, grad_keys_values, grad_x)
 
 
 def _parts(
@@ -401,7 +400,7 @@ def blocked_kernel_sum(
     rows: KernelRows,
     blocks: Sequence[Block],
     heads: tuple[Tensor, Tensor, Tensor],
-    vectors: Tensor,
+    edge_inputs: Tensor,
     queries: Tensor,
     keys_values: Tensor,
     x: Tensor | None = None,
@@ -415,13 +414,15 @@ def blocked_kernel_sum(
         rows: the kernel's per-edge inputs of one block (``KernelRows``); its weights must be constants.
         blocks: :func:`edge_blocks` of a graph in pair order.
         heads: ``LayerWeights.heads``.
-        vectors: (n_edges, 3) edge vectors; queries, keys_values: per atom (``fused.projections``), copied
-            to contiguous memory once here rather than by every block;
+        edge_inputs: (n_edges, c), what ``rows`` computes a block's rows from besides x: the edge vectors,
+            or their geometry computed once for all layers (autograd flows to it);
+        queries, keys_values: per atom (``fused.projections``), copied to contiguous memory once here
+            rather than by every block;
         x: (n_atoms, n_sph) Euclidean variables, or None without the Euclidean branch (no Y columns).
         workers: threads that evaluate blocks at once (:func:`in_workers`).
         spline: where the kernel makes the layer's filters itself, its spline and spherical weights;
             ``rows`` then gives the pair distances and hidden rows instead of filters.
     """
     return _BlockedKernelSum.apply(
-        rows, blocks, heads, spline, workers, vectors, queries.contiguous(), keys_values.contiguous(), x
+        rows, blocks, heads, spline, workers, edge_inputs, queries.contiguous(), keys_values.contiguous(), x
     )

@@ -166,6 +166,19 @@ def _initial_euclidean_rows(model: So3krates, layout: EdgeLayout, vectors: Tenso
     return features.cutoff[:, None] * features.sph
 
 
+def _edge_geometry(model: So3krates, edges: EdgeLayout, vectors: Tensor) -> Tensor:
+    """[d | φ(d) | Y] of every edge, (n_edges, 2 + n_sph): the per-edge inputs of the kernel's blocks,
+    computed once for all layers (18 floats per edge in the paper model; autograd through it once too),
+    instead of from the vectors in every layer's blocks, forward and again backward."""
+    features = model.edge_features(vectors, edges.idx_i, edges.idx_j, with_rbf=False)
+    return torch.cat([features.distances[:, None], features.cutoff[:, None], features.sph], dim=1)
+
+
+def _initial_geometry_rows(layout: EdgeLayout, geometry: Tensor) -> Tensor:
+    """φ(d_ij) Y_ij of a block's edges (Eq. 11 before the sum) from their rows of :func:`_edge_geometry`."""
+    return geometry[:, 1:2] * geometry[:, 2:]
+
+
 def _block_geometry(
     model: So3krates, layout: EdgeLayout, vectors: Tensor, x_i: Tensor | None, x_j: Tensor | None
 ) -> tuple[EdgeFeatures, Tensor | None]:
@@ -207,22 +220,20 @@ def _kernel_rows(
     weights: LayerWeights,
     radial: Callable[[Tensor], list[Tensor]] | None,
     layout: EdgeLayout,
-    vectors: Tensor,
+    geometry: Tensor,
     x_i: Tensor | None = None,
     x_j: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """The pair-message kernel's inputs on a block's edges, recomputed from the vectors and x
+    """The pair-message kernel's inputs on a block's edges, from their rows of :func:`_edge_geometry` and x
     (``runtime.blocks.KernelRows``): filters per pair, cutoff and sph; or with ``radial`` None, where the
     kernel makes the filters from the layer's spline, the pair distances and spherical hidden rows instead."""
-    features, differences = _block_geometry(model, layout, vectors, x_i, x_j)
-    distances = layout.first(features.distances)
-    sph = (
-        features.sph if weights.spherical_in is not None else features.cutoff.new_zeros((vectors.shape[0], 0))
-    )
+    differences = None if x_i is None else x_j - x_i
+    distances, cutoff = layout.first(geometry[:, 0]), geometry[:, 1]
+    sph = geometry[:, 2:] if weights.spherical_in is not None else geometry.new_zeros((geometry.shape[0], 0))
     if radial is None:
         hidden = spherical_hidden(layer, weights, differences)
-        return None, features.cutoff, sph, distances, hidden
-    return edge_filters(layer, weights, radial(distances), differences), features.cutoff, sph, None, None
+        return None, cutoff, sph, distances, hidden
+    return edge_filters(layer, weights, radial(distances), differences), cutoff, sph, None, None
 
 
 class EnergyFunction(nn.Module):
@@ -291,7 +302,9 @@ class EnergyFunction(nn.Module):
                 if spline is not None
                 else partial(_block_network_filters, model)
             )
-            self.initial_rows = partial(_initial_euclidean_rows, model)
+            # The kernel's blocks read the edge geometry computed once per call (_edge_geometry).
+            initial = partial(_initial_euclidean_rows, model)
+            self.initial_rows = _initial_geometry_rows if plan.kernel else initial
             self.layer_rows = _kernel_rows if plan.kernel else _layer_rows
             if self.compile_blocks:
                 self.initial_rows = compile_messages(self.initial_rows)
@@ -335,7 +348,8 @@ class EnergyFunction(nn.Module):
         self, vectors: Tensor, atomic_numbers: Tensor, edges: EdgeLayout, h: Tensor | None = None
     ) -> Tensor:
         """``features`` with the sums over edges evaluated in blocks (:mod:`so3krates.runtime.blocks`):
-        per layer, only per-atom tensors and the edge vectors are kept for the backward pass."""
+        per layer, only per-atom tensors and the edge vectors (with the kernel: the edge geometry) are kept
+        for the backward pass."""
         model = self.model
         weights = self.weights()
         blocks = edge_blocks(edges, self.block_edges)
@@ -343,11 +357,13 @@ class EnergyFunction(nn.Module):
         n_atoms, n_sph, dtype = atomic_numbers.shape[0], model.contraction.n_sph, model.dtype
         if h is None:
             h = model.embedding(atomic_numbers)
+        # The per-edge inputs of the blocks: the vectors, or with the kernel their geometry.
+        edge_inputs = _edge_geometry(model, edges, vectors) if self.plan.kernel else vectors
         if model.config.ev_init == "zeros":
             x = h.new_zeros((n_atoms, n_sph))
         else:
             x = (
-                blocked_sum(self.initial_rows, blocks, n_atoms, n_sph, dtype, vectors, workers=workers)
+                blocked_sum(self.initial_rows, blocks, n_atoms, n_sph, dtype, edge_inputs, workers=workers)
                 / model.config.avg_num_neighbors
             )
         for k, layer in enumerate(model.layers):
@@ -361,7 +377,7 @@ class EnergyFunction(nn.Module):
                     rows,
                     blocks,
                     layer_weights.heads,
-                    vectors,
+                    edge_inputs,
                     queries,
                     keys_values,
                     x if euclidean else None,

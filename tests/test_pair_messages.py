@@ -51,6 +51,13 @@ def graph(euclidean: bool, dtype=torch.float64, seed: int = 0):
     return inputs, idx_i, idx_j, (*heads, scale)
 
 
+def random_pairs(n: int, n_pairs: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Edges in pair order between random distinct atoms of n: idx_i, idx_j."""
+    first = torch.randint(0, n, (n_pairs,), generator=generator)
+    second = (first + torch.randint(1, n, (n_pairs,), generator=generator)) % n
+    return torch.cat([first, second]), torch.cat([second, first])
+
+
 def written_out(queries, keys_values, filters, cutoff, sph, idx_i, idx_j, heads):
     """The same sums as :func:`so3krates.runtime.fused.edge_messages` and ``EdgeLayout.sum_i`` compute."""
     ranges_in, ranges_out, scale = heads
@@ -121,40 +128,66 @@ def test_no_edges_give_zeros_and_bad_input_one_clear_error():
         kernel.pair_messages(**inputs, idx_i=shuffled, idx_j=idx_j, heads=heads)
 
 
+def in_two_blocks(inputs, idx_i, idx_j, heads, grad, filter_parts):
+    """The block operations over two blocks of pairs, each in pair order (the self-image pair in the second),
+    adding into the same sums and gradient buffers: (sums, ∂E/∂queries, ∂E/∂keys_values, and per block its
+    pairs, edges and the gradients block_sums_backward returns). ``filter_parts(pairs)``: the block's
+    filters, radial spline and spherical part."""
+    n_pairs = idx_i.shape[0] // 2
+    sums = torch.zeros_like(grad)
+    grad_queries = torch.zeros_like(inputs["queries"])
+    grad_keys_values = torch.zeros_like(inputs["keys_values"])
+    results = []
+    for pairs in (torch.arange(0, 4), torch.arange(4, n_pairs)):
+        edges = torch.cat([pairs, pairs + n_pairs])
+        block = {
+            "queries": inputs["queries"],
+            "keys_values": inputs["keys_values"],
+            "cutoff": inputs["cutoff"][edges],
+            "sph": inputs["sph"][edges],
+            "idx_i": idx_i[edges],
+            "idx_j": idx_j[edges],
+            "heads": heads,
+            **filter_parts(pairs),
+        }
+        kernel.block_sums(sums, **block)
+        results.append(
+            (pairs, edges, kernel.block_sums_backward(grad_queries, grad_keys_values, grad, **block))
+        )
+    return sums, grad_queries, grad_keys_values, results
+
+
+def check_blocks(result, whole, expected, names):
+    """``in_two_blocks``'s result against the whole graph's sums and gradients (``expected``): ``names`` of
+    the five gradients a block returns (None: not given, so None), per edge (cutoff, sph) or per pair."""
+    sums, grad_queries, grad_keys_values, blocks = result
+    for pairs, edges, grads in blocks:
+        for name, got in zip(names, grads, strict=True):
+            if name is None:
+                assert got is None
+            else:
+                rows = edges if name in ("cutoff", "sph") else pairs
+                torch.testing.assert_close(got, expected[name][rows], rtol=1e-12, atol=1e-12, msg=name)
+    torch.testing.assert_close(sums, whole.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_queries, expected["queries"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_keys_values, expected["keys_values"], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("euclidean", [True, False], ids=["euclidean", "invariant"])
 def test_blocks_of_pairs_add_up_to_the_whole_graph_forward_and_backward(euclidean):
-    """The block operations (edge blocks, runtime/blocks.py): two blocks of pairs, each in pair order, add
-    into the same sums and gradient buffers; together they give the whole-graph kernel's numbers."""
+    """The block operations (edge blocks, runtime/blocks.py): two blocks of pairs add into the same sums and
+    gradient buffers; together they give the whole-graph kernel's numbers."""
     inputs, idx_i, idx_j, heads = graph(euclidean)
-    n_pairs = idx_i.shape[0] // 2
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     whole = kernel.pair_messages(**leaves, idx_i=idx_i, idx_j=idx_j, heads=heads)
     grad = torch.randn_like(whole)
     expected = dict(zip(leaves, torch.autograd.grad(whole, list(leaves.values()), grad), strict=True))
 
-    sums = torch.zeros_like(whole)
-    grad_queries = torch.zeros_like(inputs["queries"])
-    grad_keys_values = torch.zeros_like(inputs["keys_values"])
-    for pairs in (torch.arange(0, 4), torch.arange(4, n_pairs)):  # the self-image pair is in the second
-        edges = torch.cat([pairs, pairs + n_pairs])
-        block = {
-            "queries": inputs["queries"],
-            "keys_values": inputs["keys_values"],
-            "filters": inputs["filters"][pairs],
-            "cutoff": inputs["cutoff"][edges],
-            "sph": inputs["sph"][edges],
-        }
-        kernel.block_sums(sums, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads)
-        d_filters, d_cutoff, d_sph, d_distances, d_hidden = kernel.block_sums_backward(
-            grad_queries, grad_keys_values, grad, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads
-        )
-        assert d_distances is None and d_hidden is None  # no spline, no spherical part
-        torch.testing.assert_close(d_filters, expected["filters"][pairs], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(d_cutoff, expected["cutoff"][edges], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(d_sph, expected["sph"][edges], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sums, whole.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad_queries, expected["queries"], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad_keys_values, expected["keys_values"], rtol=1e-12, atol=1e-12)
+    result = in_two_blocks(
+        inputs, idx_i, idx_j, heads, grad, lambda pairs: {"filters": inputs["filters"][pairs]}
+    )
+    # No spline, no spherical part: no gradients of distances or hidden rows.
+    check_blocks(result, whole, expected, ("filters", "cutoff", "sph", None, None))
 
 
 def test_block_operations_refuse_buffers_of_the_wrong_shape():
@@ -173,9 +206,7 @@ def test_pairs_shared_among_threads_give_the_written_out_sums_the_same_on_every_
     """Enough pairs for several threads (each adds into rows of its own, summed in a fixed order)."""
     generator = torch.Generator().manual_seed(3)
     n, n_pairs = 200, 3000
-    first = torch.randint(0, n, (n_pairs,), generator=generator)
-    second = (first + torch.randint(1, n, (n_pairs,), generator=generator)) % n
-    idx_i, idx_j = torch.cat([first, second]), torch.cat([second, first])
+    idx_i, idx_j = random_pairs(n, n_pairs, generator)
     inputs, _, _, heads = graph(True)
     inputs = {
         "queries": torch.randn(n, 2 * F, generator=generator, dtype=torch.float64),
@@ -286,40 +317,34 @@ def test_the_spline_and_products_in_the_kernel_equal_the_filters_they_add_up_to(
     assert torch.autograd.gradcheck(energy, [inner.requires_grad_()], eps=1e-7, atol=1e-7)
 
 
-def test_blocks_of_pairs_with_the_spline_add_up_to_the_whole_graph():
+def test_blocks_of_pairs_making_their_filters_add_up_to_the_whole_graph():
+    """As edge blocks run with the spline: each block's kernel makes its filters from the spline and the
+    spherical part's hidden rows; the blocks give the whole-graph kernel's sums and gradients."""
     inputs, idx_i, idx_j, heads = graph(True)
-    n_pairs = idx_i.shape[0] // 2
-    spline, distances = radial_spline(inputs["filters"].shape[1], n_pairs)
+    n_pairs, width = inputs["filters"].shape
+    spline, distances = radial_spline(width, n_pairs)
     table = kernel.spline_table(spline.coefficients)
-    d = distances.clone().requires_grad_()
-    spherical = inputs["filters"].clone().requires_grad_()
-    rest = {n: v for n, v in inputs.items() if n != "filters"}
+    rows, weights = spherical_part(n_pairs, 2, width // 2)
+    leaves = {n: v.clone().requires_grad_() for n, v in inputs.items() if n != "filters"}
+    d, hidden = distances.clone().requires_grad_(), rows.clone().requires_grad_()
     whole = kernel.pair_messages(
-        **rest, filters=spherical, idx_i=idx_i, idx_j=idx_j, heads=heads,
+        **leaves, filters=None, idx_i=idx_i, idx_j=idx_j, heads=heads,
         radial=kernel.RadialSpline(d, table, spline.spacing),
+        spherical=kernel.SphericalFilters(hidden, weights),
     )  # fmt: skip
     grad = torch.randn_like(whole)
-    d_spherical, d_distances = torch.autograd.grad(whole, [spherical, d], grad)
-    sums = torch.zeros_like(whole)
-    grad_queries = torch.zeros_like(inputs["queries"])
-    grad_keys_values = torch.zeros_like(inputs["keys_values"])
-    for pairs in (torch.arange(0, 4), torch.arange(4, n_pairs)):
-        edges = torch.cat([pairs, pairs + n_pairs])
-        block = {
-            "queries": inputs["queries"],
-            "keys_values": inputs["keys_values"],
-            "filters": inputs["filters"][pairs],
-            "cutoff": inputs["cutoff"][edges],
-            "sph": inputs["sph"][edges],
+    wrt = [*leaves.values(), d, hidden]
+    expected = dict(zip([*leaves, "d", "hidden"], torch.autograd.grad(whole, wrt, grad), strict=True))
+
+    def filter_parts(pairs):
+        return {
+            "filters": None,
             "radial": kernel.RadialSpline(distances[pairs], table, spline.spacing),
+            "spherical": kernel.SphericalFilters(rows[pairs], weights),
         }
-        kernel.block_sums(sums, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads)
-        got = kernel.block_sums_backward(
-            grad_queries, grad_keys_values, grad, **block, idx_i=idx_i[edges], idx_j=idx_j[edges], heads=heads
-        )
-        torch.testing.assert_close(got[0], d_spherical[pairs], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(got[3], d_distances[pairs], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sums, whole.detach(), rtol=1e-12, atol=1e-12)
+
+    result = in_two_blocks(inputs, idx_i, idx_j, heads, grad, filter_parts)
+    check_blocks(result, whole, expected, (None, "cutoff", "sph", "d", "hidden"))
 
 
 def test_a_bad_spline_gives_one_clear_error():
@@ -353,9 +378,7 @@ def test_the_spherical_products_over_wide_rows_as_in_the_paper_model():
     filters, and so do their gradients."""
     generator = torch.Generator().manual_seed(5)
     n, n_pairs, width, n_sph = 40, 2501, 132, 8
-    first = torch.randint(0, n, (n_pairs,), generator=generator)
-    second = (first + torch.randint(1, n, (n_pairs,), generator=generator)) % n
-    idx_i, idx_j = torch.cat([first, second]), torch.cat([second, first])
+    idx_i, idx_j = random_pairs(n, n_pairs, generator)
     ranges_in = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 264, 2]], dtype=torch.int32)
     ranges_out = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 140, 2]], dtype=torch.int32)
     heads = (ranges_in, ranges_out, torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64))
@@ -399,9 +422,7 @@ def test_the_flop_counter_sees_the_products_the_kernel_executes(n_pairs):
 
     generator = torch.Generator().manual_seed(7)
     n = 30
-    first = torch.randint(0, n, (n_pairs,), generator=generator)
-    second = (first + torch.randint(1, n, (n_pairs,), generator=generator)) % n
-    idx_i, idx_j = torch.cat([first, second]), torch.cat([second, first])
+    idx_i, idx_j = random_pairs(n, n_pairs, generator)
     inputs, _, _, heads = graph(True)
     width = inputs["queries"].shape[1]
     spline, distances = radial_spline(width, n_pairs)

@@ -161,10 +161,11 @@ KERNEL_MIN_EDGES = 400
 #: 6.4 GB there (11.7 KB/edge). benchmarks/results/thresholds.md.
 WHOLE_GRAPH_BYTES_PER_EDGE = {"none": 23_000, "inductor": 23_000, "aoti": 13_000}
 #: The same for the fused ``aoti`` program with the pair-message kernel, since it makes the filters itself:
-#: 1.80 GB at 544k edges (9,999 water atoms), 3.95 GB at 1.66 M (30,000), 13.5 GB at 5.65 M (99,999):
-#: 3.3, 2.4 and 2.4 KB/edge (benchmarks/results/scaling/filters_dec5; 7.2 KB/edge with the filters as
-#: tensors). Eager and ``inductor`` calls with the kernel keep the table above (not measured).
-WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL = {"aoti": 2_400}
+#: 1.80 GB at 544k edges (9,999 water atoms), 3.95 GB at 1.66 M (30,000), and since the rows it keeps for
+#: small graphs are allocated only there, 10.0 GB at 5.65 M (99,999): 1.8 KB/edge
+#: (benchmarks/results/scaling/filters_dec5; 7.2 KB/edge with the filters as tensors). Eager and
+#: ``inductor`` calls with the kernel keep the table above (not measured).
+WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL = {"aoti": 1_800}
 #: The same on a CUDA GPU (peak of torch's allocator): eager 9.5 GB and ``inductor`` 2.45 GB at 544k edges
 #: (10,000 water, NVIDIA H200, torch 2.11; benchmarks/results/gpu/gpu_check.json). The generated Triton
 #: kernels keep far fewer per-edge tensors than the CPU's ``inductor`` programs.

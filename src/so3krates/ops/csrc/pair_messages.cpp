@@ -485,16 +485,16 @@ bool made_rows(const Inputs<T>& x) {
 #define SO3KRATES_FILTER_GRADS(scalar) \
   FilterGrads<scalar> { dw.data_ptr<scalar>(), dd.data_ptr<scalar>(), dh.data_ptr<scalar>() }
 
-// The sums, and the (pairs, W) filter rows that the backward pass reads where the forward pass keeps them
-// (keeps_rows; elsewhere the tensor is allocated, never written nor read, so that its shape does not
-// depend on the size).
+// The sums, and the filter rows that the backward pass reads where the forward pass keeps them (keeps_rows):
+// (min(pairs, kKeepRowsMaxPairs), W), so that the shape is one expression of the size for the compilers;
+// where the rows are not kept, it is neither written nor read.
 std::tuple<at::Tensor, at::Tensor> pair_messages(SO3KRATES_INPUTS) {
   const Tensors a = SO3KRATES_TENSORS;
   at::Tensor u, rows;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages", [&] {
     const auto x = check<scalar_t>(a);
     const int64_t T = threads_for(x.P);
-    rows = at::empty({x.P, x.W}, q.options());
+    rows = at::empty({std::min(x.P, kKeepRowsMaxPairs), x.W}, q.options());
     scalar_t* keep = keeps_rows(x.P, made_rows(x)) ? rows.data_ptr<scalar_t>() : nullptr;
     // Rows of thread 0 are the result; threads 1.. add into scratch rows of their own, summed in order.
     u = at::zeros({T, x.n, x.F + x.S}, q.options());
@@ -520,8 +520,8 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
     const auto x = check<scalar_t>(a);
     const int64_t T = threads_for(x.P);
     TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == q.scalar_type() && rows.dim() == 2 &&
-                    rows.size(0) == x.P && rows.size(1) == x.W,
-                "pair_messages_backward: the forward pass's filter rows must be (pairs, queries' width)");
+                    rows.size(0) == std::min(x.P, kKeepRowsMaxPairs) && rows.size(1) == x.W,
+                "pair_messages_backward: the forward pass's filter rows must be the forward pass's output");
     const scalar_t* kept = keeps_rows(x.P, made_rows(x)) ? rows.data_ptr<scalar_t>() : nullptr;
     dq = at::zeros({T, x.n, x.W}, q.options());
     dkv = at::zeros({T, x.n, x.KVW}, q.options());

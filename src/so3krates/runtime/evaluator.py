@@ -384,10 +384,7 @@ class EnergyFunction(nn.Module):
                     workers,
                     None
                     if self.kernel_splines is None
-                    else KernelSpline(
-                        *self.kernel_splines[k],
-                        torch.stack(layer_weights.spherical_out) if euclidean else None,
-                    ),
+                    else KernelSpline(*self.kernel_splines[k], layer_weights.spherical_stack),
                 )
             else:
                 # Contiguous copies: both are column slices of one product, and every block gathers rows from

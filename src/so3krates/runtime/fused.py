@@ -45,6 +45,8 @@ class LayerWeights(NamedTuple):
     head_sums: Tensor  # (B·F, H + D), column-major: 1/norm where feature f belongs to head k
     head_expand: Tensor  # (H + D, F + n_sph): 1 where a head's coefficient multiplies a value component
     heads: tuple[Tensor, Tensor, Tensor] | None  # the same as ranges for the pair-message kernel, or None
+    # With heads: spherical_out stacked, (B, F/4, F), as the kernel applies it (None without Euclidean branch)
+    spherical_stack: Tensor | None = None
 
 
 def layer_weights(layer: TransformerLayer, heads: bool = False) -> LayerWeights:
@@ -88,14 +90,15 @@ def layer_weights(layer: TransformerLayer, heads: bool = False) -> LayerWeights:
     if euclidean is not None:
         degree_index = layer.contraction.degree_index
         head_expand[n_heads[0] + degree_index, n_features + torch.arange(n_sph, device=device)] = 1.0
-    ranges = None
+    ranges, stack = None, None
     if heads:
         ranges = (
             _head_ranges(head_sums.argmax(dim=1)),
             _head_ranges(head_expand.argmax(dim=0)),
             head_sums.detach().amax(dim=0).contiguous(),
         )
-    return LayerWeights(projection, spherical_in, spherical_out, head_sums, head_expand, ranges)
+        stack = torch.stack(spherical_out) if spherical_out else None
+    return LayerWeights(projection, spherical_in, spherical_out, head_sums, head_expand, ranges, stack)
 
 
 def _head_ranges(owner: Tensor) -> Tensor:
@@ -174,7 +177,7 @@ def kernel_filters(
     """The spherical parts of the filters as the pair-message kernel takes them (hidden rows and the last
     layer's weights, which it applies pair by pair), or None without a Euclidean branch."""
     hidden = spherical_hidden(layer, weights, differences)
-    return None if hidden is None else SphericalFilters(hidden, torch.stack(weights.spherical_out))
+    return None if hidden is None else SphericalFilters(hidden, weights.spherical_stack)
 
 
 def edge_filters(

@@ -133,6 +133,58 @@ def test_blocks_shared_among_threads_give_the_same_numbers_on_every_call():
     assert torch.get_num_threads() == threads
 
 
+def test_the_block_threads_scratch_sums_are_reused_but_never_returned():
+    """The sums of the block threads after the first are kept between calls (``blocks._SCRATCH``, so that
+    large graphs do not fault their memory in anew at every layer and call); what a call returns must
+    still be its own: a later call may not change an earlier call's result or gradients."""
+    from so3krates.runtime import blocks as block_module
+
+    generator = torch.Generator().manual_seed(3)
+    n_atoms, n_edges = 40, 300
+    idx_i = torch.randint(0, n_atoms, (n_edges,), generator=generator)
+    idx_j = (idx_i + torch.randint(1, n_atoms, (n_edges,), generator=generator)) % n_atoms
+    blocks = edge_blocks(EdgeLayout(idx_i, idx_j), 16)
+
+    def rows(layout, vectors, a_i, a_j):
+        return torch.sin(a_i * a_j) * vectors.norm(dim=1, keepdim=True)
+
+    def call(seed):
+        g = torch.Generator().manual_seed(seed)
+        vectors = torch.randn(n_edges, 3, generator=g).requires_grad_(True)
+        a = torch.randn(n_atoms, 4, generator=g).requires_grad_(True)
+        total = blocked_sum(rows, blocks, n_atoms, 4, torch.float32, vectors, [(a, "i"), (a, "j")], 2)
+        return (total, *torch.autograd.grad(total.square().sum(), [vectors, a]))
+
+    first = call(0)
+    kept = [t.clone() for t in first]
+    assert block_module._SCRATCH  # the second thread's sums were kept
+    scratch = {id(t) for t in block_module._SCRATCH.values()}
+    assert not scratch & {id(t) for t in first}
+    call(1)  # other inputs, same scratch tensors
+    for got, expected in zip(first, kept, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for got, expected in zip(call(0), kept, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_kernel_blocks_are_larger_by_default():
+    """The kernel's blocks hold no (edges × features) tensors: 32,768 edges by default, 8,192 for blocks of
+    messages; an explicit ``block_edges`` holds for both."""
+    from so3krates.runtime.blocks import BLOCK_EDGES, KERNEL_BLOCK_EDGES
+
+    kernel, messages = (
+        Plan("fused", "spline", True, blocks=True, kernel=True),
+        Plan("fused", "spline", True, blocks=True),
+    )
+    assert (BLOCK_EDGES, KERNEL_BLOCK_EDGES) == (8192, 32768)
+    assert Planner().edges_per_block(kernel) == KERNEL_BLOCK_EDGES
+    assert Planner().edges_per_block(messages) == BLOCK_EDGES
+    assert Planner(block_edges=100).edges_per_block(kernel) == 100
+    model = make_model(preset("tiny"), torch.float32).requires_grad_(False)
+    assert EnergyFunction(model, kernel, frozen=True).block_edges == KERNEL_BLOCK_EDGES
+    assert EnergyFunction(model, messages, frozen=True).block_edges == BLOCK_EDGES
+
+
 def test_blocks_need_two_edges_and_an_empty_graph_has_no_blocks():
     layout = EdgeLayout(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), pairs=True)
     assert edge_blocks(layout, 16) == []

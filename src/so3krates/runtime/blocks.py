@@ -29,6 +29,7 @@ would also recompute, but every block's gradients of the per-atom inputs would t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, NamedTuple
@@ -42,6 +43,12 @@ from so3krates.runtime.layout import EdgeLayout
 #: Edges per block: large enough that the ~30 operations of a block are not dominated by dispatch (a few µs
 #: each), small enough that a block's tensors (≈ 30 × 128 floats per edge) stay near the caches.
 BLOCK_EDGES = 8192
+#: Edges per block where the pair-message kernel evaluates the blocks: its blocks hold no (edges × features)
+#: tensors (only the kernel's inputs, ~100 floats per pair), and larger blocks cost less per edge in large
+#: graphs. 99,999 water atoms, aoti, 2 threads, in turn against the whole graph: blocks of 8,192 edges
+#: 1.25×, 16,384 0.99×, 32,768 0.94–1.02×, 65,536 0.93×; 9,999 atoms: 8,192 and 32,768 alike
+#: (benchmarks/results/scaling/kernel_block_size_dec5).
+KERNEL_BLOCK_EDGES = 32768
 
 #: Which atom of an edge a per-atom input is gathered at: centre ``i`` or neighbour ``j``, on all edges of
 #: the block or (``i1``, ``j1``) on its first rows only (:meth:`EdgeLayout.first`, one edge per pair).
@@ -121,8 +128,7 @@ class _BlockedSum(torch.autograd.Function):
         vectors: Tensor,
         *inputs: Tensor,
     ) -> Tensor:
-        def part(own: Sequence[Block]) -> Tensor:
-            total = vectors.new_zeros((n_atoms, width), dtype=dtype)
+        def part(own: Sequence[Block], total: Tensor) -> Tensor:
             with torch.no_grad():
                 for block in own:
                     gathered = [
@@ -132,10 +138,12 @@ class _BlockedSum(torch.autograd.Function):
                     total.index_add_(0, block.layout.idx_i, rows)
             return total
 
-        totals = in_workers(part, blocks, workers)
+        totals = in_workers(
+            part, blocks, workers, lambda slot: _zeros(slot, "sum", vectors, (n_atoms, width), dtype)
+        )
         ctx.messages, ctx.blocks, ctx.sides, ctx.workers = messages, blocks, sides, workers
         ctx.save_for_backward(vectors, *inputs)
-        return _sum(totals)
+        return _sum(totals, "sum")
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -144,11 +152,12 @@ class _BlockedSum(torch.autograd.Function):
         wanted = ctx.needs_input_grad[7:]
         grad_vectors = torch.zeros_like(vectors) if wanted[0] else None
 
-        def part(own: Sequence[Block]) -> list[Tensor | None]:
-            # Each part sums into gradients of its own; the rows of the edge vectors are disjoint.
-            grad_inputs = [
-                torch.zeros_like(x) if w else None for x, w in zip(inputs, wanted[1:], strict=True)
-            ]
+        def make(slot: int) -> list[Tensor | None]:
+            # Each slot sums into gradients of its own; the rows of the edge vectors are disjoint.
+            pairs = enumerate(zip(inputs, wanted[1:], strict=True))
+            return [_zeros(slot, f"grad{k}", x) if w else None for k, (x, w) in pairs]
+
+        def part(own: Sequence[Block], grad_inputs: list[Tensor | None]) -> list[Tensor | None]:
             for block in own:
                 with torch.enable_grad():
                     block_vectors = block.take(vectors).detach().requires_grad_(wanted[0])
@@ -175,59 +184,105 @@ class _BlockedSum(torch.autograd.Function):
                             x_grad.index_add_(0, block.index(side), g)
             return grad_inputs
 
-        parts = in_workers(part, ctx.blocks, ctx.workers)
-        grad_inputs = [_sum(list(g)) if g[0] is not None else None for g in zip(*parts, strict=True)]
+        parts = in_workers(part, ctx.blocks, ctx.workers, make)
+        grad_inputs = [
+            _sum(list(g), f"grad{k}") if g[0] is not None else None
+            for k, g in enumerate(zip(*parts, strict=True))
+        ]
         return (None, None, None, None, None, None, None, grad_vectors, *grad_inputs)
-
-
-def _sum(parts: Sequence[Tensor]) -> Tensor:
-    """Σ of the parts in their order (the same order on every call: reproducible numbers)."""
-    total = parts[0]
-    for other in parts[1:]:
-        total = total.add_(other)
-    return total
 
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 
 
-def in_workers(part: Callable[[Sequence[Block]], Any], blocks: Sequence[Block], workers: int) -> list[Any]:
-    """``part`` of each thread's share of the blocks: the first block on the calling thread, block k ≥ 1 on
-    pool thread (k − 1) mod ``workers``.
+def in_workers(
+    part: Callable[[Sequence[Block], Any], Any],
+    blocks: Sequence[Block],
+    workers: int,
+    make: Callable[[int], Any] = lambda slot: None,
+) -> list[Any]:
+    """``part(share, make(slot))`` for each thread's share of the blocks, one accumulator per thread: the
+    first block on the calling thread, block k ≥ 1 on pool thread (k − 1) mod ``workers``; the result of
+    each slot's last ``part``.
 
-    One worker: ``part(blocks)`` on the calling thread. Several: every thread, the calling one included,
-    runs on one intra-op thread (so that compiled messages meet one thread count, which Dynamo guards on);
-    the first block runs first, alone, on the calling thread (compiled messages compile there, once), then
-    each worker's share on a pool thread; the results come back in worker order, so the sums that follow
-    are the same on every call. Why threads over blocks: the kernels that inductor generates for a block
-    run on one thread (threaded ones crashed, ``block_programs.compile_messages``), and the eager
-    operations of a block hardly divide over threads; two blocks at once keep both cores busier. ATen's
-    operations release the interpreter lock while they compute; inductor's generated kernels held it
-    (torch 2.13) until ``block_programs.release_interpreter_lock_in_kernels`` (3,000 water atoms, 2
+    ``make(slot)`` is called on the thread of the slot before its blocks, and its accumulators are what
+    ``part`` adds into (slot 0's serve the first block and then the first pool thread's share, one after
+    the other). One worker: ``part(blocks, make(0))`` on the calling thread. Several: every thread, the
+    calling one included, runs on one intra-op thread (so that compiled messages meet one thread count,
+    which Dynamo guards on); the first block runs first, alone, on the calling thread (compiled messages
+    compile there, once), then each worker's share on a pool thread; the results come back in slot order,
+    so the sums that follow are the same on every call. Why threads over blocks: the kernels that inductor
+    generates for a block run on one thread (threaded ones crashed, ``block_programs.compile_messages``),
+    and the eager operations of a block hardly divide over threads; two blocks at once keep both cores
+    busier. ATen's operations release the interpreter lock while they compute; inductor's generated kernels
+    held it (torch 2.13) until ``block_programs.release_interpreter_lock_in_kernels`` (3,000 water atoms, 2
     threads: 1.47 → 1.77 cores busy). The pair-message kernel runs on the calling thread as well.
     """
     workers = min(workers, len(blocks) - 1)
     if workers <= 1:
-        return [part(blocks)]
+        return [part(blocks, make(0))]
     global _POOL, _POOL_SIZE
     if _POOL is None or _POOL_SIZE < workers:
         _POOL, _POOL_SIZE = ThreadPoolExecutor(workers, thread_name_prefix="so3krates-blocks"), workers
     shares = [list(blocks[w + 1 :: workers]) for w in range(workers)]
     threads = torch.get_num_threads()
 
-    def run(share: Sequence[Block]) -> Any:
+    def run(share: Sequence[Block], slot: int, accumulators: Any = None) -> Any:
         torch.set_num_threads(1)
-        return part(share)
+        return part(share, make(slot) if accumulators is None else accumulators)
 
     try:
-        first = run(blocks[:1])
-        futures = [_POOL.submit(run, share) for share in shares]
+        first = make(0)
+        run(blocks[:1], 0, first)
+        futures = [_POOL.submit(run, share, w, first if w == 0 else None) for w, share in enumerate(shares)]
         wait(futures)  # all of them, also when one fails: none may still be writing when this returns
-        results = [f.result() for f in futures]
+        return [f.result() for f in futures]
     finally:
         torch.set_num_threads(threads)
-    return [first, *results]
+
+
+#: Zeroed per-atom sums of the block threads after the first, kept between calls (slot, role) → tensor:
+#: made afresh at every layer and call, these (n_atoms × width) tensors were mapped and faulted in anew by
+#: the allocator each time (glibc maps allocations of more than 32 MB on their own): at 100,000 water
+#: atoms 0.4–0.6 million page faults and 1.6–4 s of system time per call. Slot 0's sums are the result
+#: and are made afresh. A call takes its tensors out of the cache and puts them back when done, so calls
+#: from two threads at once never share one.
+_SCRATCH: dict[tuple[int, str], Tensor] = {}
+_SCRATCH_LOCK = threading.Lock()
+
+
+def _zeros(slot: int, role: str, like: Tensor, shape: tuple[int, ...] | None = None, dtype=None) -> Tensor:
+    """Zeros on ``like``'s device, of its shape and dtype or ``shape`` and ``dtype``, for block thread
+    ``slot``: a new tensor for slot 0, a cached one for the others (returned by :func:`_sum`)."""
+    shape = tuple(like.shape) if shape is None else tuple(shape)
+    dtype = like.dtype if dtype is None else dtype
+    if slot == 0:
+        return like.new_zeros(shape, dtype=dtype)
+    with _SCRATCH_LOCK:
+        cached = _SCRATCH.pop((slot, role), None)
+    if cached is None or cached.shape != shape or cached.dtype != dtype or cached.device != like.device:
+        return like.new_zeros(shape, dtype=dtype)
+    return cached.zero_()
+
+
+def _release(parts: Sequence[Tensor | None], role: str) -> None:
+    """Puts the scratch sums of slots ≥ 1 back into the cache, once they have been added."""
+    with _SCRATCH_LOCK:
+        for slot, t in enumerate(parts):
+            if slot > 0 and t is not None:
+                _SCRATCH[(slot, role)] = t
+
+
+def _sum(parts: Sequence[Tensor], role: str | None = None) -> Tensor:
+    """Σ of the parts in their order (the same order on every call: reproducible numbers), into the first;
+    with ``role``, the others go back to the scratch cache."""
+    total = parts[0]
+    for other in parts[1:]:
+        total = total.add_(other)
+    if role is not None:
+        _release(parts, role)
+    return total
 
 
 def blocked_sum(
@@ -299,8 +354,7 @@ class _BlockedKernelSum(torch.autograd.Function):
         n_atoms = queries.shape[0]
         width = keys_values.shape[1] - queries.shape[1] + (x.shape[1] if x is not None else 0)
 
-        def part(own: Sequence[Block]) -> Tensor:
-            total = queries.new_zeros((n_atoms, width))
+        def part(own: Sequence[Block], total: Tensor) -> Tensor:
             with torch.no_grad():
                 for block in own:
                     layout = block.layout
@@ -320,10 +374,12 @@ class _BlockedKernelSum(torch.autograd.Function):
                     )
             return total
 
-        totals = in_workers(part, blocks, workers)
+        totals = in_workers(
+            part, blocks, workers, lambda slot: _zeros(slot, "sum", queries, (n_atoms, width))
+        )
         ctx.rows, ctx.blocks, ctx.heads, ctx.spline, ctx.workers = rows, blocks, heads, spline, workers
         ctx.save_for_backward(edge_inputs, queries, keys_values, x)
-        return _sum(totals)
+        return _sum(totals, "sum")
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -332,9 +388,16 @@ class _BlockedKernelSum(torch.autograd.Function):
         grad_total = grad_total.contiguous()
         grad_edge_inputs = torch.zeros_like(edge_inputs)
 
-        def part(own: Sequence[Block]) -> tuple[Tensor, Tensor, Tensor | None]:
-            grad_queries, grad_keys_values = torch.zeros_like(queries), torch.zeros_like(keys_values)
-            grad_x = torch.zeros_like(x) if x is not None else None
+        def make(slot: int) -> tuple[Tensor, Tensor, Tensor | None]:
+            grad_x = _zeros(slot, "grad_x", x) if x is not None else None
+            return (
+                _zeros(slot, "grad_queries", queries),
+                _zeros(slot, "grad_keys_values", keys_values),
+                grad_x,
+            )
+
+        def part(own: Sequence[Block], grads: tuple[Tensor, Tensor, Tensor | None]) -> tuple[Tensor, ...]:
+            grad_queries, grad_keys_values, grad_x = grads
             for block in own:
                 layout = block.layout
                 with torch.enable_grad():
@@ -369,9 +432,12 @@ class _BlockedKernelSum(torch.autograd.Function):
                             grad_x.index_add_(0, block.index(side), g)
             return grad_queries, grad_keys_values, grad_x
 
-        parts = in_workers(part, ctx.blocks, ctx.workers)
+        parts = in_workers(part, ctx.blocks, ctx.workers, make)
         grad_queries, grad_keys_values, grad_x = (
-            _sum(list(g)) if g[0] is not None else None for g in zip(*parts, strict=True)
+            _sum(list(g), role) if g[0] is not None else None
+            for g, role in zip(
+                zip(*parts, strict=True), ("grad_queries", "grad_keys_values", "grad_x"), strict=True
+            )
         )
         return (None, None, None, None, None, grad_edge_inputs, grad_queries, grad_keys_values, grad_x)
 

@@ -29,7 +29,14 @@ from so3krates.ops.pair_messages import RadialSpline, spline_table
 from so3krates.ops.scatter import scatter_sum
 from so3krates.ops.spline import Spline, evaluate_spline
 from so3krates.runtime.block_programs import compile_messages
-from so3krates.runtime.blocks import BLOCK_EDGES, KernelSpline, blocked_kernel_sum, blocked_sum, edge_blocks
+from so3krates.runtime.blocks import (
+    BLOCK_EDGES,
+    KERNEL_BLOCK_EDGES,
+    KernelSpline,
+    blocked_kernel_sum,
+    blocked_sum,
+    edge_blocks,
+)
 from so3krates.runtime.derivatives import graph_derivatives
 from so3krates.runtime.fused import (
     LayerWeights,
@@ -244,7 +251,8 @@ class EnergyFunction(nn.Module):
         plan: how to evaluate it; refused with a :class:`~so3krates.runtime.plan.PlanError` when it cannot
             run on these weights.
         frozen: assemble the weights and the spline once, now (inference); otherwise on every call.
-        block_edges: edges per block for plans with blocks (:mod:`so3krates.runtime.blocks`).
+        block_edges: edges per block for plans with blocks (:mod:`so3krates.runtime.blocks`); ``None``:
+            ``KERNEL_BLOCK_EDGES`` for plans with the kernel, else ``BLOCK_EDGES``.
         compile_blocks: with blocks, each block's messages and their gradients run as programs compiled by
             ``torch.compile`` (:func:`~so3krates.runtime.block_programs.compile_messages`); the block loop
             stays Python.
@@ -257,7 +265,7 @@ class EnergyFunction(nn.Module):
         model: So3krates,
         plan: Plan,
         frozen: bool = False,
-        block_edges: int = BLOCK_EDGES,
+        block_edges: int | None = None,
         compile_blocks: bool = False,
         block_workers: int | None = None,
     ) -> None:
@@ -289,6 +297,8 @@ class EnergyFunction(nn.Module):
         self.layer: Callable[..., tuple[Tensor, Tensor]] = (
             module_layer if plan.layers == "modules" else partial(_fused_layer, kernel=plan.kernel)
         )
+        if block_edges is None:
+            block_edges = KERNEL_BLOCK_EDGES if plan.kernel else BLOCK_EDGES
         self.block_edges = block_edges
         self.block_workers = block_workers
         self.compile_blocks = compile_blocks and plan.blocks

@@ -105,7 +105,7 @@ class ForceField(nn.Module):
         """The evaluator of ``plan`` in this force field's compile mode, built at its first use."""
         evaluator = self._evaluators.get(plan)
         if evaluator is None:
-            block_edges = self.planner.block_edges
+            block_edges = self.planner.edges_per_block(plan)
             if isinstance(self.model, So3lr):
                 energy_function = EnergyFunction(
                     self.model, plan, self.frozen, block_edges, block_workers=self.planner.block_workers

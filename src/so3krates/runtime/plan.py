@@ -37,7 +37,7 @@ import torch
 
 from so3krates.errors import So3kratesError
 from so3krates.ops import pair_messages
-from so3krates.runtime.blocks import BLOCK_EDGES
+from so3krates.runtime.blocks import BLOCK_EDGES, KERNEL_BLOCK_EDGES
 
 LAYERS = ("modules", "fused")
 RADIAL = ("network", "spline")
@@ -219,7 +219,9 @@ class Planner:
             Blocks cost time (the messages are evaluated twice), so they are used only where memory asks
             for them.
         blocks_memory_fraction: see ``blocks_min_edges``.
-        block_edges: edges per block.
+        block_edges: edges per block; ``None`` (default): ``KERNEL_BLOCK_EDGES`` (32,768) where the
+            pair-message kernel evaluates the blocks, else ``BLOCK_EDGES`` (8,192); see
+            :meth:`edges_per_block`.
         block_workers: threads that evaluate edge blocks at once (``runtime.blocks.in_workers``), each on
             one intra-op thread. ``None`` (default): torch's thread count at the call on a CPU, one on a GPU.
         kernel_min_edges: frozen CPU calls in pair order with more edges than this run each layer's
@@ -235,9 +237,15 @@ class Planner:
     pairs: bool = True
     blocks_min_edges: int | None = None
     blocks_memory_fraction: float = 1.0 / 3.0
-    block_edges: int = BLOCK_EDGES
+    block_edges: int | None = None
     block_workers: int | None = None
     kernel_min_edges: int | None = KERNEL_MIN_EDGES
+
+    def edges_per_block(self, plan: Plan) -> int:
+        """Edges per block for ``plan``'s edge blocks (``block_edges``, or its default for the plan)."""
+        if self.block_edges is not None:
+            return self.block_edges
+        return KERNEL_BLOCK_EDGES if plan.kernel else BLOCK_EDGES
 
     def blocks_threshold(
         self, compile: str = "none", device: torch.device | str = "cpu", kernel: bool = False

@@ -86,12 +86,14 @@ def graph_inputs(graph: Graph, plan: Plan) -> tuple[Tensor, ...]:
 def example_inputs(model: So3krates, species: list[int], plan: Plan) -> tuple[Tensor, ...]:
     """A small cluster of the model's elements with all pairs as edges, for tracing.
 
-    Five atoms and twenty edges: the numbers differ from each other and from 0 and 1, so a symbolic trace
-    keeps the number of atoms and the number of edges as two free sizes. Slots get seven rows, a width that
-    no other size of the trace shares.
+    37 atoms and 1,332 edges: the numbers differ from each other, from 0 and 1 and from the model's widths,
+    so a symbolic trace keeps the number of atoms and the number of edges as free sizes; slots get 36 rows.
+    inductor decides from the example's sizes which generated loops run on several threads: with five
+    atoms (twenty edges, until December 2026) it kept most of them on one thread, as if every graph were
+    that small (999 water, 2 threads: 0.925× the time with this example, in turn; ``ab_calls.py``).
     """
     generator = torch.Generator().manual_seed(0)
-    n = 5
+    n = 37
     spacing = 0.35 * model.cutoff
     positions = torch.rand((n, 3), generator=generator, dtype=torch.float64) * spacing
     positions[:, 0] += torch.arange(n, dtype=torch.float64) * 0.2 * spacing
@@ -138,6 +140,26 @@ def trace(energy: EnergyFunction, inputs: tuple[Tensor, ...]) -> torch.export.Ex
         return torch.export.export(graph_module, inputs, dynamic_shapes=dynamic, strict=False)
 
 
+@contextlib.contextmanager
+def scatter_adds_in_aten(threaded: bool = True) -> Iterator[None]:
+    """Compiles scatter-adds (``index_add``, ``index_put`` with accumulation) as ATen's operators, not as
+    generated loops: threaded generated loops add with atomic additions, in an order that changes from call
+    to call (and ATen's CPU operator adds in edge order, the same numbers on every call). inductor does
+    this in torch's deterministic mode, switched on for the compilation only. Programs of one thread
+    (``threaded`` False) keep the generated loops: they add in order, and faster (3BPA: 1.04× with ATen's).
+    """
+    if not threaded:
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def compile_program(
     program: torch.export.ExportedProgram,
     path: str | os.PathLike,
@@ -154,7 +176,8 @@ def compile_program(
     """
     from torch._inductor import aoti_compile_and_package
 
-    with atomic_path(path, suffix=".tmp.pt2") as tmp, bias_additions_apart():
+    threaded = plan.slots  # the generated kernels run on every thread (below)
+    with atomic_path(path, suffix=".tmp.pt2") as tmp, bias_additions_apart(), scatter_adds_in_aten(threaded):
         tmp.unlink()  # the packager writes the archive itself
         aoti_compile_and_package(
             program,

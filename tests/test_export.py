@@ -442,6 +442,63 @@ def test_calculator_programs_with_the_pair_kernel_give_the_same_numbers(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kernel", [False, True], ids=["messages", "kernel"])
+def test_large_graphs_take_the_program_with_threaded_loops(checkpoint, tmp_path, monkeypatch, kernel):
+    """Graphs of more than ``Planner.parallel_loops_min_edges`` edges run the program traced from the
+    larger example, whose generated loops run on every thread and whose scatter-adds are ATen's: eager
+    numbers, bit for bit the same on every call (no atomic additions), the smaller graph on the program of
+    the small example."""
+    if kernel and not pair_messages.available():
+        pytest.skip(f"the pair-message kernel cannot be built here: {pair_messages.unavailable_reason()}")
+    monkeypatch.setenv("SO3KRATES_CACHE_DIR", str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        box = triclinic_cell().repeat((2, 2, 2))
+        cutoff = So3kratesCalculator(checkpoint).force_field.cutoff
+        n_edges = atoms_to_graph(box, cutoff, pairs=True).n_edges
+        planner = Planner(
+            single_thread_edges=0,
+            kernel_min_edges=0 if kernel else None,
+            parallel_loops_min_edges=n_edges - 1,
+        )
+        compiled = So3kratesCalculator(checkpoint, dtype="float32", compile="aoti", planner=planner)
+        _agrees_with_eager(compiled, checkpoint, "float32", (ethanol(), box))
+        plan = Plan("fused", "spline", pairs=True, slots=True, kernel=kernel)
+        assert set(compiled.force_field._parallel_programs) == {plan}  # the box
+        assert set(compiled.force_field._evaluators) == {plan}  # ethanol: fewer edges
+        first = box.get_forces().copy()
+        for step in range(10):
+            compiled.reset()
+            np.testing.assert_array_equal(compiled.get_property("forces", box), first, err_msg=f"call {step}")
+        programs = list((tmp_path / "aoti").glob("*.pt2"))
+        assert len(programs) == 2  # one per example
+        for path in programs:  # threaded atomic additions would add in another order on every call
+            assert _threaded_atomic_kernels(path) == [], path.name
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _threaded_atomic_kernels(package) -> list[str]:
+    """The generated kernels of an AOTInductor package that add atomically inside a threaded loop."""
+    with zipfile.ZipFile(package) as archive:
+        sources = [archive.read(n).decode() for n in archive.namelist() if n.endswith(".kernel.cpp")]
+    assert sources, f"{package}: no generated kernels in the package"
+    kernels = [k for source in sources for k in source.split('extern "C"')[1:]]
+    return [k.split("(")[0].split()[-1] for k in kernels if "#pragma omp" in k and "atomic_add" in k]
+
+
+def test_the_planner_threads_the_loops_of_large_slot_programs_only():
+    planner = Planner()
+    slots, plain = Plan("fused", "spline", pairs=True, slots=True), Plan("fused", "spline", pairs=True)
+    limit = planner.parallel_loops_min_edges
+    assert limit == 16_000
+    assert planner.parallel_loops(slots, limit + 1) and not planner.parallel_loops(slots, limit)
+    assert not planner.parallel_loops(plain, 10**7)  # loops on one thread: no slots
+    assert not Planner(parallel_loops_min_edges=None).parallel_loops(slots, 10**7)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_compiled_calculator_gives_the_same_forces(dtype):
     """torch.compile (dynamic shapes): same forces, and new structure sizes do not recompile. In float32

@@ -66,10 +66,12 @@ class ForceField(nn.Module):
         # Plan → evaluator, built at first use. A plain dict: the evaluators share self.model, whose
         # parameters are registered once.
         self._evaluators: dict[Plan, Callable[..., dict[str, Tensor]]] = {}
+        # Plan → its aoti program with threaded loops (Planner.parallel_loops), for large graphs.
+        self._parallel_programs: dict[Plan, Callable[..., dict[str, Tensor]]] = {}
 
     def _apply(self, fn, recurse=True):
         # .to(), .float(): evaluators of a frozen force field hold matrices of the old dtype and device.
-        self._evaluators = {}
+        self._evaluators, self._parallel_programs = {}, {}
         module = super()._apply(fn, recurse)
         self.device, self.dtype = next(self.model.parameters()).device, self.model.dtype
         return module
@@ -101,8 +103,16 @@ class ForceField(nn.Module):
             )
         return self.evaluator(plan).energy
 
-    def evaluator(self, plan: Plan) -> Callable[..., dict[str, Tensor]]:
-        """The evaluator of ``plan`` in this force field's compile mode, built at its first use."""
+    def evaluator(self, plan: Plan, n_edges: int = 0) -> Callable[..., dict[str, Tensor]]:
+        """The evaluator of ``plan`` in this force field's compile mode, built at its first use; ``n_edges``
+        (the graph's) chooses between the ``aoti`` programs with slots (``Planner.parallel_loops``)."""
+        programs = self.compile == "aoti" and not plan.blocks and not isinstance(self.model, So3lr)
+        if programs and self.planner.parallel_loops(plan, n_edges):
+            if plan not in self._parallel_programs:
+                from so3krates.runtime.programs import cached_program
+
+                self._parallel_programs[plan] = cached_program(self.model, plan, parallel_loops=True)
+            return self._parallel_programs[plan]
         evaluator = self._evaluators.get(plan)
         if evaluator is None:
             block_edges = self.planner.edges_per_block(plan)
@@ -153,7 +163,7 @@ class ForceField(nn.Module):
             asked for.
         """
         threads = self.threads(graph)
-        evaluator = self.evaluator(self.plan(graph, create_graph, threads))
+        evaluator = self.evaluator(self.plan(graph, create_graph, threads), graph.n_edges)
         return run_on_threads(threads, evaluator, graph, compute_forces, compute_stress, create_graph)
 
 

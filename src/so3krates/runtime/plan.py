@@ -155,6 +155,10 @@ def check_compile_mode(compile: str, frozen: bool, device: torch.device | str) -
 #: 1.32–1.38× at 5,744, 1.63–1.67× at 54,172.
 KERNEL_MIN_EDGES = 400
 
+#: Edges beyond which ``aoti`` programs with slots thread their generated loops (``Planner``): 99 water atoms
+#: have ~5,400 edges, the DeePMD box of 192 ~10,000, 399 water ~21,000.
+PARALLEL_LOOPS_MIN_EDGES = 16_000
+
 #: Peak memory per edge of energy + forces of the whole graph at once (paper preset, float32, pairs; the
 #: process's peak over edges, interpreter included): eager modules 4.07 GB at 163k edges (3,000 water);
 #: the ``aoti`` modules' program 6.9 GB at 544k edges (10,000 water; 4.9 GB in December), its fused program
@@ -228,6 +232,12 @@ class Planner:
             messages in the pair-message kernel (:mod:`so3krates.ops.pair_messages`, built on first use;
             not used where it cannot be built), the whole graph at once or in edge blocks. ``None`` turns
             it off.
+        parallel_loops_min_edges: ``aoti`` programs with slots for graphs of more edges than this are
+            traced from a 37-atom example instead of a 5-atom one (``programs.example_inputs``): inductor
+            then runs most generated loops on every thread, not one. Faster in large graphs, slower in
+            small ones, where each threaded loop wakes the other threads (2 threads, in turn, after / before:
+            99 water 1.08×, 192 water (DeePMD box) 1.03×, 399 water 0.94×, 999 water 0.92×;
+            ``benchmarks/results/execution_layer/example_dec5``). ``None``: never.
     """
 
     fused_max_edges: int = 2000
@@ -240,6 +250,12 @@ class Planner:
     block_edges: int | None = None
     block_workers: int | None = None
     kernel_min_edges: int | None = KERNEL_MIN_EDGES
+    parallel_loops_min_edges: int | None = PARALLEL_LOOPS_MIN_EDGES
+
+    def parallel_loops(self, plan: Plan, n_edges: int) -> bool:
+        """Whether an ``aoti`` program of ``plan`` for ``n_edges`` edges threads its generated loops."""
+        limit = self.parallel_loops_min_edges
+        return plan.slots and limit is not None and n_edges > limit
 
     def edges_per_block(self, plan: Plan) -> int:
         """Edges per block for ``plan``'s edge blocks (``block_edges``, or its default for the plan)."""

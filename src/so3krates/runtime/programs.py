@@ -83,17 +83,25 @@ def graph_inputs(graph: Graph, plan: Plan) -> tuple[Tensor, ...]:
     return inputs
 
 
-def example_inputs(model: So3krates, species: list[int], plan: Plan) -> tuple[Tensor, ...]:
+#: Atoms of the tracing example: small (loops on one thread) and parallel (loops on every thread).
+EXAMPLE_ATOMS = 5
+PARALLEL_EXAMPLE_ATOMS = 37
+
+
+def example_inputs(
+    model: So3krates, species: list[int], plan: Plan, n_atoms: int = EXAMPLE_ATOMS
+) -> tuple[Tensor, ...]:
     """A small cluster of the model's elements with all pairs as edges, for tracing.
 
-    37 atoms and 1,332 edges: the numbers differ from each other, from 0 and 1 and from the model's widths,
-    so a symbolic trace keeps the number of atoms and the number of edges as free sizes; slots get 36 rows.
-    inductor decides from the example's sizes which generated loops run on several threads: with five
-    atoms (twenty edges, until December 2026) it kept most of them on one thread, as if every graph were
-    that small (999 water, 2 threads: 0.925× the time with this example, in turn; ``ab_calls.py``).
+    ``n_atoms`` atoms (5 or 37: 20 or 1,332 edges): the numbers differ from each other, from 0 and 1 and
+    from the model's widths, so a symbolic trace keeps the number of atoms and the number of edges as free
+    sizes; slots get max(7, n_atoms − 1) rows, a width that no other size of the trace shares. inductor
+    decides from the example's sizes which generated loops run on several threads: from 5 atoms it keeps
+    most of them on one thread, as if every graph were that small; from 37 it threads most of them
+    (:data:`so3krates.runtime.plan.Planner.parallel_loops_min_edges` chooses).
     """
     generator = torch.Generator().manual_seed(0)
-    n = 37
+    n = n_atoms
     spacing = 0.35 * model.cutoff
     positions = torch.rand((n, 3), generator=generator, dtype=torch.float64) * spacing
     positions[:, 0] += torch.arange(n, dtype=torch.float64) * 0.2 * spacing
@@ -145,8 +153,9 @@ def scatter_adds_in_aten(threaded: bool = True) -> Iterator[None]:
     """Compiles scatter-adds (``index_add``, ``index_put`` with accumulation) as ATen's operators, not as
     generated loops: threaded generated loops add with atomic additions, in an order that changes from call
     to call (and ATen's CPU operator adds in edge order, the same numbers on every call). inductor does
-    this in torch's deterministic mode, switched on for the compilation only. Programs of one thread
-    (``threaded`` False) keep the generated loops: they add in order, and faster (3BPA: 1.04× with ATen's).
+    this in torch's deterministic mode, switched on for the compilation only. Programs whose loops run on
+    one thread (``threaded`` False) keep the generated loops: they add in order, and faster (3BPA: 1.04×
+    with ATen's).
     """
     if not threaded:
         yield
@@ -166,18 +175,21 @@ def compile_program(
     plan: Plan,
     metadata: dict[str, str] | None = None,
     inductor_configs: dict[str, Any] | None = None,
+    parallel_loops: bool = False,
 ) -> None:
     """Compiles ``program`` with AOTInductor into a ``.pt2`` package at ``path`` (atomically, ~1 min).
 
     Generated kernels run on one thread unless the plan has slots: with scatter-adds, threaded kernels
     need atomic additions, which are slower, and with torch 2.13 they corrupted memory in this model's
-    backward pass. Matrix products use all threads either way. ``inductor_configs`` replace our settings
-    (for profiling, ``benchmarks/profile_kernels.py``).
+    backward pass. With slots, how many of them inductor threads depends on the example's sizes (see
+    :func:`example_inputs`); ``parallel_loops``: the program of the larger example, whose scatter-adds are
+    ATen's. Matrix products use all threads either way. ``inductor_configs`` replace our settings (for
+    profiling, ``benchmarks/profile_kernels.py``).
     """
     from torch._inductor import aoti_compile_and_package
 
-    threaded = plan.slots  # the generated kernels run on every thread (below)
-    with atomic_path(path, suffix=".tmp.pt2") as tmp, bias_additions_apart(), scatter_adds_in_aten(threaded):
+    scatters = scatter_adds_in_aten(parallel_loops and plan.slots)
+    with atomic_path(path, suffix=".tmp.pt2") as tmp, bias_additions_apart(), scatters:
         tmp.unlink()  # the packager writes the archive itself
         aoti_compile_and_package(
             program,
@@ -244,12 +256,17 @@ def cache_directory() -> Path:
     return Path(os.environ.get("SO3KRATES_CACHE_DIR") or Path.home() / ".cache" / "so3krates")
 
 
-def cached_program(model: So3krates, plan: Plan) -> Program:
+def cached_program(model: So3krates, plan: Plan, parallel_loops: bool = False) -> Program:
     """The AOTInductor program of ``model`` (frozen weights) and ``plan``: from the cache, or compiled now.
 
+    ``parallel_loops`` (plans with slots): traced from the larger example, so that the generated loops run
+    on every thread, with the scatter-adds as ATen's (:func:`scatter_adds_in_aten`): faster for large
+    graphs, slower for small ones (``Planner.parallel_loops_min_edges``).
+
     The cache key covers everything the program depends on: weights, model config, dtype, plan, spline
-    intervals, the torch and so3krates versions and the source of the code it is made of.
+    intervals, the example, the torch and so3krates versions and the source of the code it is made of.
     """
+    parallel_loops = parallel_loops and plan.slots
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -259,6 +276,7 @@ def cached_program(model: So3krates, plan: Plan) -> Program:
         str(model.dtype),
         plan.as_dict(),
         SPLINE_INTERVALS,
+        PARALLEL_EXAMPLE_ATOMS if parallel_loops else EXAMPLE_ATOMS,
         torch.__version__,
         __version__,
         source_digest(),
@@ -269,8 +287,10 @@ def cached_program(model: So3krates, plan: Plan) -> Program:
         path.parent.mkdir(parents=True, exist_ok=True)
         energy = EnergyFunction(model, plan, frozen=True)
         species = sorted({1, 6, 7, 8})  # any elements: the trace is symbolic in the atomic numbers
-        program = trace(energy, example_inputs(model, species, plan))
-        compile_program(program, path, plan, {"plan": json.dumps(plan.as_dict())})
+        n_atoms = PARALLEL_EXAMPLE_ATOMS if parallel_loops else EXAMPLE_ATOMS
+        program = trace(energy, example_inputs(model, species, plan, n_atoms))
+        metadata = {"plan": json.dumps(plan.as_dict()), "example_atoms": str(n_atoms)}
+        compile_program(program, path, plan, metadata, parallel_loops=parallel_loops)
     return Program(load_program(path, "aoti", plan), plan, model.dtype, "aoti")
 
 

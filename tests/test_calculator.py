@@ -196,8 +196,8 @@ def test_small_graphs_run_on_one_thread_and_the_setting_is_restored(model):
             calculator = So3kratesCalculator(model, planner=Planner(single_thread_edges=limit))
             evaluator = calculator.force_field.evaluator
 
-            def spy(plan, _evaluator=evaluator):
-                function = _evaluator(plan)
+            def spy(plan, n_edges=0, _evaluator=evaluator):
+                function = _evaluator(plan, n_edges)
                 return lambda *a, **k: seen.append(torch.get_num_threads()) or function(*a, **k)
 
             calculator.force_field.evaluator = spy

@@ -170,6 +170,13 @@ WHOLE_GRAPH_BYTES_PER_EDGE = {"none": 23_000, "inductor": 23_000, "aoti": 13_000
 #: (benchmarks/results/scaling/filters_dec5; 7.2 KB/edge with the filters as tensors). Eager and
 #: ``inductor`` calls with the kernel keep the table above (not measured).
 WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL = {"aoti": 1_800}
+#: The share of memory a whole graph may take before edge blocks: a third where its table above is a
+#: measurement at a few hundred thousand edges extrapolated (room for the estimate to be 3× off); half for
+#: the kernel's ``aoti`` program, whose entry was measured at the sizes where it decides (9.25 GB at 5.65 M
+#: edges, 99,999 water atoms, with the threaded-loops program; 1.64 KB per edge), and which there takes the
+#: time per atom of 1,000 atoms (1.04×) where edge blocks take 1.2× (benchmarks/results/scaling/blocks_dec5).
+MEMORY_FRACTION = 1.0 / 3.0
+KERNEL_MEMORY_FRACTION = 0.5
 #: The same on a CUDA GPU (peak of torch's allocator): eager 9.5 GB and ``inductor`` 2.45 GB at 544k edges
 #: (10,000 water, NVIDIA H200, torch 2.11; benchmarks/results/gpu/gpu_check.json). The generated Triton
 #: kernels keep far fewer per-edge tensors than the CPU's ``inductor`` programs.
@@ -222,7 +229,8 @@ class Planner:
             compile mode each block's messages run compiled (``compile_messages``), otherwise eagerly.
             Blocks cost time (the messages are evaluated twice), so they are used only where memory asks
             for them.
-        blocks_memory_fraction: see ``blocks_min_edges``.
+        blocks_memory_fraction: see ``blocks_min_edges``; ``None`` (default): ``KERNEL_MEMORY_FRACTION``
+            (half) for the kernel's ``aoti`` whole graph on a CPU, ``MEMORY_FRACTION`` (a third) otherwise.
         block_edges: edges per block; ``None`` (default): ``KERNEL_BLOCK_EDGES`` (32,768) where the
             pair-message kernel evaluates the blocks, else ``BLOCK_EDGES`` (8,192); see
             :meth:`edges_per_block`.
@@ -246,7 +254,7 @@ class Planner:
     spline: bool | None = None
     pairs: bool = True
     blocks_min_edges: int | None = None
-    blocks_memory_fraction: float = 1.0 / 3.0
+    blocks_memory_fraction: float | None = None
     block_edges: int | None = None
     block_workers: int | None = None
     kernel_min_edges: int | None = KERNEL_MIN_EDGES
@@ -276,13 +284,15 @@ class Planner:
         self, compile: str = "none", device: torch.device | str = "cpu", kernel: bool = False
     ) -> int:
         """Edges up to which the whole graph needs at most ``blocks_memory_fraction`` of the memory."""
-        budget = self.blocks_memory_fraction * device_memory(device)
         on_gpu = torch.device(device).type == "cuda"
         table = WHOLE_GRAPH_BYTES_PER_EDGE_CUDA if on_gpu else WHOLE_GRAPH_BYTES_PER_EDGE
         per_edge = table.get(compile, table["none"])
-        if kernel and not on_gpu:
-            per_edge = WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL.get(compile, per_edge)
-        return int(budget / per_edge)
+        fraction = MEMORY_FRACTION
+        if kernel and not on_gpu and compile in WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL:
+            per_edge, fraction = WHOLE_GRAPH_BYTES_PER_EDGE_KERNEL[compile], KERNEL_MEMORY_FRACTION
+        if self.blocks_memory_fraction is not None:
+            fraction = self.blocks_memory_fraction
+        return int(fraction * device_memory(device) / per_edge)
 
     def _takes_kernel(self, n_edges: int, once: bool, pairs: bool, device: torch.device | str) -> bool:
         """Whether a call of ``n_edges`` edges runs its messages in the pair-message kernel."""

@@ -47,7 +47,7 @@ BLOCK_EDGES = 8192
 #: tensors (only the kernel's inputs, ~100 floats per pair), and larger blocks cost less per edge in large
 #: graphs. 99,999 water atoms, aoti, 2 threads, in turn against the whole graph: blocks of 8,192 edges
 #: 1.25×, 16,384 0.99×, 32,768 0.94–1.02×, 65,536 0.93×; 9,999 atoms: 8,192 and 32,768 alike
-#: (benchmarks/results/scaling/kernel_block_size_dec5).
+#: (benchmarks/results/scaling/blocks_dec5).
 KERNEL_BLOCK_EDGES = 32768
 
 #: Which atom of an edge a per-atom input is gathered at: centre ``i`` or neighbour ``j``, on all edges of

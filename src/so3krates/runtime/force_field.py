@@ -106,14 +106,13 @@ class ForceField(nn.Module):
     def evaluator(self, plan: Plan, n_edges: int = 0) -> Callable[..., dict[str, Tensor]]:
         """The evaluator of ``plan`` in this force field's compile mode, built at its first use; ``n_edges``
         (the graph's) chooses between the ``aoti`` programs with slots (``Planner.parallel_loops``)."""
-        programs = self.compile == "aoti" and not plan.blocks and not isinstance(self.model, So3lr)
-        if programs and self.planner.parallel_loops(plan, n_edges):
-            if plan not in self._parallel_programs:
-                from so3krates.runtime.programs import cached_program
-
-                self._parallel_programs[plan] = cached_program(self.model, plan, parallel_loops=True)
-            return self._parallel_programs[plan]
-        evaluator = self._evaluators.get(plan)
+        parallel = (
+            self.compile == "aoti"
+            and not isinstance(self.model, So3lr)
+            and self.planner.parallel_loops(plan, n_edges)
+        )
+        evaluators = self._parallel_programs if parallel else self._evaluators
+        evaluator = evaluators.get(plan)
         if evaluator is None:
             block_edges = self.planner.edges_per_block(plan)
             if isinstance(self.model, So3lr):
@@ -130,7 +129,7 @@ class ForceField(nn.Module):
             elif self.compile == "aoti":
                 from so3krates.runtime.programs import cached_program
 
-                evaluator = cached_program(self.model, plan)
+                evaluator = cached_program(self.model, plan, parallel_loops=parallel)
             else:
                 energy: nn.Module = EnergyFunction(self.model, plan, self.frozen, block_edges)
                 if self.compile == "inductor":
@@ -138,7 +137,7 @@ class ForceField(nn.Module):
 
                     energy = compile_energy(energy)
                 evaluator = Evaluator(energy, plan)
-            self._evaluators[plan] = evaluator
+            evaluators[plan] = evaluator
         return evaluator
 
     def forward(

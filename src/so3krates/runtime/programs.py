@@ -182,13 +182,13 @@ def compile_program(
     Generated kernels run on one thread unless the plan has slots: with scatter-adds, threaded kernels
     need atomic additions, which are slower, and with torch 2.13 they corrupted memory in this model's
     backward pass. With slots, how many of them inductor threads depends on the example's sizes (see
-    :func:`example_inputs`); ``parallel_loops``: the program of the larger example, whose scatter-adds are
-    ATen's. Matrix products use all threads either way. ``inductor_configs`` replace our settings (for
-    profiling, ``benchmarks/profile_kernels.py``).
+    :func:`example_inputs`); ``parallel_loops`` (plans with slots): the program of the larger example,
+    whose scatter-adds are ATen's. Matrix products use all threads either way. ``inductor_configs``
+    replace our settings (for profiling, ``benchmarks/profile_kernels.py``).
     """
     from torch._inductor import aoti_compile_and_package
 
-    scatters = scatter_adds_in_aten(parallel_loops and plan.slots)
+    scatters = scatter_adds_in_aten(parallel_loops)
     with atomic_path(path, suffix=".tmp.pt2") as tmp, bias_additions_apart(), scatters:
         tmp.unlink()  # the packager writes the archive itself
         aoti_compile_and_package(
@@ -267,6 +267,7 @@ def cached_program(model: So3krates, plan: Plan, parallel_loops: bool = False) -
     intervals, the example, the torch and so3krates versions and the source of the code it is made of.
     """
     parallel_loops = parallel_loops and plan.slots
+    n_atoms = PARALLEL_EXAMPLE_ATOMS if parallel_loops else EXAMPLE_ATOMS
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -276,7 +277,7 @@ def cached_program(model: So3krates, plan: Plan, parallel_loops: bool = False) -
         str(model.dtype),
         plan.as_dict(),
         SPLINE_INTERVALS,
-        PARALLEL_EXAMPLE_ATOMS if parallel_loops else EXAMPLE_ATOMS,
+        n_atoms,
         torch.__version__,
         __version__,
         source_digest(),
@@ -287,9 +288,8 @@ def cached_program(model: So3krates, plan: Plan, parallel_loops: bool = False) -
         path.parent.mkdir(parents=True, exist_ok=True)
         energy = EnergyFunction(model, plan, frozen=True)
         species = sorted({1, 6, 7, 8})  # any elements: the trace is symbolic in the atomic numbers
-        n_atoms = PARALLEL_EXAMPLE_ATOMS if parallel_loops else EXAMPLE_ATOMS
         program = trace(energy, example_inputs(model, species, plan, n_atoms))
-        metadata = {"plan": json.dumps(plan.as_dict()), "example_atoms": str(n_atoms)}
+        metadata = {"plan": json.dumps(plan.as_dict())}
         compile_program(program, path, plan, metadata, parallel_loops=parallel_loops)
     return Program(load_program(path, "aoti", plan), plan, model.dtype, "aoti")
 

@@ -30,8 +30,6 @@ from so3krates.ops.scatter import scatter_sum
 from so3krates.ops.spline import Spline, evaluate_spline
 from so3krates.runtime.block_programs import compile_messages
 from so3krates.runtime.blocks import (
-    BLOCK_EDGES,
-    KERNEL_BLOCK_EDGES,
     KernelSpline,
     blocked_kernel_sum,
     blocked_sum,
@@ -49,7 +47,7 @@ from so3krates.runtime.fused import (
     spherical_hidden,
 )
 from so3krates.runtime.layout import EdgeLayout
-from so3krates.runtime.plan import Plan, PlanError
+from so3krates.runtime.plan import Plan, PlanError, Planner
 from so3krates.runtime.radial import (
     RadialWeights,
     build_filter_spline,
@@ -252,7 +250,7 @@ class EnergyFunction(nn.Module):
             run on these weights.
         frozen: assemble the weights and the spline once, now (inference); otherwise on every call.
         block_edges: edges per block for plans with blocks (:mod:`so3krates.runtime.blocks`); ``None``:
-            ``KERNEL_BLOCK_EDGES`` for plans with the kernel, else ``BLOCK_EDGES``.
+            the planner's default for the plan (:meth:`Planner.edges_per_block`).
         compile_blocks: with blocks, each block's messages and their gradients run as programs compiled by
             ``torch.compile`` (:func:`~so3krates.runtime.block_programs.compile_messages`); the block loop
             stays Python.
@@ -298,7 +296,7 @@ class EnergyFunction(nn.Module):
             module_layer if plan.layers == "modules" else partial(_fused_layer, kernel=plan.kernel)
         )
         if block_edges is None:
-            block_edges = KERNEL_BLOCK_EDGES if plan.kernel else BLOCK_EDGES
+            block_edges = Planner().edges_per_block(plan)
         self.block_edges = block_edges
         self.block_workers = block_workers
         self.compile_blocks = compile_blocks and plan.blocks

@@ -372,10 +372,10 @@ def test_a_bad_spline_gives_one_clear_error():
 
 
 def test_the_spherical_products_over_wide_rows_as_in_the_paper_model():
-    """Branches of 132 features (the paper model's: 8 register chunks of 16 columns and a remainder) and 33
-    hidden units (3 chunks, padded), enough pairs for the kernel's own products (kProductsMinPairs; fewer
-    go to the matrix library: the other tests), on two threads: the filters' products equal the written-out
-    filters, and so do their gradients."""
+    """Branches of 132 features (the paper model's: 8 register chunks of 16 columns and a last chunk of 4,
+    padded) and 33 hidden units (∂E/∂h: 2 chunks and one dot product), more pairs than the forward pass
+    keeps rows for, on two threads: the filters' products equal the written-out filters, and so do their
+    gradients."""
     generator = torch.Generator().manual_seed(5)
     n, n_pairs, width, n_sph = 40, 2501, 132, 8
     idx_i, idx_j = random_pairs(n, n_pairs, generator)
@@ -411,6 +411,53 @@ def test_the_spherical_products_over_wide_rows_as_in_the_paper_model():
     torch.testing.assert_close(read, written, rtol=1e-12, atol=1e-11)
     for a, b in zip(ours, torch.autograd.grad(written, [rows, d], grad), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_pairs", [40, 2501], ids=["rows-kept", "rows-made-again"])
+def test_float32_at_the_paper_widths_matches_float64_forward_and_backward(n_pairs):
+    """The float32 kernel has its own vector code (head sums and coefficient gradients over ranges that
+    start and end inside a 16-lane chunk, the spherical products' last 4 of 132 columns as a padded chunk):
+    the paper model's widths (4 invariant heads of 33 features, 3 Euclidean heads of 44, 33 hidden units),
+    spline and spherical parts, every gradient, against the same call in float64."""
+    generator = torch.Generator().manual_seed(11)
+    n, width, n_sph = 30, 132, 15
+    idx_i, idx_j = random_pairs(n, n_pairs, generator)
+    invariant = [[33 * h, 33 * (h + 1), h] for h in range(4)]
+    ranges_in = torch.tensor(invariant + [[132 + 44 * h, 176 + 44 * h, 4 + h] for h in range(3)])
+    ranges_out = torch.tensor(invariant + [[132, 135, 4], [135, 140, 5], [140, 147, 6]])
+    scale = torch.rand(7, generator=generator, dtype=torch.float64)
+    spline, distances = radial_spline(2 * width, n_pairs)
+    rows, weights = spherical_part(n_pairs, 2, width, hidden=33)
+    inputs = {
+        "queries": torch.randn(n, 2 * width, generator=generator, dtype=torch.float64),
+        "keys_values": torch.randn(n, 3 * width, generator=generator, dtype=torch.float64),
+        "cutoff": torch.rand(2 * n_pairs, generator=generator, dtype=torch.float64),
+        "sph": torch.randn(2 * n_pairs, n_sph, generator=generator, dtype=torch.float64),
+        "distances": distances,
+        "hidden": rows / 4,
+        "weights": weights / 4,
+    }
+    grad = torch.randn(n, width + n_sph, generator=generator, dtype=torch.float64)
+
+    def call(dtype):
+        leaves = {k: v.to(dtype).requires_grad_() for k, v in inputs.items()}
+        table = kernel.spline_table(tuple(c.to(dtype) for c in spline.coefficients))
+        sums = kernel.pair_messages(
+            leaves["queries"], leaves["keys_values"], None, leaves["cutoff"], leaves["sph"], idx_i, idx_j,
+            (ranges_in.int(), ranges_out.int(), scale.to(dtype)),
+            radial=kernel.RadialSpline(leaves["distances"], table, spline.spacing),
+            spherical=kernel.SphericalFilters(leaves["hidden"], leaves["weights"]),
+        )  # fmt: skip
+        names = ["queries", "keys_values", "cutoff", "sph", "distances", "hidden"]
+        grads = torch.autograd.grad(sums, [leaves[k] for k in names], grad.to(dtype))
+        return {"sums": sums, **dict(zip(names, grads, strict=True))}
+
+    single, double = call(torch.float32), call(torch.float64)
+    for name, expected in double.items():
+        scale_of = expected.abs().max().item()
+        torch.testing.assert_close(
+            single[name].double(), expected, rtol=1e-4, atol=1e-5 * scale_of, msg=f"∂/∂{name}"
+        )
 
 
 @pytest.mark.parametrize("n_pairs", [9, 2501], ids=["rows-kept", "rows-made-again"])

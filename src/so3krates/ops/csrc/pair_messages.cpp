@@ -425,7 +425,7 @@ int64_t part_start(int64_t P, int64_t k, int64_t T) { return P * k / T; }
       at::Tensor ranges_out, at::Tensor scale, double spacing, int64_t F
 
 struct Tensors {
-  at::Tensor q, kv, w, phi, y, d, table, hidden, v, vp, vt, idx_i, idx_j, ranges_in, ranges_out, scale;
+  at::Tensor q, kv, w, phi, y, d, table, hidden, v, idx_i, idx_j, ranges_in, ranges_out, scale;
   double spacing;
   int64_t F;
 };
@@ -475,14 +475,24 @@ Inputs<T> check(const Tensors& a) {
                          static_cast<T>(a.spacing * (spline ? table.size(0) : 0))};
   TORCH_CHECK(!spherical || v.size(0) * v.size(1) <= kMaxHidden, "pair_messages: at most ", kMaxHidden,
               " hidden units in the spherical filter MLP");
-  const Spherical<T> sph{spherical ? hidden.data_ptr<T>() : nullptr,
-                         spherical ? v.data_ptr<T>() : nullptr,
-                         spherical ? a.vp.data_ptr<T>() : nullptr,
-                         spherical ? a.vt.data_ptr<T>() : nullptr,
-                         spherical ? v.size(0) : 0,
-                         spherical ? v.size(1) : 0,
-                         spherical ? v.size(2) : 0,
-                         spherical ? a.vp.size(2) : 0};
+  Spherical<T> sph{nullptr, nullptr, nullptr, nullptr, 0, 0, 0, 0};
+  if (spherical) {
+    const int64_t B = v.size(0), K = v.size(1), Fb = v.size(2), Fbp = (Fb + kLanes - 1) / kLanes * kLanes;
+    const T* values = v.data_ptr<T>();
+    // V padded and transposed in buffers of the calling thread, valid for this call (a few µs; as ATen
+    // operators, each of the two cost several dispatched calls per call of the kernel).
+    thread_local std::vector<T> padded, transposed;
+    padded.assign(B * K * Fbp, T(0));
+    transposed.resize(B * Fb * K);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t f = 0; f < Fb; ++f) {
+          const T value = values[(b * K + k) * Fb + f];
+          padded[(b * K + k) * Fbp + f] = value;
+          transposed[(b * Fb + f) * K + k] = value;
+        }
+    sph = {hidden.data_ptr<T>(), values, padded.data(), transposed.data(), B, K, Fb, Fbp};
+  }
   return {q.data_ptr<T>(),
           a.kv.data_ptr<T>(),
           given ? w.data_ptr<T>() : nullptr,
@@ -520,19 +530,22 @@ bool made_rows(const Inputs<T>& x) {
 
 }  // namespace
 
-// V with its rows padded with zeros to a multiple of kLanes columns (group_product).
-at::Tensor padded_rows(const at::Tensor& v) {
-  if (v.dim() != 3) return v;
-  const int64_t columns = (v.size(2) + kLanes - 1) / kLanes * kLanes;
-  return at::constant_pad_nd(v, {0, columns - v.size(2)}).contiguous();
+// The inputs of an entry point as one struct.
+#define SO3KRATES_TENSORS \
+  Tensors { q, kv, w, phi, y, d, table, hidden, v, idx_i, idx_j, ranges_in, ranges_out, scale, spacing, F }
+
+// Zeroed per-atom rows for each of T threads: the first thread's are the result, the others' are added to it
+// in thread order afterwards (sum_parts).
+std::vector<at::Tensor> zeroed_parts(int64_t T, int64_t n, int64_t width, const at::TensorOptions& options) {
+  std::vector<at::Tensor> parts;
+  for (int64_t k = 0; k < T; ++k) parts.push_back(at::zeros({n, width}, options));
+  return parts;
 }
 
-// The inputs of an entry point as one struct, with V padded and transposed once per call.
-#define SO3KRATES_TENSORS                                                                                  \
-  Tensors {                                                                                                \
-    q, kv, w, phi, y, d, table, hidden, v, padded_rows(v), v.dim() == 3 ? v.transpose(1, 2).contiguous() : v, \
-        idx_i, idx_j, ranges_in, ranges_out, scale, spacing, F                                             \
-  }
+at::Tensor sum_parts(std::vector<at::Tensor>& parts) {
+  for (size_t k = 1; k < parts.size(); ++k) parts[0].add_(parts[k]);
+  return parts[0];
+}
 
 // Gradients of the filters' parts, each as its input (empty where the part is absent).
 #define SO3KRATES_FILTER_GRADS(scalar) \
@@ -543,21 +556,21 @@ at::Tensor padded_rows(const at::Tensor& v) {
 // where the rows are not kept, it is neither written nor read.
 std::tuple<at::Tensor, at::Tensor> pair_messages(SO3KRATES_INPUTS) {
   const Tensors a = SO3KRATES_TENSORS;
-  at::Tensor u, rows;
+  at::Tensor rows;
+  std::vector<at::Tensor> u;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages", [&] {
     const auto x = check<scalar_t>(a);
     const int64_t T = threads_for(x.P);
     rows = at::empty({std::min(x.P, kKeepRowsMaxPairs), x.W}, q.options());
     scalar_t* keep = keeps_rows(x.P, made_rows(x)) ? rows.data_ptr<scalar_t>() : nullptr;
     // Rows of thread 0 are the result; threads 1.. add into scratch rows of their own, summed in order.
-    u = at::zeros({T, x.n, x.F + x.S}, q.options());
+    u = zeroed_parts(T, x.n, x.F + x.S, q.options());
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
         pairs_forward(x, part_start(x.P, k, T), part_start(x.P, k + 1, T), u[k].data_ptr<scalar_t>(), keep);
     });
   });
-  for (int64_t k = 1; k < u.size(0); ++k) u[0].add_(u[k]);
-  return {u[0], rows};
+  return {sum_parts(u), rows};
 }
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -568,7 +581,7 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
   // Every row of these is written (each pair's once, each edge's once); an absent part's gradient is empty.
   auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y), dd = at::empty_like(d),
        dh = at::empty_like(hidden);
-  at::Tensor dq, dkv;
+  std::vector<at::Tensor> dq, dkv;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_backward", [&] {
     const auto x = check<scalar_t>(a);
     const int64_t T = threads_for(x.P);
@@ -576,8 +589,8 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
                     rows.size(0) == std::min(x.P, kKeepRowsMaxPairs) && rows.size(1) == x.W,
                 "pair_messages_backward: the forward pass's filter rows must be the forward pass's output");
     const scalar_t* kept = keeps_rows(x.P, made_rows(x)) ? rows.data_ptr<scalar_t>() : nullptr;
-    dq = at::zeros({T, x.n, x.W}, q.options());
-    dkv = at::zeros({T, x.n, x.KVW}, q.options());
+    dq = zeroed_parts(T, x.n, x.W, q.options());
+    dkv = zeroed_parts(T, x.n, x.KVW, q.options());
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k)
         pairs_backward(x, grad.data_ptr<scalar_t>(), part_start(x.P, k, T), part_start(x.P, k + 1, T),
@@ -585,11 +598,7 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
                        dy.data_ptr<scalar_t>(), SO3KRATES_FILTER_GRADS(scalar_t), kept);
     });
   });
-  for (int64_t k = 1; k < dq.size(0); ++k) {
-    dq[0].add_(dq[k]);
-    dkv[0].add_(dkv[k]);
-  }
-  return {dq[0], dkv[0], dw, dphi, dy, dd, dh};
+  return {sum_parts(dq), sum_parts(dkv), dw, dphi, dy, dd, dh};
 }
 
 void pair_messages_block(at::Tensor u, SO3KRATES_INPUTS) {

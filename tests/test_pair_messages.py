@@ -424,7 +424,7 @@ def test_float32_at_the_paper_widths_matches_float64_forward_and_backward(n_pair
     idx_i, idx_j = random_pairs(n, n_pairs, generator)
     invariant = [[33 * h, 33 * (h + 1), h] for h in range(4)]
     ranges_in = torch.tensor(invariant + [[132 + 44 * h, 176 + 44 * h, 4 + h] for h in range(3)])
-    ranges_out = torch.tensor(invariant + [[132, 135, 4], [135, 140, 5], [140, 147, 6]])
+    ranges_out = torch.tensor([*invariant, [132, 135, 4], [135, 140, 5], [140, 147, 6]])
     scale = torch.rand(7, generator=generator, dtype=torch.float64)
     spline, distances = radial_spline(2 * width, n_pairs)
     rows, weights = spherical_part(n_pairs, 2, width, hidden=33)

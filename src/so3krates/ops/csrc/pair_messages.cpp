@@ -438,8 +438,11 @@ void check_spherical(const Tensors& a) {
               "B·F_b the queries' width");
 }
 
+// Which copies of the spherical weights V a call makes (check): padded rows, the transpose.
+constexpr int kPadded = 1, kTransposed = 2;
+
 template <typename T>
-Inputs<T> check(const Tensors& a) {
+Inputs<T> check(const Tensors& a, int copies) {
   const at::Tensor &q = a.q, &w = a.w, &d = a.d, &table = a.table, &hidden = a.hidden, &v = a.v;
   for (const auto* t : {&a.q, &a.kv, &a.w, &a.phi, &a.y, &a.d, &a.table, &a.hidden, &a.v, &a.scale})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type() && t->is_contiguous(),
@@ -479,18 +482,22 @@ Inputs<T> check(const Tensors& a) {
   if (spherical) {
     const int64_t B = v.size(0), K = v.size(1), Fb = v.size(2), Fbp = (Fb + kLanes - 1) / kLanes * kLanes;
     const T* values = v.data_ptr<T>();
-    // V padded and transposed in buffers of the calling thread, valid for this call (a few µs; as ATen
-    // operators, each of the two cost several dispatched calls per call of the kernel).
+    // V padded (for the products that make filter rows) and transposed (for ∂E/∂h), each only where the
+    // call needs it, in buffers of the calling thread, valid for this call (as ATen operators, each cost
+    // several dispatched calls per call of the kernel; at ethanol's 36 pairs, both copies made at every
+    // call were as long as the forward pass's messages).
     thread_local std::vector<T> padded, transposed;
-    padded.assign(B * K * Fbp, T(0));
-    transposed.resize(B * Fb * K);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t f = 0; f < Fb; ++f) {
-          const T value = values[(b * K + k) * Fb + f];
-          padded[(b * K + k) * Fbp + f] = value;
-          transposed[(b * Fb + f) * K + k] = value;
-        }
+    if (copies & kPadded) {
+      padded.assign(B * K * Fbp, T(0));
+      for (int64_t row = 0; row < B * K; ++row)
+        std::copy(values + row * Fb, values + (row + 1) * Fb, padded.data() + row * Fbp);
+    }
+    if (copies & kTransposed) {
+      transposed.resize(B * Fb * K);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t f = 0; f < Fb; ++f)
+          for (int64_t k = 0; k < K; ++k) transposed[(b * Fb + f) * K + k] = values[(b * K + k) * Fb + f];
+    }
     sph = {hidden.data_ptr<T>(), values, padded.data(), transposed.data(), B, K, Fb, Fbp};
   }
   return {q.data_ptr<T>(),
@@ -547,6 +554,11 @@ at::Tensor sum_parts(std::vector<at::Tensor>& parts) {
   return parts[0];
 }
 
+// Whether the backward pass of a whole-graph call reads the filter rows its forward pass kept (keeps_rows).
+bool rows_kept(const Tensors& a) {
+  return keeps_rows(a.idx_i.size(0) / 2, a.table.dim() == 3 || a.v.dim() == 3);
+}
+
 // Gradients of the filters' parts, each as its input (empty where the part is absent).
 #define SO3KRATES_FILTER_GRADS(scalar) \
   FilterGrads<scalar> { dw.data_ptr<scalar>(), dd.data_ptr<scalar>(), dh.data_ptr<scalar>() }
@@ -559,7 +571,7 @@ std::tuple<at::Tensor, at::Tensor> pair_messages(SO3KRATES_INPUTS) {
   at::Tensor rows;
   std::vector<at::Tensor> u;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages", [&] {
-    const auto x = check<scalar_t>(a);
+    const auto x = check<scalar_t>(a, kPadded);
     const int64_t T = threads_for(x.P);
     rows = at::empty({std::min(x.P, kKeepRowsMaxPairs), x.W}, q.options());
     scalar_t* keep = keeps_rows(x.P, made_rows(x)) ? rows.data_ptr<scalar_t>() : nullptr;
@@ -583,7 +595,7 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
        dh = at::empty_like(hidden);
   std::vector<at::Tensor> dq, dkv;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_backward", [&] {
-    const auto x = check<scalar_t>(a);
+    const auto x = check<scalar_t>(a, rows_kept(a) ? kTransposed : kPadded | kTransposed);
     const int64_t T = threads_for(x.P);
     TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == q.scalar_type() && rows.dim() == 2 &&
                     rows.size(0) == std::min(x.P, kKeepRowsMaxPairs) && rows.size(1) == x.W,
@@ -604,7 +616,7 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
 void pair_messages_block(at::Tensor u, SO3KRATES_INPUTS) {
   const Tensors a = SO3KRATES_TENSORS;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_block", [&] {
-    const auto x = check<scalar_t>(a);
+    const auto x = check<scalar_t>(a, kPadded);
     TORCH_CHECK(u.is_contiguous() && u.scalar_type() == q.scalar_type() && u.size(0) == x.n &&
                     u.size(1) == x.F + x.S,
                 "pair_messages_block: the sums must be a contiguous (n_atoms, F + n_sph) tensor of the same dtype");
@@ -619,7 +631,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_mess
   auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y), dd = at::empty_like(d),
        dh = at::empty_like(hidden);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_block_backward", [&] {
-    const auto x = check<scalar_t>(a);
+    const auto x = check<scalar_t>(a, kPadded | kTransposed);
     TORCH_CHECK(dq.is_contiguous() && dkv.is_contiguous() && dq.sizes() == q.sizes() &&
                     dkv.sizes() == kv.sizes() && dq.scalar_type() == q.scalar_type() &&
                     dkv.scalar_type() == q.scalar_type(),

@@ -350,7 +350,7 @@ def test_calculator_compiled_ahead_of_time_gives_the_same_numbers_and_is_cached(
         assert program._run is not program.function
     start = time.perf_counter()
     again = ethanol()
-    again.calc = So3kratesCalculator(checkpoint, compile="aoti")
+    again.calc = So3kratesCalculator(checkpoint, compile="aoti", planner=planner)  # the same plan
     again.get_forces()
     assert time.perf_counter() - start < 15.0, "the cached program was compiled again"
     assert len(list((tmp_path / "aoti").glob("*.pt2"))) == 2
@@ -507,7 +507,9 @@ def test_compiled_calculator_gives_the_same_forces(dtype):
     the plan the calculator takes is fused layers, spline, pairs."""
     model = make_force_field(preset("tiny"), torch.float64).model
     plain = So3kratesCalculator(model, dtype=dtype)
-    compiled = So3kratesCalculator(model, dtype=dtype, compile=True)
+    # One plan for every size here: without the pair-message kernel, which ethanol's 72 edges would take
+    # and its smaller pieces not (the kernel in programs: test_calculator_programs_with_the_pair_kernel...).
+    compiled = So3kratesCalculator(model, dtype=dtype, compile=True, planner=Planner(kernel_min_edges=None))
     tolerance = 1e-10 if dtype == "float64" else 1e-4
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # inductor's threaded CPU kernels crashed here before (double free)

@@ -308,7 +308,7 @@ def test_on_a_gpu_edge_blocks_start_where_the_gpus_own_memory_would_run_out(monk
     # A GPU whose memory holds the whole graph of one edge fewer than this one has.
     gpu_memory = 3 * WHOLE_GRAPH_BYTES_PER_EDGE_CUDA["inductor"] * (graph.n_edges - 1)
     monkeypatch.setattr("so3krates.runtime.plan._cuda_memory", lambda index: gpu_memory)
-    planner = Planner()
+    planner = Planner(kernel_min_edges=None)  # the CPU's plans without the pair-message kernel (its own test)
     assert planner.blocks_threshold("inductor", "cuda:0") == graph.n_edges - 1
     eager_edges = int(gpu_memory / 3 / WHOLE_GRAPH_BYTES_PER_EDGE_CUDA["none"])
     assert planner.blocks_threshold("none", "cuda:0") == eager_edges < graph.n_edges - 1

@@ -154,8 +154,10 @@ def check_compile_mode(compile: str, frozen: bool, device: torch.device | str) -
 #: 1.33×, 1.63×, 1.76×); pair by pair (pairs_dec5/, three runs) 0.91–0.93× at 72, 1.03–1.07× at 446,
 #: 1.32–1.38× at 5,744, 1.63–1.67× at 54,172. With its vector sums (December 5, threshold_dec5/, 7 rounds,
 #: 2 threads) ``aoti`` 0.97× at 72 edges (ethanol; 1.02× in another run of its program alone), 1.33× at 446,
-#: 1.71× at 5,744, eager 1.10×, 1.65×, 3.01×; aspirin (292 edges, its program alone, in turn) 1.18×.
-KERNEL_MIN_EDGES = 100
+#: 1.71× at 5,744, eager 1.10×, 1.65×, 3.01×; aspirin (292 edges, its program alone, in turn) 1.18×. With
+#: the weights' copies made only where needed (threshold_dec5_ethanol/, 9 rounds): ethanol ``aoti`` 0.99×
+#: (its program alone 1.03×), eager 1.09×: even or better from ethanol's 72 edges on.
+KERNEL_MIN_EDGES = 50
 
 #: Edges beyond which ``aoti`` programs with slots thread their generated loops (``Planner``): 99 water atoms
 #: have ~5,400 edges, the DeePMD box of 192 ~10,000, 399 water ~21,000.

@@ -137,7 +137,8 @@ struct Radial {
 
 // The spherical part of the filters (absent: h == nullptr): per pair the hidden row h (B·K), and the last
 // layer's weights per branch, V (B, K, Fb), V with its rows padded with zeros to Fbp columns (a multiple of
-// kLanes; group_product) and V's transpose Vt (B, Fb, K); B·Fb = W.
+// kLanes; group_product) and V's transpose Vt (B, Fb, K), each made only where a call needs it (check);
+// B·Fb = W.
 template <typename T>
 struct Spherical {
   const T *h, *v, *vp, *vt;
@@ -529,12 +530,6 @@ constexpr int64_t kKeepRowsMaxPairs = 2048;
 
 bool keeps_rows(int64_t P, bool made) { return made && P <= kKeepRowsMaxPairs; }
 
-// Whether the kernel makes the filter rows (from the spline or the spherical part) instead of reading them.
-template <typename T>
-bool made_rows(const Inputs<T>& x) {
-  return x.radial.table != nullptr || x.spherical.h != nullptr;
-}
-
 }  // namespace
 
 // The inputs of an entry point as one struct.
@@ -554,7 +549,8 @@ at::Tensor sum_parts(std::vector<at::Tensor>& parts) {
   return parts[0];
 }
 
-// Whether the backward pass of a whole-graph call reads the filter rows its forward pass kept (keeps_rows).
+// Whether a whole-graph call keeps the filter rows it makes (from the spline or the spherical part) in its
+// forward pass for its backward pass (keeps_rows).
 bool rows_kept(const Tensors& a) {
   return keeps_rows(a.idx_i.size(0) / 2, a.table.dim() == 3 || a.v.dim() == 3);
 }
@@ -574,7 +570,7 @@ std::tuple<at::Tensor, at::Tensor> pair_messages(SO3KRATES_INPUTS) {
     const auto x = check<scalar_t>(a, kPadded);
     const int64_t T = threads_for(x.P);
     rows = at::empty({std::min(x.P, kKeepRowsMaxPairs), x.W}, q.options());
-    scalar_t* keep = keeps_rows(x.P, made_rows(x)) ? rows.data_ptr<scalar_t>() : nullptr;
+    scalar_t* keep = rows_kept(a) ? rows.data_ptr<scalar_t>() : nullptr;
     // Rows of thread 0 are the result; threads 1.. add into scratch rows of their own, summed in order.
     u = zeroed_parts(T, x.n, x.F + x.S, q.options());
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
@@ -595,12 +591,13 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
        dh = at::empty_like(hidden);
   std::vector<at::Tensor> dq, dkv;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_backward", [&] {
-    const auto x = check<scalar_t>(a, rows_kept(a) ? kTransposed : kPadded | kTransposed);
+    const bool kept_rows = rows_kept(a);  // the filter rows are read, not made again
+    const auto x = check<scalar_t>(a, kept_rows ? kTransposed : kPadded | kTransposed);
     const int64_t T = threads_for(x.P);
     TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == q.scalar_type() && rows.dim() == 2 &&
                     rows.size(0) == std::min(x.P, kKeepRowsMaxPairs) && rows.size(1) == x.W,
                 "pair_messages_backward: the forward pass's filter rows must be the forward pass's output");
-    const scalar_t* kept = keeps_rows(x.P, made_rows(x)) ? rows.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* kept = kept_rows ? rows.data_ptr<scalar_t>() : nullptr;
     dq = zeroed_parts(T, x.n, x.W, q.options());
     dkv = zeroed_parts(T, x.n, x.KVW, q.options());
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {

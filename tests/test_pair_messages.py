@@ -7,6 +7,9 @@ random inputs, several heads of both kinds, a self-image pair and an atom withou
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from torch import Tensor
@@ -233,6 +236,88 @@ def test_pairs_shared_among_threads_give_the_written_out_sums_the_same_on_every_
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-11)
     for a, b in zip(results[1], results[2], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def helper_graph(n_pairs: int = 120, seed: int = 4):
+    """A graph of enough pairs for the kernel's helper thread, its inputs leaves of autograd."""
+    generator = torch.Generator().manual_seed(seed)
+    n = 30
+    idx_i, idx_j = random_pairs(n, n_pairs, generator)
+    _, _, _, heads = graph(True)
+    shapes = [(n, 2 * F), (n, 3 * F), (n_pairs, 2 * F), (2 * n_pairs,), (2 * n_pairs, 8)]
+    leaves = [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    return [leaf.requires_grad_() for leaf in leaves], idx_i, idx_j, heads
+
+
+def sums_and_gradients(leaves, idx_i, idx_j, heads, seed: int = 5):
+    """The kernel's sums and the gradients of ⟨sums, G⟩ for a fixed random G."""
+    got = kernel.pair_messages(*leaves, idx_i, idx_j, heads)
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(seed), dtype=got.dtype)
+    return (got, *torch.autograd.grad(got, leaves, grad))
+
+
+def test_the_helper_thread_gives_the_written_out_sums_the_same_on_every_call():
+    """Torch on one thread, the kernel allowed two: the pairs split with the kernel's helper thread, which
+    adds into rows of its own; busy (two callers at once), both parts run on the caller, with the same
+    numbers."""
+    leaves, idx_i, idx_j, heads = helper_graph()
+    expected = written_out(*leaves, idx_i, idx_j, heads)
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5), dtype=expected.dtype)
+    theirs = (expected, *torch.autograd.grad(expected, leaves, grad))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = sums_and_gradients(leaves, idx_i, idx_j, heads)
+        with kernel.kernel_threads(2):
+            helped = [sums_and_gradients(leaves, idx_i, idx_j, heads) for _ in range(3)]
+            with ThreadPoolExecutor(2) as pool:  # two callers at once: one of them without the helper
+                at_once = list(pool.map(lambda _: sums_and_gradients(leaves, idx_i, idx_j, heads), range(4)))
+        assert torch.ops.so3krates.set_kernel_threads(1) == 1  # restored on leaving
+    finally:
+        torch.set_num_threads(threads)
+    for result in (alone, *helped):
+        for a, b in zip(result, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-11)
+    # Two parts, summed in a fixed order: not the one-thread order, but the same on every call.
+    assert not torch.equal(alone[0], helped[0][0])
+    for result in helped[1:]:
+        for a, b in zip(result, helped[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Pool threads run with the default (one kernel thread): their calls are the one-thread numbers.
+    for result in at_once:
+        for a, b in zip(result, alone, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _child_with_helper(queue) -> None:
+    torch.set_num_threads(1)
+    leaves, idx_i, idx_j, heads = helper_graph()
+    with kernel.kernel_threads(2):
+        # As a NumPy array: a tensor would travel as shared memory that the exiting child takes along.
+        queue.put(sums_and_gradients(leaves, idx_i, idx_j, heads)[0].detach().numpy())
+
+
+def test_a_forked_child_starts_a_helper_of_its_own():
+    """After fork() the child has the parent's helper object but not its thread: it must not wait for it."""
+    leaves, idx_i, idx_j, heads = helper_graph()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with kernel.kernel_threads(2):  # the parent's helper exists and has served
+            expected = sums_and_gradients(leaves, idx_i, idx_j, heads)[0].detach()
+    finally:
+        torch.set_num_threads(threads)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_with_helper, args=(queue,))
+    child.start()
+    try:
+        got = torch.from_numpy(queue.get(timeout=120))
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def radial_spline(width: int, n_pairs: int, dtype=torch.float64, seed: int = 1):

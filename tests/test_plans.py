@@ -241,6 +241,12 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
     assert planner.threads(1001, 2, "cpu", frozen=True) == 2
     assert planner.threads(72, 2, "cpu", frozen=False) == 2
     assert planner.threads(72, 2, "meta", frozen=True) == 2
+    # The pair-message kernel: a helper thread where torch runs on one thread of several, else torch's.
+    assert planner.kernel_threads(1, 2) == 2
+    assert planner.kernel_threads(1, 8) == 2
+    assert planner.kernel_threads(2, 2) == 1
+    assert planner.kernel_threads(1, 1) == 1
+    assert Planner(kernel_helper=False).kernel_threads(1, 2) == 1
     # Overrides, for comparisons.
     assert Planner(spline=False).plan(72, DTYPES[dtype], True) == Plan("fused", "network")
     assert Planner(spline=True).plan(5000, DTYPES[dtype], True) == Plan("modules", "spline")

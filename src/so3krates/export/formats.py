@@ -234,8 +234,11 @@ class ExportedModel:
         compute_stress: bool = False,
         create_graph: bool = False,
     ) -> dict[str, torch.Tensor]:
-        threads = self.planner.threads(graph.n_edges, torch.get_num_threads(), "cpu", frozen=True)
-        return run_on_threads(threads, self.program, graph, compute_forces, compute_stress, create_graph)
+        available = torch.get_num_threads()
+        threads = self.planner.threads(graph.n_edges, available, "cpu", frozen=True)
+        kernel = self.planner.kernel_threads(threads, available)
+        args = (graph, compute_forces, compute_stress, create_graph)
+        return run_on_threads(threads, self.program, *args, kernel=kernel)
 
 
 def load_exported(path: str | os.PathLike, planner: Planner | None = None) -> ExportedModel:

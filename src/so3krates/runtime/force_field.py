@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from so3krates.data.graph import Graph
 from so3krates.model.so3krates import So3krates
 from so3krates.model.so3lr import So3lr
+from so3krates.ops import pair_messages
 from so3krates.runtime.evaluator import EnergyFunction, Evaluator
 from so3krates.runtime.long_range import LongRangeEvaluator
 from so3krates.runtime.plan import Plan, PlanError, Planner, check_compile_mode
@@ -163,16 +164,21 @@ class ForceField(nn.Module):
         """
         threads = self.threads(graph)
         evaluator = self.evaluator(self.plan(graph, create_graph, threads), graph.n_edges)
-        return run_on_threads(threads, evaluator, graph, compute_forces, compute_stress, create_graph)
+        kernel = self.planner.kernel_threads(threads, torch.get_num_threads())
+        args = (graph, compute_forces, compute_stress, create_graph)
+        return run_on_threads(threads, evaluator, *args, kernel=kernel)
 
 
-def run_on_threads(threads: int, function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` with torch on ``threads`` threads, restored afterwards."""
+def run_on_threads(threads: int, function: Callable[..., T], *args: Any, kernel: int = 1) -> T:
+    """``function(*args)`` with torch on ``threads`` threads, restored afterwards, and the pair-message
+    kernel's whole-graph calls on up to ``kernel`` threads
+    (:func:`~so3krates.ops.pair_messages.kernel_threads`)."""
     available = torch.get_num_threads()
-    if threads == available:
-        return function(*args)
-    torch.set_num_threads(threads)
-    try:
-        return function(*args)
-    finally:
-        torch.set_num_threads(available)
+    with pair_messages.kernel_threads(kernel):
+        if threads == available:
+            return function(*args)
+        torch.set_num_threads(threads)
+        try:
+            return function(*args)
+        finally:
+            torch.set_num_threads(available)

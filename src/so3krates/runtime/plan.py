@@ -250,6 +250,11 @@ class Planner:
             small ones, where each threaded loop wakes the other threads (2 threads, in turn, after / before:
             99 water 1.08×, 192 water (DeePMD box) 1.03×, 399 water 0.94×, 999 water 0.92×;
             ``benchmarks/results/execution_layer/example_dec5``). ``None``: never.
+        kernel_helper: where a call runs torch on one thread of several (``single_thread_edges``), the
+            pair-message kernel still splits its pairs with a helper thread of its own, which waits for
+            work actively only while evaluations follow each other
+            (:func:`so3krates.ops.pair_messages.kernel_threads`; 3BPA, one torch thread, in turn: 1.22 →
+            0.99 ms per call). ``False``: the kernel on torch's one thread.
     """
 
     fused_max_edges: int = 2000
@@ -263,6 +268,12 @@ class Planner:
     block_workers: int | None = None
     kernel_min_edges: int | None = KERNEL_MIN_EDGES
     parallel_loops_min_edges: int | None = PARALLEL_LOOPS_MIN_EDGES
+    kernel_helper: bool = True
+
+    def kernel_threads(self, threads: int, available: int) -> int:
+        """Threads the pair-message kernel may use in a call that runs torch on ``threads`` of ``available``
+        threads: two where torch runs on one of several (``kernel_helper``), else one (then torch's)."""
+        return min(available, 2) if self.kernel_helper and threads == 1 < available else 1
 
     def parallel_loops(self, plan: Plan, n_edges: int) -> bool:
         """Whether an ``aoti`` program of ``plan`` for ``n_edges`` edges threads its generated loops."""

@@ -14,7 +14,9 @@
 // and each pair's filter gradient written once. A thread adds its pairs' contributions to per-atom rows of
 // its own (the first thread into the result, the others into scratch rows summed afterwards in a fixed
 // order), so no row is written by two threads and the numbers are the same on every call.
-// Whole graph (pair_messages, ..._backward): the pairs split evenly among torch's intra-op threads.
+// Whole graph (pair_messages, ..._backward): the pairs split evenly among torch's intra-op threads, or, where
+// the caller runs torch on one thread and allows the kernel more (set_kernel_threads), between the calling
+// thread and a helper thread of the kernel's own (Helper).
 // Blocks (pair_messages_block, ..._backward): one block of pairs on the calling thread, adding into per-atom
 // buffers that the caller owns (one set per thread of blocks).
 // ATen and the operator registry only: no Python headers are needed to build it.
@@ -25,8 +27,17 @@
 #endif
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -411,9 +422,125 @@ void pairs_backward(const Inputs<T>& x, const T* g, int64_t p0, int64_t p1, T* d
   }
 }
 
+
+// A second thread for whole-graph calls of a caller that runs torch on one thread (small molecules: every
+// other operation of an evaluation is faster on one thread, benchmarks/results/thresholds.md) but lets the
+// kernel use two (set_kernel_threads). Written by hand because torch's pool cannot give it cheaply: under
+// OMP_WAIT_POLICY=PASSIVE, each parallel region wakes a sleeping OpenMP thread (3BPA, the kernel on two
+// OpenMP threads: 1.26-1.33 ms per evaluation against 1.18 on one). This thread waits for work actively
+// for kSpin after each task, so that it is awake for the next of an evaluation's six kernel calls, and
+// then sleeps on a condition variable: it holds a core only while an evaluation runs.
+constexpr auto kSpin = std::chrono::microseconds(300);
+
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+class Helper {
+ public:
+  Helper() { std::thread([this] { serve(); }).detach(); }
+
+  // Runs mine() here and theirs() on the helper thread at once; returns when both have returned. Where
+  // another caller has the helper, both run here, one after the other (the same numbers: each part adds
+  // into rows of its own).
+  template <typename Mine, typename Theirs>
+  void run(Mine&& mine, Theirs&& theirs) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) {
+      mine();
+      theirs();
+      return;
+    }
+    const std::function<void()> task = theirs;
+    std::exception_ptr error;
+    task_ = &task;
+    error_ = &error;
+    const uint64_t n = posted_.load(std::memory_order_relaxed) + 1;
+    {
+      std::lock_guard<std::mutex> lock(sleep_);
+      posted_.store(n, std::memory_order_release);
+    }
+    wake_.notify_one();
+    std::exception_ptr mine_error;
+    try {
+      mine();
+    } catch (...) {
+      mine_error = std::current_exception();
+    }
+    while (done_.load(std::memory_order_acquire) != n) relax();
+    if (mine_error) std::rethrow_exception(mine_error);
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  void serve() {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      while (posted_.load(std::memory_order_acquire) == seen) {
+        if (std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lock(sleep_);
+          wake_.wait(lock, [&] { return posted_.load(std::memory_order_acquire) != seen; });
+          break;
+        }
+        relax();
+      }
+      seen = posted_.load(std::memory_order_acquire);
+      try {
+        (*task_)();
+      } catch (...) {
+        *error_ = std::current_exception();
+      }
+      done_.store(seen, std::memory_order_release);
+    }
+  }
+
+  std::atomic<uint64_t> posted_{0}, done_{0};
+  const std::function<void()>* task_ = nullptr;
+  std::exception_ptr* error_ = nullptr;
+  std::mutex busy_, sleep_;
+  std::condition_variable wake_;
+};
+
+// The helper of this process, started on first use. After fork() the child has the object but not its thread:
+// a child that calls the kernel starts a helper of its own. Never destroyed (the thread may wait on it when the
+// process exits).
+Helper& helper() {
+  static std::mutex guard;
+  static Helper* helper = nullptr;
+  static pid_t owner = 0;
+  std::lock_guard<std::mutex> lock(guard);
+  if (helper == nullptr || owner != getpid()) {
+    helper = new Helper();
+    owner = getpid();
+  }
+  return *helper;
+}
+
+// Threads the whole-graph calls of this thread may use while torch runs on one (set_kernel_threads): 1 or 2.
+thread_local int64_t kernel_threads = 1;
+// Pairs per part below which the helper is not worth waking (ethanol's 36 pairs, two parts: 0.39 -> 0.37 ms).
+constexpr int64_t kMinPairsPerHelperPart = 16;
+
 // How many threads a whole-graph call of P pairs uses, and the pairs of thread k: [P k / T, P (k + 1) / T).
 int64_t threads_for(int64_t P) {
+  if (at::get_num_threads() == 1 && kernel_threads > 1 && P >= 2 * kMinPairsPerHelperPart) return 2;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P / kMinPairsPerThread));
+}
+
+// part(k) for each of the T parts of a whole-graph call: on torch's threads, or, where torch runs on one
+// thread (threads_for), the second part on the helper.
+template <typename Part>
+void run_parts(int64_t T, const Part& part) {
+  if (T == 2 && at::get_num_threads() == 1) {
+    helper().run([&] { part(0); }, [&] { part(1); });
+    return;
+  }
+  at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) part(k);
+  });
 }
 
 int64_t part_start(int64_t P, int64_t k, int64_t T) { return P * k / T; }
@@ -573,9 +700,8 @@ std::tuple<at::Tensor, at::Tensor> pair_messages(SO3KRATES_INPUTS) {
     scalar_t* keep = rows_kept(a) ? rows.data_ptr<scalar_t>() : nullptr;
     // Rows of thread 0 are the result; threads 1.. add into scratch rows of their own, summed in order.
     u = zeroed_parts(T, x.n, x.F + x.S, q.options());
-    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k)
-        pairs_forward(x, part_start(x.P, k, T), part_start(x.P, k + 1, T), u[k].data_ptr<scalar_t>(), keep);
+    run_parts(T, [&](int64_t k) {
+      pairs_forward(x, part_start(x.P, k, T), part_start(x.P, k + 1, T), u[k].data_ptr<scalar_t>(), keep);
     });
   });
   return {sum_parts(u), rows};
@@ -600,11 +726,10 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
     const scalar_t* kept = kept_rows ? rows.data_ptr<scalar_t>() : nullptr;
     dq = zeroed_parts(T, x.n, x.W, q.options());
     dkv = zeroed_parts(T, x.n, x.KVW, q.options());
-    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k)
-        pairs_backward(x, grad.data_ptr<scalar_t>(), part_start(x.P, k, T), part_start(x.P, k + 1, T),
-                       dq[k].data_ptr<scalar_t>(), dkv[k].data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(),
-                       dy.data_ptr<scalar_t>(), SO3KRATES_FILTER_GRADS(scalar_t), kept);
+    run_parts(T, [&](int64_t k) {
+      pairs_backward(x, grad.data_ptr<scalar_t>(), part_start(x.P, k, T), part_start(x.P, k + 1, T),
+                     dq[k].data_ptr<scalar_t>(), dkv[k].data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(),
+                     dy.data_ptr<scalar_t>(), SO3KRATES_FILTER_GRADS(scalar_t), kept);
     });
   });
   return {sum_parts(dq), sum_parts(dkv), dw, dphi, dy, dd, dh};
@@ -641,6 +766,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_mess
   return {dw, dphi, dy, dd, dh};
 }
 
+// Threads the whole-graph calls of the calling thread may use while torch runs on one thread (1 or 2; the
+// second is the kernel's helper); returns the value before.
+int64_t set_kernel_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 1, "set_kernel_threads: at least one thread");
+  const int64_t before = kernel_threads;
+  kernel_threads = std::min<int64_t>(threads, 2);
+  return before;
+}
+
 // Registered with the dispatcher (not as a Python module), so that compiled programs call it directly.
 // Shapes for tracing and the autograd formula are registered from Python (so3krates/ops/pair_messages.py).
 #define SO3KRATES_SCHEMA                                                                                      \
@@ -655,6 +789,7 @@ TORCH_LIBRARY(so3krates, m) {
   m.def("pair_messages_block(Tensor(a!) sums, " SO3KRATES_SCHEMA ") -> ()");
   m.def("pair_messages_block_backward(Tensor(a!) grad_queries, Tensor(b!) grad_keys_values, Tensor grad, "
         SO3KRATES_SCHEMA ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("set_kernel_threads(int threads) -> int", &set_kernel_threads);
 }
 
 TORCH_LIBRARY_IMPL(so3krates, CPU, m) {

@@ -163,8 +163,9 @@ class ForceField(nn.Module):
             asked for.
         """
         threads = self.threads(graph)
-        evaluator = self.evaluator(self.plan(graph, create_graph, threads), graph.n_edges)
-        kernel = self.planner.kernel_threads(threads, torch.get_num_threads())
+        plan = self.plan(graph, create_graph, threads)
+        evaluator = self.evaluator(plan, graph.n_edges)
+        kernel = self.planner.kernel_threads(plan, threads, torch.get_num_threads())
         args = (graph, compute_forces, compute_stress, create_graph)
         return run_on_threads(threads, evaluator, *args, kernel=kernel)
 

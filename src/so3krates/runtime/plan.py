@@ -270,10 +270,12 @@ class Planner:
     parallel_loops_min_edges: int | None = PARALLEL_LOOPS_MIN_EDGES
     kernel_helper: bool = True
 
-    def kernel_threads(self, threads: int, available: int) -> int:
-        """Threads the pair-message kernel may use in a call that runs torch on ``threads`` of ``available``
-        threads: two where torch runs on one of several (``kernel_helper``), else one (then torch's)."""
-        return min(available, 2) if self.kernel_helper and threads == 1 < available else 1
+    def kernel_threads(self, plan: Plan, threads: int, available: int) -> int:
+        """Threads the pair-message kernel may use in a call of ``plan`` that runs torch on ``threads`` of
+        ``available`` threads: two where torch runs on one of several (``kernel_helper``), else one (then
+        torch's)."""
+        helped = plan.kernel and self.kernel_helper and threads == 1 < available
+        return min(available, 2) if helped else 1
 
     def parallel_loops(self, plan: Plan, n_edges: int) -> bool:
         """Whether an ``aoti`` program of ``plan`` for ``n_edges`` edges threads its generated loops."""

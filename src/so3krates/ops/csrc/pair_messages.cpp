@@ -474,16 +474,31 @@ class Helper {
     if (error) std::rethrow_exception(error);
   }
 
+  // Wakes the helper where it sleeps, so that it waits actively for the kernel calls that follow: called as
+  // an evaluation starts, ~0.1 ms before its first kernel call; waking it only at that call cost ethanol
+  // (36 pairs) more than its second part saved.
+  void call() {
+    {
+      std::lock_guard<std::mutex> lock(sleep_);
+      if (!asleep_) return;
+      ++calls_;
+    }
+    wake_.notify_one();
+  }
+
  private:
   void serve() {
     uint64_t seen = 0;
     for (;;) {
-      const auto start = std::chrono::steady_clock::now();
+      auto start = std::chrono::steady_clock::now();
       while (posted_.load(std::memory_order_acquire) == seen) {
         if (std::chrono::steady_clock::now() - start > kSpin) {
           std::unique_lock<std::mutex> lock(sleep_);
-          wake_.wait(lock, [&] { return posted_.load(std::memory_order_acquire) != seen; });
-          break;
+          asleep_ = true;
+          const uint64_t calls = calls_;
+          wake_.wait(lock, [&] { return posted_.load(std::memory_order_acquire) != seen || calls_ != calls; });
+          asleep_ = false;
+          start = std::chrono::steady_clock::now();  // woken by call(): wait actively again
         }
         relax();
       }
@@ -502,6 +517,8 @@ class Helper {
   std::exception_ptr* error_ = nullptr;
   std::mutex busy_, sleep_;
   std::condition_variable wake_;
+  bool asleep_ = false;  // guarded by sleep_, as calls_
+  uint64_t calls_ = 0;
 };
 
 // The helper of this process, started on first use. After fork() the child has the object but not its thread:
@@ -767,11 +784,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_mess
 }
 
 // Threads the whole-graph calls of the calling thread may use while torch runs on one thread (1 or 2; the
-// second is the kernel's helper); returns the value before.
+// second is the kernel's helper, woken here); returns the value before.
 int64_t set_kernel_threads(int64_t threads) {
   TORCH_CHECK(threads >= 1, "set_kernel_threads: at least one thread");
   const int64_t before = kernel_threads;
   kernel_threads = std::min<int64_t>(threads, 2);
+  if (kernel_threads > 1) helper().call();
   return before;
 }
 

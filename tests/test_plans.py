@@ -243,12 +243,13 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
     assert planner.threads(72, 2, "meta", frozen=True) == 2
     # The pair-message kernel: a helper thread where torch runs on one thread of several, else torch's.
     with_kernel = Plan("fused", "spline", pairs=True, kernel=True)
-    assert planner.kernel_threads(with_kernel, 1, 2) == 2
-    assert planner.kernel_threads(with_kernel, 1, 8) == 2
-    assert planner.kernel_threads(with_kernel, 2, 2) == 1
-    assert planner.kernel_threads(with_kernel, 1, 1) == 1
-    assert planner.kernel_threads(Plan("fused", "spline", pairs=True), 1, 2) == 1
-    assert Planner(kernel_helper=False).kernel_threads(with_kernel, 1, 2) == 1
+    assert planner.kernel_threads(with_kernel, 446, 1, 2) == 2
+    assert planner.kernel_threads(with_kernel, 446, 1, 8) == 2
+    assert planner.kernel_threads(with_kernel, 199, 1, 2) == 1
+    assert planner.kernel_threads(with_kernel, 446, 2, 2) == 1
+    assert planner.kernel_threads(with_kernel, 446, 1, 1) == 1
+    assert planner.kernel_threads(Plan("fused", "spline", pairs=True), 446, 1, 2) == 1
+    assert Planner(kernel_helper_min_edges=None).kernel_threads(with_kernel, 446, 1, 2) == 1
     # Overrides, for comparisons.
     assert Planner(spline=False).plan(72, DTYPES[dtype], True) == Plan("fused", "network")
     assert Planner(spline=True).plan(5000, DTYPES[dtype], True) == Plan("modules", "spline")

@@ -236,7 +236,7 @@ class ExportedModel:
     ) -> dict[str, torch.Tensor]:
         available = torch.get_num_threads()
         threads = self.planner.threads(graph.n_edges, available, "cpu", frozen=True)
-        kernel = self.planner.kernel_threads(self.plan, threads, available)
+        kernel = self.planner.kernel_threads(self.plan, graph.n_edges, threads, available)
         args = (graph, compute_forces, compute_stress, create_graph)
         return run_on_threads(threads, self.program, *args, kernel=kernel)
 

@@ -165,7 +165,7 @@ class ForceField(nn.Module):
         threads = self.threads(graph)
         plan = self.plan(graph, create_graph, threads)
         evaluator = self.evaluator(plan, graph.n_edges)
-        kernel = self.planner.kernel_threads(plan, threads, torch.get_num_threads())
+        kernel = self.planner.kernel_threads(plan, graph.n_edges, threads, torch.get_num_threads())
         args = (graph, compute_forces, compute_stress, create_graph)
         return run_on_threads(threads, evaluator, *args, kernel=kernel)
 

@@ -162,6 +162,13 @@ KERNEL_MIN_EDGES = 50
 #: Edges beyond which ``aoti`` programs with slots thread their generated loops (``Planner``): 99 water atoms
 #: have ~5,400 edges, the DeePMD box of 192 ~10,000, 399 water ~21,000.
 PARALLEL_LOOPS_MIN_EDGES = 16_000
+#: Edges from which a call that runs torch on one thread of several gives the pair-message kernel a helper
+#: thread (Planner.kernel_helper_min_edges). ab_calls.py against the kernel on one thread (aoti, float32,
+#: 11 rounds; benchmarks/results/pair_kernel/helper_dec5/): aspirin (292 edges) 0.93×, alanine dipeptide
+#: (340) 0.90×, 3BPA (446) 0.86–0.88×; ethanol (72) 1.01× in two runs and 1.23× in two others, in minutes
+#: when this VM's two cores ran slower together (3BPA then 1.01×): below ~100 pairs the helper's half of
+#: the kernel saves less than waking it costs at such times.
+KERNEL_HELPER_MIN_EDGES = 200
 
 #: Peak memory per edge of energy + forces of the whole graph at once (paper preset, float32, pairs; the
 #: process's peak over edges, interpreter included): eager modules 4.07 GB at 163k edges (3,000 water);
@@ -250,11 +257,11 @@ class Planner:
             small ones, where each threaded loop wakes the other threads (2 threads, in turn, after / before:
             99 water 1.08×, 192 water (DeePMD box) 1.03×, 399 water 0.94×, 999 water 0.92×;
             ``benchmarks/results/execution_layer/example_dec5``). ``None``: never.
-        kernel_helper: where a call runs torch on one thread of several (``single_thread_edges``), the
-            pair-message kernel still splits its pairs with a helper thread of its own, which waits for
-            work actively only while evaluations follow each other
-            (:func:`so3krates.ops.pair_messages.kernel_threads`; 3BPA, one torch thread, in turn: 1.22 →
-            0.99 ms per call). ``False``: the kernel on torch's one thread.
+        kernel_helper_min_edges: where a call of at least this many edges runs torch on one thread of
+            several (``single_thread_edges``), the pair-message kernel still splits its pairs with a
+            helper thread of its own, which waits for work actively only while evaluations follow each
+            other (:func:`so3krates.ops.pair_messages.kernel_threads`; 3BPA through the calculator, in
+            turn: 0.86–0.88× the time). ``None``: the kernel on torch's one thread.
     """
 
     fused_max_edges: int = 2000
@@ -268,13 +275,14 @@ class Planner:
     block_workers: int | None = None
     kernel_min_edges: int | None = KERNEL_MIN_EDGES
     parallel_loops_min_edges: int | None = PARALLEL_LOOPS_MIN_EDGES
-    kernel_helper: bool = True
+    kernel_helper_min_edges: int | None = KERNEL_HELPER_MIN_EDGES
 
-    def kernel_threads(self, plan: Plan, threads: int, available: int) -> int:
-        """Threads the pair-message kernel may use in a call of ``plan`` that runs torch on ``threads`` of
-        ``available`` threads: two where torch runs on one of several (``kernel_helper``), else one (then
-        torch's)."""
-        helped = plan.kernel and self.kernel_helper and threads == 1 < available
+    def kernel_threads(self, plan: Plan, n_edges: int, threads: int, available: int) -> int:
+        """Threads the pair-message kernel may use in a call of ``plan`` on ``n_edges`` edges that runs
+        torch on ``threads`` of ``available`` threads: two where torch runs on one of several
+        (``kernel_helper_min_edges``), else one (then torch's)."""
+        limit = self.kernel_helper_min_edges
+        helped = plan.kernel and limit is not None and n_edges >= limit and threads == 1 < available
         return min(available, 2) if helped else 1
 
     def parallel_loops(self, plan: Plan, n_edges: int) -> bool:

@@ -538,7 +538,8 @@ Helper& helper() {
 
 // Threads the whole-graph calls of this thread may use while torch runs on one (set_kernel_threads): 1 or 2.
 thread_local int64_t kernel_threads = 1;
-// Pairs per part below which the helper is not worth waking (ethanol's 36 pairs, two parts: 0.39 -> 0.37 ms).
+// Pairs per part below which a call does not use the helper even where allowed (the planner allows it from
+// 200 edges: Planner.kernel_helper_min_edges).
 constexpr int64_t kMinPairsPerHelperPart = 16;
 
 // How many threads a whole-graph call of P pairs uses, and the pairs of thread k: [P k / T, P (k + 1) / T).

@@ -222,6 +222,10 @@ def _register() -> None:
         return (dq, dkv, dw, dphi, dy, dd, None, dh, *(None,) * 8)
 
     torch.library.register_autograd("so3krates::pair_messages", backward, setup_context=setup_context)
+
+    @torch.library.register_fake("so3krates::products")
+    def _(a, b):
+        return a.new_empty((a.shape[0], b.shape[1]))
     _register_flops()
 
 

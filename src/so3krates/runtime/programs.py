@@ -133,6 +133,8 @@ def trace(energy: EnergyFunction, inputs: tuple[Tensor, ...]) -> torch.export.Ex
     graph_module = make_fx(ProgramFunction(energy), tracing_mode="symbolic", _allow_non_fake_inputs=True)(
         *inputs
     )
+    if energy.plan.kernel:
+        products_with_helper(graph_module)
     n_atoms = Dim("n_atoms", min=0, max=2**31 - 1)
     n_edges = Dim("n_edges", min=0, max=2**31 - 1)
     if pairs:  # an even number of edges: both directions of every pair
@@ -146,6 +148,37 @@ def trace(energy: EnergyFunction, inputs: tuple[Tensor, ...]) -> torch.export.Ex
     with warnings.catch_warnings(), torch.fx.experimental._config.patch(backed_size_oblivious=oblivious):
         warnings.simplefilter("ignore", FutureWarning)
         return torch.export.export(graph_module, inputs, dynamic_shapes=dynamic, strict=False)
+
+
+#: Matrix products of a program with the kernel whose second factor has at least this many entries go
+#: through ``so3krates::products``, which splits them with the kernel's helper thread where it may.
+PRODUCTS_MIN_WEIGHTS = 132 * 264
+
+
+def products_with_helper(graph_module: torch.fx.GraphModule) -> int:
+    """Replaces ``mm`` / ``addmm`` with a static second factor of at least ``PRODUCTS_MIN_WEIGHTS`` entries
+    by ``so3krates::products`` (plus the bias); returns how many."""
+    aten = torch.ops.aten
+    replaced = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
+            continue
+        if any(node.kwargs.get(scale, 1) != 1 for scale in ("beta", "alpha")):
+            continue
+        a, b = node.args[-2:]
+        shape = b.meta["val"].shape
+        if not all(isinstance(size, int) for size in shape) or shape[0] * shape[1] < PRODUCTS_MIN_WEIGHTS:
+            continue
+        with graph_module.graph.inserting_before(node):
+            new = graph_module.graph.call_function(torch.ops.so3krates.products.default, (a, b))
+            if node.target is aten.addmm.default:
+                new = graph_module.graph.call_function(aten.add.Tensor, (new, node.args[0]))
+        node.replace_all_uses_with(new)
+        graph_module.graph.erase_node(node)
+        replaced += 1
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return replaced
 
 
 @contextlib.contextmanager

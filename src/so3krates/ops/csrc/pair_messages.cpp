@@ -22,6 +22,8 @@
 // ATen and the operator registry only: no Python headers are needed to build it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -488,6 +490,7 @@ class Helper {
 
  private:
   void serve() {
+    omp_set_num_threads(1);  // the matrix-product library's calls on this thread: one thread
     uint64_t seen = 0;
     for (;;) {
       auto start = std::chrono::steady_clock::now();
@@ -794,6 +797,24 @@ int64_t set_kernel_threads(int64_t threads) {
   return before;
 }
 
+// a @ b; where the calling thread's kernel calls may use the helper (set_kernel_threads) and torch runs on
+// one thread, the columns of b split between the caller and the helper.
+constexpr int64_t kMinSplitProduct = 1 << 20;
+at::Tensor products(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "products: (M, K) @ (K, N)");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  at::Tensor out = at::empty({M, N}, a.options());
+  if (kernel_threads > 1 && at::get_num_threads() == 1 && N >= 64 && M * K * N >= kMinSplitProduct) {
+    const int64_t half = (N / 2 + 15) / 16 * 16;
+    at::Tensor first = out.narrow(1, 0, half), second = out.narrow(1, half, N - half);
+    const at::Tensor b_first = b.narrow(1, 0, half), b_second = b.narrow(1, half, N - half);
+    helper().run([&] { at::cpu::mm_out(first, a, b_first); }, [&] { at::cpu::mm_out(second, a, b_second); });
+  } else {
+    at::cpu::mm_out(out, a, b);
+  }
+  return out;
+}
+
 // Registered with the dispatcher (not as a Python module), so that compiled programs call it directly.
 // Shapes for tracing and the autograd formula are registered from Python (so3krates/ops/pair_messages.py).
 #define SO3KRATES_SCHEMA                                                                                      \
@@ -809,6 +830,7 @@ TORCH_LIBRARY(so3krates, m) {
   m.def("pair_messages_block_backward(Tensor(a!) grad_queries, Tensor(b!) grad_keys_values, Tensor grad, "
         SO3KRATES_SCHEMA ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("set_kernel_threads(int threads) -> int", &set_kernel_threads);
+  m.def("products(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(so3krates, CPU, m) {
@@ -816,4 +838,5 @@ TORCH_LIBRARY_IMPL(so3krates, CPU, m) {
   m.impl("pair_messages_backward", &pair_messages_backward);
   m.impl("pair_messages_block", &pair_messages_block);
   m.impl("pair_messages_block_backward", &pair_messages_block_backward);
+  m.impl("products", &products);
 }

@@ -152,7 +152,7 @@ def trace(energy: EnergyFunction, inputs: tuple[Tensor, ...]) -> torch.export.Ex
 
 #: Matrix products of a program with the kernel whose second factor has at least this many entries go
 #: through ``so3krates::products``, which splits them with the kernel's helper thread where it may.
-PRODUCTS_MIN_WEIGHTS = 132 * 264
+PRODUCTS_MIN_WEIGHTS = 135 * 135
 
 
 def products_with_helper(graph_module: torch.fx.GraphModule) -> int:

@@ -799,7 +799,7 @@ int64_t set_kernel_threads(int64_t threads) {
 
 // a @ b; where the calling thread's kernel calls may use the helper (set_kernel_threads) and torch runs on
 // one thread, the columns of b split between the caller and the helper.
-constexpr int64_t kMinSplitProduct = 1 << 20;
+constexpr int64_t kMinSplitProduct = 1 << 18;
 at::Tensor products(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "products: (M, K) @ (K, N)");
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);

@@ -320,6 +320,60 @@ def test_a_forked_child_starts_a_helper_of_its_own():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_products_split_with_the_helper_equal_the_matrix_product_the_same_on_every_call(dtype):
+    """``so3krates::products`` hands half of the columns to the helper where allowed: the result is the
+    product (the weights as given and as a transposed view, an odd width, a product too small to split)."""
+    generator = torch.Generator().manual_seed(6)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    cases = [
+        (rand(27, 132), rand(132, 660)),
+        (rand(27, 660), rand(132, 660).t()),
+        (rand(40, 135), rand(135, 135)),
+    ]
+    cases += [(rand(9, 101), rand(101, 301)), (rand(3, 15), rand(15, 19))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = [torch.ops.so3krates.products(a, b) for a, b in cases]
+        with kernel.kernel_threads(2):
+            helped = [[torch.ops.so3krates.products(a, b) for a, b in cases] for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    for (a, b), one, results in zip(cases, alone, zip(*helped, strict=True), strict=True):
+        torch.testing.assert_close(one, a @ b)
+        for result in results:
+            torch.testing.assert_close(result, a @ b)
+            torch.testing.assert_close(result, results[0], rtol=0, atol=0)
+
+
+def test_large_products_of_a_traced_program_go_through_the_helper():
+    """``programs.products_with_helper`` swaps ``mm``/``addmm`` with large static weights for
+    ``so3krates::products`` (plus the bias), keeps the small ones and gives the same numbers."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from so3krates.runtime.programs import products_with_helper
+
+    generator = torch.Generator().manual_seed(7)
+    big, bias, small = (torch.randn(*s, generator=generator) for s in ((135, 135), (135,), (135, 3)))
+
+    def function(x):
+        return torch.nn.functional.linear(x @ big, big.t(), bias) @ small
+
+    graph_module = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
+        torch.randn(20, 135)
+    )
+    assert products_with_helper(graph_module) == 2
+    targets = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.so3krates.products.default) == 2
+    assert torch.ops.aten.mm.default in targets  # the (135, 3) product stays ATen's
+    x = torch.randn(33, 135, generator=generator)
+    torch.testing.assert_close(graph_module(x), function(x))
+
+
 def radial_spline(width: int, n_pairs: int, dtype=torch.float64, seed: int = 1):
     """A spline of a smooth (n,) → (n, width) function on [0, 4] in 12 intervals and one distance per pair:
     most inside, one at 0, one at the end and one beyond it (clamped: no gradient there)."""

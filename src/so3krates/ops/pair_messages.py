@@ -138,8 +138,8 @@ def require() -> None:
 
 @contextlib.contextmanager
 def kernel_threads(threads: int) -> Iterator[None]:
-    """Lets the kernel's whole-graph calls of this thread run on up to ``threads`` threads (at most 2) while
-    torch runs on one.
+    """Lets the kernel's whole-graph calls of this thread, and the products of ``so3krates::products``, run
+    on up to ``threads`` threads (at most 2) while torch runs on one.
 
     Small molecules run on one torch thread (``Planner.single_thread_edges``): there, a second OpenMP thread
     costs more in wake-ups than it gains (each parallel region wakes a sleeping thread under
@@ -226,6 +226,7 @@ def _register() -> None:
     @torch.library.register_fake("so3krates::products")
     def _(a, b):
         return a.new_empty((a.shape[0], b.shape[1]))
+
     _register_flops()
 
 

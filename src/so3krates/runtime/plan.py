@@ -162,13 +162,14 @@ KERNEL_MIN_EDGES = 50
 #: Edges beyond which ``aoti`` programs with slots thread their generated loops (``Planner``): 99 water atoms
 #: have ~5,400 edges, the DeePMD box of 192 ~10,000, 399 water ~21,000.
 PARALLEL_LOOPS_MIN_EDGES = 16_000
-#: Edges from which a call that runs torch on one thread of several gives the pair-message kernel a helper
-#: thread (Planner.kernel_helper_min_edges). ab_calls.py against the kernel on one thread (aoti, float32,
-#: 11 rounds; benchmarks/results/pair_kernel/helper_dec5/): aspirin (292 edges) 0.93×, alanine dipeptide
-#: (340) 0.90×, 3BPA (446) 0.86–0.88×; ethanol (72) 1.01× in two runs and 1.23× in two others, in minutes
-#: when this VM's two cores ran slower together (3BPA then 1.01×): below ~100 pairs the helper's half of
-#: the kernel saves less than waking it costs at such times.
-KERNEL_HELPER_MIN_EDGES = 200
+#: Edges from which a call that runs torch on one thread of several gives the pair-message kernel and the
+#: large matrix products of its program a helper thread (Planner.kernel_helper_min_edges). ab_calls.py
+#: against one thread (aoti, float32, 11 rounds; benchmarks/results/pair_kernel/helper_dec5/): the kernel
+#: alone on the helper: aspirin (292 edges) 0.91×, alanine dipeptide (340) 0.89×, 3BPA (446) 0.87×;
+#: ethanol (72) 1.00–1.01× in three runs and 1.23× in two others, in minutes when this VM's two cores ran
+#: slower together (3BPA then 1.01×). With the products split as well: 3BPA 0.89× and aspirin 0.87× more,
+#: ethanol 0.93× against the kernel alone on one thread: from the kernel's threshold on.
+KERNEL_HELPER_MIN_EDGES = 50
 
 #: Peak memory per edge of energy + forces of the whole graph at once (paper preset, float32, pairs; the
 #: process's peak over edges, interpreter included): eager modules 4.07 GB at 163k edges (3,000 water);
@@ -258,10 +259,11 @@ class Planner:
             99 water 1.08×, 192 water (DeePMD box) 1.03×, 399 water 0.94×, 999 water 0.92×;
             ``benchmarks/results/execution_layer/example_dec5``). ``None``: never.
         kernel_helper_min_edges: where a call of at least this many edges runs torch on one thread of
-            several (``single_thread_edges``), the pair-message kernel still splits its pairs with a
-            helper thread of its own, which waits for work actively only while evaluations follow each
+            several (``single_thread_edges``), the pair-message kernel and the large matrix products of
+            its ``aoti`` program (``programs.products_with_helper``) still split their work with a helper
+            thread of the kernel's own, which waits for work actively only while evaluations follow each
             other (:func:`so3krates.ops.pair_messages.kernel_threads`; 3BPA through the calculator, in
-            turn: 0.86–0.88× the time). ``None``: the kernel on torch's one thread.
+            turn: 0.77× the time). ``None``: all on torch's one thread.
     """
 
     fused_max_edges: int = 2000

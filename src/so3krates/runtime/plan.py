@@ -164,12 +164,12 @@ KERNEL_MIN_EDGES = 50
 PARALLEL_LOOPS_MIN_EDGES = 16_000
 #: Edges from which a call that runs torch on one thread of several gives the pair-message kernel and the
 #: large matrix products of its program a helper thread (Planner.kernel_helper_min_edges). ab_calls.py
-#: against one thread (aoti, float32, 11 rounds; benchmarks/results/pair_kernel/helper_dec5/): the kernel
-#: alone on the helper: aspirin (292 edges) 0.91×, alanine dipeptide (340) 0.89×, 3BPA (446) 0.87×;
-#: ethanol (72) 1.00–1.01× in three runs and 1.23× in two others, in minutes when this VM's two cores ran
-#: slower together (3BPA then 1.01×). With the products split as well: 3BPA 0.89× and aspirin 0.87× more,
-#: ethanol 0.93× against the kernel alone on one thread: from the kernel's threshold on.
-KERNEL_HELPER_MIN_EDGES = 50
+#: against one thread (aoti, float32, 11 rounds; benchmarks/results/pair_kernel/helper_dec5/ and
+#: helper_products_dec5/): the kernel alone on the helper: aspirin (292 edges) 0.91×, alanine dipeptide
+#: (340) 0.89×, 3BPA (446) 0.87×; the products as well: 0.82×, 0.79×, 0.76×. Ethanol (72 edges) is
+#: bimodal from process to process: 0.92–0.96× in five runs, 1.25–1.31× in two (the kernel alone on the
+#: helper: 1.01× in one, 1.23–1.24× in two), ~1.04× on average; 3BPA lost its gain once in the same way.
+KERNEL_HELPER_MIN_EDGES = 200
 
 #: Peak memory per edge of energy + forces of the whole graph at once (paper preset, float32, pairs; the
 #: process's peak over edges, interpreter included): eager modules 4.07 GB at 163k edges (3,000 water);

@@ -270,6 +270,11 @@ class Program:
         self.dtype = dtype
         self.kind = kind
         self._run = _flat_runner(function) or function
+        # An aoti program holds its own backward pass: it runs below autograd, so that the custom operators
+        # it calls skip their autograd kernels (the pair-message kernel's is registered from Python: three
+        # calls into the interpreter per evaluation, 30-40 us of ethanol's 0.41 ms and 3BPA's 0.87 ms).
+        below = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+        self._guard = below if kind == "aoti" and below is not None else contextlib.nullcontext
 
     def __call__(
         self,
@@ -284,7 +289,8 @@ class Program:
             raise PlanError(f"a program evaluates one structure at a time, not a batch of {graph.n_graphs}")
         if self.plan.pairs and not graph.pairs:
             raise PlanError(f"plan {self.plan.describe()} needs the edges in pair order (Graph.pairs)")
-        energy, atomic_energies, forces, virial = self._run(*graph_inputs(graph, self.plan))
+        with self._guard():
+            energy, atomic_energies, forces, virial = self._run(*graph_inputs(graph, self.plan))
         out = {keys.ENERGY: energy.reshape(1), keys.ATOMIC_ENERGIES: atomic_energies, keys.FORCES: forces}
         if compute_stress:
             out[keys.VIRIAL] = virial.unsqueeze(0)

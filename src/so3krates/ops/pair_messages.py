@@ -72,6 +72,8 @@ def _machine_tag() -> str:
     """This CPU's instruction-set flags and the source, hashed: the kernel is built with ``-march=native``,
     so a build cache shared by different machines keeps one build per kind of CPU."""
     digest = hashlib.sha256(SOURCE.read_bytes())
+    for header in sorted(SOURCE.parent.glob("*.h")):  # the headers it includes
+        digest.update(header.read_bytes())
     digest.update(platform.machine().encode())
     try:
         flags = next(

@@ -349,7 +349,7 @@ def source_digest() -> str:
     for folder in ("nn", "model", "ops", "runtime"):
         for path in sorted(package.joinpath(folder).glob("*.py")):
             digest.update(path.read_bytes())
-    for path in sorted(package.joinpath("ops", "csrc").glob("*.cpp")):  # the kernels programs call
+    for path in sorted(package.joinpath("ops", "csrc").glob("*.[ch]*")):  # the kernels programs call
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

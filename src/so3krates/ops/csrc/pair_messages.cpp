@@ -23,24 +23,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
-#include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <torch/library.h>
 
-#include <unistd.h>
-
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
-#include <exception>
-#include <functional>
-#include <mutex>
-#include <thread>
 #include <vector>
+
+#include "helper.h"
 
 namespace {
 
@@ -425,122 +417,6 @@ void pairs_backward(const Inputs<T>& x, const T* g, int64_t p0, int64_t p1, T* d
 }
 
 
-// A second thread for whole-graph calls of a caller that runs torch on one thread (small molecules: every
-// other operation of an evaluation is faster on one thread, benchmarks/results/thresholds.md) but lets the
-// kernel use two (set_kernel_threads). Written by hand because torch's pool cannot give it cheaply: under
-// OMP_WAIT_POLICY=PASSIVE, each parallel region wakes a sleeping OpenMP thread (3BPA, the kernel on two
-// OpenMP threads: 1.26-1.33 ms per evaluation against 1.18 on one). This thread waits for work actively
-// for kSpin after each task, so that it is awake for the next of an evaluation's six kernel calls, and
-// then sleeps on a condition variable: it holds a core only while an evaluation runs.
-constexpr auto kSpin = std::chrono::microseconds(300);
-
-inline void relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
-class Helper {
- public:
-  Helper() { std::thread([this] { serve(); }).detach(); }
-
-  // Runs mine() here and theirs() on the helper thread at once; returns when both have returned. Where
-  // another caller has the helper, both run here, one after the other (the same numbers: each part adds
-  // into rows of its own).
-  template <typename Mine, typename Theirs>
-  void run(Mine&& mine, Theirs&& theirs) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock()) {
-      mine();
-      theirs();
-      return;
-    }
-    const std::function<void()> task = theirs;
-    std::exception_ptr error;
-    task_ = &task;
-    error_ = &error;
-    const uint64_t n = posted_.load(std::memory_order_relaxed) + 1;
-    {
-      std::lock_guard<std::mutex> lock(sleep_);
-      posted_.store(n, std::memory_order_release);
-    }
-    wake_.notify_one();
-    std::exception_ptr mine_error;
-    try {
-      mine();
-    } catch (...) {
-      mine_error = std::current_exception();
-    }
-    while (done_.load(std::memory_order_acquire) != n) relax();
-    if (mine_error) std::rethrow_exception(mine_error);
-    if (error) std::rethrow_exception(error);
-  }
-
-  // Wakes the helper where it sleeps, so that it waits actively for the kernel calls that follow: called as
-  // an evaluation starts, ~0.1 ms before its first kernel call; waking it only at that call cost ethanol
-  // (36 pairs) more than its second part saved.
-  void call() {
-    {
-      std::lock_guard<std::mutex> lock(sleep_);
-      if (!asleep_) return;
-      ++calls_;
-    }
-    wake_.notify_one();
-  }
-
- private:
-  void serve() {
-    omp_set_num_threads(1);  // the matrix-product library's calls on this thread: one thread
-    uint64_t seen = 0;
-    for (;;) {
-      auto start = std::chrono::steady_clock::now();
-      while (posted_.load(std::memory_order_acquire) == seen) {
-        if (std::chrono::steady_clock::now() - start > kSpin) {
-          std::unique_lock<std::mutex> lock(sleep_);
-          asleep_ = true;
-          const uint64_t calls = calls_;
-          wake_.wait(lock, [&] { return posted_.load(std::memory_order_acquire) != seen || calls_ != calls; });
-          asleep_ = false;
-          start = std::chrono::steady_clock::now();  // woken by call(): wait actively again
-        }
-        relax();
-      }
-      seen = posted_.load(std::memory_order_acquire);
-      try {
-        (*task_)();
-      } catch (...) {
-        *error_ = std::current_exception();
-      }
-      done_.store(seen, std::memory_order_release);
-    }
-  }
-
-  std::atomic<uint64_t> posted_{0}, done_{0};
-  const std::function<void()>* task_ = nullptr;
-  std::exception_ptr* error_ = nullptr;
-  std::mutex busy_, sleep_;
-  std::condition_variable wake_;
-  bool asleep_ = false;  // guarded by sleep_, as calls_
-  uint64_t calls_ = 0;
-};
-
-// The helper of this process, started on first use. After fork() the child has the object but not its thread:
-// a child that calls the kernel starts a helper of its own. Never destroyed (the thread may wait on it when the
-// process exits).
-Helper& helper() {
-  static std::mutex guard;
-  static Helper* helper = nullptr;
-  static pid_t owner = 0;
-  std::lock_guard<std::mutex> lock(guard);
-  if (helper == nullptr || owner != getpid()) {
-    helper = new Helper();
-    owner = getpid();
-  }
-  return *helper;
-}
-
-// Threads the whole-graph calls of this thread may use while torch runs on one (set_kernel_threads): 1 or 2.
-thread_local int64_t kernel_threads = 1;
 // Pairs per part below which a call does not use the helper even where allowed (the planner allows it from
 // 200 edges: Planner.kernel_helper_min_edges).
 constexpr int64_t kMinPairsPerHelperPart = 16;

@@ -1,22 +1,22 @@
 """The message chain of a fused layer in one hand-written CPU kernel, for edges in pair order.
 
 For every edge e = (i, j) of a layer, :func:`so3krates.runtime.fused.edge_messages` forms the per-head sums
-s_h = Σ_f q_i[f] w_ij[f] k_j[f] (Eqs. 21–22), the coefficients c_h = s_h φ(d_ij) / norm and the message [α v_j
-| β Y_ij], and :meth:`EdgeLayout.sum_i` adds the messages into their centre atoms. In a compiled program every
-step writes and reads an (edges × 264) tensor (the paper model: both branches' features), and the backward
-pass as many again; at 999 water atoms (54,172 edges) that memory traffic, not arithmetic, is most of a call
-(``benchmarks/results/scaling/tries_dec5``). Here the chain is one pass over the pairs, forward and backward,
-with every per-edge vector in registers or the L1 cache: each pair p = (a, b) is taken with both its edges,
-(a, b) into atom a and its reverse (b, a) into atom b, which share the pair's filter row (pair order,
-:mod:`so3krates.runtime.layout`). So every filter row is read once and in order, and each pair's filter
-gradient is written once. The pairs are split evenly among torch's threads (or, where torch runs on one thread
-of several, between the calling thread and a helper thread: :func:`kernel_threads`); each thread adds into
-per-atom rows of its own (the first into the result, the others into scratch rows, summed afterwards in thread
-order), so no row is written by two threads, nothing is atomic, and a call gives the same numbers on every
-call for one thread count. A first version went atom by atom over each atom's edges (forward: each atom
-summing its own edges; backward: each edge with its reverse): it read each filter row twice, in scattered
-order, and took 1.7–1.8× the time (999 water atoms, one thread: 11.2 / 35.7 ms forward / backward per layer
-against 6.8 / 19.6 ms).
+s_h = Σ_f q_i[f] w_ij[f] k_j[f] (Eqs. 21–22), the coefficients c_h = s_h φ(d_ij) / norm and the message
+[α v_j | β Y_ij], and :meth:`EdgeLayout.sum_i` adds the messages into their centre atoms. In a compiled
+program every step writes and reads an (edges × 264) tensor (the paper model: both branches' features), and
+the backward pass as many again; at 999 water atoms (54,172 edges) that memory traffic, not arithmetic, is
+most of a call (``benchmarks/results/scaling/tries_dec5``). Here the chain is one pass over the pairs,
+forward and backward, with every per-edge vector in registers or the L1 cache: each pair p = (a, b) is taken
+with both its edges, (a, b) into atom a and its reverse (b, a) into atom b, which share the pair's filter
+row (pair order, :mod:`so3krates.runtime.layout`). So every filter row is read once and in order, and each
+pair's filter gradient is written once. The pairs are split evenly among torch's threads (or, where torch
+runs on one thread of several, between the calling thread and a helper thread: :func:`kernel_threads`);
+each thread adds into per-atom rows of its own (the first into the result, the others into scratch rows,
+summed afterwards in thread order), so no row is written by two threads, nothing is atomic, and a call gives
+the same numbers on every call for one thread count. A first version went atom by atom over each atom's edges
+(forward: each atom summing its own edges; backward: each edge with its reverse): it read each filter row
+twice, in scattered order, and took 1.7–1.8× the time (999 water atoms, one thread: 11.2 / 35.7 ms forward /
+backward per layer against 6.8 / 19.6 ms).
 
 With the radial spline (:class:`RadialSpline`, the plan's ``radial="spline"``), the kernel makes each pair's
 filter row itself (Eq. 20; :mod:`so3krates.runtime.radial`): the radial part from the spline's coefficients
@@ -65,7 +65,6 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "pair_messages.cpp"
 #: kernel's kKeepRowsMaxPairs; beyond, the backward pass makes them again).
 KEEP_ROWS_MAX_PAIRS = 2048
 _FAILURE: list[str] = []
-_LOADED: list[bool] = []
 
 
 def _machine_tag() -> str:
@@ -118,7 +117,6 @@ def _extension() -> bool:
         _FAILURE.append(f"the pair-message kernel could not be built ({first})")
         return False
     _register()
-    _LOADED.append(True)
     return True
 
 
@@ -147,13 +145,14 @@ def kernel_threads(threads: int) -> Iterator[None]:
     costs more in wake-ups than it gains (each parallel region wakes a sleeping thread under
     ``OMP_WAIT_POLICY=PASSIVE``). The kernel, the largest part of such a call, can still use a second core:
     it splits its pairs with a helper thread of its own, which after each task waits actively for 300 µs for
-    the next (an evaluation's six kernel calls follow each other within that) and then sleeps, so it holds a
-    core only while evaluations run. Numbers: the same on every call for one setting; to round-off against
-    one thread (the two parts' sums are added in a fixed order). Does nothing where the kernel is not loaded.
+    the next (an evaluation's kernel calls and large products follow each other within that) and then
+    sleeps, so it holds a core only while evaluations run. Numbers: the same on every call for one setting;
+    to round-off against one thread (the two parts' sums are added in a fixed order).
     """
-    if threads <= 1 or not _LOADED:
+    if threads <= 1:
         yield
         return
+    require()
     before = torch.ops.so3krates.set_kernel_threads(threads)
     try:
         yield

@@ -1,6 +1,7 @@
 // The pair-message kernel's helper thread (included by pair_messages.cpp, one translation unit).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <omp.h>
 #include <unistd.h>
 
@@ -20,8 +21,9 @@ namespace {
 // kernel use two (set_kernel_threads). Written by hand because torch's pool cannot give it cheaply: under
 // OMP_WAIT_POLICY=PASSIVE, each parallel region wakes a sleeping OpenMP thread (3BPA, the kernel on two
 // OpenMP threads: 1.26-1.33 ms per evaluation against 1.18 on one). This thread waits for work actively
-// for kSpin after each task, so that it is awake for the next of an evaluation's six kernel calls, and
-// then sleeps on a condition variable: it holds a core only while an evaluation runs.
+// for kSpin after each task, so that it is awake for the next of an evaluation's kernel calls and large
+// matrix products (products), and then sleeps on a condition variable: it holds a core only while
+// evaluations follow each other.
 constexpr auto kSpin = std::chrono::microseconds(300);
 
 inline void relax() {
@@ -131,5 +133,9 @@ Helper& helper() {
 
 // Threads the whole-graph calls of this thread may use while torch runs on one (set_kernel_threads): 1 or 2.
 thread_local int64_t kernel_threads = 1;
+
+// Whether a call on this thread may hand work to the helper: the caller allows two threads and torch runs on
+// one (on more, the work splits among torch's threads).
+inline bool helper_allowed() { return kernel_threads > 1 && at::get_num_threads() == 1; }
 
 }  // namespace

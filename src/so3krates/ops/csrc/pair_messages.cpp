@@ -416,14 +416,13 @@ void pairs_backward(const Inputs<T>& x, const T* g, int64_t p0, int64_t p1, T* d
   }
 }
 
-
 // Pairs per part below which a call does not use the helper even where allowed (the planner allows it from
 // 200 edges: Planner.kernel_helper_min_edges).
 constexpr int64_t kMinPairsPerHelperPart = 16;
 
 // How many threads a whole-graph call of P pairs uses, and the pairs of thread k: [P k / T, P (k + 1) / T).
 int64_t threads_for(int64_t P) {
-  if (at::get_num_threads() == 1 && kernel_threads > 1 && P >= 2 * kMinPairsPerHelperPart) return 2;
+  if (helper_allowed() && P >= 2 * kMinPairsPerHelperPart) return 2;
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P / kMinPairsPerThread));
 }
 
@@ -431,7 +430,7 @@ int64_t threads_for(int64_t P) {
 // thread (threads_for), the second part on the helper.
 template <typename Part>
 void run_parts(int64_t T, const Part& part) {
-  if (T == 2 && at::get_num_threads() == 1) {
+  if (T == 2 && helper_allowed()) {
     helper().run([&] { part(0); }, [&] { part(1); });
     return;
   }
@@ -685,7 +684,7 @@ at::Tensor products(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "products: (M, K) @ (K, N)");
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   at::Tensor out = at::empty({M, N}, a.options());
-  if (kernel_threads > 1 && at::get_num_threads() == 1 && N >= 64 && M * K * N >= kMinSplitProduct) {
+  if (helper_allowed() && N >= 64 && M * K * N >= kMinSplitProduct) {
     const int64_t half = (N / 2 + 15) / 16 * 16;  // the first half's columns: whole vectors
     at::Tensor first = out.narrow(1, 0, half), second = out.narrow(1, half, N - half);
     const at::Tensor b_first = b.narrow(1, 0, half), b_second = b.narrow(1, half, N - half);

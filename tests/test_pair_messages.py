@@ -374,6 +374,36 @@ def test_large_products_of_a_traced_program_go_through_the_helper():
     torch.testing.assert_close(graph_module(x), function(x))
 
 
+def test_small_products_of_a_traced_program_become_generated_loops():
+    """``programs.small_products_as_loops`` turns ``mm``/``addmm`` with small static second factors into
+    broadcast products and sums (the same numbers up to round-off, rows of any count), and keeps the
+    products with large or dynamic second factors."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from so3krates.runtime.programs import SMALL_PRODUCT_MAX_WEIGHTS, small_products_as_loops
+
+    generator = torch.Generator().manual_seed(3)
+    coefficients, bias, big = (
+        torch.randn(*s, generator=generator, dtype=torch.float64) for s in ((19, 15), (15,), (15, 21))
+    )
+    assert 19 * 15 <= SMALL_PRODUCT_MAX_WEIGHTS < 15 * 21
+
+    def function(x, y):
+        hidden = torch.nn.functional.linear(x, coefficients.t(), bias)  # addmm, small
+        return (hidden @ big) @ y.t(), x @ coefficients  # large; dynamic second factor; small mm
+
+    x, y = torch.randn(7, 19, dtype=torch.float64), torch.randn(4, 21, dtype=torch.float64)
+    graph_module = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(x, y)
+    assert small_products_as_loops(graph_module) == 2
+    targets = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.aten.mm.default) == 2 and torch.ops.aten.addmm.default not in targets
+    for rows in (1, 30):
+        x = torch.randn(rows, 19, generator=generator, dtype=torch.float64)
+        y = torch.randn(5, 21, generator=generator, dtype=torch.float64)
+        for result, expected in zip(graph_module(x, y), function(x, y), strict=True):
+            torch.testing.assert_close(result, expected)
+
+
 def radial_spline(width: int, n_pairs: int, dtype=torch.float64, seed: int = 1):
     """A spline of a smooth (n,) → (n, width) function on [0, 4] in 12 intervals and one distance per pair:
     most inside, one at 0, one at the end and one beyond it (clamped: no gradient there)."""

@@ -158,7 +158,10 @@ def export_model(
 
         So3kratesMLIAP(model, species, metadata=metadata).save(out)
         return metadata
-    program = trace(EnergyFunction(model, plan, frozen=True), example_inputs(model, species, plan))
+    energy = EnergyFunction(model, plan, frozen=True)
+    program = trace(
+        energy, example_inputs(model, species, plan), one_thread_loops=fmt == "aoti" and not plan.slots
+    )
     if fmt == "pt2":
         with atomic_path(out, suffix=".tmp.pt2") as tmp:
             torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(metadata)})

@@ -31,6 +31,7 @@ from so3krates import __version__, keys
 from so3krates.data.graph import Graph
 from so3krates.files import atomic_path
 from so3krates.model.so3krates import So3krates
+from so3krates.nn import spherical
 from so3krates.ops import pair_messages
 from so3krates.ops.slots import build_slots
 from so3krates.runtime.derivatives import derivatives, stress_from_virial
@@ -125,10 +126,11 @@ def trace(
     """Forward and backward of ``energy`` (frozen weights) as one ``torch.export`` program.
 
     ``one_thread_loops``: the program is for AOTInductor with its generated loops on one thread
-    (:func:`compile_program` of a plan without slots); then small matrix products become loops
-    (:func:`small_products_as_loops`), which inductor fuses into its loops. Not for a program that runs
-    eagerly (``pt2``: broadcast products in memory) nor for threaded loops (inductor threads the short sums
-    over a product's few terms, one parallel region per row).
+    (:func:`compile_program` of a plan without slots); then the spherical harmonics are traced component
+    by component (:func:`so3krates.nn.spherical.component_wise`) and small matrix products become loops
+    (:func:`small_products_as_loops`), both of which inductor fuses into its loops. Neither is for a program
+    that runs eagerly (``pt2``: more dispatched calls; broadcast products in memory) nor for threaded loops
+    (inductor threads the short sums over a product's few terms, one parallel region per row).
     """
     from torch.export import Dim
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -139,9 +141,11 @@ def trace(
             "evaluates the whole graph (blocks=False)"
         )
     pairs, slots = energy.plan.pairs, energy.plan.slots
-    graph_module = make_fx(ProgramFunction(energy), tracing_mode="symbolic", _allow_non_fake_inputs=True)(
-        *inputs
-    )
+    harmonics = spherical.component_wise() if one_thread_loops else contextlib.nullcontext()
+    with harmonics:
+        graph_module = make_fx(ProgramFunction(energy), tracing_mode="symbolic", _allow_non_fake_inputs=True)(
+            *inputs
+        )
     if energy.plan.kernel:
         products_with_helper(graph_module)
     if one_thread_loops:

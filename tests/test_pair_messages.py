@@ -583,6 +583,46 @@ def test_the_spherical_products_over_wide_rows_as_in_the_paper_model():
 
 
 @pytest.mark.parametrize("n_pairs", [40, 2501], ids=["rows-kept", "rows-made-again"])
+def test_spherical_weights_changed_in_place_are_the_ones_used(n_pairs):
+    """The kernel keeps its padded and transposed copies of the spherical weights between calls: weights
+    changed in place (same memory, as a training step or a loaded checkpoint does) give the numbers of a
+    fresh tensor with the new entries, forward and backward, and so do weights of several layers in turn."""
+    generator = torch.Generator().manual_seed(8)
+    n, width, n_sph = 20, 132, 4
+    idx_i, idx_j = random_pairs(n, n_pairs, generator)
+    ranges_in = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 264, 2]], dtype=torch.int32)
+    ranges_out = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 136, 2]], dtype=torch.int32)
+    heads = (ranges_in, ranges_out, torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64))
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    q, kv, cutoff, sph = rand(n, 2 * width), rand(n, 3 * width), rand(2 * n_pairs), rand(2 * n_pairs, n_sph)
+    spline, distances = radial_spline(2 * width, n_pairs)
+    table = kernel.spline_table(spline.coefficients)
+    rows = spherical_part(n_pairs, 2, width, hidden=33)[0].requires_grad_()
+    grad = rand(n, width + n_sph)
+
+    def call(weights):
+        sums = kernel.pair_messages(
+            q, kv, None, cutoff, sph, idx_i, idx_j, heads,
+            radial=kernel.RadialSpline(distances, table, spline.spacing),
+            spherical=kernel.SphericalFilters(rows, weights),
+        )  # fmt: skip
+        return sums, torch.autograd.grad(sums, rows, grad)[0]
+
+    layers = [spherical_part(n_pairs, 2, width, hidden=33, seed=s)[1] for s in (3, 4)]
+    before = [call(w) for w in layers]
+    for weights in layers:
+        weights.mul_(-0.5).add_(0.01)  # same memory, new entries
+    for weights, old in zip(layers, before, strict=True):
+        new, fresh = call(weights), call(weights.clone())
+        for a, b, c in zip(new, fresh, old, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("n_pairs", [40, 2501], ids=["rows-kept", "rows-made-again"])
 def test_float32_at_the_paper_widths_matches_float64_forward_and_backward(n_pairs):
     """The float32 kernel has its own vector code (head sums and coefficient gradients over ranges that
     start and end inside a 16-lane chunk, the spherical products' last 4 of 132 columns as a padded chunk):

@@ -21,6 +21,7 @@
 // buffers that the caller owns (one set per thread of blocks).
 // ATen and the operator registry only: no Python headers are needed to build it.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #if defined(__AVX512F__)
@@ -29,7 +30,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "helper.h"
@@ -465,6 +468,57 @@ void check_spherical(const Tensors& a) {
 // Which copies of the spherical weights V a call makes (check): padded rows, the transpose.
 constexpr int kPadded = 1, kTransposed = 2;
 
+// V padded (for the products that make filter rows) and transposed (for ∂E/∂h), each made by hand where a
+// call needs it (as ATen operators, each cost several dispatched calls per call of the kernel), in buffers of
+// the calling thread. They are kept between calls (a program's weights stay where they are: one entry per
+// layer) and used only while V's entries are those they were made from, compared in full, a fraction of
+// making them again (made at every call, they took ~5 µs of ethanol's ~110 µs in the kernel per evaluation).
+template <typename T>
+struct WeightCopies {
+  const T* source = nullptr;
+  int64_t B = 0, K = 0, Fb = 0;
+  std::vector<T> values, padded, transposed;
+  bool has_padded = false, has_transposed = false;
+};
+
+constexpr int kCachedWeights = 8;
+
+template <typename T>
+const WeightCopies<T>& weight_copies(const T* values, int64_t B, int64_t K, int64_t Fb, int copies) {
+  thread_local std::array<WeightCopies<T>, kCachedWeights> cache;
+  thread_local int next = 0;
+  const int64_t n = B * K * Fb, Fbp = (Fb + kLanes - 1) / kLanes * kLanes;
+  WeightCopies<T>* entry = nullptr;
+  for (auto& c : cache)
+    if (c.source == values && c.B == B && c.K == K && c.Fb == Fb &&
+        std::memcmp(c.values.data(), values, n * sizeof(T)) == 0) {
+      entry = &c;
+      break;
+    }
+  if (entry == nullptr) {  // a new V, or one whose entries changed: the oldest entry is made again
+    entry = &cache[next];
+    next = (next + 1) % kCachedWeights;
+    *entry = WeightCopies<T>{};
+    entry->source = values;
+    entry->B = B, entry->K = K, entry->Fb = Fb;
+    entry->values.assign(values, values + n);
+  }
+  if ((copies & kPadded) && !entry->has_padded) {
+    entry->padded.assign(B * K * Fbp, T(0));
+    for (int64_t row = 0; row < B * K; ++row)
+      std::copy(values + row * Fb, values + (row + 1) * Fb, entry->padded.data() + row * Fbp);
+    entry->has_padded = true;
+  }
+  if ((copies & kTransposed) && !entry->has_transposed) {
+    entry->transposed.resize(B * Fb * K);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t f = 0; f < Fb; ++f)
+        for (int64_t k = 0; k < K; ++k) entry->transposed[(b * Fb + f) * K + k] = values[(b * K + k) * Fb + f];
+    entry->has_transposed = true;
+  }
+  return *entry;
+}
+
 template <typename T>
 Inputs<T> check(const Tensors& a, int copies) {
   const at::Tensor &q = a.q, &w = a.w, &d = a.d, &table = a.table, &hidden = a.hidden, &v = a.v;
@@ -506,23 +560,8 @@ Inputs<T> check(const Tensors& a, int copies) {
   if (spherical) {
     const int64_t B = v.size(0), K = v.size(1), Fb = v.size(2), Fbp = (Fb + kLanes - 1) / kLanes * kLanes;
     const T* values = v.data_ptr<T>();
-    // V padded (for the products that make filter rows) and transposed (for ∂E/∂h), each only where the
-    // call needs it, in buffers of the calling thread, valid for this call (as ATen operators, each cost
-    // several dispatched calls per call of the kernel; at ethanol's 36 pairs, both copies made at every
-    // call were as long as the forward pass's messages).
-    thread_local std::vector<T> padded, transposed;
-    if (copies & kPadded) {
-      padded.assign(B * K * Fbp, T(0));
-      for (int64_t row = 0; row < B * K; ++row)
-        std::copy(values + row * Fb, values + (row + 1) * Fb, padded.data() + row * Fbp);
-    }
-    if (copies & kTransposed) {
-      transposed.resize(B * Fb * K);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t f = 0; f < Fb; ++f)
-          for (int64_t k = 0; k < K; ++k) transposed[(b * Fb + f) * K + k] = values[(b * K + k) * Fb + f];
-    }
-    sph = {hidden.data_ptr<T>(), values, padded.data(), transposed.data(), B, K, Fb, Fbp};
+    const WeightCopies<T>& copy = weight_copies(values, B, K, Fb, copies);
+    sph = {hidden.data_ptr<T>(), values, copy.padded.data(), copy.transposed.data(), B, K, Fb, Fbp};
   }
   return {q.data_ptr<T>(),
           a.kv.data_ptr<T>(),
@@ -559,11 +598,25 @@ bool keeps_rows(int64_t P, bool made) { return made && P <= kKeepRowsMaxPairs; }
 #define SO3KRATES_TENSORS \
   Tensors { q, kv, w, phi, y, d, table, hidden, v, idx_i, idx_j, ranges_in, ranges_out, scale, spacing, F }
 
+// Uninitialised and zeroed CPU tensors made directly, not through the dispatcher (~25 per evaluation of the
+// paper model, each a dispatched call of a few hundred ns at molecule sizes).
+at::Tensor new_empty(at::IntArrayRef sizes, const at::Tensor& like) {
+  return at::detail::empty_cpu(sizes, like.scalar_type());
+}
+
+at::Tensor new_empty_like(const at::Tensor& like) { return new_empty(like.sizes(), like); }
+
+at::Tensor new_zeros(at::IntArrayRef sizes, const at::Tensor& like) {
+  at::Tensor out = new_empty(sizes, like);
+  if (out.numel() > 0) std::memset(out.data_ptr(), 0, out.numel() * out.element_size());
+  return out;
+}
+
 // Zeroed per-atom rows for each of T threads: the first thread's are the result, the others' are added to it
 // in thread order afterwards (sum_parts).
-std::vector<at::Tensor> zeroed_parts(int64_t T, int64_t n, int64_t width, const at::TensorOptions& options) {
+std::vector<at::Tensor> zeroed_parts(int64_t T, int64_t n, int64_t width, const at::Tensor& like) {
   std::vector<at::Tensor> parts;
-  for (int64_t k = 0; k < T; ++k) parts.push_back(at::zeros({n, width}, options));
+  for (int64_t k = 0; k < T; ++k) parts.push_back(new_zeros({n, width}, like));
   return parts;
 }
 
@@ -592,10 +645,10 @@ std::tuple<at::Tensor, at::Tensor> pair_messages(SO3KRATES_INPUTS) {
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages", [&] {
     const auto x = check<scalar_t>(a, kPadded);
     const int64_t T = threads_for(x.P);
-    rows = at::empty({std::min(x.P, kKeepRowsMaxPairs), x.W}, q.options());
+    rows = new_empty({std::min(x.P, kKeepRowsMaxPairs), x.W}, q);
     scalar_t* keep = rows_kept(a) ? rows.data_ptr<scalar_t>() : nullptr;
     // Rows of thread 0 are the result; threads 1.. add into scratch rows of their own, summed in order.
-    u = zeroed_parts(T, x.n, x.F + x.S, q.options());
+    u = zeroed_parts(T, x.n, x.F + x.S, q);
     run_parts(T, [&](int64_t k) {
       pairs_forward(x, part_start(x.P, k, T), part_start(x.P, k + 1, T), u[k].data_ptr<scalar_t>(), keep);
     });
@@ -609,8 +662,8 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
   const Tensors a = SO3KRATES_TENSORS;
   grad = grad.contiguous();
   // Every row of these is written (each pair's once, each edge's once); an absent part's gradient is empty.
-  auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y), dd = at::empty_like(d),
-       dh = at::empty_like(hidden);
+  auto dw = new_empty_like(w), dphi = new_empty_like(phi), dy = new_empty_like(y), dd = new_empty_like(d),
+       dh = new_empty_like(hidden);
   std::vector<at::Tensor> dq, dkv;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_backward", [&] {
     const bool kept_rows = rows_kept(a);  // the filter rows are read, not made again
@@ -620,8 +673,8 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
                     rows.size(0) == std::min(x.P, kKeepRowsMaxPairs) && rows.size(1) == x.W,
                 "pair_messages_backward: the forward pass's filter rows must be the forward pass's output");
     const scalar_t* kept = kept_rows ? rows.data_ptr<scalar_t>() : nullptr;
-    dq = zeroed_parts(T, x.n, x.W, q.options());
-    dkv = zeroed_parts(T, x.n, x.KVW, q.options());
+    dq = zeroed_parts(T, x.n, x.W, q);
+    dkv = zeroed_parts(T, x.n, x.KVW, q);
     run_parts(T, [&](int64_t k) {
       pairs_backward(x, grad.data_ptr<scalar_t>(), part_start(x.P, k, T), part_start(x.P, k + 1, T),
                      dq[k].data_ptr<scalar_t>(), dkv[k].data_ptr<scalar_t>(), dphi.data_ptr<scalar_t>(),
@@ -646,8 +699,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_mess
     at::Tensor dq, at::Tensor dkv, at::Tensor grad, SO3KRATES_INPUTS) {
   const Tensors a = SO3KRATES_TENSORS;
   grad = grad.contiguous();
-  auto dw = at::empty_like(w), dphi = at::empty_like(phi), dy = at::empty_like(y), dd = at::empty_like(d),
-       dh = at::empty_like(hidden);
+  auto dw = new_empty_like(w), dphi = new_empty_like(phi), dy = new_empty_like(y), dd = new_empty_like(d),
+       dh = new_empty_like(hidden);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages_block_backward", [&] {
     const auto x = check<scalar_t>(a, kPadded | kTransposed);
     TORCH_CHECK(dq.is_contiguous() && dkv.is_contiguous() && dq.sizes() == q.sizes() &&
@@ -683,9 +736,9 @@ constexpr int64_t kMinSplitProduct = 1 << 18;
 at::Tensor products(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "products: (M, K) @ (K, N)");
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  at::Tensor out = at::empty({M, N}, a.options());
+  at::Tensor out = new_empty({M, N}, a);
   if (helper_allowed() && N >= 64 && M * K * N >= kMinSplitProduct) {
-    const int64_t half = (N / 2 + 15) / 16 * 16;  // the first half's columns: whole vectors
+    const int64_t half = (N / 2 + 8) / 16 * 16;  // the first half's columns: whole vectors
     at::Tensor first = out.narrow(1, 0, half), second = out.narrow(1, half, N - half);
     const at::Tensor b_first = b.narrow(1, 0, half), b_second = b.narrow(1, half, N - half);
     helper().run([&] { at::cpu::mm_out(first, a, b_first); }, [&] { at::cpu::mm_out(second, a, b_second); });

@@ -8,6 +8,7 @@ random inputs, several heads of both kinds, a self-image pair and an atom withou
 from __future__ import annotations
 
 import multiprocessing
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -258,8 +259,8 @@ def sums_and_gradients(leaves, idx_i, idx_j, heads, seed: int = 5):
 
 def test_the_helper_thread_gives_the_written_out_sums_the_same_on_every_call():
     """Torch on one thread, the kernel allowed two: the pairs split with the kernel's helper thread, which
-    adds into rows of its own; busy (two callers at once), both parts run on the caller, with the same
-    numbers."""
+    adds into rows of its own; busy (two callers at once) or late (asleep), both parts run on the caller,
+    with the same numbers."""
     leaves, idx_i, idx_j, heads = helper_graph()
     expected = written_out(*leaves, idx_i, idx_j, heads)
     grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5), dtype=expected.dtype)
@@ -270,6 +271,9 @@ def test_the_helper_thread_gives_the_written_out_sums_the_same_on_every_call():
         alone = sums_and_gradients(leaves, idx_i, idx_j, heads)
         with kernel.kernel_threads(2):
             helped = [sums_and_gradients(leaves, idx_i, idx_j, heads) for _ in range(3)]
+            for _ in range(3):  # the helper asleep (300 µs without work): it may be late, the caller then
+                time.sleep(0.002)  # runs the second part itself, into the same rows
+                helped.append(sums_and_gradients(leaves, idx_i, idx_j, heads))
             with ThreadPoolExecutor(2) as pool:  # two callers at once: one of them without the helper
                 at_once = list(pool.map(lambda _: sums_and_gradients(leaves, idx_i, idx_j, heads), range(4)))
         assert torch.ops.so3krates.set_kernel_threads(1) == 1  # restored on leaving

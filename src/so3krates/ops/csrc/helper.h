@@ -38,7 +38,8 @@ class Helper {
 
   // Runs mine() here and theirs() on the helper thread at once; returns when both have returned. Where
   // another caller has the helper, both run here, one after the other (the same numbers: each part adds
-  // into rows of its own).
+  // into rows of its own). So does a call whose helper has not taken theirs() by the time mine() returns
+  // (asleep, or its core busy with another process): the caller does not wait for a helper that is late.
   template <typename Mine, typename Theirs>
   void run(Mine&& mine, Theirs&& theirs) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
@@ -62,6 +63,12 @@ class Helper {
       mine();
     } catch (...) {
       mine_error = std::current_exception();
+    }
+    uint64_t unclaimed = n - 1;
+    if (claimed_.compare_exchange_strong(unclaimed, n, std::memory_order_acq_rel)) {
+      if (mine_error) std::rethrow_exception(mine_error);
+      theirs();  // the helper has not started it: it never will (its claim of n fails)
+      return;
     }
     while (done_.load(std::memory_order_acquire) != n) relax();
     if (mine_error) std::rethrow_exception(mine_error);
@@ -98,6 +105,8 @@ class Helper {
         relax();
       }
       seen = posted_.load(std::memory_order_acquire);
+      uint64_t unclaimed = seen - 1;
+      if (!claimed_.compare_exchange_strong(unclaimed, seen, std::memory_order_acq_rel)) continue;  // caller's
       try {
         (*task_)();
       } catch (...) {
@@ -107,7 +116,9 @@ class Helper {
     }
   }
 
-  std::atomic<uint64_t> posted_{0}, done_{0};
+  // Task n is posted, claimed (by the helper, or by the caller where the helper is late) and done by the
+  // helper, in that order; each task is claimed once.
+  std::atomic<uint64_t> posted_{0}, claimed_{0}, done_{0};
   const std::function<void()>* task_ = nullptr;
   std::exception_ptr* error_ = nullptr;
   std::mutex busy_, sleep_;

@@ -245,7 +245,8 @@ def test_the_planner_chooses_by_size_weights_threads_and_compile_mode(dtype):
     with_kernel = Plan("fused", "spline", pairs=True, kernel=True)
     assert planner.kernel_threads(with_kernel, 446, 1, 2) == 2
     assert planner.kernel_threads(with_kernel, 446, 1, 8) == 2
-    assert planner.kernel_threads(with_kernel, 199, 1, 2) == 1
+    assert planner.kernel_threads(with_kernel, 72, 1, 2) == 2  # ethanol
+    assert planner.kernel_threads(with_kernel, 49, 1, 2) == 1
     assert planner.kernel_threads(with_kernel, 446, 2, 2) == 1
     assert planner.kernel_threads(with_kernel, 446, 1, 1) == 1
     assert planner.kernel_threads(Plan("fused", "spline", pairs=True), 446, 1, 2) == 1

@@ -420,7 +420,7 @@ void pairs_backward(const Inputs<T>& x, const T* g, int64_t p0, int64_t p1, T* d
 }
 
 // Pairs per part below which a call does not use the helper even where allowed (the planner allows it from
-// 200 edges: Planner.kernel_helper_min_edges).
+// 50 edges: Planner.kernel_helper_min_edges).
 constexpr int64_t kMinPairsPerHelperPart = 16;
 
 // How many threads a whole-graph call of P pairs uses, and the pairs of thread k: [P k / T, P (k + 1) / T).

@@ -326,8 +326,9 @@ def test_a_forked_child_starts_a_helper_of_its_own():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_products_split_with_the_helper_equal_the_matrix_product_the_same_on_every_call(dtype):
-    """``so3krates::products`` hands half of the columns to the helper where allowed: the result is the
-    product (the weights as given and as a transposed view, an odd width, a product too small to split)."""
+    """``so3krates::products`` splits the columns into chunks that the caller and the helper take in turn
+    where allowed: the result is the product (the weights as given and as a transposed view, two and four
+    chunks, odd widths, a product too small to split), also with the helper asleep before each call."""
     generator = torch.Generator().manual_seed(6)
 
     def rand(*shape):
@@ -338,13 +339,18 @@ def test_products_split_with_the_helper_equal_the_matrix_product_the_same_on_eve
         (rand(27, 660), rand(132, 660).t()),
         (rand(40, 135), rand(135, 135)),
     ]
-    cases += [(rand(9, 101), rand(101, 301)), (rand(3, 15), rand(15, 19))]
+    cases += [(rand(9, 101), rand(101, 301)), (rand(5, 200), rand(200, 661)), (rand(3, 15), rand(15, 19))]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         alone = [torch.ops.so3krates.products(a, b) for a, b in cases]
         with kernel.kernel_threads(2):
             helped = [[torch.ops.so3krates.products(a, b) for a, b in cases] for _ in range(3)]
+            late = []
+            for a, b in cases:
+                time.sleep(0.002)  # the helper asleep: the caller may take every chunk
+                late.append(torch.ops.so3krates.products(a, b))
+            helped.append(late)
     finally:
         torch.set_num_threads(threads)
     for (a, b), one, results in zip(cases, alone, zip(*helped, strict=True), strict=True):

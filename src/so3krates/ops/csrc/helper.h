@@ -75,6 +75,20 @@ class Helper {
     if (error) std::rethrow_exception(error);
   }
 
+  // chunk(k) for k < n, taken one at a time by the caller and the helper from a shared counter, so that a
+  // helper slower than the caller (its core busy elsewhere) takes fewer; returns when all have returned.
+  // The chunks must not depend on which thread runs them (columns of their own, say).
+  template <typename Chunk>
+  void run_chunks(int64_t n, const Chunk& chunk) {
+    std::atomic<int64_t> next{0};
+    const auto take = [&] {
+      for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < n;
+           k = next.fetch_add(1, std::memory_order_relaxed))
+        chunk(k);
+    };
+    run(take, take);  // a late helper: the caller's second take() finds nothing left
+  }
+
   // Wakes the helper where it sleeps, so that it waits actively for the kernel calls that follow: called as
   // an evaluation starts, ~0.1 ms before its first kernel call; waking it only at that call cost ethanol
   // (36 pairs) more than its second part saved.

@@ -726,22 +726,28 @@ int64_t set_kernel_threads(int64_t threads) {
 }
 
 // a @ b (so3krates::products): where the calling thread's kernel calls may use the helper
-// (set_kernel_threads) and torch runs on one thread, the columns of b split between the caller and the
-// helper, each half a product of the matrix-product library on one thread (the helper's own OpenMP setting
-// is one thread), written into its columns of the result. The programs with the kernel call it for their
-// large products (so3krates/runtime/programs.py: products_with_helper). One thread, 27 rows: 27 × 132 ×
-// 660 in 54 µs, split 32 µs; 27 × 660 × 132 57 -> 37 µs. Smaller products than kMinSplitProduct
-// multiply-adds gain less than the hand-over costs.
+// (set_kernel_threads) and torch runs on one thread, the columns of b split into chunks of whole vectors (two,
+// or up to four of at least kMinChunkColumns), which the caller and the helper take in turn (run_chunks: a
+// helper slower than the caller takes fewer), each a product of the matrix-product library on one thread
+// (the helper's own OpenMP setting is one thread) written into its columns of the result. The programs with
+// the kernel call it for their large products (so3krates/runtime/programs.py: products_with_helper). One
+// thread, 27 rows: 27 × 132 × 660 in 54 µs, split in two 32 µs; 27 × 660 × 132 57 -> 36 µs. Smaller products
+// than kMinSplitProduct multiply-adds gain less than the hand-over costs.
 constexpr int64_t kMinSplitProduct = 1 << 18;
+constexpr int64_t kMinChunkColumns = 160;
 at::Tensor products(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "products: (M, K) @ (K, N)");
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   at::Tensor out = new_empty({M, N}, a);
   if (helper_allowed() && N >= 64 && M * K * N >= kMinSplitProduct) {
-    const int64_t half = (N / 2 + 8) / 16 * 16;  // the first half's columns: whole vectors
-    at::Tensor first = out.narrow(1, 0, half), second = out.narrow(1, half, N - half);
-    const at::Tensor b_first = b.narrow(1, 0, half), b_second = b.narrow(1, half, N - half);
-    helper().run([&] { at::cpu::mm_out(first, a, b_first); }, [&] { at::cpu::mm_out(second, a, b_second); });
+    const int64_t n = std::clamp<int64_t>(N / kMinChunkColumns, 2, 4);
+    // Chunk k's first column: the nearest multiple of 16 to N k / n.
+    const auto start = [&](int64_t k) { return k == n ? N : (N * k / n + 8) / 16 * 16; };
+    helper().run_chunks(n, [&](int64_t k) {
+      const int64_t c0 = start(k), width = start(k + 1) - c0;
+      at::Tensor columns = out.narrow(1, c0, width);
+      at::cpu::mm_out(columns, a, b.narrow(1, c0, width));
+    });
   } else {
     at::cpu::mm_out(out, a, b);
   }

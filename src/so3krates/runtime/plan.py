@@ -167,9 +167,9 @@ PARALLEL_LOOPS_MIN_EDGES = 16_000
 #: against one thread (aoti, float32, 11 rounds; benchmarks/results/pair_kernel/helper_dec5/ and
 #: helper_products_dec5/): the kernel alone on the helper: aspirin (292 edges) 0.91×, alanine dipeptide
 #: (340) 0.89×, 3BPA (446) 0.87×; the products as well: 0.82×, 0.79×, 0.76×. Ethanol (72 edges) was
-#: bimodal from process to process (0.92–0.96× in five runs, 1.25–1.31× in two) until a caller whose helper
-#: is late runs the helper's part itself: since then 0.886–0.916× in six runs (helper_ethanol_dec5/), so the
-#: helper starts where the kernel does (KERNEL_MIN_EDGES).
+#: bimodal from process to process (0.92–0.96× in five runs, 1.25–1.31× in two). With a caller that runs a
+#: late helper's part itself: 0.886–0.916× in seven of eight runs, 1.137× in one (median 0.909×, mean
+#: 0.931×; helper_ethanol_dec5/), so the helper starts where the kernel does (KERNEL_MIN_EDGES).
 KERNEL_HELPER_MIN_EDGES = 50
 
 #: Peak memory per edge of energy + forces of the whole graph at once (paper preset, float32, pairs; the

@@ -550,6 +550,14 @@ def test_a_bad_spline_gives_one_clear_error():
         )  # fmt: skip
 
 
+def wide_heads(n_sph: int):
+    """Head ranges of 132 features: two invariant heads of 66 and one Euclidean head (queries and keys of
+    132, values the n_sph components)."""
+    ranges_in = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 264, 2]], dtype=torch.int32)
+    ranges_out = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 132 + n_sph, 2]], dtype=torch.int32)
+    return ranges_in, ranges_out, torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64)
+
+
 def test_the_spherical_products_over_wide_rows_as_in_the_paper_model():
     """Branches of 132 features (the paper model's: 8 register chunks of 16 columns and a last chunk of 4,
     padded) and 33 hidden units (∂E/∂h: 2 chunks and one dot product), more pairs than the forward pass
@@ -558,9 +566,7 @@ def test_the_spherical_products_over_wide_rows_as_in_the_paper_model():
     generator = torch.Generator().manual_seed(5)
     n, n_pairs, width, n_sph = 40, 2501, 132, 8
     idx_i, idx_j = random_pairs(n, n_pairs, generator)
-    ranges_in = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 264, 2]], dtype=torch.int32)
-    ranges_out = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 140, 2]], dtype=torch.int32)
-    heads = (ranges_in, ranges_out, torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64))
+    heads = wide_heads(n_sph)
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64)
@@ -600,9 +606,7 @@ def test_spherical_weights_changed_in_place_are_the_ones_used(n_pairs):
     generator = torch.Generator().manual_seed(8)
     n, width, n_sph = 20, 132, 4
     idx_i, idx_j = random_pairs(n, n_pairs, generator)
-    ranges_in = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 264, 2]], dtype=torch.int32)
-    ranges_out = torch.tensor([[0, 66, 0], [66, 132, 1], [132, 136, 2]], dtype=torch.int32)
-    heads = (ranges_in, ranges_out, torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64))
+    heads = wide_heads(n_sph)
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64)

@@ -172,6 +172,21 @@ def trace(
 PRODUCTS_MIN_WEIGHTS = 135 * 135
 
 
+def _static_products(graph_module: torch.fx.GraphModule) -> Iterator[tuple[torch.fx.Node, Any, Any, int]]:
+    """The ``mm`` / ``addmm`` nodes (without scales) of a traced program whose second factor has a static
+    shape: (node, first factor, second factor, entries of the second)."""
+    aten = torch.ops.aten
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
+            continue
+        if any(node.kwargs.get(scale, 1) != 1 for scale in ("beta", "alpha")):
+            continue
+        a, b = node.args[-2:]
+        shape = b.meta["val"].shape
+        if all(isinstance(size, int) for size in shape):
+            yield node, a, b, shape[0] * shape[1]
+
+
 def products_with_helper(graph_module: torch.fx.GraphModule) -> int:
     """Replaces ``mm`` / ``addmm`` with a static second factor of at least ``PRODUCTS_MIN_WEIGHTS`` entries
     by ``so3krates::products`` (plus the bias) in a traced program; returns how many.
@@ -183,14 +198,8 @@ def products_with_helper(graph_module: torch.fx.GraphModule) -> int:
     """
     aten = torch.ops.aten
     replaced = 0
-    for node in list(graph_module.graph.nodes):
-        if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
-            continue
-        if any(node.kwargs.get(scale, 1) != 1 for scale in ("beta", "alpha")):
-            continue
-        a, b = node.args[-2:]
-        shape = b.meta["val"].shape
-        if not all(isinstance(size, int) for size in shape) or shape[0] * shape[1] < PRODUCTS_MIN_WEIGHTS:
+    for node, a, b, entries in _static_products(graph_module):
+        if entries < PRODUCTS_MIN_WEIGHTS:
             continue
         with graph_module.graph.inserting_before(node):
             new = graph_module.graph.call_function(torch.ops.so3krates.products.default, (a, b))
@@ -223,15 +232,8 @@ def small_products_as_loops(graph_module: torch.fx.GraphModule) -> int:
     aten = torch.ops.aten
     graph = graph_module.graph
     replaced = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
-            continue
-        if any(node.kwargs.get(scale, 1) != 1 for scale in ("beta", "alpha")):
-            continue
-        a, b = node.args[-2:]
-        shape = b.meta["val"].shape
-        static = all(isinstance(size, int) for size in shape)
-        if not static or shape[0] * shape[1] > SMALL_PRODUCT_MAX_WEIGHTS:
+    for node, a, b, entries in _static_products(graph_module):
+        if entries > SMALL_PRODUCT_MAX_WEIGHTS:
             continue
         with graph.inserting_before(node):
             left = graph.call_function(aten.unsqueeze.default, (a, 2))

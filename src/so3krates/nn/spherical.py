@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -175,7 +176,7 @@ class SphericalHarmonics(nn.Module):
         """unit_vectors: (n_edges, 3) float (unit, or zero for d = 0) → (n_edges, n_sph) float."""
         if not self.degrees:  # the invariant-only model
             return unit_vectors.new_zeros((unit_vectors.shape[0], 0))
-        if _component_wise:
+        if getattr(_tracing, "component_wise", False):
             return self._component_wise(unit_vectors)
         by_degree = [None, unit_vectors]
         for l in range(2, self.l_max + 1):
@@ -210,7 +211,7 @@ class SphericalHarmonics(nn.Module):
         return torch.stack(components, dim=1)
 
 
-_component_wise = False
+_tracing = threading.local()  # component_wise() of this thread
 
 
 @contextlib.contextmanager
@@ -219,14 +220,14 @@ def component_wise() -> Iterator[None]:
     polynomial in x, y and z, a few dozen elementwise products and sums over the edges, instead of the
     monomials times a coefficient matrix. Eagerly that is a few dozen dispatched calls (the product form
     is a handful); in a program inductor fuses them into one loop over the edges, vectorised along the
-    edges, where the product form's gathers of monomials run along rows of 3 to 10 entries (3BPA, 892 edges,
-    forward and backward in float32 on one thread: ~60 → ~20 µs)."""
-    global _component_wise
-    before, _component_wise = _component_wise, True
+    edges, where the product form's gathers of monomials run along rows of 3 to 10 entries (892 edges,
+    forward and backward in float32 on one thread: ~60 → ~20 µs). For the calling thread only."""
+    before = getattr(_tracing, "component_wise", False)
+    _tracing.component_wise = True
     try:
         yield
     finally:
-        _component_wise = before
+        _tracing.component_wise = before
 
 
 class DegreeContraction(nn.Module):

@@ -361,11 +361,11 @@ def test_products_split_with_the_helper_equal_the_matrix_product_the_same_on_eve
 
 
 def test_large_products_of_a_traced_program_go_through_the_helper():
-    """``programs.products_with_helper`` swaps ``mm``/``addmm`` with large static weights for
+    """``rewrites.products_with_helper`` swaps ``mm``/``addmm`` with large static weights for
     ``so3krates::products`` (plus the bias), keeps the small ones and gives the same numbers."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from so3krates.runtime.programs import products_with_helper
+    from so3krates.runtime.rewrites import products_with_helper
 
     generator = torch.Generator().manual_seed(7)
     big, bias, small = (torch.randn(*s, generator=generator) for s in ((135, 135), (135,), (135, 3)))
@@ -385,12 +385,12 @@ def test_large_products_of_a_traced_program_go_through_the_helper():
 
 
 def test_small_products_of_a_traced_program_become_generated_loops():
-    """``programs.small_products_as_loops`` turns ``mm``/``addmm`` with small static second factors into
+    """``rewrites.small_products_as_loops`` turns ``mm``/``addmm`` with small static second factors into
     broadcast products and sums (the same numbers up to round-off, rows of any count), and keeps the
     products with large or dynamic second factors."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from so3krates.runtime.programs import SMALL_PRODUCT_MAX_WEIGHTS, small_products_as_loops
+    from so3krates.runtime.rewrites import SMALL_PRODUCT_MAX_WEIGHTS, small_products_as_loops
 
     generator = torch.Generator().manual_seed(3)
     coefficients, bias, big = (

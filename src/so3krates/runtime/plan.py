@@ -261,7 +261,7 @@ class Planner:
             ``benchmarks/results/execution_layer/example_dec5``). ``None``: never.
         kernel_helper_min_edges: where a call of at least this many edges runs torch on one thread of
             several (``single_thread_edges``), the pair-message kernel and the large matrix products of
-            its ``aoti`` program (``programs.products_with_helper``) still split their work with a helper
+            its ``aoti`` program (``rewrites.products_with_helper``) still split their work with a helper
             thread of the kernel's own, which waits for work actively only while evaluations follow each
             other (:func:`so3krates.ops.pair_messages.kernel_threads`; 3BPA through the calculator, in
             turn: 0.77× the time). ``None``: all on torch's one thread.

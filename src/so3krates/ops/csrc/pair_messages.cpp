@@ -730,7 +730,7 @@ int64_t set_kernel_threads(int64_t threads) {
 // or up to four of at least kMinChunkColumns), which the caller and the helper take in turn (run_chunks: a
 // helper slower than the caller takes fewer), each a product of the matrix-product library on one thread
 // (the helper's own OpenMP setting is one thread) written into its columns of the result. The programs with
-// the kernel call it for their large products (so3krates/runtime/programs.py: products_with_helper). One
+// the kernel call it for their large products (so3krates/runtime/rewrites.py: products_with_helper). One
 // thread, 27 rows: 27 × 132 × 660 in 54 µs, split in two 32 µs; 27 × 660 × 132 57 -> 36 µs. Smaller products
 // than kMinSplitProduct multiply-adds gain less than the hand-over costs.
 constexpr int64_t kMinSplitProduct = 1 << 18;

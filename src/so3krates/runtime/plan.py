@@ -170,7 +170,7 @@ PARALLEL_LOOPS_MIN_EDGES = 16_000
 #: bimodal from process to process (0.92–0.96× in five runs, 1.25–1.31× in two). With a caller that runs a
 #: late helper's part itself: 0.886–0.916× in seven of eight runs, 1.137× in one (median 0.909×, mean
 #: 0.931×; helper_ethanol_dec5/), so the helper starts where the kernel does (KERNEL_MIN_EDGES).
-KERNEL_HELPER_MIN_EDGES = 50
+KERNEL_HELPER_MIN_EDGES = KERNEL_MIN_EDGES
 
 #: Peak memory per edge of energy + forces of the whole graph at once (paper preset, float32, pairs; the
 #: process's peak over edges, interpreter included): eager modules 4.07 GB at 163k edges (3,000 water);

@@ -100,6 +100,21 @@ def test_contraction_is_rotation_invariant_and_expands_back():
     assert expanded.tolist() == [1.0] * 3 + [2.0] * 5 + [3.0] * 7
 
 
+@pytest.mark.parametrize("degrees", [(1, 2, 3), (2,), (1, 3, 4)])
+def test_contraction_expands_the_same_component_wise(degrees):
+    """What compiled programs trace (broadcasts side by side) equals the gather, values and gradients."""
+    contraction = DegreeContraction(degrees).double()
+    per_degree = torch.randn(4, 6, len(degrees), dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 6, contraction.n_sph, dtype=torch.float64)
+    expected = contraction.expand(per_degree)
+    with component_wise():
+        expanded = contraction.expand(per_degree)
+    assert torch.equal(expanded, expected)
+    (grad,) = torch.autograd.grad((expanded * weights).sum(), per_degree)
+    (grad_reference,) = torch.autograd.grad((expected * weights).sum(), per_degree)
+    np.testing.assert_allclose(grad.numpy(), grad_reference.numpy(), atol=1e-12)
+
+
 @pytest.mark.parametrize("name", sorted(RADIAL_BASES))
 def test_radial_bases_are_finite_and_twice_differentiable_at_zero(name):
     basis = RADIAL_BASES[name](n_rbf=16, cutoff=5.0).double()

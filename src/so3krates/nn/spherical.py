@@ -253,11 +253,23 @@ class DegreeContraction(nn.Module):
         self.register_buffer("weights", weights, persistent=False)  # (n_sph, n_degrees)
         self.n_sph = n_sph
         self.n_degrees = len(degrees)
+        self.widths = [2 * l + 1 for l in degrees]
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., n_sph) → (..., n_degrees) invariants."""
         return (x * x) @ self.weights.to(x.dtype)
 
     def expand(self, per_degree: Tensor) -> Tensor:
-        """per_degree: (..., n_degrees) → (..., n_sph), each value repeated over its 2l+1 components."""
+        """per_degree: (..., n_degrees) → (..., n_sph), each value repeated over its 2l+1 components.
+
+        Under :func:`component_wise` (tracing a compiled program), as the degrees' values broadcast over
+        their components side by side: inductor then writes the repeat with masks inside the loops that use
+        it, where the gather by ``degree_index`` became one indirect load per component through a buffer
+        (3BPA: the loop that gathers both atoms' updated Euclidean variables per pair, ~13 of its ~25 µs)."""
+        if getattr(_tracing, "component_wise", False) and self.n_degrees > 0:
+            parts = [
+                per_degree[..., k : k + 1].expand(*per_degree.shape[:-1], width)
+                for k, width in enumerate(self.widths)
+            ]
+            return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         return per_degree.index_select(-1, self.degree_index)

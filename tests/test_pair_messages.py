@@ -293,6 +293,37 @@ def test_the_helper_thread_gives_the_written_out_sums_the_same_on_every_call():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_callers_of_a_slow_helper_run_both_parts_themselves_with_the_same_numbers():
+    """A helper slower than its callers alone (here: a delay before each of its tasks, as where its core is
+    shared with a busy process) is left out for a while: the callers run both parts themselves, into the
+    same rows, so every call gives the same numbers; a helper that keeps up is used again."""
+    leaves, idx_i, idx_j, heads = helper_graph()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ops = torch.ops.so3krates
+    try:
+        with kernel.kernel_threads(2):
+            reference = sums_and_gradients(leaves, idx_i, idx_j, heads)
+            ops.helper_test_delay(2000)  # 2 ms per task: every caller waits longer than it worked
+            before = ops.helper_skipped()
+            slow = [sums_and_gradients(leaves, idx_i, idx_j, heads) for _ in range(24)]  # 2 tasks each
+            skipped = ops.helper_skipped() - before
+            ops.helper_test_delay(0)  # clears the record: the helper takes its parts again
+            before = ops.helper_skipped()
+            again = [sums_and_gradients(leaves, idx_i, idx_j, heads) for _ in range(20)]
+            skipped_after = ops.helper_skipped() - before
+    finally:
+        ops.helper_test_delay(0)
+        torch.set_num_threads(threads)
+    # 32 tasks taken by the helper (its record's window), then its parts ran here: 48 - 32 of them, fewer
+    # where the helper was late for a task (asleep: the caller ran it, and the window filled later).
+    assert 8 <= skipped <= 48 - 32
+    assert skipped_after <= 40 - 32  # the record cleared: the first window's tasks go to the helper again
+    for result in (*slow, *again):
+        for a, b in zip(result, reference, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _child_with_helper(queue) -> None:
     torch.set_num_threads(1)
     leaves, idx_i, idx_j, heads = helper_graph()

@@ -146,8 +146,11 @@ def kernel_threads(threads: int) -> Iterator[None]:
     ``OMP_WAIT_POLICY=PASSIVE``). The kernel, the largest part of such a call, can still use a second core:
     it splits its pairs with a helper thread of its own, which after each task waits actively for 300 µs for
     the next (an evaluation's kernel calls and large products follow each other within that) and then
-    sleeps, so it holds a core only while evaluations run. Numbers: the same on every call for one setting;
-    to round-off against one thread (the two parts' sums are added in a fixed order).
+    sleeps, so it holds a core only while evaluations run. Where the helper is late for a task, or has been
+    slower than the caller alone over its last 32 tasks (its core shared with another busy process), the
+    caller runs both parts itself for a while (``so3krates::helper_skipped`` counts those tasks). Numbers:
+    the same on every call for one setting; to round-off against one thread (the two parts' sums are added
+    in a fixed order).
     """
     if threads <= 1:
         yield

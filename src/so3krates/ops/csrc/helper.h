@@ -25,6 +25,12 @@ namespace {
 // matrix products (products), and then sleeps on a condition variable: it holds a core only while
 // evaluations follow each other.
 constexpr auto kSpin = std::chrono::microseconds(300);
+// The caller's time in its own parts and waiting for the helper's are summed over kWindow tasks; where it
+// waited longer than it worked (running both parts itself had been faster: the helper's core is shared with
+// another busy process), the caller runs both parts itself for the next kSkipRuns tasks, twice as many after
+// each further such window (at most kMaxSkipRuns, ~0.3 s of 3BPA evaluations of 17 tasks), as many again
+// after a window where the helper kept up. The same parts either way, so the same numbers.
+constexpr int64_t kWindow = 32, kSkipRuns = 256, kMaxSkipRuns = 4096;
 
 inline void relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -43,12 +49,17 @@ class Helper {
   template <typename Mine, typename Theirs>
   void run(Mine&& mine, Theirs&& theirs) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock()) {
+    if (!busy.owns_lock() || skip_left_ > 0) {
+      if (busy.owns_lock()) {
+        --skip_left_;
+        skipped_.fetch_add(1, std::memory_order_relaxed);
+      }
       mine();
       theirs();
       return;
     }
     const std::function<void()> task = theirs;
+    const auto start = std::chrono::steady_clock::now();
     std::exception_ptr error;
     task_ = &task;
     error_ = &error;
@@ -70,7 +81,20 @@ class Helper {
       theirs();  // the helper has not started it: it never will (its claim of n fails)
       return;
     }
+    const auto mine_done = std::chrono::steady_clock::now();
     while (done_.load(std::memory_order_acquire) != n) relax();
+    worked_ += mine_done - start;
+    waited_ += std::chrono::steady_clock::now() - mine_done;
+    if (++window_ == kWindow) {
+      if (waited_ > worked_) {  // both parts here had been faster
+        skip_left_ = skip_runs_;
+        skip_runs_ = std::min(2 * skip_runs_, kMaxSkipRuns);
+      } else {
+        skip_runs_ = kSkipRuns;
+      }
+      window_ = 0;
+      worked_ = waited_ = std::chrono::steady_clock::duration::zero();
+    }
     if (mine_error) std::rethrow_exception(mine_error);
     if (error) std::rethrow_exception(error);
   }
@@ -92,7 +116,18 @@ class Helper {
   // Wakes the helper where it sleeps, so that it waits actively for the kernel calls that follow: called as
   // an evaluation starts, ~0.1 ms before its first kernel call; waking it only at that call cost ethanol
   // (36 pairs) more than its second part saved.
+  // Tasks run here because of the helper's record (kWindow) so far; and, for tests, a delay before each of
+  // its tasks (a slow helper) that also clears its record. Returns the delay before.
+  int64_t skipped() const { return skipped_.load(std::memory_order_relaxed); }
+  int64_t test_delay(int64_t microseconds) {
+    std::lock_guard<std::mutex> busy(busy_);
+    window_ = 0, skip_left_ = 0, skip_runs_ = kSkipRuns;
+    worked_ = waited_ = std::chrono::steady_clock::duration::zero();
+    return delay_us_.exchange(microseconds);
+  }
+
   void call() {
+    if (skip_left_.load(std::memory_order_relaxed) > 0) return;  // not needed: let it sleep
     {
       std::lock_guard<std::mutex> lock(sleep_);
       if (!asleep_) return;
@@ -121,6 +156,8 @@ class Helper {
       seen = posted_.load(std::memory_order_acquire);
       uint64_t unclaimed = seen - 1;
       if (!claimed_.compare_exchange_strong(unclaimed, seen, std::memory_order_acq_rel)) continue;  // caller's
+      if (const int64_t delay = delay_us_.load(std::memory_order_relaxed); delay > 0)
+        std::this_thread::sleep_for(std::chrono::microseconds(delay));
       try {
         (*task_)();
       } catch (...) {
@@ -136,6 +173,11 @@ class Helper {
   const std::function<void()>* task_ = nullptr;
   std::exception_ptr* error_ = nullptr;
   std::mutex busy_, sleep_;
+  // The helper's record (kWindow): guarded by busy_.
+  int64_t window_ = 0, skip_runs_ = kSkipRuns;
+  std::atomic<int64_t> skip_left_{0};  // written under busy_, read by call() without it
+  std::atomic<int64_t> skipped_{0}, delay_us_{0};
+  std::chrono::steady_clock::duration worked_{}, waited_{};
   std::condition_variable wake_;
   bool asleep_ = false;  // guarded by sleep_, as calls_
   uint64_t calls_ = 0;

@@ -725,6 +725,15 @@ int64_t set_kernel_threads(int64_t threads) {
   return before;
 }
 
+// Diagnostics of the helper (tests): tasks its callers ran both parts of themselves because it had been
+// slower than they would have been alone (Helper::run), and a delay before each of its tasks (a slow helper,
+// which also clears its record); returns the delay before.
+int64_t helper_skipped() { return helper().skipped(); }
+int64_t helper_test_delay(int64_t microseconds) {
+  TORCH_CHECK(microseconds >= 0, "helper_test_delay: a delay of at least 0 µs");
+  return helper().test_delay(microseconds);
+}
+
 // a @ b (so3krates::products): where the calling thread's kernel calls may use the helper
 // (set_kernel_threads) and torch runs on one thread, the columns of b split into chunks of whole vectors (two,
 // or up to four of at least kMinChunkColumns), which the caller and the helper take in turn (run_chunks: a
@@ -780,6 +789,8 @@ TORCH_LIBRARY(so3krates, m) {
         SO3KRATES_SCHEMA ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("set_kernel_threads(int threads) -> int", &set_kernel_threads);
   m.def("products(Tensor a, Tensor b) -> Tensor");
+  m.def("helper_skipped() -> int", &helper_skipped);
+  m.def("helper_test_delay(int microseconds) -> int", &helper_test_delay);
 }
 
 TORCH_LIBRARY_IMPL(so3krates, CPU, m) {

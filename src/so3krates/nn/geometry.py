@@ -16,5 +16,6 @@ def lengths_and_directions(vectors: Tensor) -> tuple[Tensor, Tensor]:
     nonzero = squared > 0
     safe = torch.sqrt(torch.where(nonzero, squared, torch.ones_like(squared)))
     distances = torch.where(nonzero, safe, torch.zeros_like(safe))
-    unit = torch.where(nonzero[:, None], vectors / safe[:, None], torch.zeros_like(vectors))
+    # One reciprocal per edge, then products: the backward pass of a division divides again per component.
+    unit = torch.where(nonzero[:, None], vectors * safe.reciprocal()[:, None], torch.zeros_like(vectors))
     return distances, unit

@@ -204,7 +204,8 @@ def _register() -> None:
         n_features = keys_values.shape[1] - queries.shape[1]
         sums = queries.new_empty((queries.shape[0], n_features + sph.shape[1]))
         kept = torch.sym_min(idx_i.shape[0] // 2, KEEP_ROWS_MAX_PAIRS)  # rows kept for the backward pass
-        return sums, queries.new_empty((kept, queries.shape[1]))
+        n_heads = rest[3].shape[0]  # scale: per pair its filter row and its two edges' head sums
+        return sums, queries.new_empty((kept, queries.shape[1] + 2 * n_heads))
 
     @torch.library.register_fake("so3krates::pair_messages_backward")
     def _(grad, rows, queries, keys_values, filters, cutoff, sph, distances, spline, hidden, *rest):

@@ -301,7 +301,8 @@ inline T distance_grad(const Radial<T>& r, int64_t p, int64_t W, const T* dw) {
   return acc * r.inv_spacing;
 }
 
-// The pairs [p0, p1): edge p = (a, b) into U_a and its reverse p + P = (b, a) into U_b.
+// The pairs [p0, p1): edge p = (a, b) into U_a and its reverse p + P = (b, a) into U_b. keep (or nullptr):
+// rows of W + 2 H per pair, for the pair's filter row and its two edges' head sums (pair_messages).
 template <typename T>
 void pairs_forward(const Inputs<T>& x, int64_t p0, int64_t p1, T* u, T* keep) {
   const T *q = x.q, *kv = x.kv, *phi = x.phi, *y = x.y, *scale = x.scale;
@@ -314,7 +315,9 @@ void pairs_forward(const Inputs<T>& x, int64_t p0, int64_t p1, T* u, T* keep) {
   for (int64_t g0 = p0; g0 < p1; g0 += kGroup) {
     const int64_t g1 = std::min(g0 + kGroup, p1);
     if (made) filter_rows(x, g0, g1, rows.data());
-    if (keep != nullptr) std::copy(rows.data(), rows.data() + (g1 - g0) * W, keep + g0 * W);
+    if (keep != nullptr)
+      for (int64_t p = g0; p < g1; ++p)
+        std::copy(rows.data() + (p - g0) * W, rows.data() + (p - g0 + 1) * W, keep + p * (W + 2 * H));
     for (int64_t p = g0; p < g1; ++p) {
       const int64_t a = idx_i[p], b = idx_j[p];
       if (p + kAhead < p1) prefetch_atom<T>(idx_j[p + kAhead], q, kv, W, KVW, nullptr, C);
@@ -324,6 +327,7 @@ void pairs_forward(const Inputs<T>& x, int64_t p0, int64_t p1, T* u, T* keep) {
         const int64_t e = edge[d];
         const T* kj = kv + other[d] * KVW;
         head_sums(q + centre[d] * W, wp, kj, in, s);
+        if (keep != nullptr) std::copy(s, s + H, keep + p * (W + 2 * H) + W + d * H);
         for (int h = 0; h < H; ++h) s[h] *= scale[h] * phi[e];
         T* ui = u + centre[d] * C;
         for (int t = 0; t < out.n; ++t) {
@@ -359,17 +363,23 @@ void pairs_backward(const Inputs<T>& x, const T* g, int64_t p0, int64_t p1, T* d
   const T* dws[kGroup];
   for (int64_t g0 = p0; g0 < p1; g0 += kGroup) {
     const int64_t g1 = std::min(g0 + kGroup, p1);
-    const T* source = kept != nullptr ? kept + g0 * W : rows.data();
+    // Kept rows: each pair's filter row, then the head sums of its two edges (pairs_forward).
+    const int64_t stride = kept != nullptr ? W + 2 * H : W;
+    const T* source = kept != nullptr ? kept + g0 * stride : rows.data();
     if (made && kept == nullptr) filter_rows(x, g0, g1, rows.data());
     for (int64_t p = g0; p < g1; ++p) {
       const int64_t a = idx_i[p], b = idx_j[p];
       if (p + kAhead < p1) prefetch_atom(idx_j[p + kAhead], q, kv, W, KVW, g, C);
       const int64_t edge[2] = {p, p + P}, centre[2] = {a, b}, other[2] = {b, a};
-      const T* wp = made ? source + (p - g0) * W : x.w + p * W;
+      const T* wp = made ? source + (p - g0) * stride : x.w + p * W;
       for (int d = 0; d < 2; ++d) {
         const int64_t e = edge[d];
         const T *qi = q + centre[d] * W, *kvj = kv + other[d] * KVW, *gi = g + centre[d] * C;
-        head_sums(qi, wp, kvj, in, s[d]);
+        if (kept != nullptr) {
+          std::copy(wp + W + d * H, wp + W + (d + 1) * H, s[d]);
+        } else {
+          head_sums(qi, wp, kvj, in, s[d]);
+        }
         coefficient_grads(gi, kvj + W, y + e * S, F, out, gs[d]);
         T dphi_e = 0;
         for (int h = 0; h < H; ++h) {
@@ -635,9 +645,11 @@ bool rows_kept(const Tensors& a) {
 #define SO3KRATES_FILTER_GRADS(scalar) \
   FilterGrads<scalar> { dw.data_ptr<scalar>(), dd.data_ptr<scalar>(), dh.data_ptr<scalar>() }
 
-// The sums, and the filter rows that the backward pass reads where the forward pass keeps them (keeps_rows):
-// (min(pairs, kKeepRowsMaxPairs), W), so that the shape is one expression of the size for the compilers;
-// where the rows are not kept, it is neither written nor read.
+// The sums, and the rows that the backward pass reads where the forward pass keeps them (keeps_rows): per
+// pair its filter row and the head sums s_h of its two edges (W + 2 H), which the backward pass then need not
+// make again (at 3BPA the head sums were ~10 % of it); (min(pairs, kKeepRowsMaxPairs), W + 2 H), so that the
+// shape is one expression of the size for the compilers; where the rows are not kept, neither written nor
+// read.
 std::tuple<at::Tensor, at::Tensor> pair_messages(SO3KRATES_INPUTS) {
   const Tensors a = SO3KRATES_TENSORS;
   at::Tensor rows;
@@ -645,7 +657,7 @@ std::tuple<at::Tensor, at::Tensor> pair_messages(SO3KRATES_INPUTS) {
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages", [&] {
     const auto x = check<scalar_t>(a, kPadded);
     const int64_t T = threads_for(x.P);
-    rows = new_empty({std::min(x.P, kKeepRowsMaxPairs), x.W}, q);
+    rows = new_empty({std::min(x.P, kKeepRowsMaxPairs), x.W + 2 * x.H}, q);
     scalar_t* keep = rows_kept(a) ? rows.data_ptr<scalar_t>() : nullptr;
     // Rows of thread 0 are the result; threads 1.. add into scratch rows of their own, summed in order.
     u = zeroed_parts(T, x.n, x.F + x.S, q);
@@ -670,7 +682,7 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
     const auto x = check<scalar_t>(a, kept_rows ? kTransposed : kPadded | kTransposed);
     const int64_t T = threads_for(x.P);
     TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == q.scalar_type() && rows.dim() == 2 &&
-                    rows.size(0) == std::min(x.P, kKeepRowsMaxPairs) && rows.size(1) == x.W,
+                    rows.size(0) == std::min(x.P, kKeepRowsMaxPairs) && rows.size(1) == x.W + 2 * x.H,
                 "pair_messages_backward: the forward pass's filter rows must be the forward pass's output");
     const scalar_t* kept = kept_rows ? rows.data_ptr<scalar_t>() : nullptr;
     dq = zeroed_parts(T, x.n, x.W, q);

@@ -31,15 +31,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="write the rounds as JSON here")
     args = parser.parse_args()
+    structure = args.structure or str(
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "botnet_3bpa" / "train_300K.xyz"
+    )
+    if not Path(structure).is_file():
+        parser.error(f"--structure {structure}: no such file")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1")
+    if args.out is not None and args.out.exists():
+        parser.error(f"--out {args.out}: exists (not overwritten)")
     import ase.io
     import torch
 
     from so3krates import So3krates, atoms_to_graph, preset
     from so3krates.runtime import ForceField, Planner
 
-    structure = args.structure or str(
-        Path(__file__).resolve().parents[2] / "shared" / "data" / "botnet_3bpa" / "train_300K.xyz"
-    )
     torch.set_num_threads(2)
     torch.set_num_interop_threads(1)
     atoms = ase.io.read(structure, index=0)
@@ -83,7 +89,9 @@ def main() -> None:
     if args.out is not None:
         record = {"structure": structure, "busy": args.busy, "ms": medians, "skipped_tasks": skipped}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        partial = args.out.with_name(args.out.name + ".tmp")
+        partial.write_text(json.dumps(record, indent=1) + "\n")
+        partial.replace(args.out)  # whole or not at all
 
 
 if __name__ == "__main__":

@@ -221,7 +221,8 @@ def component_wise() -> Iterator[None]:
     monomials times a coefficient matrix. Eagerly that is a few dozen dispatched calls (the product form
     is a handful); in a program inductor fuses them into one loop over the edges, vectorised along the
     edges, where the product form's gathers of monomials run along rows of 3 to 10 entries (892 edges,
-    forward and backward in float32 on one thread: ~60 → ~20 µs). For the calling thread only."""
+    forward and backward in float32 on one thread: ~60 → ~20 µs). :meth:`DegreeContraction.expand` likewise
+    repeats each degree's value by broadcasting instead of gathering. For the calling thread only."""
     before = getattr(_tracing, "component_wise", False)
     _tracing.component_wise = True
     try:

@@ -130,8 +130,9 @@ def trace(
     """Forward and backward of ``energy`` (frozen weights) as one ``torch.export`` program.
 
     ``one_thread_loops``: the program is for AOTInductor with its generated loops on one thread
-    (:func:`compile_program` of a plan without slots); then the spherical harmonics are traced component
-    by component (:func:`so3krates.nn.spherical.component_wise`) and small matrix products become loops
+    (:func:`compile_program` of a plan without slots); then the spherical harmonics (and the degree
+    expansions) are traced component by component (:func:`so3krates.nn.spherical.component_wise`) and
+    small matrix products become loops
     (:func:`so3krates.runtime.rewrites.small_products_as_loops`), both of which inductor fuses into its
     loops. Neither is for a program that runs eagerly (``pt2``: more dispatched calls; broadcast products
     in memory) nor for threaded loops (inductor threads the short sums over a product's few terms, one

@@ -113,9 +113,6 @@ class Helper {
     run(take, take);  // a late helper: the caller's second take() finds nothing left
   }
 
-  // Wakes the helper where it sleeps, so that it waits actively for the kernel calls that follow: called as
-  // an evaluation starts, ~0.1 ms before its first kernel call; waking it only at that call cost ethanol
-  // (36 pairs) more than its second part saved.
   // Tasks run here because of the helper's record (kWindow) so far; and, for tests, a delay before each of
   // its tasks (a slow helper) that also clears its record. Returns the delay before.
   int64_t skipped() const { return skipped_.load(std::memory_order_relaxed); }
@@ -126,6 +123,9 @@ class Helper {
     return delay_us_.exchange(microseconds);
   }
 
+  // Wakes the helper where it sleeps, so that it waits actively for the kernel calls that follow: called as
+  // an evaluation starts, ~0.1 ms before its first kernel call; waking it only at that call cost ethanol
+  // (36 pairs) more than its second part saved. Not while its callers leave it out (kWindow).
   void call() {
     if (skip_left_.load(std::memory_order_relaxed) > 0) return;  // not needed: let it sleep
     {

@@ -164,6 +164,9 @@ struct Inputs {
   Ranges in, out;
   Radial<T> radial;
   Spherical<T> spherical;
+  // Width of a row kept for the backward pass (pair_messages): the pair's filter row and its two edges'
+  // head sums.
+  int64_t kept_width() const { return W + 2 * H; }
 };
 
 // Where pair p's distance falls in the spline: its interval's coefficient rows and t ∈ [0, 1]; inside is
@@ -302,7 +305,7 @@ inline T distance_grad(const Radial<T>& r, int64_t p, int64_t W, const T* dw) {
 }
 
 // The pairs [p0, p1): edge p = (a, b) into U_a and its reverse p + P = (b, a) into U_b. keep (or nullptr):
-// rows of W + 2 H per pair, for the pair's filter row and its two edges' head sums (pair_messages).
+// a row of x.kept_width() per pair, for the pair's filter row and its two edges' head sums.
 template <typename T>
 void pairs_forward(const Inputs<T>& x, int64_t p0, int64_t p1, T* u, T* keep) {
   const T *q = x.q, *kv = x.kv, *phi = x.phi, *y = x.y, *scale = x.scale;
@@ -317,7 +320,7 @@ void pairs_forward(const Inputs<T>& x, int64_t p0, int64_t p1, T* u, T* keep) {
     if (made) filter_rows(x, g0, g1, rows.data());
     if (keep != nullptr)
       for (int64_t p = g0; p < g1; ++p)
-        std::copy(rows.data() + (p - g0) * W, rows.data() + (p - g0 + 1) * W, keep + p * (W + 2 * H));
+        std::copy(rows.data() + (p - g0) * W, rows.data() + (p - g0 + 1) * W, keep + p * x.kept_width());
     for (int64_t p = g0; p < g1; ++p) {
       const int64_t a = idx_i[p], b = idx_j[p];
       if (p + kAhead < p1) prefetch_atom<T>(idx_j[p + kAhead], q, kv, W, KVW, nullptr, C);
@@ -327,7 +330,7 @@ void pairs_forward(const Inputs<T>& x, int64_t p0, int64_t p1, T* u, T* keep) {
         const int64_t e = edge[d];
         const T* kj = kv + other[d] * KVW;
         head_sums(q + centre[d] * W, wp, kj, in, s);
-        if (keep != nullptr) std::copy(s, s + H, keep + p * (W + 2 * H) + W + d * H);
+        if (keep != nullptr) std::copy(s, s + H, keep + p * x.kept_width() + W + d * H);
         for (int h = 0; h < H; ++h) s[h] *= scale[h] * phi[e];
         T* ui = u + centre[d] * C;
         for (int t = 0; t < out.n; ++t) {
@@ -364,7 +367,7 @@ void pairs_backward(const Inputs<T>& x, const T* g, int64_t p0, int64_t p1, T* d
   for (int64_t g0 = p0; g0 < p1; g0 += kGroup) {
     const int64_t g1 = std::min(g0 + kGroup, p1);
     // Kept rows: each pair's filter row, then the head sums of its two edges (pairs_forward).
-    const int64_t stride = kept != nullptr ? W + 2 * H : W;
+    const int64_t stride = kept != nullptr ? x.kept_width() : W;
     const T* source = kept != nullptr ? kept + g0 * stride : rows.data();
     if (made && kept == nullptr) filter_rows(x, g0, g1, rows.data());
     for (int64_t p = g0; p < g1; ++p) {
@@ -657,7 +660,7 @@ std::tuple<at::Tensor, at::Tensor> pair_messages(SO3KRATES_INPUTS) {
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pair_messages", [&] {
     const auto x = check<scalar_t>(a, kPadded);
     const int64_t T = threads_for(x.P);
-    rows = new_empty({std::min(x.P, kKeepRowsMaxPairs), x.W + 2 * x.H}, q);
+    rows = new_empty({std::min(x.P, kKeepRowsMaxPairs), x.kept_width()}, q);
     scalar_t* keep = rows_kept(a) ? rows.data_ptr<scalar_t>() : nullptr;
     // Rows of thread 0 are the result; threads 1.. add into scratch rows of their own, summed in order.
     u = zeroed_parts(T, x.n, x.F + x.S, q);
@@ -682,7 +685,7 @@ Grads pair_messages_backward(at::Tensor grad, at::Tensor rows, SO3KRATES_INPUTS)
     const auto x = check<scalar_t>(a, kept_rows ? kTransposed : kPadded | kTransposed);
     const int64_t T = threads_for(x.P);
     TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == q.scalar_type() && rows.dim() == 2 &&
-                    rows.size(0) == std::min(x.P, kKeepRowsMaxPairs) && rows.size(1) == x.W + 2 * x.H,
+                    rows.size(0) == std::min(x.P, kKeepRowsMaxPairs) && rows.size(1) == x.kept_width(),
                 "pair_messages_backward: the forward pass's filter rows must be the forward pass's output");
     const scalar_t* kept = kept_rows ? rows.data_ptr<scalar_t>() : nullptr;
     dq = zeroed_parts(T, x.n, x.W, q);

@@ -741,9 +741,11 @@ int64_t set_kernel_threads(int64_t threads) {
 }
 
 // Diagnostics of the helper (tests): tasks its callers ran both parts of themselves because it had been
-// slower than they would have been alone (Helper::run), and a delay before each of its tasks (a slow helper,
-// which also clears its record); returns the delay before.
+// slower than they would have been alone (Helper::run), the matrix-product library's threads on the helper
+// thread, and a delay before each of its tasks (a slow helper, which also clears its record); returns the
+// delay before.
 int64_t helper_skipped() { return helper().skipped(); }
+int64_t helper_library_threads() { return helper().library_threads(); }
 int64_t helper_test_delay(int64_t microseconds) {
   TORCH_CHECK(microseconds >= 0, "helper_test_delay: a delay of at least 0 µs");
   return helper().test_delay(microseconds);
@@ -805,6 +807,7 @@ TORCH_LIBRARY(so3krates, m) {
   m.def("set_kernel_threads(int threads) -> int", &set_kernel_threads);
   m.def("products(Tensor a, Tensor b) -> Tensor");
   m.def("helper_skipped() -> int", &helper_skipped);
+  m.def("helper_library_threads() -> int", &helper_library_threads);
   m.def("helper_test_delay(int microseconds) -> int", &helper_test_delay);
 }
 

@@ -151,7 +151,7 @@ class Helper {
   void serve() {
     // The matrix-product library's calls on this thread: one thread. MKL takes MKL_NUM_THREADS before
     // omp_set_num_threads, and with MKL_NUM_THREADS=2 (as job scripts set it) each product of this thread
-    // opened a team of two: 3BPA 0.92 ms per evaluation against 0.74 without it.
+    // opened a team of two: 3BPA 0.92 ms per evaluation against 0.72 without it.
     omp_set_num_threads(1);
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(1);
     library_threads_.store(MKL_Get_Max_Threads != nullptr ? MKL_Get_Max_Threads() : omp_get_max_threads());

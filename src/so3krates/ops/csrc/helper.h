@@ -120,18 +120,18 @@ class Helper {
   // Tasks run here because of the helper's record (kWindow) so far; and, for tests, a delay before each of
   // its tasks (a slow helper) that also clears its record. Returns the delay before.
   int64_t skipped() const { return skipped_.load(std::memory_order_relaxed); }
+  int64_t test_delay(int64_t microseconds) {
+    std::lock_guard<std::mutex> busy(busy_);
+    window_ = 0, skip_left_ = 0, skip_runs_ = kSkipRuns;
+    worked_ = waited_ = std::chrono::steady_clock::duration::zero();
+    return delay_us_.exchange(microseconds);
+  }
   // Threads of the matrix-product library's calls on the helper thread (MKL's where torch links it, else
   // OpenMP's), once it has started.
   int64_t library_threads() const {
     int64_t threads;
     while ((threads = library_threads_.load(std::memory_order_acquire)) == 0) std::this_thread::yield();
     return threads;
-  }
-  int64_t test_delay(int64_t microseconds) {
-    std::lock_guard<std::mutex> busy(busy_);
-    window_ = 0, skip_left_ = 0, skip_runs_ = kSkipRuns;
-    worked_ = waited_ = std::chrono::steady_clock::duration::zero();
-    return delay_us_.exchange(microseconds);
   }
 
   // Wakes the helper where it sleeps, so that it waits actively for the kernel calls that follow: called as
